@@ -118,6 +118,19 @@ def synchronize() -> None:
         _state["module"].cuda.Device().synchronize()
 
 
+def cpu_rng(seed_or_rng=None):
+    """A ``numpy.random.Generator`` (CPU) from an int seed, or the Generator itself.
+
+    Randomness that must agree between backends (weight init, dropout masks, batches) is drawn
+    here on the CPU and then moved with :func:`asarray`.
+    """
+    if isinstance(seed_or_rng, _np.random.Generator):
+        return seed_or_rng
+    if seed_or_rng is not None and (isinstance(seed_or_rng, bool) or not isinstance(seed_or_rng, int)):
+        raise TypeError(f"expected an int seed or a numpy.random.Generator, got {seed_or_rng!r}")
+    return _np.random.default_rng(seed_or_rng)
+
+
 def cpu_module():
     """NumPy, for CPU-side work that is not the compute path (I/O, analysis, plots)."""
     return _np

@@ -1,0 +1,311 @@
+"""Layers: thin objects that hold parameters and call the pure ops of :mod:`minilora.nn.ops`.
+
+The layer contract (see ``../shared/STYLE.md`` §2.3)::
+
+    out, cache = layer.forward(x)        # no hidden state: the caller keeps the cache
+    dx = layer.backward(dout, cache)     # adds (+=) gradients for *trainable* parameters only
+
+A layer owns ``params`` (name -> array), ``grads`` (same keys, trainable ones, filled by
+backward) and ``trainable`` (a set of local names). A frozen parameter gets no gradient buffer and
+costs no weight-gradient matmul: this is where LoRA's savings in step time and memory come from.
+
+Gradients are *accumulated*: the first backward after :meth:`Module.zero_grad` stores the fresh
+gradient array (no zero-fill, no extra add), later ones add into it.
+
+Chapter: chapters/01-foundations.ipynb
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from minilora.backend import xp
+from minilora.nn import ops
+
+
+class Module:
+    """A node of the model tree: own parameters plus named children.
+
+    Parameter names are dotted paths built from the child names, e.g.
+    ``blocks.0.attn.q.weight``. The names are the checkpoint keys and the optimizer-state keys.
+    """
+
+    def __init__(self):
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.trainable: set[str] = set()
+        self.children: dict[str, Module] = {}
+
+    # -- tree walking ---------------------------------------------------------------------------
+    def add(self, name: str, module: "Module") -> "Module":
+        self.children[name] = module
+        return module
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        yield prefix.rstrip("."), self
+        for name, child in self.children.items():
+            yield from child.named_modules(f"{prefix}{name}.")
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, object]]:
+        """Yield ``(dotted_name, array)`` for every parameter, own ones first, in a fixed order."""
+        for name, p in self.params.items():
+            yield prefix + name, p
+        for cname, child in self.children.items():
+            yield from child.named_parameters(f"{prefix}{cname}.")
+
+    def _slots(self, prefix: str = ""):
+        """Yield ``(dotted_name, owning_module, local_name)`` for every parameter."""
+        for name in self.params:
+            yield prefix + name, self, name
+        for cname, child in self.children.items():
+            yield from child._slots(f"{prefix}{cname}.")
+
+    def state_dict(self) -> dict:
+        return dict(self.named_parameters())
+
+    def load_state_dict(self, arrays: dict, strict: bool = True) -> None:
+        """Copy arrays into the parameters, checking names and shapes (one clear error)."""
+        slots = {n: (m, k) for n, m, k in self._slots()}
+        missing = sorted(set(slots) - set(arrays))
+        unexpected = sorted(set(arrays) - set(slots))
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"state dict does not match the model: missing {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{' ...' if len(unexpected) > 5 else ''}"
+            )
+        for name, a in arrays.items():
+            if name not in slots:
+                continue
+            m, k = slots[name]
+            if tuple(a.shape) != tuple(m.params[k].shape):
+                raise ValueError(f"parameter {name!r}: checkpoint shape {tuple(a.shape)} != "
+                                 f"model shape {tuple(m.params[k].shape)}")
+        for name, a in arrays.items():
+            if name in slots:
+                m, k = slots[name]
+                m.params[k] = xp.asarray(a, dtype=m.params[k].dtype)
+
+    # -- trainable / frozen ----------------------------------------------------------------------
+    def set_trainable(self, predicate) -> None:
+        """Mark exactly the parameters whose dotted name satisfies ``predicate(name)`` trainable."""
+        for full, m, k in self._slots():
+            if predicate(full):
+                m.trainable.add(k)
+            else:
+                m.trainable.discard(k)
+                m.grads.pop(k, None)
+
+    def freeze(self) -> None:
+        self.set_trainable(lambda name: False)
+
+    def unfreeze(self) -> None:
+        self.set_trainable(lambda name: True)
+
+    def named_trainable(self) -> Iterator[tuple[str, object, object]]:
+        """Yield ``(name, param, grad_or_None)`` for trainable parameters."""
+        for full, m, k in self._slots():
+            if k in m.trainable:
+                yield full, m.params[k], m.grads.get(k)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(int(p.size) for n, m, k in self._slots()
+                   for p in [m.params[k]] if not trainable_only or k in m.trainable)
+
+    def zero_grad(self) -> None:
+        for _, m in self.named_modules():
+            m.grads.clear()
+
+    def astype(self, dtype) -> "Module":
+        """Cast every parameter in place (float64 for gradient checks)."""
+        for _, m in self.named_modules():
+            for k in m.params:
+                m.params[k] = m.params[k].astype(dtype)
+            m.grads.clear()
+        return self
+
+    def to_backend(self) -> "Module":
+        """Move every parameter onto the active backend (after ``set_backend``)."""
+        from minilora.backend import asarray, to_numpy
+        for _, m in self.named_modules():
+            for k in m.params:
+                m.params[k] = asarray(to_numpy(m.params[k]))
+            m.grads.clear()
+        return self
+
+    # -- gradient accumulation -------------------------------------------------------------------
+    def _accumulate(self, name: str, g) -> None:
+        if g is None:
+            return
+        if name in self.grads:
+            self.grads[name] += g
+        else:
+            self.grads[name] = g
+
+    def needs_grad(self, name: str) -> bool:
+        return name in self.trainable
+
+
+class Linear(Module):
+    """``y = x @ weight.T + bias``; weight (d_out, d_in), bias (d_out,) or absent."""
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        self.params["weight"] = weight
+        if bias is not None:
+            self.params["bias"] = bias
+        self.trainable = set(self.params)
+
+    @property
+    def d_in(self) -> int:
+        return self.params["weight"].shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.params["weight"].shape[0]
+
+    def forward(self, x):
+        return ops.linear_forward(x, self.params["weight"], self.params.get("bias"))
+
+    def backward(self, dout, cache, need_dx: bool = True):
+        dx, dw, db = ops.linear_backward(
+            dout, cache, need_dx=need_dx,
+            need_dw=self.needs_grad("weight"), need_db=self.needs_grad("bias"))
+        self._accumulate("weight", dw)
+        self._accumulate("bias", db)
+        return dx
+
+
+class Embedding(Module):
+    """``out = weight[idx]``; weight (V, C). Has no input gradient (ids are integers)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.params["weight"] = weight
+        self.trainable = {"weight"}
+
+    def forward(self, idx):
+        return ops.embedding_forward(idx, self.params["weight"])
+
+    def backward(self, dout, cache):
+        if self.needs_grad("weight"):
+            self._accumulate("weight", ops.embedding_backward(dout, cache))
+        return None
+
+
+class LayerNorm(Module):
+    """LayerNorm over the last axis with weight (C,) and bias (C,)."""
+
+    def __init__(self, weight, bias, eps: float = 1e-5):
+        super().__init__()
+        self.params["weight"], self.params["bias"] = weight, bias
+        self.trainable = {"weight", "bias"}
+        self.eps = eps
+
+    def forward(self, x):
+        return ops.layernorm_forward(x, self.params["weight"], self.params["bias"], self.eps)
+
+    def backward(self, dout, cache, need_dx: bool = True):
+        need_w = self.needs_grad("weight") or self.needs_grad("bias")
+        dx, dw, db = ops.layernorm_backward(dout, cache, need_dx=need_dx, need_dw=need_w)
+        if self.needs_grad("weight"):
+            self._accumulate("weight", dw)
+        if self.needs_grad("bias"):
+            self._accumulate("bias", db)
+        return dx
+
+
+class CausalSelfAttention(Module):
+    """Multi-head causal self-attention with separate q, k, v and o projections.
+
+    Separate projections (rather than GPT-2's fused ``c_attn``) let any subset of W_q, W_k, W_v,
+    W_o be a LoRA target, as in the LoRA paper; the cost is three (C, C) matmuls instead of one
+    (3C, C), which BLAS runs at nearly the same speed.
+    """
+
+    def __init__(self, q: Linear, k: Linear, v: Linear, o: Linear, n_head: int):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (self.add(n, m) for n, m in zip("qkvo", (q, k, v, o)))
+        self.n_head = n_head
+
+    def forward(self, x, prefix_kv=None):
+        """x (B, T, C) -> (B, T, C). ``prefix_kv``: optional (pk, pv), each (B, P, C), keys and
+        values prepended for every query (prefix tuning)."""
+        q, cq = self.q.forward(x)
+        k, ck = self.k.forward(x)
+        v, cv = self.v.forward(x)
+        if prefix_kv is not None:
+            k = xp.concatenate([prefix_kv[0], k], axis=1)  # (B, P + T, C)
+            v = xp.concatenate([prefix_kv[1], v], axis=1)
+        y, ca = ops.attention_forward(q, k, v, self.n_head)
+        out, co = self.o.forward(y)
+        return out, (cq, ck, cv, ca, co, 0 if prefix_kv is None else prefix_kv[0].shape[1])
+
+    def backward(self, dout, cache, need_dx: bool = True):
+        """Returns dx, or (dx, (dpk, dpv)) when the forward pass had a prefix."""
+        cq, ck, cv, ca, co, P = cache
+        dy = self.o.backward(dout, co)
+        dq, dk, dv = ops.attention_backward(dy, ca)
+        dprefix = None
+        if P:
+            dprefix = (dk[:, :P], dv[:, :P])
+            dk, dv = dk[:, P:], dv[:, P:]
+        dx = self.q.backward(dq, cq, need_dx)
+        dxk = self.k.backward(dk, ck, need_dx)
+        dxv = self.v.backward(dv, cv, need_dx)
+        if need_dx:
+            dx += dxk
+            dx += dxv
+        return dx if not P else (dx, dprefix)
+
+
+class MLP(Module):
+    """``down(gelu(up(x)))`` with up (4C, C) and down (C, 4C)."""
+
+    def __init__(self, up: Linear, down: Linear):
+        super().__init__()
+        self.up, self.down = self.add("up", up), self.add("down", down)
+
+    def forward(self, x):
+        h, cu = self.up.forward(x)  # (B, T, 4C)
+        g, cg = ops.gelu_forward(h)
+        out, cd = self.down.forward(g)  # (B, T, C)
+        return out, (cu, cg, cd)
+
+    def backward(self, dout, cache, need_dx: bool = True):
+        cu, cg, cd = cache
+        dg = self.down.backward(dout, cd)
+        dh = ops.gelu_backward(dg, cg)
+        return self.up.backward(dh, cu, need_dx)
+
+
+class Block(Module):
+    """Pre-LayerNorm transformer block: ``h = x + attn(ln_1(x)); out = h + mlp(ln_2(h))``."""
+
+    def __init__(self, ln_1: LayerNorm, attn: CausalSelfAttention, ln_2: LayerNorm, mlp: MLP):
+        super().__init__()
+        self.ln_1, self.attn = self.add("ln_1", ln_1), self.add("attn", attn)
+        self.ln_2, self.mlp = self.add("ln_2", ln_2), self.add("mlp", mlp)
+
+    def forward(self, x, prefix_kv=None):
+        a, c1 = self.ln_1.forward(x)
+        a, ca = self.attn.forward(a, prefix_kv)
+        h = x + a  # residual
+        m, c2 = self.ln_2.forward(h)
+        m, cm = self.mlp.forward(m)
+        out = h + m  # residual
+        return out, (c1, ca, c2, cm)
+
+    def backward(self, dout, cache):
+        """Returns dx, or (dx, dprefix) when the forward pass had a prefix."""
+        c1, ca, c2, cm = cache
+        # out = h + mlp(ln_2(h)): both paths reach h
+        dh = self.ln_2.backward(self.mlp.backward(dout, cm), c2)
+        dh += dout
+        # h = x + attn(ln_1(x))
+        da = self.attn.backward(dh, ca)
+        dprefix = None
+        if isinstance(da, tuple):
+            da, dprefix = da
+        dx = self.ln_1.backward(da, c1)
+        dx += dh
+        return dx if dprefix is None else (dx, dprefix)

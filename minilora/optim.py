@@ -1,0 +1,146 @@
+"""Hand-written AdamW, the learning-rate schedule and global-norm gradient clipping.
+
+AdamW (Loshchilov & Hutter), per parameter p with gradient g at step t (1-based)::
+
+    m = beta1 m + (1 - beta1) g                 first moment
+    v = beta2 v + (1 - beta2) g^2               second moment
+    m_hat = m / (1 - beta1^t);  v_hat = v / (1 - beta2^t)
+    p = p - lr (m_hat / (sqrt(v_hat) + eps) + wd p)      decoupled weight decay
+
+Weight decay applies to matrices (ndim >= 2: linear weights, embeddings) and not to biases or
+LayerNorm gains, as in nanoGPT. State (m, v) is kept only for *trainable* parameters and keyed by
+their dotted names, so it can be checkpointed and so its size shows what a method costs: with
+LoRA only the small factors carry optimizer state.
+
+Chapter: chapters/01-foundations.ipynb
+"""
+from __future__ import annotations
+
+import math
+
+from minilora import backend
+from minilora.backend import xp
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Learning rate at 0-based ``step``: linear warmup, then cosine decay to ``min_lr``.
+
+    warmup:  lr * (step + 1) / warmup_steps                      for step < warmup_steps
+    cosine:  min_lr + (lr - min_lr) * 0.5 (1 + cos(pi * s))      s = progress in [0, 1]
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    s = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * s))
+
+
+def clip_grad_norm(grads: list, max_norm: float) -> float:
+    """Scale ``grads`` in place so their global L2 norm is at most ``max_norm``.
+
+    norm = sqrt(sum_i ||g_i||^2); if norm > max_norm: g_i *= max_norm / norm.
+    ``max_norm <= 0`` disables clipping. Returns the norm before clipping (a Python float).
+    """
+    total = xp.zeros((), dtype=xp.float64)
+    for g in grads:
+        total += xp.vdot(g.reshape(-1), g.reshape(-1))  # one device sync below, not one per tensor
+    norm = math.sqrt(backend.to_scalar(total))
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads:
+            g *= scale
+    return norm
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradients became NaN/inf; training stops and keeps the last good checkpoint."""
+
+
+class AdamW:
+    """AdamW over a model's trainable parameters, keyed by name.
+
+    Args:
+        model: a :class:`minilora.nn.layers.Module`; its ``named_trainable()`` is read each step,
+            so freezing/unfreezing between steps is honoured.
+        lr, betas, eps, weight_decay: as in the formula above (``lr`` may be changed per step).
+    """
+
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1):
+        self.model = model
+        self.lr = lr
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.t = 0
+        self.m: dict = {}
+        self.v: dict = {}
+
+    def step(self, lr: float | None = None, grad_clip: float = 0.0) -> float:
+        """One update of every trainable parameter from its gradient; returns the grad norm.
+
+        Raises :class:`NonFiniteError` (before touching any parameter) if a gradient is not
+        finite.
+        """
+        if lr is not None:
+            self.lr = lr
+        items = [(n, p, g if g is not None else xp.zeros_like(p))
+                 for n, p, g in self.model.named_trainable()]
+        norm = clip_grad_norm([g for _, _, g in items], grad_clip)
+        if not math.isfinite(norm):
+            raise NonFiniteError("gradient norm is not finite (NaN or inf): parameters left unchanged")
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        bc1 = 1.0 - b1 ** self.t
+        bc2 = 1.0 - b2 ** self.t
+        step_size = self.lr / bc1
+        for name, p, g in items:
+            m = self.m.get(name)
+            if m is None:
+                m = self.m[name] = xp.zeros_like(p)
+                self.v[name] = xp.zeros_like(p)
+            v = self.v[name]
+            m *= b1
+            m += (1.0 - b1) * g
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            if self.weight_decay and p.ndim >= 2:
+                p *= 1.0 - self.lr * self.weight_decay  # decoupled: not scaled by 1/sqrt(v)
+            denom = xp.sqrt(v / bc2)
+            denom += self.eps
+            p -= step_size * (m / denom)
+        return norm
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_arrays(self) -> dict:
+        """Arrays to save: ``{"<param>.m": m, "<param>.v": v}``."""
+        out = {}
+        for name in self.m:
+            out[f"{name}.m"] = self.m[name]
+            out[f"{name}.v"] = self.v[name]
+        return out
+
+    def state_meta(self) -> dict:
+        return {"t": self.t, "lr": self.lr, "beta1": self.beta1, "beta2": self.beta2,
+                "eps": self.eps, "weight_decay": self.weight_decay}
+
+    def load_state(self, arrays: dict, meta: dict) -> None:
+        """Restore from :meth:`state_arrays` / :meth:`state_meta` (names checked against the model)."""
+        params = {n: p for n, p, _ in self.model.named_trainable()}
+        m, v = {}, {}
+        for key, a in arrays.items():
+            name, kind = key.rsplit(".", 1)
+            if kind not in ("m", "v") or name not in params:
+                raise ValueError(f"optimizer state has key {key!r} that matches no trainable parameter")
+            if tuple(a.shape) != tuple(params[name].shape):
+                raise ValueError(f"optimizer state {key!r} has shape {tuple(a.shape)}, parameter "
+                                 f"has {tuple(params[name].shape)}")
+            (m if kind == "m" else v)[name] = backend.asarray(a, dtype=params[name].dtype)
+        if set(m) != set(v):
+            raise ValueError("optimizer state is inconsistent: m and v name different parameters")
+        self.m, self.v = m, v
+        self.t = int(meta["t"])
+        self.lr = float(meta["lr"])
+
+    def state_bytes(self) -> int:
+        """Bytes held by the optimizer state (2 moments per trainable element)."""
+        return sum(int(a.nbytes) for a in self.m.values()) + sum(int(a.nbytes) for a in self.v.values())

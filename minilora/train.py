@@ -1,0 +1,201 @@
+"""The training loop: batches, AdamW with warmup + cosine, clipping, validation, checkpoints.
+
+::
+
+    history = train(model, tokenizer, train_ids, val_ids, TrainConfig(...), out_dir="runs/x")
+
+Each step: sample a batch of random windows (from a seeded CPU Generator), forward, fused
+cross-entropy, backward, clip, AdamW. Every ``eval_every`` steps the loss on a *fixed* set of
+validation windows is measured (fixed, so curves are comparable and resuming does not change
+them). Metrics go to ``metrics.jsonl`` (one JSON object per line) and to a tqdm progress bar.
+Checkpoints (``ckpt.safetensors``) are written atomically every ``ckpt_every`` steps and at the
+end; ``resume=True`` continues from one and, on NumPy, reproduces the uninterrupted run's loss
+curve bit for bit (the sampler's RNG state and the AdamW moments are saved with the weights).
+
+If the loss or the gradient becomes NaN/inf, training stops with :class:`NonFiniteError`; the
+last checkpoint on disk is the last good one, since nothing is saved after a bad step.
+
+Chapter: chapters/01-foundations.ipynb
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minilora import backend
+from minilora.checkpoint import CheckpointError, load_arrays, save_checkpoint
+from minilora.config import TrainConfig
+from minilora.data import get_batch
+from minilora.nn import ops
+from minilora.optim import AdamW, NonFiniteError, lr_at
+
+CKPT_NAME = "ckpt.safetensors"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class History:
+    """What a run produced: per-step training records and the validation records."""
+
+    train: list = field(default_factory=list)  # {"step", "loss", "lr", "grad_norm", "tok_per_s"}
+    val: list = field(default_factory=list)  # {"step", "val_loss"}
+    seconds: float = 0.0
+
+    @property
+    def final_val_loss(self):
+        return self.val[-1]["val_loss"] if self.val else None
+
+
+def fixed_batches(ids, n_batches, batch_size, block_size, seed):
+    """``n_batches`` (x, y) windows drawn once from their own seeded Generator."""
+    rng = backend.cpu_rng(seed)
+    return [get_batch(ids, batch_size, block_size, rng) for _ in range(n_batches)]
+
+
+def evaluate(model, batches) -> float:
+    """Mean cross-entropy (nats per token) over the given (x, y) batches; no gradients."""
+    total = 0.0
+    for x, y in batches:
+        logits, _ = model.forward(backend.asarray(x), check=False)
+        loss, _ = ops.cross_entropy_forward(logits, backend.asarray(y))
+        total += backend.to_scalar(loss)
+    return total / len(batches)
+
+
+def _read_metrics(path: Path, upto_step: int) -> list[dict]:
+    """Metrics records with step <= upto_step (the tail after a crash is dropped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec["step"] <= upto_step:
+                out.append(rec)
+    return out
+
+
+def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, resume=False,
+          progress=True, step_callback=None) -> History:
+    """Train ``model`` in place; returns a :class:`History`.
+
+    Args:
+        model: a GPT (any subset of parameters trainable; frozen ones cost no gradient work).
+        tokenizer: saved with every checkpoint.
+        train_ids, val_ids: 1-D integer NumPy arrays of token ids.
+        cfg: a :class:`TrainConfig`.
+        out_dir: where ``ckpt.safetensors`` and ``metrics.jsonl`` go (None: nothing written).
+        resume: continue from ``out_dir/ckpt.safetensors`` (same cfg required).
+        progress: show a tqdm bar.
+        step_callback: optional ``f(step, record)`` called after every step.
+    """
+    if cfg.block_size > model.config.block_size:
+        raise ValueError(f"TrainConfig.block_size {cfg.block_size} exceeds the model's block_size "
+                         f"{model.config.block_size}")
+    out = Path(out_dir) if out_dir is not None else None
+    opt = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                weight_decay=cfg.weight_decay)
+    rng = backend.cpu_rng(cfg.seed)
+    start = 0
+    hist = History()
+    if resume:
+        if out is None:
+            raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+        arrays, meta = load_arrays(out / CKPT_NAME)
+        saved_cfg = meta.get("train_config")
+        if saved_cfg is not None and TrainConfig.from_dict(saved_cfg) != cfg:
+            diff = {k: (saved_cfg[k], v) for k, v in cfg.to_dict().items() if saved_cfg.get(k) != v}
+            raise CheckpointError(f"cannot resume: the training config differs from the "
+                                  f"checkpoint's (field: (saved, given)) {diff}")
+        if "rng_state" not in meta or "optimizer" not in meta:
+            raise CheckpointError(f"{out / CKPT_NAME} is not a resumable checkpoint "
+                                  "(no optimizer/RNG state)")
+        model.load_state_dict({k[6:]: a for k, a in arrays.items() if k.startswith("model.")})
+        opt.load_state({k[6:]: a for k, a in arrays.items() if k.startswith("optim.")},
+                       meta["optimizer"])
+        rng.bit_generator.state = meta["rng_state"]
+        start = int(meta["step"])
+        records = _read_metrics(out / METRICS_NAME, start - 1)
+        hist.train = [r for r in records if "loss" in r]
+        hist.val = [r for r in records if "val_loss" in r]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        # rewrite the metrics file so it holds exactly the records up to the resume point
+        from minilora.checkpoint import atomic_write_text
+        atomic_write_text(out / METRICS_NAME,
+                          "".join(json.dumps(r) + "\n" for r in sorted(
+                              hist.train + hist.val, key=lambda r: (r["step"], "val_loss" in r))))
+        metrics_f = open(out / METRICS_NAME, "a")
+    else:
+        metrics_f = None
+
+    val_batches = fixed_batches(val_ids, cfg.eval_batches, cfg.batch_size, cfg.block_size,
+                                cfg.seed + 1) if val_ids is not None else None
+
+    def log(rec):
+        if metrics_f is not None:
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
+
+    def save(step_done):
+        if out is not None:
+            save_checkpoint(out / CKPT_NAME, model, tokenizer, optimizer=opt, train_config=cfg,
+                            step=step_done, rng_state=rng.bit_generator.state)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
+                   dynamic_ncols=True, leave=True)
+    t_run = time.perf_counter()
+    tokens = cfg.batch_size * cfg.block_size
+    try:
+        for step in range(start, cfg.max_steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            x, y = get_batch(train_ids, cfg.batch_size, cfg.block_size, rng)
+            loss = model.forward_backward(backend.asarray(x), backend.asarray(y))
+            if not math.isfinite(loss):
+                raise NonFiniteError(
+                    f"loss is {loss} at step {step}: training stopped; the last good checkpoint"
+                    f"{' is ' + str(out / CKPT_NAME) if out else ' was not saved (no out_dir)'}. "
+                    "Try a lower learning rate or stronger gradient clipping.")
+            norm = opt.step(lr, cfg.grad_clip)
+            backend.synchronize()
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                   "tok_per_s": tokens / dt}
+            hist.train.append(rec)
+            log(rec)
+            done = step + 1
+            if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                vrec = {"step": step, "val_loss": evaluate(model, val_batches)}
+                hist.val.append(vrec)
+                log(vrec)
+            if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
+                save(done)
+            if bar is not None:
+                post = {"loss": f"{loss:.4f}", "tok/s": f"{tokens / dt:,.0f}"}
+                if hist.val:
+                    post["val"] = f"{hist.val[-1]['val_loss']:.4f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if step_callback is not None:
+                step_callback(step, rec)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_f is not None:
+            metrics_f.close()
+    hist.seconds = time.perf_counter() - t_run
+    return hist
+
+
+def threads_hint() -> str:
+    """The BLAS thread settings in force (for benchmark and log headers)."""
+    keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    return ", ".join(f"{k}={os.environ[k]}" for k in keys if k in os.environ) or "BLAS default"
