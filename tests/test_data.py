@@ -1,7 +1,6 @@
 """Tests for minilora.data: the tokenizer, folding, batches and every shipped corpus and split."""
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
