@@ -145,3 +145,18 @@ def load_checkpoint(path, dtype=None):
     info = dict(meta)
     info["optim_arrays"] = {k[len("optim."):]: a for k, a in arrays.items() if k.startswith("optim.")}
     return model, tokenizer, info
+
+
+BASE_MODEL_FILE = "base_model/shakespeare_char.safetensors"
+
+
+def base_model_path() -> Path:
+    """Where the shipped pretrained Shakespeare model lives (``data/base_model/...``)."""
+    from minilora.data import data_dir
+    p = data_dir() / BASE_MODEL_FILE
+    if not p.exists():
+        raise CheckpointError(
+            f"the shipped base model {str(p)!r} is missing. It is committed with the repository; "
+            "re-create it with the command in data/SOURCES.md (`minilora pretrain --preset base "
+            "...`), or pass --ckpt PATH")
+    return p

@@ -1,0 +1,255 @@
+"""The ``minilora`` command line.
+
+    minilora tour                      a 1-3 minute guided run for a newcomer
+    minilora pretrain --preset base    train the Shakespeare base model from scratch
+    minilora sample --prompt "ROMEO:"  generate text from a checkpoint
+    minilora gradcheck                 finite-difference check of every op and a whole tiny model
+    minilora bench                     speed and memory benchmarks, printed as ratios
+
+Every command has ``--help`` with examples. Errors the user can fix (a bad flag value, a missing
+or broken checkpoint, a character outside the vocabulary) print one line ``minilora: error: ...``
+and exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+PRESETS = {
+    # the shipped base model: ~1.9M parameters (7.6 MB float32); see BENCHMARKS.md / README.md
+    "base": dict(model=dict(block_size=256, n_layer=6, n_head=5, n_embd=160),
+                 train=dict(max_steps=3000, batch_size=16, block_size=256, lr=2e-3, min_lr=1e-4,
+                            warmup_steps=100, weight_decay=0.1, eval_every=250, eval_batches=40,
+                            ckpt_every=250)),
+    # a few seconds on a laptop: for trying the CLI and for tests
+    "tiny": dict(model=dict(block_size=64, n_layer=2, n_head=2, n_embd=32),
+                 train=dict(max_steps=50, batch_size=8, block_size=64, lr=3e-3, min_lr=3e-4,
+                            warmup_steps=5, eval_every=25, eval_batches=4, ckpt_every=25)),
+    # the benchmark configs of the Foundation issue
+    "small": dict(model=dict(block_size=128, n_layer=4, n_head=4, n_embd=128),
+                  train=dict(max_steps=1000, batch_size=16, block_size=128)),
+    "medium": dict(model=dict(block_size=256, n_layer=6, n_head=8, n_embd=256),
+                   train=dict(max_steps=1000, batch_size=8, block_size=256)),
+}
+
+
+class UsageError(Exception):
+    """An error the user can fix; printed as one line, exit status 2."""
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add_backend(p):
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None,
+                   help="array backend (default: $MINILORA_BACKEND or numpy)")
+
+
+def _use_backend(args):
+    from minilora import backend
+    if getattr(args, "backend", None):
+        backend.set_backend(args.backend)
+
+
+def _load(path):
+    from minilora.checkpoint import base_model_path, load_checkpoint
+    return load_checkpoint(path or base_model_path())
+
+
+# ----------------------------------------------------------------------------------------------
+def cmd_pretrain(args):
+    from minilora import backend
+    from minilora.config import GPTConfig, TrainConfig
+    from minilora.data import CharTokenizer, encode_corpus, load_shakespeare
+    from minilora.model import GPT
+    from minilora.train import CKPT_NAME, train
+
+    _use_backend(args)
+    preset = PRESETS[args.preset]
+    mcfg = dict(preset["model"])
+    tcfg = dict(preset["train"])
+    for k in ("block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(args, k) is not None:
+            mcfg[k] = getattr(args, k)
+    if args.block_size is not None:
+        tcfg["block_size"] = args.block_size
+    for k in ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay",
+              "eval_every", "eval_batches", "ckpt_every", "seed", "grad_clip"):
+        if getattr(args, k) is not None:
+            tcfg[k] = getattr(args, k)
+    tok = CharTokenizer.default()
+    model_cfg = GPTConfig(vocab_size=tok.vocab_size, **mcfg)
+    train_cfg = TrainConfig(**tcfg)
+    splits = load_shakespeare(tuple(args.val_plays.split(",")))
+    train_ids, val_ids = encode_corpus(splits["train"], tok), encode_corpus(splits["val"], tok)
+    model = GPT(model_cfg, rng=train_cfg.seed)
+    print(f"minilora pretrain: {model.num_parameters():,} parameters "
+          f"({model.num_parameters() * 4 / 1e6:.1f} MB float32), backend {backend.get_backend()}; "
+          f"train {len(train_ids):,} chars, val {len(val_ids):,} chars (plays: {args.val_plays})")
+    print(f"  model {json.dumps(model_cfg.to_dict())}\n  train {json.dumps(train_cfg.to_dict())}")
+    out = Path(args.out)
+    hist = train(model, tok, train_ids, val_ids, train_cfg, out_dir=out, resume=args.resume,
+                 progress=not args.no_progress)
+    v = hist.final_val_loss
+    print(f"done in {hist.seconds / 60:.1f} min: val loss {v:.4f} nats/char "
+          f"({v / 0.6931471805599453:.4f} bits/char); checkpoint {out / CKPT_NAME}")
+    if args.export:
+        from minilora.checkpoint import save_checkpoint
+        save_checkpoint(args.export, model, tok, extra={
+            "val_loss_nats_per_char": v, "val_plays": args.val_plays,
+            "train_config": train_cfg.to_dict(), "train_seconds": round(hist.seconds, 1),
+            "command": "minilora " + " ".join(sys.argv[1:])})
+        print(f"weights-only copy written to {args.export}")
+
+
+def cmd_sample(args):
+    from minilora.sample import sample_text
+
+    _use_backend(args)
+    model, tok, _ = _load(args.ckpt)
+    text = sample_text(model, tok, args.prompt.replace("\\n", "\n"), args.max_new_tokens,
+                       args.temperature, args.top_k, args.seed)
+    print(text)
+
+
+def cmd_gradcheck(args):
+    from minilora import gradcheck
+
+    _use_backend(args)
+    t = time.perf_counter()
+    rows = gradcheck.op_suite(args.seed) + gradcheck.tiny_model_check(args.seed)
+    print(gradcheck.format_table(rows))
+    print(f"({time.perf_counter() - t:.1f} s; float64, centred differences h=1e-5, "
+          "pass: relative error < 1e-6 or absolute < 1e-9)")
+    if not all(r["ok"] for r in rows):
+        raise SystemExit(1)
+
+
+def cmd_bench(args):
+    from minilora.bench import run_bench
+    _use_backend(args)
+    run_bench(configs=args.configs.split(","), steps=args.steps, threads=args.threads,
+              torch_compare=not args.no_torch, out=args.out)
+
+
+def cmd_tour(args):
+    from minilora.tour import run_tour
+    _use_backend(args)
+    run_tour(fast=args.fast)
+
+
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="minilora", formatter_class=_formatter,
+        description="minilora: an autograd-free GPT in NumPy, with LoRA and QLoRA built step by step.",
+        epilog=textwrap.dedent("""\
+            examples:
+              minilora tour
+              minilora sample --prompt "ROMEO:" --temperature 0.8 --top-k 20
+              minilora pretrain --preset tiny --out runs/tiny
+              minilora gradcheck
+              minilora bench --configs small
+            """))
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("tour", help="a 1-3 minute guided run: sample, gradcheck, train a few steps",
+                       formatter_class=_formatter, epilog="example:\n  minilora tour\n  minilora tour --fast")
+    s.add_argument("--fast", action="store_true", help="shorter training demo (for tests/CI)")
+    _add_backend(s)
+    s.set_defaults(func=cmd_tour)
+
+    s = sub.add_parser("pretrain", help="train a GPT on Shakespeare from scratch",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora pretrain --preset tiny --out runs/tiny          # seconds
+              minilora pretrain --preset base --out runs/base          # the shipped base model
+              minilora pretrain --preset base --out runs/base --resume # continue after a stop
+            """))
+    s.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="model and training defaults (default: tiny)")
+    s.add_argument("--out", default="runs/pretrain", help="run directory (checkpoint, metrics.jsonl)")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.safetensors")
+    s.add_argument("--export", default=None,
+                   help="also write a weights-only checkpoint here at the end (what we ship)")
+    s.add_argument("--val-plays", default="hamlet,tempest",
+                   help="comma-separated plays held out for validation (default: hamlet,tempest)")
+    for name, typ in (("block-size", int), ("n-layer", int), ("n-head", int), ("n-embd", int),
+                      ("max-steps", int), ("batch-size", int), ("lr", float), ("min-lr", float),
+                      ("warmup-steps", int), ("weight-decay", float), ("grad-clip", float),
+                      ("eval-every", int), ("eval-batches", int), ("ckpt-every", int),
+                      ("seed", int)):
+        s.add_argument(f"--{name}", type=typ, default=None, help="override the preset")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_backend(s)
+    s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint", formatter_class=_formatter,
+                       epilog=textwrap.dedent("""\
+            examples:
+              minilora sample                                   # the shipped base model
+              minilora sample --prompt "KING HENRY:" --max-new-tokens 300 --seed 3
+              minilora sample --ckpt runs/tiny/ckpt.safetensors --temperature 1.0
+            """))
+    s.add_argument("--ckpt", default=None, help="checkpoint file (default: the shipped base model)")
+    s.add_argument("--prompt", default="\n", help="start text; '\\n' is a newline (default: newline)")
+    s.add_argument("--max-new-tokens", type=int, default=300)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    _add_backend(s)
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("gradcheck", help="finite-difference check of every backward pass",
+                       formatter_class=_formatter, epilog="example:\n  minilora gradcheck --seed 3")
+    s.add_argument("--seed", type=int, default=0)
+    _add_backend(s)
+    s.set_defaults(func=cmd_gradcheck)
+
+    s = sub.add_parser("bench", help="speed/memory benchmarks (ratios measured in one run)",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora bench                         # small and medium, vs PyTorch if installed
+              minilora bench --configs small --steps 5 --no-torch
+              minilora bench --out results/bench.json
+            """))
+    s.add_argument("--configs", default="small,medium", help="comma-separated: small,medium")
+    s.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    s.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
+    s.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    s.add_argument("--out", default=None, help="also write the results as JSON here")
+    _add_backend(s)
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    from minilora.backend import BackendError
+    from minilora.checkpoint import CheckpointError
+    from minilora.config import ConfigError
+    from minilora.optim import NonFiniteError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        args.func(args)
+    except (UsageError, BackendError, CheckpointError, ConfigError, ValueError,
+            FileNotFoundError, NonFiniteError) as e:
+        print(f"minilora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minilora: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
