@@ -1,0 +1,464 @@
+"""Blockwise absmax quantisation against a code table: the machinery under NF4, FP4, int4 and
+the 8-bit second level of double quantisation.
+
+The recipe, in the order a reader meets it (bitsandbytes' ``quantize_blockwise`` /
+``quantize_4bit`` do the same steps):
+
+1. flatten ``x`` in C order and cut it into blocks of ``blocksize`` consecutive elements
+   (blocks ignore row boundaries; the last block may be partial);
+2. ``absmax[b] = max |x|`` over block ``b``                             -> :func:`absmax_per_block`
+3. ``scaled = clip(x * (1 / absmax[b]), -1, 1)``                       -> :func:`scale_to_unit`
+4. ``q = index of the nearest entry of code`` (ties go to the lower code) -> :func:`nearest_code`
+5. for 4-bit codes, two ``q`` per byte, first element in the high nibble -> :func:`pack_nibbles`
+
+and back: ``x_hat = code[q] * absmax[b]``                                -> :func:`dequantize_blockwise`
+
+All array maths goes through ``xp`` (NumPy or CuPy). Nothing here loops over blocks in Python;
+on NumPy the work is done in slices of ~64 K elements (a whole number of blocks each) so that the
+float32 temporaries stay in the CPU cache, which is several times faster than whole-array passes.
+
+Chapter: chapters/nf4-and-double-quant.ipynb
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+from minilora.backend import cpu_module, is_cupy, xp
+
+# bitsandbytes clamps the divisor at 1e-38 so that an all-zero block scales to 0 instead of 0/0.
+TINY = 1e-38
+# Elements per slice on NumPy (cache blocking); CuPy does the whole tensor in one go.
+_SLICE = 1 << 16
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks (one clear error each)
+# ---------------------------------------------------------------------------------------------
+
+def check_blocksize(blocksize, name: str = "blocksize") -> int:
+    """Return ``blocksize`` as a Python int, or raise if it is not a positive integer.
+
+    Args:
+        blocksize: any positive integer (bool is refused). bitsandbytes itself only allows the
+            powers of two 32..4096 for 4-bit; minilora accepts any size so blocks can be studied.
+    Returns:
+        int.
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer (e.g. 64); got {blocksize!r} "
+                        f"of type {type(blocksize).__name__}")
+    if blocksize <= 0:
+        raise ValueError(f"{name} must be a positive integer (e.g. 64); got {int(blocksize)}")
+    return int(blocksize)
+
+
+def check_code(code, n_entries: int | None = None, require_sorted: bool = True, name: str = "code"):
+    """Validate a code table and return it as a float32 ``xp`` array.
+
+    Args:
+        code: 1-D table of levels in [-1, 1], shape (K,), 2 <= K <= 256 (codes are stored as uint8).
+        n_entries: if given, the exact K required (16 for a 4-bit code).
+        require_sorted: the nearest-code search uses midpoints of adjacent entries, so it needs
+            the table in non-decreasing order.
+    Returns:
+        float32 array of shape (K,).
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    c = xp.asarray(code)
+    if c.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a numeric 1-D table; got dtype {c.dtype}")
+    c = c.astype(xp.float32, copy=False)
+    if c.ndim != 1:
+        raise ValueError(f"{name} must be 1-D; got shape {tuple(c.shape)}")
+    k = int(c.shape[0])
+    if n_entries is not None and k != n_entries:
+        raise ValueError(f"{name} must have exactly {n_entries} entries "
+                         f"({n_entries} = 2**{n_entries.bit_length() - 1} codes); got {k}")
+    if not 2 <= k <= 256:
+        raise ValueError(f"{name} must have between 2 and 256 entries (codes are stored as uint8); "
+                         f"got {k}")
+    if not bool(xp.isfinite(c).all()):
+        raise ValueError(f"{name} must contain only finite values")
+    if require_sorted and bool((c[1:] < c[:-1]).any()):
+        raise ValueError(f"{name} must be sorted in non-decreasing order (the nearest-code search "
+                         "uses midpoints of neighbours); sort it, or use quantize_4bit, which "
+                         "accepts a table in any order")
+    return c
+
+
+def as_float32_flat(x, name: str = "x"):
+    """Flatten ``x`` (C order) to a float32 ``xp`` array, refusing non-float or empty input.
+
+    Args:
+        x: floating array of any shape (float16, float32 or float64), at least one element.
+    Returns:
+        float32 array of shape (n,); a view of ``x`` when it already is contiguous float32.
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    a = xp.asarray(x)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array (float16, float32 or float64); "
+                        f"got dtype {a.dtype}")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(a.shape)}); quantisation needs at least "
+                         "one element")
+    return a.astype(xp.float32, copy=False).reshape(-1)
+
+
+def _raise_not_finite(x, name: str = "x"):
+    flat = xp.asarray(x).reshape(-1)
+    bad = flat[~xp.isfinite(flat)]
+    i = int(xp.flatnonzero(~xp.isfinite(flat))[0])
+    kinds = "NaN" if bool(xp.isnan(bad).all()) else ("inf" if not bool(xp.isnan(bad).any())
+                                                     else "NaN and inf")
+    raise ValueError(f"{name} contains {kinds} ({int(bad.size)} value(s), first at flat index {i}); "
+                     "only finite values can be quantised")
+
+
+def n_blocks(n: int, blocksize: int) -> int:
+    """Number of blocks for ``n`` elements: ``ceil(n / blocksize)`` (the last may be partial)."""
+    return -(-n // blocksize)
+
+
+def linspace_float32(start: float, stop: float, num: int):
+    """``num`` evenly spaced float32 values, rounded the way torch's CPU ``linspace`` rounds them.
+
+    bitsandbytes builds its tables from ``torch.linspace``; NumPy's ``linspace`` differs from it
+    by one float32 ulp in some entries. Torch steps *forward* from ``start`` for the first half
+    and *backward* from ``stop`` for the second half, everything in float32:
+
+        step = (stop - start) / (num - 1);  v_i = start + step*i   (i <  num//2)
+                                            v_i = stop - step*(num-1-i)  (i >= num//2)
+
+    (Torch's vectorised path, used for num >= 16 on some CPUs, can differ again by one ulp.)
+    CPU-only setup code (NumPy), used to build code tables.
+
+    Args:
+        start, stop: end points (rounded to float32 first); num: number of points (>= 2).
+    Returns:
+        NumPy float32 array of shape (num,).
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    np = cpu_module()
+    f32 = np.float32
+    a, b = f32(start), f32(stop)
+    step = f32((b - a) / f32(num - 1))
+    i = np.arange(num, dtype=f32)
+    fwd = a + step * i
+    bwd = b - step * (f32(num - 1) - i)
+    return np.where(np.arange(num) < num // 2, fwd, bwd).astype(f32)
+
+
+# ---------------------------------------------------------------------------------------------
+# step 2: one scale per block
+# ---------------------------------------------------------------------------------------------
+
+def _block_max(a, blocksize: int):
+    """Max over consecutive blocks of a non-negative 1-D array; last block may be partial."""
+    n = a.shape[0]
+    if not is_cupy():
+        # reduceat is ~2x faster than reshape(-1, bs).max(1) on NumPy and handles the tail too
+        return xp.maximum.reduceat(a, xp.arange(0, n, blocksize))
+    full = (n // blocksize) * blocksize
+    parts = [a[:full].reshape(-1, blocksize).max(axis=1)] if full else []
+    if full < n:
+        parts.append(a[full:].max(keepdims=True))
+    return xp.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def absmax_per_block(x, blocksize: int):
+    """The scale of each block: its largest absolute value.
+
+        absmax[b] = max_{i in block b} |x_i|,   block b = x[b*blocksize : (b+1)*blocksize]
+
+    Args:
+        x: float array of any shape, n elements (flattened in C order).
+        blocksize: elements per block, any positive integer.
+    Returns:
+        float32 array of shape (ceil(n / blocksize),).
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    blocksize = check_blocksize(blocksize)
+    flat = as_float32_flat(x)
+    return _block_max(xp.abs(flat), blocksize)
+
+
+# ---------------------------------------------------------------------------------------------
+# step 3: normalise each block into [-1, 1]
+# ---------------------------------------------------------------------------------------------
+
+def scale_to_unit(x, absmax, blocksize: int, out=None):
+    """Divide every block by its absmax and clip into [-1, 1].
+
+        scaled_i = clip(x_i * (1 / max(absmax[b], 1e-38)), -1, 1)
+
+    Multiplying by the float32 reciprocal (not dividing) is what bitsandbytes does, so the
+    rounding, and therefore which side of a midpoint a value lands on, matches it. The 1e-38
+    floor makes an all-zero block scale to exact zeros instead of 0/0 = NaN. The clip catches
+    ``absmax * (1/absmax)`` rounding to 1 + 1 ulp.
+
+    Args:
+        x: float32 array of shape (n_blocks * blocksize,): whole blocks only.
+        absmax: float32 array of shape (n_blocks,).
+        blocksize: elements per block.
+        out: optional float32 array of shape (n_blocks * blocksize,) to write into.
+    Returns:
+        float32 array of shape (n_blocks * blocksize,), values in [-1, 1].
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    x = xp.asarray(x, dtype=xp.float32)
+    if out is None:
+        out = xp.empty(x.shape, dtype=xp.float32)
+    inv = xp.float32(1.0) / xp.maximum(xp.asarray(absmax, dtype=xp.float32), xp.float32(TINY))
+    xp.multiply(x.reshape(-1, blocksize), inv[:, None], out=out.reshape(-1, blocksize))
+    return xp.clip(out, -1.0, 1.0, out=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# step 4: nearest code, ties to the lower code
+# ---------------------------------------------------------------------------------------------
+
+def midpoints(code):
+    """Decision thresholds between neighbouring levels of a sorted code (float32, as bnb).
+
+        mid_k = (code[k] + code[k+1]) / 2,   k = 0 .. K-2
+
+    Args:
+        code: sorted table, shape (K,).
+    Returns:
+        float32 array of shape (K-1,).
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    c = xp.asarray(code, dtype=xp.float32)
+    return (c[:-1] + c[1:]) / xp.float32(2.0)
+
+
+def _nearest_from_midpoints(scaled, mids, out=None):
+    """Index of the first midpoint >= value (= number of midpoints strictly below the value)."""
+    if out is None:
+        out = xp.empty(scaled.shape, dtype=xp.uint8)
+    if mids.shape[0] <= 15 and not is_cupy():
+        # For a 16-entry code, 15 vectorised comparisons beat NumPy's binary search ~10x.
+        # Counting the midpoints below the value is exactly searchsorted(..., side="left").
+        mids_host = [float(m) for m in mids]
+        hit = xp.empty(scaled.shape, dtype=xp.bool_)
+        xp.greater(scaled, mids_host[0], out=out.view(xp.bool_))
+        for m in mids_host[1:]:
+            xp.greater(scaled, m, out=hit)
+            xp.add(out, hit.view(xp.uint8), out=out)
+        return out
+    out[...] = xp.searchsorted(mids, scaled, side="left")
+    return out
+
+
+def nearest_code(scaled, code, out=None):
+    """For each value, the index of the nearest code level; a tie goes to the lower index.
+
+        q = #{k : mid_k < scaled}   ==   searchsorted(mid, scaled, side="left")
+
+    A value exactly on a midpoint ``mid_k`` is *not* counted (``<`` is strict), so it gets
+    code ``k``, the lower neighbour. This is bitsandbytes' rule in all its backends
+    (CUDA ``x > t`` trees, ``torch.bucketize(right=False)``).
+
+    Args:
+        scaled: float array of any shape, usually in [-1, 1].
+        code: sorted table of K <= 256 levels, shape (K,).
+        out: optional uint8 array of the same shape as ``scaled``.
+    Returns:
+        uint8 array of the same shape as ``scaled``, values in 0..K-1.
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    c = check_code(code)
+    s = xp.asarray(scaled, dtype=xp.float32)
+    return _nearest_from_midpoints(s, midpoints(c), out=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# step 5: two 4-bit codes per byte
+# ---------------------------------------------------------------------------------------------
+
+def pack_nibbles(q, pad: int = 0):
+    """Pack 4-bit codes two per byte, the first of each pair in the HIGH nibble (bnb's order).
+
+        packed[j] = (q[2j] << 4) | q[2j+1]
+
+    An odd count is padded with ``pad`` in the last low nibble; bitsandbytes pads with the
+    code of 0.0 (0x7 for NF4, 0x0 for FP4), which :func:`minilora.quant.nf4.quantize_4bit` passes.
+
+    Args:
+        q: uint8 codes 0..15, any shape, n elements (flattened in C order).
+        pad: code (0..15) written in the spare low nibble when n is odd.
+    Returns:
+        uint8 array of shape (ceil(n / 2),).
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    q = xp.asarray(q)
+    if q.dtype.kind not in "iu":
+        raise TypeError(f"q must be an integer array of 4-bit codes; got dtype {q.dtype}")
+    q = q.reshape(-1)
+    if q.size and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError(f"q must hold 4-bit codes 0..15; got values in "
+                         f"[{int(q.min())}, {int(q.max())}]")
+    if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or not 0 <= pad <= 15:
+        raise ValueError(f"pad must be a 4-bit code 0..15; got {pad!r}")
+    q = q.astype(xp.uint8, copy=False)
+    n = q.shape[0]
+    packed = xp.left_shift(q[0::2], 4)          # (ceil(n/2),) high nibbles
+    packed[: n // 2] |= q[1::2]                 # low nibbles
+    if n % 2:
+        packed[-1] |= xp.uint8(pad)
+    return packed
+
+
+def unpack_nibbles(packed, n: int):
+    """Undo :func:`pack_nibbles`: high nibble first, then drop the padding.
+
+        q[2j] = packed[j] >> 4,   q[2j+1] = packed[j] & 0xF,   keep q[:n]
+
+    Args:
+        packed: uint8 array with ceil(n / 2) elements (any shape, flattened in C order).
+        n: number of codes to return.
+    Returns:
+        uint8 array of shape (n,).
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    packed = xp.asarray(packed)
+    if packed.dtype != xp.uint8:
+        raise TypeError(f"packed must be a uint8 array; got dtype {packed.dtype}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be a non-negative integer; got {n!r}")
+    packed = packed.reshape(-1)
+    if packed.shape[0] != (n + 1) // 2:
+        raise ValueError(f"packed has {packed.shape[0]} bytes but {n} codes need "
+                         f"ceil({n}/2) = {(n + 1) // 2}")
+    q = xp.empty(2 * packed.shape[0], dtype=xp.uint8)
+    xp.right_shift(packed, 4, out=q[0::2])
+    xp.bitwise_and(packed, 15, out=q[1::2])
+    return q[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole round trip
+# ---------------------------------------------------------------------------------------------
+
+def _slice_len(blocksize: int, n: int) -> int:
+    """Elements per slice: a whole, even number of blocks near _SLICE (or everything on CuPy)."""
+    if is_cupy():
+        return max(n, 1)
+    k = max(2, (_SLICE // blocksize) // 2 * 2)  # even block count keeps slices byte-aligned
+    return k * blocksize
+
+
+def quantize_blockwise(x, code, blocksize: int):
+    """Blockwise absmax quantisation of ``x`` to indices into ``code``.
+
+        absmax[b] = max |x_b|,   q_i = nearest(code, clip(x_i / absmax[b(i)], -1, 1))
+
+    Full blocks multiply by the float32 reciprocal of absmax; the partial last block divides
+    (bitsandbytes' pure-PyTorch backend does exactly this, and rounding decides ties). An
+    all-zero block stores absmax = 0 and the code of 0.0 (bnb stores 1e-38 for an all-zero
+    *partial* block; every other absmax is the same).
+
+    Args:
+        x: float array (float16/32/64, computed in float32) of any shape, n >= 1 elements, finite.
+        code: sorted table of K <= 256 levels in [-1, 1], shape (K,).
+        blocksize: elements per block, any positive integer.
+    Returns:
+        q: uint8 array of shape (n,), indices into ``code``.
+        absmax: float32 array of shape (ceil(n / blocksize),).
+    Raises:
+        TypeError / ValueError for a non-float, empty or non-finite ``x``, a bad ``blocksize``
+        or an unsorted ``code``.
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    blocksize = check_blocksize(blocksize)
+    c = check_code(code)
+    flat = as_float32_flat(x)                        # (n,)
+    mids = midpoints(c)                              # (K-1,)
+    n = flat.shape[0]
+    n_full = (n // blocksize) * blocksize
+    absmax = xp.empty(n_blocks(n, blocksize), dtype=xp.float32)
+    q = xp.empty(n, dtype=xp.uint8)
+    step = _slice_len(blocksize, n_full)
+    buf = xp.empty(min(step, n_full), dtype=xp.float32) if n_full else None
+    for start in range(0, n_full, step):             # slices of whole blocks, not single blocks
+        stop = min(start + step, n_full)
+        b0, b1 = start // blocksize, stop // blocksize
+        work = buf[: stop - start]
+        xp.abs(flat[start:stop], out=work)
+        am = _block_max(work, blocksize)             # (b1 - b0,)
+        if not bool(xp.isfinite(am).all()):
+            _raise_not_finite(x)
+        absmax[b0:b1] = am
+        scale_to_unit(flat[start:stop], am, blocksize, out=work)
+        _nearest_from_midpoints(work, mids, out=q[start:stop])
+    if n_full < n:                                   # the partial last block
+        tail = flat[n_full:]
+        am = xp.abs(tail).max(keepdims=True)         # (1,)
+        if not bool(xp.isfinite(am).all()):
+            _raise_not_finite(x)
+        absmax[-1:] = am
+        scaled = xp.clip(tail / xp.maximum(am, xp.float32(TINY)), -1.0, 1.0)
+        _nearest_from_midpoints(scaled, mids, out=q[n_full:])
+    return q, absmax
+
+
+def dequantize_blockwise(q, absmax, code, blocksize: int, shape=None, dtype="float32"):
+    """Map indices back to levels and rescale each block: ``x_hat_i = code[q_i] * absmax[b(i)]``.
+
+    Computed in float32 (as bnb), then cast to ``dtype``. A block with absmax 0 gives exact zeros.
+
+    Args:
+        q: integer array of indices into ``code``, n elements (any shape).
+        absmax: float array of shape (ceil(n / blocksize),).
+        code: table of K levels, shape (K,) (any order: it is only looked up).
+        blocksize: elements per block.
+        shape: output shape (default: q's shape); must hold n elements.
+        dtype: output dtype name, e.g. "float32" (default) or "float16".
+    Returns:
+        array of shape ``shape`` and dtype ``dtype``.
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
+    blocksize = check_blocksize(blocksize)
+    c = check_code(code, require_sorted=False)
+    q = xp.asarray(q)
+    if q.dtype.kind not in "iu":
+        raise TypeError(f"q must be an integer array of code indices; got dtype {q.dtype}")
+    out_shape = tuple(q.shape) if shape is None else tuple(int(s) for s in shape)
+    q = q.reshape(-1)
+    n = q.shape[0]
+    if n == 0:
+        raise ValueError("q is empty; nothing to dequantise")
+    if math.prod(out_shape) != n:
+        raise ValueError(f"shape {out_shape} holds {math.prod(out_shape)} elements but q has {n}")
+    absmax = xp.asarray(absmax, dtype=xp.float32).reshape(-1)
+    if absmax.shape[0] != n_blocks(n, blocksize):
+        raise ValueError(f"absmax has {absmax.shape[0]} entries but {n} elements in blocks of "
+                         f"{blocksize} need ceil({n}/{blocksize}) = {n_blocks(n, blocksize)}")
+    if q.size and int(q.max()) >= c.shape[0]:
+        raise ValueError(f"q holds index {int(q.max())} but code has only {c.shape[0]} entries")
+    out = xp.empty(n, dtype=xp.float32)
+    n_full = (n // blocksize) * blocksize
+    step = _slice_len(blocksize, n)
+    for start in range(0, n, step):                  # slices keep the index temporaries in cache
+        stop = min(start + step, n)
+        xp.take(c, q[start:stop], out=out[start:stop])
+    if n_full:
+        out[:n_full].reshape(-1, blocksize)[...] *= absmax[: n_full // blocksize, None]
+    if n_full < n:
+        out[n_full:] *= absmax[-1]
+    return out.reshape(out_shape).astype(dtype, copy=False)
