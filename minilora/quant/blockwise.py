@@ -126,17 +126,19 @@ def n_blocks(n: int, blocksize: int) -> int:
 
 
 def linspace_float32(start: float, stop: float, num: int):
-    """``num`` evenly spaced float32 values, rounded the way torch's CPU ``linspace`` rounds them.
+    """``num`` evenly spaced float32 values, rounded exactly as torch's CPU ``linspace`` does.
 
     bitsandbytes builds its tables from ``torch.linspace``; NumPy's ``linspace`` differs from it
-    by one float32 ulp in some entries. Torch steps *forward* from ``start`` for the first half
-    and *backward* from ``stop`` for the second half, everything in float32:
+    by one float32 ulp in some entries (22 of the 256 dynamic-map levels). Torch steps *forward*
+    from ``start`` for the first half and *backward* from ``stop`` for the second half, with a
+    float32 step and one fused multiply-add (a single rounding) per value:
 
-        step = (stop - start) / (num - 1);  v_i = start + step*i   (i <  num//2)
-                                            v_i = stop - step*(num-1-i)  (i >= num//2)
+        step = fl32((stop - start) / (num - 1))
+        v_i  = fl32(start + step * i)              for i <  num // 2
+        v_i  = fl32(stop - step * (num - 1 - i))   for i >= num // 2
 
-    (Torch's vectorised path, used for num >= 16 on some CPUs, can differ again by one ulp.)
-    CPU-only setup code (NumPy), used to build code tables.
+    The product of a float32 and a small integer is exact in float64, so float64 arithmetic
+    followed by one cast to float32 reproduces the fused operation. CPU-only setup (NumPy).
 
     Args:
         start, stop: end points (rounded to float32 first); num: number of points (>= 2).
@@ -146,13 +148,13 @@ def linspace_float32(start: float, stop: float, num: int):
     Chapter: chapters/nf4-and-double-quant.ipynb
     """
     np = cpu_module()
-    f32 = np.float32
+    f32, f64 = np.float32, np.float64
     a, b = f32(start), f32(stop)
-    step = f32((b - a) / f32(num - 1))
-    i = np.arange(num, dtype=f32)
-    fwd = a + step * i
-    bwd = b - step * (f32(num - 1) - i)
-    return np.where(np.arange(num) < num // 2, fwd, bwd).astype(f32)
+    step = f64(f32((b - a) / f32(num - 1)))
+    i = np.arange(num, dtype=f64)
+    fwd = f64(a) + step * i                      # exact in float64; rounded once below
+    bwd = f64(b) - step * (num - 1 - i)
+    return np.where(i < num // 2, fwd, bwd).astype(f32)
 
 
 # ---------------------------------------------------------------------------------------------
