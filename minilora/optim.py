@@ -45,7 +45,7 @@ def clip_grad_norm(grads: list, max_norm: float) -> float:
     for g in grads:
         total += xp.vdot(g.reshape(-1), g.reshape(-1))  # one device sync below, not one per tensor
     norm = math.sqrt(backend.to_scalar(total))
-    if max_norm > 0 and norm > max_norm:
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in grads:
             g *= scale

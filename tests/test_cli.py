@@ -1,0 +1,74 @@
+"""The command line as a user types it: help, errors, and small real runs."""
+import subprocess
+import sys
+
+import pytest
+
+from minilora import cli
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "minilora.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("cmd", [[], ["tour"], ["pretrain"], ["sample"], ["gradcheck"], ["bench"]])
+def test_every_command_has_help_with_examples(cmd):
+    r = run(*cmd, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "example" in r.stdout
+
+
+def test_pretrain_tiny_then_sample(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["pretrain", "--preset", "tiny", "--max-steps", "6", "--eval-every", "3",
+                     "--ckpt-every", "3", "--out", str(out), "--no-progress",
+                     "--export", str(tmp_path / "w.safetensors")]) == 0
+    assert (out / "ckpt.safetensors").exists() and (out / "metrics.jsonl").exists()
+    r = run("sample", "--ckpt", str(tmp_path / "w.safetensors"), "--prompt", "ROMEO:",
+            "--max-new-tokens", "20", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ROMEO:") and len(r.stdout.rstrip("\n")) >= 6 + 15
+    r2 = run("sample", "--ckpt", str(tmp_path / "w.safetensors"), "--prompt", "ROMEO:",
+             "--max-new-tokens", "20", "--seed", "3")
+    assert r2.stdout == r.stdout  # seeded
+
+
+def test_sample_prompt_outside_vocabulary_is_one_clear_error(tmp_path):
+    cli.main(["pretrain", "--preset", "tiny", "--max-steps", "1", "--out", str(tmp_path),
+              "--no-progress"])
+    r = run("sample", "--ckpt", str(tmp_path / "ckpt.safetensors"), "--prompt", "caf\u00e9 \u4f60")
+    assert r.returncode == 2
+    assert r.stderr.startswith("minilora: error:") and "Traceback" not in r.stderr
+    assert "'\u00e9'" in r.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["sample", "--ckpt", "does/not/exist.safetensors"], "does not exist"),
+    (["sample", "--temperature", "0", "--ckpt", "{ck}"], "temperature"),
+    (["sample", "--top-k", "0", "--ckpt", "{ck}"], "top_k"),
+    (["pretrain", "--preset", "tiny", "--n-embd", "30", "--n-head", "4", "--out", "{tmp}"],
+     "divisible"),
+    (["pretrain", "--preset", "tiny", "--val-plays", "nosuchplay", "--out", "{tmp}"],
+     "nosuchplay"),
+    (["pretrain", "--preset", "tiny", "--lr", "-1", "--out", "{tmp}"], "lr"),
+    (["gradcheck", "--backend", "cupy"], "cupy"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, match):
+    ck = tmp_path / "ck.safetensors"
+    if any("{ck}" in a for a in args):
+        cli.main(["pretrain", "--preset", "tiny", "--max-steps", "1", "--out", str(tmp_path / "r"),
+                  "--no-progress", "--export", str(ck)])
+    args = [a.replace("{ck}", str(ck)).replace("{tmp}", str(tmp_path / "new")) for a in args]
+    r = run(*args)
+    if args[0] == "gradcheck" and r.returncode == 0:
+        pytest.skip("CuPy and a GPU are available here")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and match in r.stderr
+    assert not (tmp_path / "new").exists()  # nothing written on bad input
+
+
+def test_gradcheck_command_passes():
+    r = run("gradcheck")
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert " 0 failed" in r.stdout
