@@ -218,6 +218,46 @@ def test_quantize_blockwise_matches_reference(rng, blocksize, n):
     np.testing.assert_array_equal(x_hat, N.NF4_CODE[q] * np.repeat(absmax, blocksize)[:n])
 
 
+@pytest.mark.parametrize("blocksize", [1, 3, 64, 65])
+def test_slicing_is_invisible(monkeypatch, rng, blocksize):
+    """The NumPy path works in cache-sized slices; the result must not depend on the slice size."""
+    x = rng.standard_normal(5 * 1031).astype(np.float32)
+    whole = N.quantize_nf4(x, blocksize=blocksize, double_quant=True)
+    y_whole = N.dequantize_nf4(*whole)
+    monkeypatch.setattr(B, "_SLICE", 256)
+    small = N.quantize_nf4(x, blocksize=blocksize, double_quant=True)
+    np.testing.assert_array_equal(small[0], whole[0])
+    np.testing.assert_array_equal(small[1].absmax, whole[1].absmax)
+    np.testing.assert_array_equal(N.dequantize_nf4(*small), y_whole)
+
+
+@pytest.mark.parametrize("blocksize", [1, 2, 3, 64, 65])
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 129, 1001])
+def test_dequantize_packed_equals_unpack_then_lookup(rng, blocksize, n):
+    x = rng.standard_normal(n).astype(np.float32)
+    q, absmax = B.quantize_blockwise(x, N.NF4_CODE, blocksize)
+    packed = B.pack_nibbles(q, pad=7)
+    two_steps = B.dequantize_blockwise(B.unpack_nibbles(packed, n), absmax, N.NF4_CODE, blocksize)
+    one_step = B.dequantize_packed(packed, absmax, N.NF4_CODE, blocksize, n)
+    np.testing.assert_array_equal(one_step, two_steps)
+    assert one_step.shape == (n,) and one_step.dtype == np.float32
+
+
+def test_dequantize_bad_input():
+    q, absmax = B.quantize_blockwise(np.ones(10, np.float32), N.NF4_CODE, 4)
+    with pytest.raises(ValueError, match="absmax has 2 entries"):
+        B.dequantize_blockwise(q, absmax[:2], N.NF4_CODE, 4)
+    with pytest.raises(ValueError, match="shape \\(3, 3\\) holds 9"):
+        B.dequantize_blockwise(q, absmax, N.NF4_CODE, 4, shape=(3, 3))
+    with pytest.raises(ValueError, match="only 4 entries"):
+        B.dequantize_blockwise(q, absmax, N.NF4_CODE[:4], 4)
+    with pytest.raises(TypeError, match="integer"):
+        B.dequantize_blockwise(q.astype(np.float32), absmax, N.NF4_CODE, 4)
+    packed = B.pack_nibbles(q)
+    with pytest.raises(ValueError, match="ceil"):
+        B.dequantize_packed(packed, absmax, N.NF4_CODE, 4, 12)
+
+
 def test_absmax_per_block(rng):
     x = rng.standard_normal((5, 13)).astype(np.float32)
     am = B.absmax_per_block(x, 8)

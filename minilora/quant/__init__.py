@@ -11,8 +11,8 @@ Read in this order:
 
 Chapter: chapters/nf4-and-double-quant.ipynb
 """
-from minilora.quant.blockwise import (absmax_per_block, dequantize_blockwise, midpoints,
-                                      nearest_code, pack_nibbles, quantize_blockwise,
+from minilora.quant.blockwise import (absmax_per_block, dequantize_blockwise, dequantize_packed,
+                                      midpoints, nearest_code, pack_nibbles, quantize_blockwise,
                                       scale_to_unit, unpack_nibbles)
 from minilora.quant.double import (DOUBLE_QUANT_BLOCKSIZE, DYNAMIC_MAP, bits_per_param,
                                    create_dynamic_map, double_dequantize, double_quantize,
@@ -28,7 +28,7 @@ __all__ = [
     "quantize_4bit", "dequantize_4bit", "quantize_nf4", "dequantize_nf4", "quantize_fp4",
     "dequantize_fp4", "quantize_int4", "dequantize_int4",
     "absmax_per_block", "scale_to_unit", "midpoints", "nearest_code", "pack_nibbles",
-    "unpack_nibbles", "quantize_blockwise", "dequantize_blockwise",
+    "unpack_nibbles", "quantize_blockwise", "dequantize_blockwise", "dequantize_packed",
     "DYNAMIC_MAP", "DOUBLE_QUANT_BLOCKSIZE", "create_dynamic_map", "double_quantize",
     "double_dequantize", "bits_per_param", "measured_bits_per_param",
     "QuantState",

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from minilora.backend import cpu_module, xp
 from minilora.quant.blockwise import (as_float32_flat, check_blocksize, check_code,
-                                      dequantize_blockwise, linspace_float32, midpoints,
-                                      pack_nibbles, quantize_blockwise, unpack_nibbles)
-from minilora.quant.double import DOUBLE_QUANT_BLOCKSIZE, double_dequantize, double_quantize
+                                      dequantize_packed, linspace_float32, midpoints,
+                                      pack_nibbles, quantize_blockwise)
+from minilora.quant.double import DOUBLE_QUANT_BLOCKSIZE, double_quantize
 from minilora.quant.state import QuantState
 
 _np = cpu_module()  # CPU-side constants only; all array maths below goes through xp
@@ -153,7 +153,8 @@ def quantize_4bit(x, code, blocksize: int = 64, double_quant: bool = False,
                   quant_type: str = "custom", blocksize2: int = DOUBLE_QUANT_BLOCKSIZE):
     """Quantise a tensor to 4-bit indices into ``code`` with one absmax per block, packed.
 
-        absmax[b] = max |x_b|,  q_i = nearest(code, x_i / absmax[b]),  packed[j] = q[2j]<<4 | q[2j+1]
+        absmax[b] = max |x_b|,   q_i = nearest(code, x_i / absmax[b])
+        packed[j] = q[2j] << 4 | q[2j+1]
 
     ``code`` may be in any order (FP4 is in bit-pattern order): the search runs on the sorted
     table and maps back through a stable argsort, as bitsandbytes does. An odd element count is
@@ -180,7 +181,10 @@ def quantize_4bit(x, code, blocksize: int = 64, double_quant: bool = False,
     order = xp.argsort(table, kind="stable")                          # sorted position -> code
     flat = as_float32_flat(x)
     q_sorted, absmax = quantize_blockwise(flat, table[order], blocksize)
-    q = q_sorted if bool((order == xp.arange(16)).all()) else xp.take(order.astype(xp.uint8), q_sorted)
+    if bool((order == xp.arange(16)).all()):                         # NF4, int4: already sorted
+        q = q_sorted
+    else:                                                             # FP4: back to bit patterns
+        q = xp.take(order.astype(xp.uint8), q_sorted)
     zero_pos = int(xp.searchsorted(midpoints(table[order]), xp.float32(0.0), side="left"))
     pad = int(order[zero_pos])                                        # code of 0.0
     packed = pack_nibbles(q, pad=pad)
@@ -228,9 +232,9 @@ def dequantize_4bit(packed, state: QuantState):
     Chapter: chapters/nf4-and-double-quant.ipynb
     """
     packed = check_packed_matches(packed, state)
-    q = unpack_nibbles(packed, state.n)                               # (n,)
-    return dequantize_blockwise(q, state.get_absmax(), state.code, state.blocksize,
-                                shape=state.shape, dtype=state.dtype)
+    # = dequantize_blockwise(unpack_nibbles(packed, n), absmax, code, ...), one lookup per byte
+    return dequantize_packed(packed, state.get_absmax(), state.code, state.blocksize, state.n,
+                             shape=state.shape, dtype=state.dtype)
 
 
 def _check_type(state, quant_type):

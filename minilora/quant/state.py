@@ -80,7 +80,7 @@ class QuantState:
     # --- derived quantities -------------------------------------------------------------------
     @property
     def double_quant(self) -> bool:
-        """True when ``absmax`` is stored as 8-bit codes (bnb: ``nested`` / ``compress_statistics``)."""
+        """True when ``absmax`` holds 8-bit codes (bnb: ``nested`` / ``compress_statistics``)."""
         return self.absmax2 is not None
 
     @property

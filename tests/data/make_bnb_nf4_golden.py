@@ -23,10 +23,12 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bnb_nf4_golden.n
 def cases():
     rng = np.random.default_rng(20260823)
     yield "randn_128x64", rng.standard_normal((128, 64)).astype(np.float32)
-    yield "randn_33x7", rng.standard_normal((33, 7)).astype(np.float32)          # odd n, partial block
-    yield "randn_7", rng.standard_normal(7).astype(np.float32)                   # one partial block
-    w = (0.02 * rng.standard_normal((129, 130))).astype(np.float32)              # 263 blocks: 2 DQ blocks
-    w[1, :] = 0.0                                                                # includes a zero block
+    # odd n and a partial last block
+    yield "randn_33x7", rng.standard_normal((33, 7)).astype(np.float32)
+    yield "randn_7", rng.standard_normal(7).astype(np.float32)          # one partial block
+    # weight-like scale; 263 blocks = 2 second-level blocks; row 1 gives an all-zero block
+    w = (0.02 * rng.standard_normal((129, 130))).astype(np.float32)
+    w[1, :] = 0.0
     yield "weights_129x130", w
     yield "heavy_tail_3x1000", rng.standard_t(3, size=(3, 1000)).astype(np.float32)
 
