@@ -482,3 +482,8 @@ def test_state_must_match_packed():
         N.dequantize_nf4(packed, fp4_state)
     with pytest.raises(TypeError, match="double_quant"):
         N.quantize_nf4(np.ones(4, np.float32), double_quant="yes")
+
+
+def test_rejects_float64_beyond_float32_range():
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        N.quantize_nf4(np.array([1.0, 1e300]))

@@ -185,7 +185,8 @@ def quantize_4bit(x, code, blocksize: int = 64, double_quant: bool = False,
         q = q_sorted
     else:                                                             # FP4: back to bit patterns
         q = xp.take(order.astype(xp.uint8), q_sorted)
-    zero_pos = int(xp.searchsorted(midpoints(table[order]), xp.float32(0.0), side="left"))
+    zero = xp.zeros(1, dtype=xp.float32)
+    zero_pos = int(xp.searchsorted(midpoints(table[order]), zero, side="left")[0])
     pad = int(order[zero_pos])                                        # code of 0.0
     packed = pack_nibbles(q, pad=pad)
     dtype = xp.asarray(x).dtype.name
