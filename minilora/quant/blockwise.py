@@ -29,6 +29,7 @@ from minilora.backend import cpu_module, is_cupy, xp
 
 # bitsandbytes clamps the divisor at 1e-38 so that an all-zero block scales to 0 instead of 0/0.
 TINY = 1e-38
+F32_MAX = 3.4028234663852886e38  # largest finite float32
 # Elements per slice on NumPy (cache blocking); CuPy does the whole tensor in one go.
 _SLICE = 1 << 17
 
@@ -108,15 +109,16 @@ def as_float32_flat(x, name: str = "x"):
     if a.size == 0:
         raise ValueError(f"{name} is empty (shape {tuple(a.shape)}); quantisation needs at least "
                          "one element")
+    if a.dtype.itemsize > 4:  # float64: a finite value could overflow to inf in float32
+        big = float(xp.abs(a).max())
+        if math.isfinite(big) and big > F32_MAX:
+            raise ValueError(f"{name} has values beyond float32's range (max |{name}| = "
+                             f"{big:.3g} > 3.4e38); quantisation computes in float32")
     return a.astype(xp.float32, copy=False).reshape(-1)
 
 
 def _raise_not_finite(x, name: str = "x"):
     flat = xp.asarray(x).reshape(-1)
-    if bool(xp.isfinite(flat).all()):  # finite float64 that overflowed when cast to float32
-        big = float(xp.abs(flat).max())
-        raise ValueError(f"{name} has values beyond float32's range (max |{name}| = {big:.3g} > "
-                         "3.4e38); quantisation computes in float32")
     bad = flat[~xp.isfinite(flat)]
     i = int(xp.flatnonzero(~xp.isfinite(flat))[0])
     kinds = "NaN" if bool(xp.isnan(bad).all()) else ("inf" if not bool(xp.isnan(bad).any())
