@@ -128,7 +128,17 @@ def _raise_not_finite(x, name: str = "x"):
 
 
 def n_blocks(n: int, blocksize: int) -> int:
-    """Number of blocks for ``n`` elements: ``ceil(n / blocksize)`` (the last may be partial)."""
+    """Number of blocks for ``n`` elements; the last one may be partial.
+
+        n_blocks = ceil(n / blocksize) = -(-n // blocksize)
+
+    Args:
+        n: number of elements; blocksize: elements per block.
+    Returns:
+        int.
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
     return -(-n // blocksize)
 
 

@@ -139,7 +139,15 @@ QUANT_TYPES = tuple(_CODES)
 
 
 def get_code(quant_type: str):
-    """The 16-entry table for ``quant_type`` ('nf4', 'fp4' or 'int4') as a NumPy float32 array."""
+    """The 4-bit table for a named type: NF4_CODE, FP4_CODE or INT4_CODE.
+
+    Args:
+        quant_type: 'nf4', 'fp4' or 'int4'.
+    Returns:
+        read-only NumPy float32 array of shape (16,), index = 4-bit code.
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
     if quant_type not in _CODES:
         raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES)}; got {quant_type!r}")
     return _CODES[quant_type]
@@ -203,7 +211,19 @@ def quantize_4bit(x, code, blocksize: int = 64, double_quant: bool = False,
 
 
 def check_packed_matches(packed, state: QuantState):
-    """Raise a ValueError if ``packed`` cannot be the 4-bit codes described by ``state``."""
+    """Check that ``packed`` can be the 4-bit codes that ``state`` describes.
+
+        packed.size == ceil(prod(state.shape) / 2),  packed.dtype == uint8,  state consistent
+
+    Args:
+        packed: uint8 array (any shape); state: a QuantState.
+    Returns:
+        ``packed`` as an ``xp`` array.
+    Raises:
+        TypeError for a wrong type / dtype, ValueError for a size mismatch or a broken state.
+
+    Chapter: chapters/nf4-and-double-quant.ipynb
+    """
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState; got {type(state).__name__}")
     packed = xp.asarray(packed)

@@ -80,21 +80,38 @@ class QuantState:
     # --- derived quantities -------------------------------------------------------------------
     @property
     def double_quant(self) -> bool:
-        """True when ``absmax`` holds 8-bit codes (bnb: ``nested`` / ``compress_statistics``)."""
+        """True when ``absmax`` holds 8-bit codes (bnb: ``nested`` / ``compress_statistics``).
+
+        Chapter: chapters/nf4-and-double-quant.ipynb
+        """
         return self.absmax2 is not None
 
     @property
     def n(self) -> int:
-        """Number of quantised elements, prod(shape)."""
+        """Number of quantised elements, n = prod(shape).
+
+        Chapter: chapters/nf4-and-double-quant.ipynb
+        """
         return math.prod(self.shape)
 
     @property
     def n_blocks(self) -> int:
-        """ceil(n / blocksize)."""
+        """Number of first-level blocks, ceil(n / blocksize).
+
+        Chapter: chapters/nf4-and-double-quant.ipynb
+        """
         return n_blocks(self.n, self.blocksize)
 
     def get_absmax(self):
-        """The float32 first-level scales, shape (n_blocks,), restored if double-quantised."""
+        """The float32 first-level scales, restored first if they were double-quantised.
+
+            absmax = code2[absmax_q8] * absmax2[b // blocksize2] + offset   (double_quant)
+
+        Returns:
+            float32 array of shape (n_blocks,).
+
+        Chapter: chapters/nf4-and-double-quant.ipynb
+        """
         if self.double_quant:
             return double_dequantize(self.absmax, self.absmax2, self.offset, self.blocksize2,
                                      code=self.code2)
@@ -102,7 +119,17 @@ class QuantState:
 
     # --- consistency ---------------------------------------------------------------------------
     def problems(self) -> list[str]:
-        """Every inconsistency in this state, as readable sentences (empty when valid)."""
+        """Every inconsistency in this state, as readable sentences (empty when valid).
+
+        Checks shape, blocksize, quant_type, dtype, a (16,) float32 code, absmax of shape
+        (ceil(n / blocksize),) (float32, or uint8 with double_quant), and for double_quant
+        absmax2 of shape (ceil(n_blocks / blocksize2),), a (256,) code2 and a finite offset.
+
+        Returns:
+            list of str.
+
+        Chapter: chapters/nf4-and-double-quant.ipynb
+        """
         out = []
 
         def is_int(v):
@@ -150,7 +177,13 @@ class QuantState:
         return out
 
     def validate(self) -> "QuantState":
-        """Raise one ValueError listing every inconsistency; return self when valid."""
+        """Raise one ValueError listing every inconsistency (see :meth:`problems`).
+
+        Returns:
+            self, when valid.
+
+        Chapter: chapters/nf4-and-double-quant.ipynb
+        """
         p = self.problems()
         if p:
             raise ValueError("inconsistent QuantState: " + "; ".join(p))
