@@ -464,6 +464,8 @@ def test_rejects_bad_codes():
         N.quantize_4bit(x, N.NF4_CODE.reshape(4, 4))
     with pytest.raises(ValueError, match="quant_type"):
         N.get_code("nf5")
+    with pytest.raises(ValueError, match="quant_type"):
+        N.quantize_4bit(x, N.NF4_CODE, quant_type="nf5")
 
 
 def test_state_must_match_packed():

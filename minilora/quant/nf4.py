@@ -185,6 +185,9 @@ def quantize_4bit(x, code, blocksize: int = 64, double_quant: bool = False,
     blocksize = check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False; got {double_quant!r}")
+    if quant_type not in QUANT_TYPES + ("custom",):
+        raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES)} or 'custom'; "
+                         f"got {quant_type!r}")
     table = check_code(code, n_entries=16, require_sorted=False)      # (16,) bit-pattern order
     order = xp.argsort(table, kind="stable")                          # sorted position -> code
     flat = as_float32_flat(x)
