@@ -1,0 +1,328 @@
+"""Export and import LoRA adapters in Hugging Face PEFT's on-disk format.
+
+A PEFT LoRA adapter is a directory with two files:
+
+* ``adapter_model.safetensors``: the factors, keyed ``base_model.model.<module path>.<tensor>``
+  with no adapter name in the key (PEFT strips ``.default`` on save):
+
+  ============================  =======================================  ===================
+  our tensor                    PEFT key suffix                          shape
+  ============================  =======================================  ===================
+  Linear ``lora_A``             ``.lora_A.weight``                       (r, d_in)
+  Linear ``lora_B``             ``.lora_B.weight``                       (d_out, r)
+  Embedding ``lora_A``          ``.lora_embedding_A`` (no ``.weight``)   (r, V)
+  Embedding ``lora_B``          ``.lora_embedding_B`` (no ``.weight``)   (C, r)
+  bias of an adapted layer      ``.base_layer.bias``                     (d_out,)
+  any other bias (bias="all")   ``.bias``                                (C,)
+  ============================  =======================================  ===================
+
+  Our layouts are already PEFT's, so no tensor is transposed. A bias of an adapted layer lives
+  under ``base_layer`` because inside PEFT the original layer becomes the wrapper's
+  ``base_layer`` (read from PEFT's ``get_peft_model_state_dict``, not run here).
+* ``adapter_config.json``: PEFT's ``LoraConfig`` fields (``peft_type "LORA"``, ``task_type
+  "CAUSAL_LM"``, ``r``, ``lora_alpha``, ``target_modules``, ...).
+
+Module paths are mapped from ours to a LLaMA-style PyTorch model by :data:`PEFT_MODULE_MAP`, so
+that ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` is our
+``blocks.0.attn.q.lora_A`` (the double ``model.`` is PEFT's wrapper attribute followed by the HF
+model's own ``.model``):
+
+==========================  ==========================================
+minilora module             LLaMA-style module
+==========================  ==========================================
+``wte``                     ``model.embed_tokens``
+``blocks.{i}.attn.q``       ``model.layers.{i}.self_attn.q_proj``
+``blocks.{i}.attn.k``       ``model.layers.{i}.self_attn.k_proj``
+``blocks.{i}.attn.v``       ``model.layers.{i}.self_attn.v_proj``
+``blocks.{i}.attn.o``       ``model.layers.{i}.self_attn.o_proj``
+``blocks.{i}.mlp.up``       ``model.layers.{i}.mlp.up_proj``
+``blocks.{i}.mlp.down``     ``model.layers.{i}.mlp.down_proj``
+``blocks.{i}.ln_1``         ``model.layers.{i}.input_layernorm``
+``blocks.{i}.ln_2``         ``model.layers.{i}.post_attention_layernorm``
+``ln_f``                    ``model.norm``
+``lm_head``                 ``lm_head``
+==========================  ==========================================
+
+The names line up; the architectures do not (LLaMA has a gated MLP, RMSNorm and rotary
+positions; our GPT has GELU, LayerNorm and ``wpe``), so the files are PEFT-shaped, not loadable
+into a LLaMA checkpoint. Values PEFT does not know (our ``init_lora_weights="swap"`` and ``seed``)
+are written as ``init_lora_weights: true`` in the JSON and kept exactly in the safetensors
+metadata entry ``"minilora"``. A ``"pissa"`` adapter is relative to the residual base W0 - ΔW0:
+importing it into a minilora model recomputes that residual from the same W0.
+
+Each file is written atomically (temp file + ``os.replace``); the weights are written before the
+config, so a crash never leaves a new config describing old weights.
+
+Chapter: chapters/02-lora-notes.ipynb
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from minilora import backend
+from minilora.config import ConfigError, LoraConfig
+from minilora.lora import (LoRAEmbedding, LoRAError, LoRALinear, inject_lora, load_lora_state_dict,
+                           lora_layers, lora_state_dict, mark_only_lora_as_trainable)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+KEY_PREFIX = "base_model.model."
+
+#: minilora module path -> LLaMA-style module path ("{i}" is the block index).
+PEFT_MODULE_MAP = {
+    "wte": "model.embed_tokens",
+    "blocks.{i}.attn.q": "model.layers.{i}.self_attn.q_proj",
+    "blocks.{i}.attn.k": "model.layers.{i}.self_attn.k_proj",
+    "blocks.{i}.attn.v": "model.layers.{i}.self_attn.v_proj",
+    "blocks.{i}.attn.o": "model.layers.{i}.self_attn.o_proj",
+    "blocks.{i}.mlp.up": "model.layers.{i}.mlp.up_proj",
+    "blocks.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
+    "blocks.{i}.ln_1": "model.layers.{i}.input_layernorm",
+    "blocks.{i}.ln_2": "model.layers.{i}.post_attention_layernorm",
+    "ln_f": "model.norm",
+    "lm_head": "lm_head",
+}
+
+#: our target name -> the name PEFT's ``target_modules`` uses for it.
+PEFT_TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                     "up": "up_proj", "down": "down_proj", "wte": "embed_tokens",
+                     "lm_head": "lm_head"}
+
+# PEFT config fields that must keep their default for the adapter to mean what we compute.
+_UNSUPPORTED = {"fan_in_fan_out": False, "use_dora": False, "lora_bias": False,
+                "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+                "layers_to_transform": None, "layer_replication": None}
+
+
+class PeftFormatError(ValueError):
+    """A PEFT adapter directory is missing, malformed, or uses a feature minilora lacks."""
+
+
+def _template_regex(template: str):
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+
+
+_TO_PEFT = [(_template_regex(ours), peft) for ours, peft in PEFT_MODULE_MAP.items()]
+_FROM_PEFT = [(_template_regex(peft), ours) for ours, peft in PEFT_MODULE_MAP.items()]
+
+
+def _map_name(name: str, table, direction: str) -> str:
+    for pattern, template in table:
+        hit = pattern.match(name)
+        if hit:
+            return template.replace("{i}", hit.group(1)) if hit.groups() else template
+    raise PeftFormatError(f"module {name!r} has no {direction} name in PEFT_MODULE_MAP")
+
+
+def to_peft_module(name: str) -> str:
+    """``blocks.0.attn.q`` -> ``model.layers.0.self_attn.q_proj`` (see :data:`PEFT_MODULE_MAP`)."""
+    return _map_name(name, _TO_PEFT, "LLaMA-style")
+
+
+def from_peft_module(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj`` -> ``blocks.0.attn.q``."""
+    return _map_name(name, _FROM_PEFT, "minilora")
+
+
+def peft_state_dict(model, bias: str = "none") -> dict:
+    """Our adapter tensors under PEFT's saved key names (see the module docstring's table)."""
+    layers = lora_layers(model)
+    out = {}
+    for name, a in lora_state_dict(model, bias).items():
+        module, _, tensor = name.rpartition(".")
+        peft = KEY_PREFIX + to_peft_module(module)
+        layer = layers.get(module)
+        if tensor == "bias":
+            key = f"{peft}.base_layer.bias" if layer is not None else f"{peft}.bias"
+        elif isinstance(layer, LoRAEmbedding):
+            key = f"{peft}.lora_embedding_{tensor[-1]}"
+        else:
+            key = f"{peft}.{tensor}.weight"
+        out[key] = a
+    return out
+
+
+def peft_config_dict(config: LoraConfig, base_model_name_or_path=None) -> dict:
+    """The ``adapter_config.json`` object for ``config`` (PEFT field names and defaults)."""
+    init = config.init_lora_weights
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": [PEFT_TARGET_NAMES[t] for t in config.target_modules],
+        "exclude_modules": None,
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": True if init == "swap" else init,
+        "fan_in_fan_out": False,
+        "lora_bias": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layer_replication": None,
+        "loftq_config": {},
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+    }
+
+
+def export_peft(path_dir, model, config: LoraConfig, base_model_name_or_path=None) -> Path:
+    """Write ``model``'s adapter as a PEFT directory (``adapter_model.safetensors`` +
+    ``adapter_config.json``); returns the directory.
+
+    Args:
+        path_dir: directory to create or overwrite the two files in.
+        model: a model after :func:`minilora.lora.inject_lora`, not merged.
+        config: the :class:`LoraConfig` it was injected with.
+        base_model_name_or_path: written into the config (PEFT's field; None is PEFT's default).
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    from safetensors.numpy import save
+
+    from minilora.checkpoint import atomic_write_bytes, atomic_write_text
+
+    layers = lora_layers(model)
+    if not layers:
+        raise LoRAError("export_peft: the model has no LoRA layers")
+    if any(m.merged for m in layers.values()):
+        raise LoRAError("export_peft: LoRA layers are merged; unmerge_lora(model) first")
+    if {n.rsplit(".", 1)[-1] for n in layers} != set(config.target_modules):
+        raise LoRAError(f"export_peft: the model's LoRA layers {list(layers)[:4]} do not match "
+                        f"config.target_modules {list(config.target_modules)}")
+    np_ = backend.cpu_module()
+    tensors = {k: np_.ascontiguousarray(backend.to_numpy(a))
+               for k, a in peft_state_dict(model, config.bias).items()}
+    for k, a in tensors.items():
+        if not np_.all(np_.isfinite(a)):
+            raise LoRAError(f"export_peft: refusing to write {k!r}: it holds NaN or inf")
+    ours = {"init_lora_weights": config.init_lora_weights, "seed": config.seed}
+    path_dir = Path(path_dir)
+    data = save(tensors, metadata={"format": "pt", "minilora": json.dumps(ours)})
+    atomic_write_bytes(path_dir / WEIGHTS_NAME, data)
+    text = json.dumps(peft_config_dict(config, base_model_name_or_path), indent=2, sort_keys=True)
+    atomic_write_text(path_dir / CONFIG_NAME, text + "\n")
+    return path_dir
+
+
+def _config_from_peft(d: dict, ours: dict, where: str) -> LoraConfig:
+    """A :class:`LoraConfig` from an ``adapter_config.json`` object; unknown keys are ignored
+    (as PEFT does), features minilora does not implement are refused."""
+    if d.get("peft_type") != "LORA":
+        raise PeftFormatError(f"{where}: peft_type is {d.get('peft_type')!r}; only 'LORA' "
+                              "adapters can be imported")
+    for key, default in _UNSUPPORTED.items():
+        if d.get(key):  # every supported value is empty: False, None, {} or []
+            raise PeftFormatError(f"{where}: {key}={d[key]!r} is not supported by minilora "
+                                  f"(only {default!r})")
+    targets = d.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        raise PeftFormatError(f"{where}: target_modules is the regex {targets!r}; give a list of "
+                              "module names")
+    init = ours.get("init_lora_weights", d.get("init_lora_weights", True))
+    try:
+        return LoraConfig(r=d.get("r", 8), lora_alpha=d.get("lora_alpha", 8),
+                          lora_dropout=d.get("lora_dropout", 0.0),
+                          target_modules=tuple(targets) if isinstance(targets, list) else targets,
+                          use_rslora=d.get("use_rslora", False), init_lora_weights=init,
+                          bias=d.get("bias", "none"), seed=ours.get("seed", 0))
+    except ConfigError as e:
+        raise PeftFormatError(f"{where}: {e}") from None
+
+
+def _our_name(key: str, where: str) -> tuple[str, str]:
+    """PEFT key -> (our parameter name, kind), kind in {'linear', 'embedding', 'bias'}."""
+    if not key.startswith(KEY_PREFIX):
+        raise PeftFormatError(f"{where}: key {key!r} does not start with {KEY_PREFIX!r}")
+    rest = key[len(KEY_PREFIX):]
+    for suffix, tensor, kind in ((".lora_A.weight", "lora_A", "linear"),
+                                 (".lora_B.weight", "lora_B", "linear"),
+                                 (".lora_embedding_A", "lora_A", "embedding"),
+                                 (".lora_embedding_B", "lora_B", "embedding"),
+                                 (".base_layer.bias", "bias", "bias"),
+                                 (".bias", "bias", "bias")):
+        if rest.endswith(suffix):
+            try:
+                module = from_peft_module(rest[: -len(suffix)])
+            except PeftFormatError as e:
+                raise PeftFormatError(f"{where}: key {key!r}: {e}") from None
+            return f"{module}.{tensor}", kind
+    raise PeftFormatError(f"{where}: key {key!r} is not a LoRA factor or a bias (DoRA, lora_bias "
+                          "and modules_to_save are not supported)")
+
+
+def import_peft(path_dir, model) -> LoraConfig:
+    """Load a PEFT LoRA directory into ``model``; returns the adapter's :class:`LoraConfig`.
+
+    A model without LoRA layers is injected with the file's config first; one that has them must
+    have exactly the file's targets. Keys, kinds (Linear vs embedding factors), shapes and the
+    config are checked with one clear error each before any weight is written.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    from safetensors import safe_open
+
+    path_dir = Path(path_dir)
+    cfg_path, w_path = path_dir / CONFIG_NAME, path_dir / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise PeftFormatError(f"{str(p)!r} does not exist: not a PEFT adapter directory")
+    try:
+        d = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PeftFormatError(f"{str(cfg_path)!r} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise PeftFormatError(f"{str(cfg_path)!r} must hold a JSON object")
+    try:
+        with safe_open(str(w_path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError, OSError: truncated or not safetensors
+        raise PeftFormatError(f"{str(w_path)!r} is truncated or not a safetensors file "
+                              f"({type(e).__name__}: {e})") from None
+    try:
+        ours = json.loads(meta.get("minilora", "{}"))
+    except json.JSONDecodeError:
+        ours = {}
+    config = _config_from_peft(d, ours, str(cfg_path))
+    arrays, kinds = {}, {}
+    for key, a in raw.items():
+        name, kind = _our_name(key, str(w_path))
+        arrays[name], kinds[name] = a, kind
+    saved_targets = sorted({n.rsplit(".", 2)[-2] for n, k in kinds.items() if k != "bias"})
+    if saved_targets != sorted(config.target_modules):
+        raise PeftFormatError(f"{str(path_dir)!r}: the weights adapt {saved_targets} but "
+                              f"target_modules says {sorted(config.target_modules)}")
+    if not lora_layers(model):
+        inject_lora(model, config)
+    else:
+        mark_only_lora_as_trainable(model, config.bias)
+    layers = lora_layers(model)
+    for name, kind in kinds.items():
+        layer = layers.get(name.rpartition(".")[0])
+        want = {"linear": LoRALinear, "embedding": LoRAEmbedding}.get(kind)
+        if want is not None and not isinstance(layer, want):
+            raise PeftFormatError(f"{str(w_path)!r}: {name!r} is stored as a {kind} factor but "
+                                  f"the model's layer there is "
+                                  f"{type(layer).__name__ if layer else 'not a LoRA layer'}")
+    for name, m in layers.items():
+        if m.r != config.r or abs(m.scaling - config.scaling) > 1e-12 * config.scaling:
+            raise PeftFormatError(f"LoRA layer {name!r} has r={m.r}, scaling={m.scaling:g}; the "
+                                  f"adapter has r={config.r}, scaling={config.scaling:g}")
+    load_lora_state_dict(model, arrays)
+    return config
+
+
+__all__ = ["PEFT_MODULE_MAP", "PEFT_TARGET_NAMES", "PeftFormatError", "export_peft", "import_peft",
+           "peft_state_dict", "peft_config_dict", "to_peft_module", "from_peft_module",
+           "WEIGHTS_NAME", "CONFIG_NAME"]
