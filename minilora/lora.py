@@ -31,7 +31,8 @@ from typing import NamedTuple
 
 from minilora import backend
 from minilora.backend import xp
-from minilora.config import LORA_TARGETS, ConfigError, LoraConfig
+from minilora.config import (LORA_INITS, LORA_TARGETS, ConfigError, LoraConfig, _check_float,
+                             _check_int)
 from minilora.nn import ops
 from minilora.nn.layers import Embedding, Linear, Module
 
@@ -54,8 +55,7 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
 
 
 def _check_rank(r, d_in: int, d_out: int, what: str) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ConfigError(f"r must be an integer >= 1, got {r!r}")
+    _check_int("r", r)
     if r > min(d_in, d_out):
         raise ConfigError(f"r={r} is larger than min(d_in, d_out) = min({d_in}, {d_out}) of "
                           f"{what}: B A cannot have rank above {min(d_in, d_out)}, so the extra "
@@ -64,10 +64,9 @@ def _check_rank(r, d_in: int, d_out: int, what: str) -> None:
 
 
 def _check_init(init) -> None:
-    if not (isinstance(init, bool) or (isinstance(init, str) and init in ("gaussian", "swap",
-                                                                             "pissa"))):
-        raise ConfigError(f"init_lora_weights must be True, False, 'gaussian', 'swap' or "
-                          f"'pissa'; got {init!r}")
+    if not (isinstance(init, bool) or (isinstance(init, str) and init in LORA_INITS)):
+        raise ConfigError(f"init_lora_weights must be one of "
+                          f"{', '.join(repr(v) for v in LORA_INITS)}; got {init!r}")
 
 
 def _pissa_factors(w_t, r: int, scaling: float):
@@ -97,7 +96,7 @@ class _LoRABase(Module):
     kind = "?"
 
     def _setup(self, r, lora_alpha, use_rslora):
-        _check_float_alpha(lora_alpha)
+        _check_float("lora_alpha", lora_alpha, lo=0.0, lo_open=True)
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = bool(use_rslora)
@@ -149,12 +148,6 @@ class _LoRABase(Module):
                             "weights are for inference: unmerge() before training")
 
 
-def _check_float_alpha(lora_alpha) -> None:
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or \
-            not math.isfinite(lora_alpha) or lora_alpha <= 0:
-        raise ConfigError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
-
-
 # ----------------------------------------------------------------------------------------------
 # LoRALinear
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +193,8 @@ class LoRALinear(_LoRABase):
         d_out, d_in = w.shape
         _check_rank(r, d_in, d_out, f"a Linear of shape (d_out, d_in) = ({d_out}, {d_in})")
         _check_init(init_lora_weights)
-        if not (isinstance(lora_dropout, (int, float)) and 0.0 <= lora_dropout < 1.0):
+        _check_float("lora_dropout", lora_dropout, lo=0.0)
+        if lora_dropout >= 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         self._setup(r, lora_alpha, use_rslora)
         self.lora_dropout = float(lora_dropout)
@@ -405,7 +399,10 @@ LORA_LAYERS = (LoRALinear, LoRAEmbedding)
 # model-level: inject, freeze, merge, state dicts, adapter files
 # ----------------------------------------------------------------------------------------------
 def lora_layers(model: Module) -> dict:
-    """``{module name: wrapper}`` for every LoRA layer in ``model``, in tree order."""
+    """``{module name: wrapper}`` for every LoRA layer in ``model``, in tree order.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
     return {n: m for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
@@ -491,12 +488,9 @@ def inject_lora(model: Module, config: LoraConfig) -> dict:
                         f"{list(config.target_modules)}; module names that can be adapted: "
                         f"{', '.join(adaptable) or '(none)'}")
     for name in targets:  # check every rank before changing anything
-        w = modules[name].params["weight"]
-        d0, d1 = w.shape
-        if config.r > min(d0, d1):
-            raise ConfigError(f"r={config.r} is larger than min{tuple(w.shape)} = {min(d0, d1)} "
-                              f"for {name!r}; lower r or leave {name.rsplit('.', 1)[-1]!r} out "
-                              "of target_modules")
+        shape = tuple(modules[name].params["weight"].shape)
+        _check_rank(config.r, *(shape[::-1] if isinstance(modules[name], Linear) else shape),
+                    f"{name!r} (weight shape {shape})")
     rng = backend.cpu_rng(config.seed)
     for name in targets:
         old = modules[name]
@@ -515,7 +509,10 @@ def inject_lora(model: Module, config: LoraConfig) -> dict:
 
 
 def set_lora_training(model: Module, training: bool) -> None:
-    """Switch LoRA dropout on (training) or off (evaluation) in every LoRALinear of ``model``."""
+    """Switch LoRA dropout on (training) or off (evaluation) in every LoRALinear of ``model``.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
     for m in lora_layers(model).values():
         if isinstance(m, LoRALinear):
             m.training = bool(training)
@@ -545,7 +542,10 @@ def merge_lora(model: Module, safe_merge: bool = False) -> list:
 
 
 def unmerge_lora(model: Module) -> list:
-    """Unmerge every merged LoRA layer (``W0 -= ΔW``); returns the unmerged module names."""
+    """Unmerge every merged LoRA layer (``W0 -= ΔW``); returns the unmerged module names.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
     names = []
     for n, m in lora_layers(model).items():
         if m.merged:
@@ -662,21 +662,34 @@ def load_adapter(path, model: Module) -> LoraConfig:
             raise LoRAError(f"adapter {str(path)!r} was built for another base model: "
                             + ", ".join(f"{k} {a} (adapter) vs {b} (model)"
                                         for k, (a, b) in diff.items()))
+    prepare_for_adapter(model, config)
+    load_lora_state_dict(model, arrays)
+    return config
+
+
+def prepare_for_adapter(model: Module, config: LoraConfig) -> None:
+    """Make ``model`` ready to receive an adapter built with ``config``.
+
+    A model without LoRA layers is injected with ``config``. One that has them must match it:
+    the same adapted layer names and, in every layer, the same r and scaling; its trainable set
+    is then reset for ``config.bias``. Raises :class:`LoRAError` naming the first mismatch.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
     layers = lora_layers(model)
     if not layers:
         inject_lora(model, config)
-    else:
-        if list(layers) != list(meta.get("targets", [])):
-            raise LoRAError(f"the model's LoRA layers {list(layers)[:4]} differ from the "
-                            f"adapter's {meta.get('targets', [])[:4]}; load into a model "
-                            "without LoRA layers to inject the adapter's own config")
-        mark_only_lora_as_trainable(model, config.bias)
-    for name, m in lora_layers(model).items():
+        return
+    kinds = {n.rsplit(".", 1)[-1] for n in layers}
+    if kinds != set(config.target_modules):
+        raise LoRAError(f"the model's LoRA layers adapt {sorted(kinds)} but the adapter adapts "
+                        f"{sorted(config.target_modules)}; load into a model without LoRA "
+                        "layers to inject the adapter's own config")
+    for name, m in layers.items():
         if m.r != config.r or not math.isclose(m.scaling, config.scaling):
             raise LoRAError(f"LoRA layer {name!r} has r={m.r}, scaling={m.scaling:g} but the "
                             f"adapter has r={config.r}, scaling={config.scaling:g}")
-    load_lora_state_dict(model, arrays)
-    return config
+    mark_only_lora_as_trainable(model, config.bias)
 
 
 def count_lora_parameters(config: LoraConfig, model_config) -> int:
@@ -708,4 +721,5 @@ def count_lora_parameters(config: LoraConfig, model_config) -> int:
 __all__ = ["LoRAError", "LoRALinear", "LoRAEmbedding", "LoRALinearCache", "lora_scaling",
            "lora_layers", "inject_lora", "mark_only_lora_as_trainable", "set_lora_training",
            "merge_lora", "unmerge_lora", "lora_state_dict", "load_lora_state_dict",
-           "save_adapter", "load_adapter", "count_lora_parameters", "LORA_TARGETS"]
+           "save_adapter", "load_adapter", "prepare_for_adapter", "count_lora_parameters",
+           "LORA_TARGETS"]

@@ -63,8 +63,8 @@ from pathlib import Path
 
 from minilora import backend
 from minilora.config import ConfigError, LoraConfig
-from minilora.lora import (LoRAEmbedding, LoRAError, LoRALinear, inject_lora, load_lora_state_dict,
-                           lora_layers, lora_state_dict, mark_only_lora_as_trainable)
+from minilora.lora import (LoRAEmbedding, LoRAError, LoRALinear, load_lora_state_dict, lora_layers,
+                           lora_state_dict, prepare_for_adapter)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -117,17 +117,26 @@ def _map_name(name: str, table, direction: str) -> str:
 
 
 def to_peft_module(name: str) -> str:
-    """``blocks.0.attn.q`` -> ``model.layers.0.self_attn.q_proj`` (see :data:`PEFT_MODULE_MAP`)."""
+    """``blocks.0.attn.q`` -> ``model.layers.0.self_attn.q_proj`` (see :data:`PEFT_MODULE_MAP`).
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
     return _map_name(name, _TO_PEFT, "LLaMA-style")
 
 
 def from_peft_module(name: str) -> str:
-    """``model.layers.0.self_attn.q_proj`` -> ``blocks.0.attn.q``."""
+    """``model.layers.0.self_attn.q_proj`` -> ``blocks.0.attn.q``.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
     return _map_name(name, _FROM_PEFT, "minilora")
 
 
 def peft_state_dict(model, bias: str = "none") -> dict:
-    """Our adapter tensors under PEFT's saved key names (see the module docstring's table)."""
+    """Our adapter tensors under PEFT's saved key names (see the module docstring's table).
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
     layers = lora_layers(model)
     out = {}
     for name, a in lora_state_dict(model, bias).items():
@@ -145,7 +154,10 @@ def peft_state_dict(model, bias: str = "none") -> dict:
 
 
 def peft_config_dict(config: LoraConfig, base_model_name_or_path=None) -> dict:
-    """The ``adapter_config.json`` object for ``config`` (PEFT field names and defaults)."""
+    """The ``adapter_config.json`` object for ``config`` (PEFT field names and defaults).
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
     init = config.init_lora_weights
     return {
         "peft_type": "LORA",
@@ -303,10 +315,7 @@ def import_peft(path_dir, model) -> LoraConfig:
     if saved_targets != sorted(config.target_modules):
         raise PeftFormatError(f"{str(path_dir)!r}: the weights adapt {saved_targets} but "
                               f"target_modules says {sorted(config.target_modules)}")
-    if not lora_layers(model):
-        inject_lora(model, config)
-    else:
-        mark_only_lora_as_trainable(model, config.bias)
+    prepare_for_adapter(model, config)
     layers = lora_layers(model)
     for name, kind in kinds.items():
         layer = layers.get(name.rpartition(".")[0])
@@ -315,10 +324,6 @@ def import_peft(path_dir, model) -> LoraConfig:
             raise PeftFormatError(f"{str(w_path)!r}: {name!r} is stored as a {kind} factor but "
                                   f"the model's layer there is "
                                   f"{type(layer).__name__ if layer else 'not a LoRA layer'}")
-    for name, m in layers.items():
-        if m.r != config.r or abs(m.scaling - config.scaling) > 1e-12 * config.scaling:
-            raise PeftFormatError(f"LoRA layer {name!r} has r={m.r}, scaling={m.scaling:g}; the "
-                                  f"adapter has r={config.r}, scaling={config.scaling:g}")
     load_lora_state_dict(model, arrays)
     return config
 

@@ -171,7 +171,7 @@ def test_into_model_with_same_layers(tmp_path):
                                   backend.to_numpy(model.forward(idx)[0]))
     mismatched = tiny_model()
     inject_lora(mismatched, LoraConfig(r=4, target_modules=("q", "v")))
-    with pytest.raises(PeftFormatError, match="r=4"):
+    with pytest.raises(LoRAError, match="r=4"):
         import_peft(tmp_path, mismatched)
 
 
