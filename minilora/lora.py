@@ -69,7 +69,7 @@ def _check_init(init) -> None:
                           f"{', '.join(repr(v) for v in LORA_INITS)}; got {init!r}")
 
 
-def _pissa_factors(w_t, r: int, scaling: float):
+def _pissa_factors(w, r: int, scaling: float):
     """PiSSA factors of a (d_out, d_in) matrix, computed on the CPU in float64.
 
     W = U S Vh;  A = sqrt(S_r / scaling) Vh_r (r, d_in);  B = U_r sqrt(S_r / scaling) (d_out, r);
@@ -78,7 +78,7 @@ def _pissa_factors(w_t, r: int, scaling: float):
     (A, B, residual); the residual does not depend on the signs the SVD picks.
     """
     np_ = backend.cpu_module()
-    w = np_.asarray(backend.to_numpy(w_t), dtype=np_.float64)
+    w = np_.asarray(backend.to_numpy(w), dtype=np_.float64)
     U, S, Vh = np_.linalg.svd(w, full_matrices=False)
     root = np_.sqrt(S[:r] / scaling)  # (r,)
     A = root[:, None] * Vh[:r]  # (r, d_in)
