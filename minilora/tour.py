@@ -19,7 +19,7 @@ def _h(title: str) -> None:
 
 
 def _say(text: str) -> None:
-    print(textwrap.fill(textwrap.dedent(text).strip(), width=88))
+    print(textwrap.fill(" ".join(text.split()), width=88))
 
 
 def run_tour(fast: bool = False) -> None:
@@ -84,6 +84,26 @@ def run_tour(fast: bool = False) -> None:
     print(f"   Shakespeare (held-out plays) loss: {s0:.3f} -> {s1:.3f} nats/char")
     print(textwrap.indent(sample_text(model, tok, "Of Man's first", 120 if fast else 200, 0.8,
                                       None, seed=1), "   | "))
+
+    _h("4b. The same fine-tune with LoRA")
+    from minilora.config import LoraConfig
+    from minilora.lora import inject_lora
+    lora_model, _, _ = load_checkpoint(path)
+    report = inject_lora(lora_model, LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v")))
+    _say(f"""LoRA freezes every base weight W0 and learns a low-rank update ΔW = (alpha/r) B A on
+        the attention's W_q and W_v only (r = 8, alpha = 16): {report['trainable']:,} trainable
+        parameters out of {report['total']:,} ({report['percent']:.2f}%). B starts at zero, so
+        the model starts exactly as the base. Same data, steps and schedule, a larger learning
+        rate as usual for LoRA:""")
+    lcfg = TrainConfig(**dict(tcfg.to_dict(), lr=5e-3, min_lr=5e-4))
+    train(lora_model, tok, tr, None, lcfg, out_dir=None, progress=True)
+    m2, s2 = evaluate(lora_model, milton_batches), evaluate(lora_model, sh_batches)
+    print(f"   {'':24}{'Milton':>10}{'Shakespeare':>13}   trainable")
+    print(f"   {'base':24}{m0:>10.3f}{s0:>13.3f}")
+    print(f"   {'full fine-tuning':24}{m1:>10.3f}{s1:>13.3f}   {model.num_parameters():,}")
+    print(f"   {'LoRA r=8 on q,v':24}{m2:>10.3f}{s2:>13.3f}   {report['trainable']:,}")
+    _say("""(nats/char; lower is better.) The Shakespeare column is forgetting: how much worse the
+        model got at what it knew. The LoRA chapters measure it properly.""")
 
     _h("5. Where next")
     _say("""Read the chapters in chapters/ (start with 01-foundations.ipynb) with
