@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 PRESETS = {
-    # the shipped base model: ~1.9M parameters (7.6 MB float32); see BENCHMARKS.md / README.md
+    # the shipped base model: 1,928,000 parameters (7.7 MB float32); see data/SOURCES.md
     "base": dict(model=dict(block_size=256, n_layer=6, n_head=5, n_embd=160),
                  train=dict(max_steps=3000, batch_size=16, block_size=256, lr=2e-3, min_lr=1e-4,
                             warmup_steps=100, weight_decay=0.1, eval_every=250, eval_batches=40,
