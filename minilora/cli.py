@@ -5,6 +5,7 @@
     minilora sample --prompt "ROMEO:"  generate text from a checkpoint
     minilora gradcheck                 finite-difference check of every op and a whole tiny model
     minilora bench                     speed and memory benchmarks, printed as ratios
+    minilora finetune --method lora    fine-tune the base model (LoRA or full) on a task
 
 Every command has ``--help`` with examples. Errors the user can fix (a bad flag value, a missing
 or broken checkpoint, a character outside the vocabulary) print one line ``minilora: error: ...``
@@ -137,6 +138,30 @@ def cmd_bench(args):
               torch_compare=not args.no_torch, out=args.out)
 
 
+def cmd_finetune(args):
+    from minilora.config import LoraConfig, TrainConfig
+    from minilora.finetune import finetune, format_result
+
+    _use_backend(args)
+    lora_cfg = None
+    if args.method == "lora":
+        init = {"true": True, "false": False}.get(args.init.lower(), args.init)
+        lora_cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                              target_modules=tuple(t for t in args.targets.split(",") if t),
+                              use_rslora=args.rslora, init_lora_weights=init, bias=args.bias)
+    lr = args.lr if args.lr is not None else (5e-3 if args.method == "lora" else 1e-3)
+    tcfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
+                       lr=lr, min_lr=lr / 10, warmup_steps=min(20, args.steps // 10),
+                       eval_every=max(1, args.steps // 2), eval_batches=args.eval_batches,
+                       ckpt_every=10**9, seed=args.seed)
+    r = finetune(args.method, args.task, lora_cfg, tcfg, base_path=args.base, out_dir=args.out,
+                 progress=not args.no_progress, eval_batches=args.eval_batches)
+    print(format_result(r))
+    if args.out:
+        print(f"written: {args.out}/result.json and the trained "
+              f"{'adapter' if args.method == 'lora' else 'model'}")
+
+
 def cmd_tour(args):
     from minilora.tour import run_tour
     _use_backend(args)
@@ -188,6 +213,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_backend(s)
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("finetune", help="fine-tune the base model: LoRA or full, like for like",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora finetune --method lora --task milton --r 8 --alpha 16 --targets q,v
+              minilora finetune --method full --task milton --out runs/ft-full
+              minilora finetune --method lora --init pissa --targets q,k,v,o --steps 400
+              minilora finetune --method lora --task python --r 4 --rslora
+            """))
+    s.add_argument("--method", choices=["lora", "full"], default="lora")
+    s.add_argument("--task", choices=["milton", "python"], default="milton")
+    s.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    s.add_argument("--alpha", type=float, default=16.0, help="lora_alpha (default 16)")
+    s.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
+    s.add_argument("--targets", default="q,v",
+                   help="comma-separated modules: q,k,v,o,up,down,wte,lm_head (default q,v)")
+    s.add_argument("--init", default="true",
+                   help="init_lora_weights: true (PEFT default), false, gaussian, swap, pissa")
+    s.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) (rsLoRA)")
+    s.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
+    s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--block-size", type=int, default=128)
+    s.add_argument("--lr", type=float, default=None, help="default 5e-3 (lora) / 1e-3 (full)")
+    s.add_argument("--eval-batches", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
+    s.add_argument("--out", default=None, help="write result.json and the adapter/model here")
+    s.add_argument("--no-progress", action="store_true")
+    _add_backend(s)
+    s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint", formatter_class=_formatter,
                        epilog=textwrap.dedent("""\
