@@ -99,15 +99,21 @@ class AdamW:
                 m = self.m[name] = xp.zeros_like(p)
                 self.v[name] = xp.zeros_like(p)
             v = self.v[name]
+            tmp = g * (1.0 - b1)  # the one scratch buffer of this parameter's update
             m *= b1
-            m += (1.0 - b1) * g
+            m += tmp
+            xp.multiply(g, g, out=tmp)
+            tmp *= 1.0 - b2
             v *= b2
-            v += (1.0 - b2) * (g * g)
+            v += tmp
             if self.weight_decay and p.ndim >= 2:
                 p *= 1.0 - self.lr * self.weight_decay  # decoupled: not scaled by 1/sqrt(v)
-            denom = xp.sqrt(v / bc2)
-            denom += self.eps
-            p -= step_size * (m / denom)
+            xp.sqrt(v, out=tmp)  # denom = sqrt(v) / sqrt(bc2) + eps (as torch computes it)
+            tmp *= 1.0 / math.sqrt(bc2)
+            tmp += self.eps
+            xp.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
         return norm
 
     # -- checkpointing ---------------------------------------------------------------------------

@@ -151,8 +151,15 @@ def layernorm_backward(dout, cache, need_dx=True, need_dw=True):
 # ----------------------------------------------------------------------------------------------
 def gelu_forward(x):
     """``out = 0.5 x (1 + tanh(k (x + c x^3)))`` with k = sqrt(2/pi), c = 0.044715."""
-    t = xp.tanh(GELU_K * (x + GELU_C * x * x * x))
-    out = 0.5 * x * (1.0 + t)
+    t = x * x  # built in place in one buffer: t = tanh(k x (1 + c x^2))
+    t *= GELU_C
+    t += 1.0
+    t *= x
+    t *= GELU_K
+    xp.tanh(t, out=t)
+    out = t + 1.0
+    out *= x
+    out *= 0.5
     return out, (x, t)
 
 
@@ -160,8 +167,16 @@ def gelu_backward(dout, cache):
     """forward: out = 0.5 x (1 + t), t = tanh(u), u = k (x + c x^3)
     dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)."""
     x, t = cache
-    dx = 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
-    dx += 0.5 * (1.0 + t)
+    dx = x * x  # two buffers, updated in place (this op is memory-bound)
+    dx *= 3.0 * GELU_C * GELU_K
+    dx += GELU_K  # k (1 + 3 c x^2)
+    sech2 = t * t
+    xp.subtract(1.0, sech2, out=sech2)  # 1 - t^2
+    dx *= sech2
+    dx *= x
+    dx += t
+    dx += 1.0
+    dx *= 0.5
     dx *= dout
     return dx
 
@@ -255,8 +270,12 @@ def attention_backward(dout, cache):
     dy = split_heads(dout, n_head)  # (B, NH, T, hs)
     datt = xp.matmul(dy, vh.transpose(0, 1, 3, 2))  # (B, NH, T, Tk)
     dvh = xp.matmul(att.transpose(0, 1, 3, 2), dy)  # (B, NH, Tk, hs)
-    ds = softmax_backward(datt, att)
-    ds *= scale
+    # softmax backward in place on datt (our own buffer): ds = att * (datt - sum(datt * att))
+    rowdot = (datt * att).sum(axis=-1, keepdims=True)
+    datt -= rowdot
+    datt *= att
+    datt *= scale
+    ds = datt
     dqh = xp.matmul(ds, kh)  # (B, NH, T, hs)
     dkh = xp.matmul(ds.transpose(0, 1, 3, 2), qh)  # (B, NH, Tk, hs)
     return merge_heads(dqh), merge_heads(dkh), merge_heads(dvh)
