@@ -554,6 +554,65 @@ def measure_memory(ctx: BenchContext) -> Section:
     return Section(data, rows, [])
 
 
+def _interleaved(fns: dict, steps: int, warmup: int) -> dict:
+    """Median seconds of each ``fn()``, run round-robin with the order flipped every round."""
+    names = list(fns)
+    for n in names:
+        for _ in range(warmup):
+            fns[n]()
+    times = {n: [] for n in names}
+    for r in range(steps):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            times[n].append(_timed(fns[n]))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def measure_lora(ctx: BenchContext) -> Section:
+    """LoRA (r=8 on q, v) training step vs full fine-tuning step, and inference with the adapter
+    merged / unmerged vs the plain base model (all interleaved in one run).
+
+    Targets (the LoRA issue): step ratio <= 0.70 (ideal ~2/3: the frozen weights' dW GEMMs,
+    a third of the matmul work, are skipped); merged inference / base <= 1.02 (the same
+    computation); unmerged <= 1.15 (two thin extra GEMMs per adapted layer).
+    """
+    from minilora.config import LoraConfig
+    from minilora.lora import inject_lora, lora_layers, merge_lora
+    from minilora.model import GPT
+
+    _, _, full_step = _ours_stepper(ctx, GPT(ctx.config, rng=0, dtype="float32"))
+    lora_model = GPT(ctx.config, rng=0, dtype="float32")
+    inject_lora(lora_model, LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v")))
+    _, _, lora_step = _ours_stepper(ctx, lora_model)
+    steps = _interleaved({"full": full_step, "lora": lora_step}, ctx.steps, ctx.warmup)
+
+    base = GPT(ctx.config, rng=0, dtype="float32")
+    unmerged = GPT(ctx.config, rng=0, dtype="float32")
+    inject_lora(unmerged, LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v")))
+    merged = GPT(ctx.config, rng=0, dtype="float32")
+    inject_lora(merged, LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v")))
+    merge_lora(merged)
+    assert all(m.merged for m in lora_layers(merged).values())
+    x = backend.asarray(ctx.batches(1)[0][0])
+    infer = _interleaved({"base": lambda: base.forward(x, check=False),
+                          "merged": lambda: merged.forward(x, check=False),
+                          "unmerged": lambda: unmerged.forward(x, check=False)},
+                         ctx.steps, ctx.warmup)
+    r_step = steps["lora"] / steps["full"]
+    r_merged = infer["merged"] / infer["base"]
+    r_unmerged = infer["unmerged"] / infer["base"]
+    checks = [Check(ctx.name, "LoRA step / full FT step", r_step, "<=", 0.70),
+              Check(ctx.name, "merged inference / base", r_merged, "<=", 1.02),
+              Check(ctx.name, "unmerged inference / base", r_unmerged, "<=", 1.15)]
+    rows = [("LoRA r=8 q,v step / full FT step",
+             f"{steps['lora'] * 1e3:.1f} / {steps['full'] * 1e3:.1f} ms = {r_step:.2f}",
+             f"<= 0.70  {checks[0].status()}"),
+            ("merged LoRA inference / base", f"{r_merged:.3f}", f"<= 1.02  {checks[1].status()}"),
+            ("unmerged LoRA inference / base", f"{r_unmerged:.3f}", f"<= 1.15  {checks[2].status()}")]
+    data = {"step_median_s": steps, "inference_median_s": infer, "ratio_lora_over_full": r_step,
+            "ratio_merged_over_base": r_merged, "ratio_unmerged_over_base": r_unmerged}
+    return Section(data, rows, checks)
+
+
 Measurement = Callable[[BenchContext], Section]
 
 #: The measurements run for every configuration, in order. Later sections append theirs,
@@ -561,6 +620,7 @@ Measurement = Callable[[BenchContext], Section]
 MEASUREMENTS: list[tuple[str, Measurement]] = [
     ("train_step", measure_train_step),
     ("memory", measure_memory),
+    ("lora", measure_lora),
 ]
 
 

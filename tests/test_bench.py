@@ -21,7 +21,11 @@ def test_run_bench_micro_smoke(tmp_path):
                           progress=False, sgemm_sizes=(128,), pause_s=0.0, print_fn=lines.append)
     for key in ("machine", "threads", "sgemm", "configs", "targets", "steps", "torch_compare"):
         assert key in res, key
-    assert res["torch_compare"] is False and res["targets"] == []
+    assert res["torch_compare"] is False
+    # without torch only our own ratios are judged (the LoRA section's)
+    assert {t["metric"] for t in res["targets"]} == {
+        "LoRA step / full FT step", "merged inference / base", "unmerged inference / base"}
+    assert all(_positive_finite(t["value"]) for t in res["targets"])
     assert _positive_finite(res["sgemm"]["peak_flops_per_s"])
     micro = res["configs"]["micro"]
     assert micro["tokens_per_step"] == 2 * 16
