@@ -76,7 +76,7 @@ def finetune(method: str = "lora", task: str = "milton", lora_config=None, train
     task_batches = fixed_batches(te, eval_batches, B, T, seed=12345)
     sh_batches = fixed_batches(sh, eval_batches, B, T, seed=12345)
     task0, sh0 = evaluate(model, task_batches), evaluate(model, sh_batches)
-    hist = train(model, tok, tr, te, train_config, out_dir=None, progress=progress)
+    hist = train(model, tok, tr, None, train_config, out_dir=None, progress=progress)  # evaluated below
     task1, sh1 = evaluate(model, task_batches), evaluate(model, sh_batches)
     step_ms = 1000 * statistics.median(B * T / r["tok_per_s"] for r in hist.train[5:] or hist.train)
     trainable = model.num_parameters(trainable_only=True)

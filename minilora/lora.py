@@ -406,18 +406,6 @@ def lora_layers(model: Module) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
-def _replace_child(parent: Module, name: str, old: Module, new: Module) -> None:
-    """Swap ``old`` for ``new`` in ``parent.children`` and in every attribute pointing at it."""
-    parent.children[name] = new
-    for attr, val in list(vars(parent).items()):
-        if val is old:
-            setattr(parent, attr, new)
-        elif isinstance(val, list):
-            for i, item in enumerate(val):
-                if item is old:
-                    val[i] = new
-
-
 def _bias_predicate(model: Module, bias: str):
     """The names of biases that ``bias`` ('none' | 'all' | 'lora_only') makes trainable."""
     if bias == "none":
@@ -501,7 +489,7 @@ def inject_lora(model: Module, config: LoraConfig) -> dict:
             new = LoRAEmbedding(old, config.r, config.lora_alpha, config.use_rslora,
                                 config.init_lora_weights, rng=rng)
         parent_name, _, child = name.rpartition(".")
-        _replace_child(modules[parent_name], child, old, new)
+        modules[parent_name].replace(child, new)
     mark_only_lora_as_trainable(model, config.bias)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minilora import backend
-from minilora.checkpoint import CheckpointError, load_arrays, save_checkpoint
+from minilora.checkpoint import CheckpointError, atomic_write_text, load_arrays, save_checkpoint
 from minilora.config import TrainConfig
 from minilora.data import get_batch
 from minilora.nn import ops
@@ -125,7 +125,6 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         # rewrite the metrics file so it holds exactly the records up to the resume point
-        from minilora.checkpoint import atomic_write_text
         atomic_write_text(out / METRICS_NAME,
                           "".join(json.dumps(r) + "\n" for r in sorted(
                               hist.train + hist.val, key=lambda r: (r["step"], "val_loss" in r))))

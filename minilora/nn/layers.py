@@ -40,6 +40,19 @@ class Module:
         self.children[name] = module
         return module
 
+    def replace(self, name: str, new: "Module") -> "Module":
+        """Put ``new`` in place of child ``name``: in ``children`` and in every attribute (or
+        list item) of this module that points at the old child, since forward code calls
+        e.g. ``self.q.forward``. Used by ``inject_lora`` to wrap a layer."""
+        old = self.children[name]
+        self.children[name] = new
+        for attr, val in list(vars(self).items()):
+            if val is old:
+                setattr(self, attr, new)
+            elif isinstance(val, list):
+                val[:] = [new if item is old else item for item in val]
+        return new
+
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
         yield prefix.rstrip("."), self
         for name, child in self.children.items():
