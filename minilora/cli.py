@@ -155,7 +155,8 @@ def cmd_finetune(args):
                        eval_every=max(1, args.steps // 2), eval_batches=args.eval_batches,
                        ckpt_every=10**9, seed=args.seed)
     r = finetune(args.method, args.task, lora_cfg, tcfg, base_path=args.base, out_dir=args.out,
-                 progress=not args.no_progress, eval_batches=args.eval_batches)
+                 progress=not args.no_progress, eval_batches=args.eval_batches,
+                 eval_examples=args.eval_examples)
     print(format_result(r))
     if args.out:
         print(f"written: {args.out}/result.json and the trained "
@@ -221,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
               minilora finetune --method full --task milton --out runs/ft-full
               minilora finetune --method lora --init pissa --targets q,k,v,o --steps 400
               minilora finetune --method lora --task python --r 4 --rslora
+              minilora finetune --method lora --task sentiment --steps 300
             """))
     s.add_argument("--method", choices=["lora", "full"], default="lora")
-    s.add_argument("--task", choices=["milton", "python"], default="milton")
+    s.add_argument("--task", choices=["milton", "python", "sentiment"], default="milton",
+                   help="milton / python: held-out loss; sentiment: accuracy (default milton)")
     s.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     s.add_argument("--alpha", type=float, default=16.0, help="lora_alpha (default 16)")
     s.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
@@ -238,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, default=128)
     s.add_argument("--lr", type=float, default=None, help="default 5e-3 (lora) / 1e-3 (full)")
     s.add_argument("--eval-batches", type=int, default=16)
+    s.add_argument("--eval-examples", type=int, default=None,
+                   help="sentiment: score only the first N test sentences (default: all 2,014)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
     s.add_argument("--out", default=None, help="write result.json and the adapter/model here")

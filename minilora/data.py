@@ -527,3 +527,32 @@ def load_python_code(test_modules: Sequence[str] | str = ("statistics", "textwra
     """
     train, test = _split_by_file("python_stdlib", "*.py", test_modules, "module(s)")
     return {"train": train, "test": test}
+
+
+def encode_classification(pairs, tokenizer: CharTokenizer, block_size: int):
+    """Labelled examples -> fixed-length rows for a causal LM scored at one position.
+
+    Each ``(text, label)`` becomes the characters of ``text + "\\t"``, cut to their last
+    ``block_size`` and left-padded with newlines; the target row is ``-1`` (ignored by the loss)
+    everywhere except the last position (the tab), whose target is the label's character. So
+    the model learns, and is scored on, the character after the tab only.
+
+    Returns:
+        ``(X, Y)``: int32 arrays of shape ``(n, block_size)``.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    n = len(pairs)
+    X = np.full((n, block_size), tokenizer.encode("\n")[0], dtype=np.int32)
+    Y = np.full((n, block_size), -1, dtype=np.int32)
+    for i, (text, label) in enumerate(pairs):
+        ids = tokenizer.encode(text + "\t")[-block_size:]
+        X[i, block_size - len(ids):] = ids
+        Y[i, -1] = tokenizer.encode(label)[0]
+    return X, Y
+
+
+def sample_rows(X: np.ndarray, Y: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """``batch_size`` rows drawn uniformly (with replacement) from ``(X, Y)``."""
+    rows = rng.integers(0, len(X), size=batch_size)
+    return X[rows], Y[rows]

@@ -8,7 +8,9 @@ Both methods use the same data, steps, batch, schedule and seed; only which para
 * trainable parameters, median step time, and the optimizer-state bytes.
 
 Tasks so far: ``milton`` (continued language modelling on *Paradise Lost*: Books I-IX train,
-Book X test) and ``python`` (the shipped stdlib snapshot, whole modules held out).
+Book X test), ``python`` (the shipped stdlib snapshot, whole modules held out) and
+``sentiment`` (VADER movie-review sentences: the character after ``sentence<TAB>`` is ``+`` or
+``-``; metric: exact-match accuracy on the held-out 20 %, chance 50 %, majority 50.4 %).
 
 Chapter: chapters/02-lora-notes.ipynb
 """
@@ -18,7 +20,8 @@ import json
 import statistics
 from pathlib import Path
 
-TASKS = ("milton", "python")
+TASKS = ("milton", "python", "sentiment")
+LM_TASKS = ("milton", "python")
 METHODS = ("full", "lora")
 
 
@@ -35,8 +38,28 @@ def task_splits(task: str) -> tuple[str, str]:
     raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
 
 
+def classification_accuracy(model, X, Y, batch_size: int = 128) -> float:
+    """Exact-match accuracy of the label character after the tab (last position of each row).
+
+    The prediction is the label (among those present in ``Y``) with the largest logit, so the
+    model is compared only between the allowed answers ("+" vs "-").
+    """
+    from minilora import backend
+
+    np_ = backend.cpu_module()
+    labels = Y[:, -1]
+    candidates = np_.unique(labels)
+    correct = 0
+    for i in range(0, len(X), batch_size):
+        logits, _ = model.forward(backend.asarray(X[i:i + batch_size]), check=False)
+        last = backend.to_numpy(logits[:, -1, :])[:, candidates]  # (b, n_labels)
+        correct += int((candidates[last.argmax(axis=1)] == labels[i:i + batch_size]).sum())
+    return correct / len(X)
+
+
 def finetune(method: str = "lora", task: str = "milton", lora_config=None, train_config=None,
-             base_path=None, out_dir=None, progress: bool = True, eval_batches: int = 16) -> dict:
+             base_path=None, out_dir=None, progress: bool = True, eval_batches: int = 16,
+             eval_examples: int | None = None) -> dict:
     """Fine-tune the base model with ``method`` on ``task``; returns a result record.
 
     Args:
@@ -48,16 +71,20 @@ def finetune(method: str = "lora", task: str = "milton", lora_config=None, train
         base_path: the base checkpoint (default: the shipped one).
         out_dir: if given, ``result.json`` and the trained weights (``adapter.safetensors`` for
             LoRA, ``model.safetensors`` for full) are written there (atomically).
+        eval_batches: fixed windows for the language-modelling losses.
+        eval_examples: score only the first n test examples of a classification task (quick).
     """
     from minilora.checkpoint import atomic_write_text, base_model_path, load_checkpoint, save_checkpoint
     from minilora.config import LoraConfig, TrainConfig
-    from minilora.data import encode_corpus, load_shakespeare
+    from minilora.data import (encode_classification, encode_corpus, load_sentiment,
+                               load_shakespeare, sample_rows)
     from minilora.lora import inject_lora, save_adapter
     from minilora.train import evaluate, fixed_batches, train
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed here: {', '.join(METHODS)}")
-    train_text, test_text = task_splits(task)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     if train_config is None:
         train_config = TrainConfig(max_steps=200, batch_size=8, block_size=128,
                                    lr=5e-3 if method == "lora" else 1e-3,
@@ -69,15 +96,33 @@ def finetune(method: str = "lora", task: str = "milton", lora_config=None, train
     if method == "lora":
         lora_config = lora_config or LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"))
         report = inject_lora(model, lora_config)
-    tr = encode_corpus(train_text, tok)
-    te = encode_corpus(test_text, tok)
-    sh = encode_corpus(load_shakespeare()["val"], tok)
     T, B = train_config.block_size, train_config.batch_size
-    task_batches = fixed_batches(te, eval_batches, B, T, seed=12345)
+    sh = encode_corpus(load_shakespeare()["val"], tok)
     sh_batches = fixed_batches(sh, eval_batches, B, T, seed=12345)
-    task0, sh0 = evaluate(model, task_batches), evaluate(model, sh_batches)
-    hist = train(model, tok, tr, None, train_config, out_dir=None, progress=progress)  # evaluated below
-    task1, sh1 = evaluate(model, task_batches), evaluate(model, sh_batches)
+    if task in LM_TASKS:
+        train_text, test_text = task_splits(task)
+        tr, te = encode_corpus(train_text, tok), encode_corpus(test_text, tok)
+        task_batches = fixed_batches(te, eval_batches, B, T, seed=12345)
+
+        def score():
+            return evaluate(model, task_batches)
+        batch_fn, metric = None, "test loss (nats/char)"
+    else:
+        d = load_sentiment()
+        tr = None
+        Xtr, Ytr = encode_classification(d["train"], tok, T)
+        Xte, Yte = encode_classification(d["test"][:eval_examples], tok, T)
+
+        def score():
+            return classification_accuracy(model, Xte, Yte)
+
+        def batch_fn(rng):
+            return sample_rows(Xtr, Ytr, B, rng)
+        metric = "test accuracy"
+    task0, sh0 = score(), evaluate(model, sh_batches)
+    hist = train(model, tok, tr, None, train_config, out_dir=None, progress=progress,
+                 batch_fn=batch_fn)  # evaluated below, before and after alike
+    task1, sh1 = score(), evaluate(model, sh_batches)
     step_ms = 1000 * statistics.median(B * T / r["tok_per_s"] for r in hist.train[5:] or hist.train)
     trainable = model.num_parameters(trainable_only=True)
     result = {
@@ -85,7 +130,9 @@ def finetune(method: str = "lora", task: str = "milton", lora_config=None, train
         "lora_config": lora_config.to_dict() if method == "lora" else None,
         "train_config": train_config.to_dict(),
         "base": str(path),
-        "task_loss_base": task0, "task_loss": task1,
+        "metric": metric, "task_metric_base": task0, "task_metric": task1,
+        **({"task_loss_base": task0, "task_loss": task1} if task in LM_TASKS
+           else {"accuracy_base": task0, "accuracy": task1, "test_examples": len(Xte)}),
         "shakespeare_loss_base": sh0, "shakespeare_loss": sh1, "forgetting": sh1 - sh0,
         "trainable_params": trainable, "total_params": report["total"],
         "optimizer_state_bytes": 2 * 4 * trainable,
@@ -104,8 +151,8 @@ def finetune(method: str = "lora", task: str = "milton", lora_config=None, train
 
 def format_result(r: dict) -> str:
     """A short human-readable summary of a :func:`finetune` record."""
-    return (f"{r['method']} on {r['task']}: task loss {r['task_loss_base']:.3f} -> "
-            f"{r['task_loss']:.3f} nats/char; Shakespeare {r['shakespeare_loss_base']:.3f} -> "
+    return (f"{r['method']} on {r['task']}: {r['metric']} {r['task_metric_base']:.3f} -> "
+            f"{r['task_metric']:.3f}; Shakespeare {r['shakespeare_loss_base']:.3f} -> "
             f"{r['shakespeare_loss']:.3f} (forgetting {r['forgetting']:+.3f}); "
             f"{r['trainable_params']:,} of {r['total_params']:,} parameters trained; "
             f"median step {r['median_step_ms']:.0f} ms")

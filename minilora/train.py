@@ -80,7 +80,7 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
 
 
 def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, resume=False,
-          progress=True, step_callback=None) -> History:
+          progress=True, step_callback=None, batch_fn=None) -> History:
     """Train ``model`` in place; returns a :class:`History`.
 
     Args:
@@ -92,6 +92,9 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
         resume: continue from ``out_dir/ckpt.safetensors`` (same cfg required).
         progress: show a tqdm bar.
         step_callback: optional ``f(step, record)`` called after every step.
+        batch_fn: optional ``f(rng) -> (x, y)`` replacing the random windows of ``train_ids``
+            (classification tasks draw whole labelled rows); it must draw only from ``rng``, so
+            resuming stays exact.
     """
     if cfg.block_size > model.config.block_size:
         raise ValueError(f"TrainConfig.block_size {cfg.block_size} exceeds the model's block_size "
@@ -156,7 +159,8 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            x, y = get_batch(train_ids, cfg.batch_size, cfg.block_size, rng)
+            x, y = (batch_fn(rng) if batch_fn is not None
+                    else get_batch(train_ids, cfg.batch_size, cfg.block_size, rng))
             loss = model.forward_backward(backend.asarray(x), backend.asarray(y))
             if not math.isfinite(loss):
                 raise NonFiniteError(

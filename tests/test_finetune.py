@@ -44,3 +44,23 @@ def test_full_and_lora_share_the_harness(tmp_path):
 def test_bad_method_or_task(kw, match):
     with pytest.raises(ValueError, match=match):
         finetune(**dict(dict(train_config=CFG, progress=False), **kw))
+
+
+def test_encode_classification_scores_only_the_label_position():
+    from minilora.data import CharTokenizer, encode_classification
+    tok = CharTokenizer.default()
+    X, Y = encode_classification([("good film", "+"), ("x" * 40, "-")], tok, 16)
+    assert X.shape == Y.shape == (2, 16)
+    assert tok.decode(X[0]) == "\n" * 6 + "good film\t"  # left-padded with newlines
+    assert tok.decode(X[1]) == "x" * 15 + "\t"  # cut to the last block_size characters
+    assert (Y[:, :-1] == -1).all() and tok.decode(Y[:, -1]) == "+-"
+
+
+def test_sentiment_task_reports_accuracy_and_forgetting():
+    cfg = TrainConfig(max_steps=2, batch_size=2, block_size=32, lr=1e-3, min_lr=1e-4,
+                      warmup_steps=1, eval_every=2, eval_batches=2, ckpt_every=10**9)
+    r = finetune("lora", "sentiment", None, cfg, progress=False, eval_batches=2, eval_examples=20)
+    assert r["metric"] == "test accuracy" and r["test_examples"] == 20
+    assert 0.0 <= r["accuracy_base"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
+    assert r["accuracy"] * 20 == pytest.approx(round(r["accuracy"] * 20))  # a count of 20
+    assert np.isfinite(r["forgetting"])
