@@ -64,3 +64,27 @@ def test_sentiment_task_reports_accuracy_and_forgetting():
     assert 0.0 <= r["accuracy_base"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
     assert r["accuracy"] * 20 == pytest.approx(round(r["accuracy"] * 20))  # a count of 20
     assert np.isfinite(r["forgetting"])
+
+
+def test_label_position_training_learns_an_easy_rule():
+    """The classification machinery (rows, ignored targets, accuracy) learns a trivially
+    learnable rule: the label is '+' iff the text starts with 'good'."""
+    from minilora.config import GPTConfig
+    from minilora.data import CharTokenizer, encode_classification, sample_rows
+    from minilora.finetune import classification_accuracy
+    from minilora.model import GPT
+    from minilora.train import train
+
+    tok = CharTokenizer.default()
+    rng = np.random.default_rng(0)
+    words = ["film", "plot", "cast", "score", "script"]
+    pairs = [(f"{'good' if i % 2 else 'poor'} {rng.choice(words)}", "+" if i % 2 else "-")
+             for i in range(64)]
+    X, Y = encode_classification(pairs, tok, 16)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2,
+                          n_embd=32), rng=0)
+    cfg = TrainConfig(max_steps=80, batch_size=16, block_size=16, lr=3e-3, min_lr=3e-4,
+                      warmup_steps=5, eval_every=80, eval_batches=1, ckpt_every=10**9)
+    train(model, tok, None, None, cfg, progress=False,
+          batch_fn=lambda g: sample_rows(X, Y, 16, g))
+    assert classification_accuracy(model, X, Y) == 1.0
