@@ -6,6 +6,7 @@
     minilora gradcheck                 finite-difference check of every op and a whole tiny model
     minilora bench                     speed and memory benchmarks, printed as ratios
     minilora finetune --method lora    fine-tune the base model (LoRA or full) on a task
+    minilora quantize                  NF4 (+ double quantisation) checkpoint, bit account, error
 
 Every command has ``--help`` with examples. Errors the user can fix (a bad flag value, a missing
 or broken checkpoint, a character outside the vocabulary) print one line ``minilora: error: ...``
@@ -163,6 +164,33 @@ def cmd_finetune(args):
               f"{'adapter' if args.method == 'lora' else 'model'}")
 
 
+def cmd_quantize(args):
+    from minilora.data import encode_corpus, load_shakespeare
+    from minilora.quant.model_quant import load_quantized, save_quantized
+    from minilora.train import evaluate, fixed_batches
+
+    _use_backend(args)
+    model, tok, _ = _load(args.ckpt)
+    out = args.out or "runs/quantized.safetensors"
+    rep = save_quantized(out, model, tok, args.type, args.blocksize, not args.no_double_quant)
+    print(f"quantised {rep['quantized_tensors']} weight matrices ({rep['quantized_params']:,} "
+          f"parameters) to {args.type}, block {args.blocksize}, double quant "
+          f"{'on' if rep['double_quant'] else 'off'}; kept float32: {rep['kept_float32_params']:,}")
+    print(f"  bits per quantised parameter: {rep['bits_per_param_measured']:.4f} measured, "
+          f"{rep['bits_per_param_formula']:.4f} by formula")
+    print(f"  checkpoint bytes: {rep['float32_bytes']:,} float32 -> {rep['quantized_bytes']:,} "
+          f"({rep['quantized_bytes'] / rep['float32_bytes']:.3f}x)")
+    print(f"  reconstruction error |W - W_hat|: mean {rep['mean_abs_error']:.2e}, "
+          f"max {rep['max_abs_error']:.2e}")
+    qmodel, _, _ = load_quantized(out)
+    batches = fixed_batches(encode_corpus(load_shakespeare()["val"], tok), args.eval_batches, 8,
+                            min(128, model.config.block_size), seed=12345)
+    lf, lq = evaluate(model, batches), evaluate(qmodel, batches)
+    print(f"  Shakespeare validation loss: float32 {lf:.4f} -> {args.type} {lq:.4f} nats/char "
+          f"({lq - lf:+.4f})")
+    print(f"written: {out}")
+
+
 def cmd_tour(args):
     from minilora.tour import run_tour
     _use_backend(args)
@@ -249,6 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     _add_backend(s)
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("quantize", help="quantise a checkpoint's linear weights to NF4/FP4/int4",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora quantize                                  # the shipped base model, NF4 + DQ
+              minilora quantize --type fp4 --no-double-quant --out runs/fp4.safetensors
+              minilora quantize --ckpt runs/base/ckpt.safetensors --blocksize 128
+            """))
+    s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
+    s.add_argument("--out", default=None, help="output file (default runs/quantized.safetensors)")
+    s.add_argument("--type", choices=["nf4", "fp4", "int4"], default="nf4")
+    s.add_argument("--blocksize", type=int, default=64)
+    s.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32")
+    s.add_argument("--eval-batches", type=int, default=8)
+    _add_backend(s)
+    s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint", formatter_class=_formatter,
                        epilog=textwrap.dedent("""\

@@ -12,7 +12,7 @@ def run(*args):
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("cmd", [[], ["tour"], ["pretrain"], ["sample"], ["gradcheck"], ["bench"]])
+@pytest.mark.parametrize("cmd", [[], ["tour"], ["pretrain"], ["sample"], ["gradcheck"], ["bench"], ["finetune"], ["quantize"]])
 def test_every_command_has_help_with_examples(cmd):
     r = run(*cmd, "--help")
     assert r.returncode == 0, r.stderr
