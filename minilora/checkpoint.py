@@ -93,6 +93,12 @@ def load_arrays(path) -> tuple[dict, dict]:
     return arrays, meta
 
 
+def strip_prefix(arrays: dict, prefix: str) -> dict:
+    """The entries of ``arrays`` whose name starts with ``prefix``, with the prefix removed
+    (``"model.wte.weight"`` -> ``"wte.weight"`` for prefix ``"model."``)."""
+    return {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
+
+
 def save_checkpoint(path, model, tokenizer, optimizer=None, train_config=None, step=None,
                     rng_state=None, extra=None) -> None:
     """Save a model (and, for resuming, its optimizer, step and data-sampler RNG state)."""
@@ -137,13 +143,12 @@ def load_checkpoint(path, dtype=None):
         raise CheckpointError(f"checkpoint {str(path)!r}: tokenizer has {tokenizer.vocab_size} "
                               f"symbols but the model expects vocab_size {config.vocab_size}")
     model = GPT(config, rng=0, dtype=dtype or meta.get("dtype", "float32"))
-    weights = {k[len("model."):]: a for k, a in arrays.items() if k.startswith("model.")}
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(strip_prefix(arrays, "model."))
     except ValueError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit its config: {e}") from None
     info = dict(meta)
-    info["optim_arrays"] = {k[len("optim."):]: a for k, a in arrays.items() if k.startswith("optim.")}
+    info["optim_arrays"] = strip_prefix(arrays, "optim.")
     return model, tokenizer, info
 
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minilora import backend
-from minilora.checkpoint import CheckpointError, atomic_write_text, load_arrays, save_checkpoint
+from minilora.checkpoint import (CheckpointError, atomic_write_text, load_arrays,
+                                 save_checkpoint, strip_prefix)
 from minilora.config import TrainConfig
 from minilora.data import get_batch
 from minilora.nn import ops
@@ -117,9 +118,8 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
         if "rng_state" not in meta or "optimizer" not in meta:
             raise CheckpointError(f"{out / CKPT_NAME} is not a resumable checkpoint "
                                   "(no optimizer/RNG state)")
-        model.load_state_dict({k[6:]: a for k, a in arrays.items() if k.startswith("model.")})
-        opt.load_state({k[6:]: a for k, a in arrays.items() if k.startswith("optim.")},
-                       meta["optimizer"])
+        model.load_state_dict(strip_prefix(arrays, "model."))
+        opt.load_state(strip_prefix(arrays, "optim."), meta["optimizer"])
         rng.bit_generator.state = meta["rng_state"]
         start = int(meta["step"])
         records = _read_metrics(out / METRICS_NAME, start - 1)

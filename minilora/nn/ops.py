@@ -198,12 +198,16 @@ def softmax_forward(x):
     return y, y
 
 
+def _softmax_backward_inplace(dout, y):
+    """``softmax_backward`` overwriting ``dout`` (only for buffers the caller owns)."""
+    dout -= (dout * y).sum(axis=-1, keepdims=True)
+    dout *= y
+    return dout
+
+
 def softmax_backward(dout, cache):
     """``dx = y * (dout - sum(dout * y))`` (the Jacobian diag(y) - y y^T applied to dout)."""
-    y = cache
-    dx = dout - (dout * y).sum(axis=-1, keepdims=True)
-    dx *= y
-    return dx
+    return _softmax_backward_inplace(dout.copy(), cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,12 +274,8 @@ def attention_backward(dout, cache):
     dy = split_heads(dout, n_head)  # (B, NH, T, hs)
     datt = xp.matmul(dy, vh.transpose(0, 1, 3, 2))  # (B, NH, T, Tk)
     dvh = xp.matmul(att.transpose(0, 1, 3, 2), dy)  # (B, NH, Tk, hs)
-    # softmax backward in place on datt (our own buffer): ds = att * (datt - sum(datt * att))
-    rowdot = (datt * att).sum(axis=-1, keepdims=True)
-    datt -= rowdot
-    datt *= att
-    datt *= scale
-    ds = datt
+    ds = _softmax_backward_inplace(datt, att)  # datt is our own buffer: no copy
+    ds *= scale
     dqh = xp.matmul(ds, kh)  # (B, NH, T, hs)
     dkh = xp.matmul(ds.transpose(0, 1, 3, 2), qh)  # (B, NH, Tk, hs)
     return merge_heads(dqh), merge_heads(dkh), merge_heads(dvh)

@@ -16,7 +16,7 @@ Chapter: chapters/nf4-and-double-quant.ipynb
 from __future__ import annotations
 
 from minilora import backend
-from minilora.quant.double import bits_per_param
+from minilora.quant.double import bits_per_param, measured_bits_per_param
 from minilora.quant.nf4 import dequantize_4bit, get_code, quantize_4bit
 from minilora.quant.state import QuantState
 
@@ -59,8 +59,7 @@ def quantize_model(model, quant_type: str = "nf4", blocksize: int = 64,
         arrays.update({f"q.{name}.{k}": v for k, v in tensors.items()})
         states[name] = state
         n_q += int(p.size)
-        bytes_q += int(packed.nbytes) + sum(int(v.nbytes) for k, v in tensors.items()
-                                            if k in ("absmax", "absmax2")) + (4 if double_quant else 0)
+        bytes_q += round(measured_bits_per_param(packed, state) * int(p.size) / 8)
     if not states:
         raise ValueError("quantize_model: the model has no blocks.*.{attn.q,k,v,o / mlp.up,down} "
                          "weights to quantise")
@@ -92,7 +91,7 @@ def save_quantized(path, model, tokenizer, quant_type="nf4", blocksize=64,
 def load_quantized(path, dtype="float32"):
     """Read a quantised checkpoint; returns ``(model, tokenizer, states)`` with the quantised
     weights dequantised into an ordinary float model (for evaluation and sampling)."""
-    from minilora.checkpoint import CheckpointError, load_arrays
+    from minilora.checkpoint import CheckpointError, load_arrays, strip_prefix
     from minilora.config import GPTConfig
     from minilora.data import CharTokenizer
     from minilora.model import GPT
@@ -103,15 +102,17 @@ def load_quantized(path, dtype="float32"):
                               f"(format {meta.get('format')!r}, expected {FORMAT!r})")
     model = GPT(GPTConfig.from_dict(meta["model_config"]), rng=0, dtype=dtype)
     tok = CharTokenizer.from_dict(meta["tokenizer"])
-    weights = {k[len("model."):]: a for k, a in arrays.items() if k.startswith("model.")}
+    weights = strip_prefix(arrays, "model.")
     states = {}
     for name, qmeta in meta["quant_states"].items():
         prefix = f"q.{name}."
-        tensors = {k[len(prefix):]: a for k, a in arrays.items()
-                   if k.startswith(prefix) and k != prefix + "packed"}
+        tensors = strip_prefix(arrays, prefix)
+        packed = tensors.pop("packed", None)
         try:
             state = QuantState.from_tensors_and_meta(tensors, qmeta)
-            w = dequantize_4bit(backend.asarray(arrays[prefix + "packed"]), state)
+            if packed is None:
+                raise KeyError(f"{prefix}packed is missing")
+            w = dequantize_4bit(backend.asarray(packed), state)
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{str(path)!r}: quantised tensor {name!r} is broken: {e}") from None
         states[name] = state
