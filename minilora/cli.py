@@ -140,7 +140,7 @@ def cmd_bench(args):
 
 
 def cmd_finetune(args):
-    from minilora.config import LoraConfig, TrainConfig
+    from minilora.config import LoraConfig
     from minilora.finetune import finetune, format_result
 
     _use_backend(args)
@@ -150,18 +150,16 @@ def cmd_finetune(args):
         lora_cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                               target_modules=tuple(t for t in args.targets.split(",") if t),
                               use_rslora=args.rslora, init_lora_weights=init, bias=args.bias)
-    lr = args.lr if args.lr is not None else (5e-3 if args.method == "lora" else 1e-3)
-    tcfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
-                       lr=lr, min_lr=lr / 10, warmup_steps=min(20, args.steps // 10),
-                       eval_every=max(1, args.steps // 2), eval_batches=args.eval_batches,
-                       ckpt_every=10**9, seed=args.seed)
-    r = finetune(args.method, args.task, lora_cfg, tcfg, base_path=args.base, out_dir=args.out,
+    overrides = dict(max_steps=args.steps, batch_size=args.batch_size,
+                     block_size=args.block_size, seed=args.seed)
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    r = finetune(args.method, args.task, lora_cfg, overrides, base_path=args.base, out_dir=args.out,
                  progress=not args.no_progress, eval_batches=args.eval_batches,
                  eval_examples=args.eval_examples)
     print(format_result(r))
     if args.out:
-        print(f"written: {args.out}/result.json and the trained "
-              f"{'adapter' if args.method == 'lora' else 'model'}")
+        print(f"written: {args.out}/result.json and {args.out}/{r['weights_file']}")
 
 
 def cmd_quantize(args):
@@ -252,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
               minilora finetune --method lora --task python --r 4 --rslora
               minilora finetune --method lora --task sentiment --steps 300
             """))
-    s.add_argument("--method", choices=["lora", "full"], default="lora")
+    from minilora.finetune import METHODS
+    s.add_argument("--method", choices=list(METHODS), default="lora")
     s.add_argument("--task", choices=["milton", "python", "sentiment"], default="milton",
                    help="milton / python: held-out loss; sentiment: accuracy (default milton)")
     s.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
@@ -267,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--block-size", type=int, default=128)
-    s.add_argument("--lr", type=float, default=None, help="default 5e-3 (lora) / 1e-3 (full)")
+    s.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the method's, 5e-3 lora / 1e-3 full)")
     s.add_argument("--eval-batches", type=int, default=16)
     s.add_argument("--eval-examples", type=int, default=None,
                    help="sentiment: score only the first N test sentences (default: all 2,014)")

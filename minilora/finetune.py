@@ -19,10 +19,74 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 TASKS = ("milton", "python", "sentiment")
 LM_TASKS = ("milton", "python")
-METHODS = ("full", "lora")
+
+
+class MethodSetup(NamedTuple):
+    """What a fine-tuning method does to the freshly loaded base model.
+
+    Attributes:
+        model: the model to train (usually the base itself, modified in place; a method may wrap
+            it, e.g. prompt tuning). It must offer ``forward(idx, check=...)``,
+            ``forward_backward(x, y)``, ``named_trainable()`` and ``num_parameters()``.
+        config: the method's options as a JSON-able dict (or None), recorded in ``result.json``.
+        save: ``f(out_dir: Path)`` writing the trained weights (atomically) into ``out_dir``;
+            returns the file name written.
+        lr, min_lr: the method's default peak and final learning rates.
+    """
+    model: object
+    config: dict | None
+    save: Callable
+    lr: float
+    min_lr: float
+
+
+def _setup_full(model, tok, config) -> MethodSetup:
+    from minilora.checkpoint import save_checkpoint
+
+    if config is not None:
+        raise ValueError("method 'full' takes no method config (every parameter trains)")
+
+    def save(out: Path) -> str:
+        save_checkpoint(out / "model.safetensors", model, tok, extra={"finetune": True})
+        return "model.safetensors"
+    return MethodSetup(model, None, save, 1e-3, 1e-4)
+
+
+def _setup_lora(model, tok, config) -> MethodSetup:
+    from minilora.config import LoraConfig
+    from minilora.lora import inject_lora, save_adapter
+
+    config = config or LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"))
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"method 'lora' needs a LoraConfig, got {type(config).__name__}")
+    inject_lora(model, config)
+
+    def save(out: Path) -> str:
+        save_adapter(out / "adapter.safetensors", model, config)
+        return "adapter.safetensors"
+    return MethodSetup(model, config.to_dict(), save, 5e-3, 5e-4)
+
+
+# name -> "module:function" with the signature of _setup_lora: f(model, tokenizer, config or None)
+# -> MethodSetup. Imported lazily, so a method's module loads only when it is used.
+METHODS = {
+    "full": "minilora.finetune:_setup_full",
+    "lora": "minilora.finetune:_setup_lora",
+}
+
+
+def method_setup(method: str) -> Callable:
+    """The setup function registered for ``method`` (one clear error for an unknown name)."""
+    import importlib
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    module, func = METHODS[method].split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def task_splits(task: str) -> tuple[str, str]:
@@ -57,45 +121,58 @@ def classification_accuracy(model, X, Y, batch_size: int = 128) -> float:
     return correct / len(X)
 
 
-def finetune(method: str = "lora", task: str = "milton", lora_config=None, train_config=None,
+def default_train_config(setup: MethodSetup, eval_batches: int = 16, **overrides):
+    """The harness's :class:`TrainConfig`: 200 steps of 8 x 128, warmup 20 (at most a tenth of the
+    steps), cosine decay, the method's learning rates (``min_lr`` = lr/10 when ``lr`` is given);
+    ``overrides`` replace any field."""
+    from minilora.config import TrainConfig
+
+    steps = overrides.get("max_steps", 200)
+    fields = dict(max_steps=steps, batch_size=8, block_size=128, lr=setup.lr, min_lr=setup.min_lr,
+                  warmup_steps=min(20, steps // 10), eval_every=max(1, steps // 2),
+                  eval_batches=eval_batches, ckpt_every=10**9)
+    if "lr" in overrides and "min_lr" not in overrides:
+        fields["min_lr"] = overrides["lr"] / 10
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def finetune(method: str = "lora", task: str = "milton", method_config=None, train_config=None,
              base_path=None, out_dir=None, progress: bool = True, eval_batches: int = 16,
              eval_examples: int | None = None) -> dict:
     """Fine-tune the base model with ``method`` on ``task``; returns a result record.
 
     Args:
-        method: "full" (every parameter trains) or "lora" (only the factors of ``lora_config``).
+        method: a name in :data:`METHODS`: "full" (every parameter trains), "lora" (only the
+            factors of ``method_config``), ...
         task: one of :data:`TASKS`.
-        lora_config: a :class:`LoraConfig` (method "lora"; default r=8, alpha=16 on q, v).
-        train_config: a :class:`TrainConfig` (default: 200 steps, batch 8 x 128, lr 1e-3 for
-            full and 5e-3 for LoRA).
+        method_config: the method's options, e.g. a :class:`LoraConfig` for "lora" (default
+            r=8, alpha=16 on q, v); None for the method's defaults.
+        train_config: a :class:`TrainConfig`, or a dict of fields overriding the default (200
+            steps, batch 8 x 128, warmup 20, cosine to lr/10, at the method's default learning
+            rate, e.g. 1e-3 for full and 5e-3 for LoRA), or None for the default.
         base_path: the base checkpoint (default: the shipped one).
         out_dir: if given, ``result.json`` and the trained weights (``adapter.safetensors`` for
-            LoRA, ``model.safetensors`` for full) are written there (atomically).
+            LoRA, ``model.safetensors`` for full, ...) are written there (atomically).
         eval_batches: fixed windows for the language-modelling losses.
         eval_examples: score only the first n test examples of a classification task (quick).
     """
-    from minilora.checkpoint import atomic_write_text, base_model_path, load_checkpoint, save_checkpoint
-    from minilora.config import LoraConfig, TrainConfig
+    from minilora.checkpoint import atomic_write_text, base_model_path, load_checkpoint
+    from minilora.config import TrainConfig
     from minilora.data import (encode_classification, encode_corpus, load_sentiment,
                                load_shakespeare, sample_rows)
-    from minilora.lora import inject_lora, save_adapter
     from minilora.train import evaluate, fixed_batches, train
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed here: {', '.join(METHODS)}")
+    setup_fn = method_setup(method)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-    if train_config is None:
-        train_config = TrainConfig(max_steps=200, batch_size=8, block_size=128,
-                                   lr=5e-3 if method == "lora" else 1e-3,
-                                   min_lr=5e-4 if method == "lora" else 1e-4, warmup_steps=20,
-                                   eval_every=100, eval_batches=eval_batches, ckpt_every=10**9)
     path = base_path or base_model_path()
     model, tok, _ = load_checkpoint(path)
-    report = {"trainable": model.num_parameters(), "total": model.num_parameters()}
-    if method == "lora":
-        lora_config = lora_config or LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"))
-        report = inject_lora(model, lora_config)
+    setup = setup_fn(model, tok, method_config)
+    model = setup.model
+    total = model.num_parameters()  # the base's plus any the method added (as PEFT counts)
+    if not isinstance(train_config, TrainConfig):
+        train_config = default_train_config(setup, eval_batches, **(train_config or {}))
     T, B = train_config.block_size, train_config.batch_size
     sh = encode_corpus(load_shakespeare()["val"], tok)
     sh_batches = fixed_batches(sh, eval_batches, B, T, seed=12345)
@@ -127,24 +204,21 @@ def finetune(method: str = "lora", task: str = "milton", lora_config=None, train
     trainable = model.num_parameters(trainable_only=True)
     result = {
         "method": method, "task": task,
-        "lora_config": lora_config.to_dict() if method == "lora" else None,
+        "method_config": setup.config,
         "train_config": train_config.to_dict(),
         "base": str(path),
         "metric": metric, "task_metric_base": task0, "task_metric": task1,
         **({"task_loss_base": task0, "task_loss": task1} if task in LM_TASKS
            else {"accuracy_base": task0, "accuracy": task1, "test_examples": len(Xte)}),
         "shakespeare_loss_base": sh0, "shakespeare_loss": sh1, "forgetting": sh1 - sh0,
-        "trainable_params": trainable, "total_params": report["total"],
+        "trainable_params": trainable, "total_params": total,
         "optimizer_state_bytes": 2 * 4 * trainable,
         "median_step_ms": step_ms, "train_seconds": hist.seconds,
     }
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if method == "lora":
-            save_adapter(out / "adapter.safetensors", model, lora_config)
-        else:
-            save_checkpoint(out / "model.safetensors", model, tok, extra={"finetune": task})
+        result["weights_file"] = setup.save(out)
         atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     return result
 
