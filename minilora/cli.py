@@ -7,6 +7,7 @@
     minilora bench                     speed and memory benchmarks, printed as ratios
     minilora finetune --method lora    fine-tune the base model (LoRA or full) on a task
     minilora quantize                  NF4 (+ double quantisation) checkpoint, bit account, error
+    minilora figures                   every figure in figures/, made from the saved results/
 
 Every command has ``--help`` with examples. Errors the user can fix (a bad flag value, a missing
 or broken checkpoint, a character outside the vocabulary) print one line ``minilora: error: ...``
@@ -162,6 +163,15 @@ def cmd_finetune(args):
         print(f"written: {args.out}/result.json and {args.out}/{r['weights_file']}")
 
 
+def cmd_figures(args):
+    from minilora.plots import make_figures
+
+    done = make_figures(args.only.split(",") if args.only else None, args.results, args.figures)
+    skipped = [n for n, v in done.items() if isinstance(v, str)]
+    print(f"{len(done) - len(skipped)} figure(s) written to {args.figures}/"
+          + (f"; {len(skipped)} skipped (results missing, see above)" if skipped else ""))
+
+
 def cmd_quantize(args):
     from minilora.data import encode_corpus, load_shakespeare
     from minilora.quant.model_quant import load_quantized, save_quantized
@@ -293,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-batches", type=int, default=8)
     _add_backend(s)
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("figures", help="make every figure in figures/ from the saved results/",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora figures                      all figures whose results exist
+              minilora figures --only base_pretrain
+            """))
+    s.add_argument("--only", default=None, help="comma-separated figure names (default: all)")
+    s.add_argument("--results", default="results", help="where the saved results are")
+    s.add_argument("--figures", default="figures", help="where the PNGs go")
+    s.set_defaults(func=cmd_figures)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint", formatter_class=_formatter,
                        epilog=textwrap.dedent("""\
