@@ -247,7 +247,8 @@ class LoRALinear(_LoRABase):
 
         While merged, W0 already holds ΔW and only the base path runs.
         """
-        out, c_base = ops.linear_forward(x, self.params["weight"], self.params.get("bias"))
+        out, c_base = ops.linear_forward(x, self.params["weight"], self.params.get("bias"),
+                                         keep_x=self.needs_grad("weight"))
         if self.merged:
             return out, LoRALinearCache(c_base, None, None, None)
         p = self.lora_dropout if self.training else 0.0

@@ -177,7 +177,8 @@ class Linear(Module):
         return self.params["weight"].shape[0]
 
     def forward(self, x):
-        return ops.linear_forward(x, self.params["weight"], self.params.get("bias"))
+        return ops.linear_forward(x, self.params["weight"], self.params.get("bias"),
+                                  keep_x=self.needs_grad("weight"))
 
     def backward(self, dout, cache, need_dx: bool = True):
         dx, dw, db = ops.linear_backward(

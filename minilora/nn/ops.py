@@ -32,22 +32,25 @@ GELU_C = 0.044715
 # ----------------------------------------------------------------------------------------------
 # linear: out = x @ w.T + b
 # ----------------------------------------------------------------------------------------------
-def linear_forward(x, w, b=None):
+def linear_forward(x, w, b=None, keep_x: bool = True):
     """Affine map ``out = x @ w.T + b``.
 
     Args:
         x: (..., d_in) input.
         w: (d_out, d_in) weight (torch / llm.c layout).
         b: (d_out,) bias or None.
+        keep_x: keep ``x`` in the cache. Only ``dw`` needs it, so a frozen weight passes False
+            and its input can be freed as soon as nothing else holds it (activation memory
+            saved by freezing: e.g. the (B, T, 4C) input of a frozen MLP down projection).
     Returns:
-        out (..., d_out), cache = (x, w, has_bias).
+        out (..., d_out), cache = (x or None, w, has_bias).
     """
     d_out, d_in = w.shape
     # one (N, d_in) @ (d_in, d_out) GEMM: a stacked (B, T, d_in) @ 2-D matmul would be B small ones
     out = xp.matmul(x.reshape(-1, d_in), w.T).reshape(*x.shape[:-1], d_out)
     if b is not None:
         out += b
-    return out, (x, w, b is not None)
+    return out, (x if keep_x else None, w, b is not None)
 
 
 def linear_backward(dout, cache, need_dx=True, need_dw=True, need_db=True):
@@ -65,6 +68,9 @@ def linear_backward(dout, cache, need_dx=True, need_dw=True, need_db=True):
     dx = xp.matmul(dout2, w).reshape(*dout.shape[:-1], d_in) if need_dx else None  # (..., d_in)
     dw = db = None
     if need_dw:
+        if x is None:
+            raise ValueError("linear_backward: dw was asked for, but the forward pass ran with "
+                             "keep_x=False (the weight was frozen then); unfreeze before forward")
         dw = xp.matmul(dout2.T, x.reshape(-1, d_in))  # (d_out, d_in)
     if need_db and has_bias:
         db = dout2.sum(axis=0)  # (d_out,)
