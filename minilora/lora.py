@@ -622,12 +622,14 @@ def save_adapter(path, model: Module, config: LoraConfig) -> None:
     save_arrays(path, lora_state_dict(model, config.bias), meta)
 
 
-def load_adapter(path, model: Module) -> LoraConfig:
-    """Load a file from :func:`save_adapter` into ``model``; returns the adapter's config.
+def read_adapter(path, model: Module | None = None) -> tuple[dict, LoraConfig]:
+    """Read a file from :func:`save_adapter` without touching any model.
 
-    A model without LoRA layers is injected first with the saved config (for ``"pissa"`` that
-    recomputes the same residual base from the same W0). A model that already has LoRA layers
-    must have exactly the saved targets. Shapes are checked with clear errors.
+    Returns ``(arrays, config)``: the tensors (NumPy, by parameter name) and the adapter's
+    :class:`LoraConfig`. Checks the format and the config; given ``model``, also that the adapter
+    was built for a base of the same shape (vocab_size, n_embd, n_layer, bias), one clear error
+    otherwise. Used by :func:`load_adapter` and by the many-adapter registry
+    (:mod:`minilora.multi_adapter`).
 
     Chapter: chapters/02-lora-notes.ipynb
     """
@@ -651,6 +653,19 @@ def load_adapter(path, model: Module) -> LoraConfig:
             raise LoRAError(f"adapter {str(path)!r} was built for another base model: "
                             + ", ".join(f"{k} {a} (adapter) vs {b} (model)"
                                         for k, (a, b) in diff.items()))
+    return arrays, config
+
+
+def load_adapter(path, model: Module) -> LoraConfig:
+    """Load a file from :func:`save_adapter` into ``model``; returns the adapter's config.
+
+    A model without LoRA layers is injected first with the saved config (for ``"pissa"`` that
+    recomputes the same residual base from the same W0). A model that already has LoRA layers
+    must have exactly the saved targets. Shapes are checked with clear errors.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    arrays, config = read_adapter(path, model)
     prepare_for_adapter(model, config)
     load_lora_state_dict(model, arrays)
     return config
@@ -710,5 +725,5 @@ def count_lora_parameters(config: LoraConfig, model_config) -> int:
 __all__ = ["LoRAError", "LoRALinear", "LoRAEmbedding", "LoRALinearCache", "lora_scaling",
            "lora_layers", "inject_lora", "mark_only_lora_as_trainable", "set_lora_training",
            "merge_lora", "unmerge_lora", "lora_state_dict", "load_lora_state_dict",
-           "save_adapter", "load_adapter", "prepare_for_adapter", "count_lora_parameters",
-           "LORA_TARGETS"]
+           "save_adapter", "read_adapter", "load_adapter", "prepare_for_adapter",
+           "count_lora_parameters", "LORA_TARGETS"]
