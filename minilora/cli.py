@@ -7,6 +7,7 @@
     minilora bench                     speed and memory benchmarks, printed as ratios
     minilora finetune --method lora    fine-tune the base model (LoRA or full) on a task
     minilora quantize                  NF4 (+ double quantisation) checkpoint, bit account, error
+    minilora results                   the fine-tuning results table (every method x task)
     minilora figures                   every figure in figures/, made from the saved results/
 
 Every command has ``--help`` with examples. Errors the user can fix (a bad flag value, a missing
@@ -172,12 +173,29 @@ def cmd_figures(args):
           + (f"; {len(skipped)} skipped (results missing, see above)" if skipped else ""))
 
 
+def cmd_results(args):
+    from minilora.results_table import run_missing, write_table
+
+    _use_backend(args)
+    if args.run:
+        run_missing(args.root, args.tasks.split(",") if args.tasks else None,
+                    args.methods.split(",") if args.methods else None,
+                    progress=not args.no_progress)
+    text, path = write_table(args.root)
+    print(text)
+    print(f"written: {path}")
+
+
 def cmd_quantize(args):
     from minilora.data import encode_corpus, load_shakespeare
     from minilora.quant.model_quant import load_quantized, save_quantized
     from minilora.train import evaluate, fixed_batches
 
     _use_backend(args)
+    if args.compare:
+        from minilora.quant.compare import run_comparison
+        run_comparison(args.results, ckpt=args.ckpt)
+        return
     model, tok, _ = _load(args.ckpt)
     out = args.out or "runs/quantized.safetensors"
     rep = save_quantized(out, model, tok, args.type, args.blocksize, not args.no_double_quant)
@@ -294,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
               minilora quantize                                  # the shipped base model, NF4 + DQ
               minilora quantize --type fp4 --no-double-quant --out runs/fp4.safetensors
               minilora quantize --ckpt runs/base/ckpt.safetensors --blocksize 128
+              minilora quantize --compare     # NF4 vs FP4 vs int4 -> results/quant/*.json
             """))
     s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
     s.add_argument("--out", default=None, help="output file (default runs/quantized.safetensors)")
@@ -301,8 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--blocksize", type=int, default=64)
     s.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32")
     s.add_argument("--eval-batches", type=int, default=8)
+    s.add_argument("--compare", action="store_true",
+                   help="instead: compare nf4, fp4 and int4 (error, error vs block size, codes "
+                        "used) on N(0,1) data and the checkpoint's weights; write "
+                        "RESULTS/quant/*.json")
+    s.add_argument("--results", default="results", help="results folder for --compare")
     _add_backend(s)
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("results", help="the fine-tuning results table (every method x task)",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora results                 the table of the saved runs in results/finetune/
+              minilora results --run           first run every missing (task, method) pair
+              minilora results --run --tasks milton --methods lora,full
+            """))
+    s.add_argument("--run", action="store_true",
+                   help="run the missing (task, method) pairs first (harness defaults)")
+    s.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
+    s.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    s.add_argument("--root", default="results/finetune", help="where the runs are saved")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_backend(s)
+    s.set_defaults(func=cmd_results)
 
     s = sub.add_parser("figures", help="make every figure in figures/ from the saved results/",
                        formatter_class=_formatter, epilog=textwrap.dedent("""\

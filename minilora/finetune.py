@@ -139,7 +139,7 @@ def default_train_config(setup: MethodSetup, eval_batches: int = 16, **overrides
 
 def finetune(method: str = "lora", task: str = "milton", method_config=None, train_config=None,
              base_path=None, out_dir=None, progress: bool = True, eval_batches: int = 16,
-             eval_examples: int | None = None) -> dict:
+             eval_examples: int | None = None, measure_memory: bool = True) -> dict:
     """Fine-tune the base model with ``method`` on ``task``; returns a result record.
 
     Args:
@@ -156,6 +156,8 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
             LoRA, ``model.safetensors`` for full, ...) are written there (atomically).
         eval_batches: fixed windows for the language-modelling losses.
         eval_examples: score only the first n test examples of a classification task (quick).
+        measure_memory: add ``memory`` (bytes of weights, gradients, optimizer state and
+            activations, and the measured peak of one step: :func:`minilora.memory.memory_account`).
     """
     from minilora.checkpoint import atomic_write_text, base_model_path, load_checkpoint
     from minilora.config import TrainConfig
@@ -200,19 +202,28 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     hist = train(model, tok, tr, None, train_config, out_dir=None, progress=progress,
                  batch_fn=batch_fn)  # evaluated below, before and after alike
     task1, sh1 = score(), evaluate(model, sh_batches)
+    memory = None
+    if measure_memory:  # one more (lr = 0) step on a training batch, weights left as they are
+        from minilora.backend import cpu_rng
+        from minilora.data import get_batch
+        from minilora.memory import memory_account
+
+        mx, my = batch_fn(cpu_rng(0)) if batch_fn is not None else get_batch(tr, B, T, cpu_rng(0))
+        memory = memory_account(model, mx, my)
     step_ms = 1000 * statistics.median(B * T / r["tok_per_s"] for r in hist.train[5:] or hist.train)
     trainable = model.num_parameters(trainable_only=True)
     result = {
         "method": method, "task": task,
         "method_config": setup.config,
         "train_config": train_config.to_dict(),
-        "base": str(path),
+        "base": "shipped" if base_path is None else str(path),
         "metric": metric, "task_metric_base": task0, "task_metric": task1,
         **({"task_loss_base": task0, "task_loss": task1} if task in LM_TASKS
            else {"accuracy_base": task0, "accuracy": task1, "test_examples": len(Xte)}),
         "shakespeare_loss_base": sh0, "shakespeare_loss": sh1, "forgetting": sh1 - sh0,
         "trainable_params": trainable, "total_params": total,
         "optimizer_state_bytes": 2 * 4 * trainable,
+        "memory": memory,
         "median_step_ms": step_ms, "train_seconds": hist.seconds,
     }
     if out_dir is not None:
