@@ -53,13 +53,13 @@ import statistics
 import subprocess
 import sys
 import time
-import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from minilora import backend
 from minilora.config import GPTConfig
+from minilora.memory import step_peak_bytes as _tracemalloc_step_peak  # one implementation
 
 np = backend.cpu_module()  # CPU-side work only (batches, sgemm inputs); the model runs on xp
 
@@ -410,27 +410,6 @@ def measure_train_step(ctx: BenchContext) -> Section:
 
 
 # -- memory ------------------------------------------------------------------------------------
-def _tracemalloc_step_peak(step) -> int:
-    """Bytes allocated during ``step()`` and alive together at its peak (tracemalloc).
-
-    Blocks that existed before (weights, AdamW moments, last step's gradients) are not counted,
-    also not when they are freed during the step.
-    """
-    was_tracing = tracemalloc.is_tracing()
-    gc.collect()
-    if not was_tracing:
-        tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        step()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        if not was_tracing:
-            tracemalloc.stop()
-    return max(0, peak - base)
-
-
 def _rss_child_run(spec: dict) -> dict:
     """In a fresh process: build the model, warm the library, reset the high-water mark, take
     ``steps`` training steps; returns the resident-set growth.
@@ -597,6 +576,12 @@ def measure_lora(ctx: BenchContext) -> Section:
                           "merged": lambda: merged.forward(x, check=False),
                           "unmerged": lambda: unmerged.forward(x, check=False)},
                          ctx.steps, ctx.warmup)
+    mem = None
+    if ctx.memory and not backend.is_cupy():
+        from minilora.memory import memory_account
+        xb, yb = ctx.batches(1)[0]
+        mem = {"full": memory_account(GPT(ctx.config, rng=0, dtype="float32"), xb, yb),
+               "lora": memory_account(lora_model, xb, yb)}
     r_step = steps["lora"] / steps["full"]
     r_merged = infer["merged"] / infer["base"]
     r_unmerged = infer["unmerged"] / infer["base"]
@@ -609,7 +594,21 @@ def measure_lora(ctx: BenchContext) -> Section:
             ("merged LoRA inference / base", f"{r_merged:.3f}", f"<= 1.02  {checks[1].status()}"),
             ("unmerged LoRA inference / base", f"{r_unmerged:.3f}", f"<= 1.15  {checks[2].status()}")]
     data = {"step_median_s": steps, "inference_median_s": infer, "ratio_lora_over_full": r_step,
-            "ratio_merged_over_base": r_merged, "ratio_unmerged_over_base": r_unmerged}
+            "ratio_merged_over_base": r_merged, "ratio_unmerged_over_base": r_unmerged,
+            "memory": mem}
+    if mem is not None:
+        # peak = weights + AdamW state + what one steady step allocates (gradients, activations)
+        r_mem = mem["lora"]["measured_total"] / mem["full"]["measured_total"]
+        data["ratio_peak_memory_lora_over_full"] = r_mem
+        checks.append(Check(ctx.name, "LoRA peak memory / full FT peak memory", r_mem, "<=", 0.5))
+        mib = 2.0 ** 20
+        rows.append(("LoRA peak memory / full FT (tracemalloc)",
+                     f"{mem['lora']['measured_total'] / mib:.1f} / "
+                     f"{mem['full']['measured_total'] / mib:.1f} MiB = {r_mem:.2f}",
+                     f"<= 0.5  {checks[-1].status()}"))
+        rows.append(("  of which activations, LoRA / full",
+                     f"{mem['lora']['activations'] / mib:.1f} / "
+                     f"{mem['full']['activations'] / mib:.1f} MiB", "counted from the caches"))
     return Section(data, rows, checks)
 
 

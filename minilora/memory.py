@@ -74,7 +74,7 @@ def weight_bytes(model) -> int:
     return total
 
 
-def _step_peak(step) -> int:
+def step_peak_bytes(step) -> int:
     """Bytes allocated during ``step()`` and alive together at its peak (tracemalloc); blocks that
     existed before (weights, AdamW moments) are not counted."""
     was_tracing = tracemalloc.is_tracing()
@@ -135,7 +135,7 @@ def memory_account(model, x, y, measure: bool = True) -> dict:
 
         step()  # the moments now exist, as in a steady training step
         model.zero_grad()
-        out["measured_step_peak"] = _step_peak(step)
+        out["measured_step_peak"] = step_peak_bytes(step)
         model.zero_grad()
         out["measured_total"] = out["weights"] + opt.state_bytes() + out["measured_step_peak"]
         del opt
