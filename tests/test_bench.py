@@ -24,7 +24,8 @@ def test_run_bench_micro_smoke(tmp_path):
     assert res["torch_compare"] is False
     # without torch only our own ratios are judged (the LoRA section's)
     assert {t["metric"] for t in res["targets"]} == {
-        "LoRA step / full FT step", "merged inference / base", "unmerged inference / base"}
+        "LoRA step / full FT step", "merged inference / base", "unmerged inference / base",
+        "LoRA peak memory / full FT peak memory"}
     assert all(_positive_finite(t["value"]) for t in res["targets"])
     assert _positive_finite(res["sgemm"]["peak_flops_per_s"])
     micro = res["configs"]["micro"]
