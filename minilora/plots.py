@@ -78,6 +78,8 @@ def fig_base_pretrain(results: Path, figures: Path) -> list[Path]:
 # name -> "module:function"; add one line per figure.
 FIGURES = {
     "base_pretrain": "minilora.plots:fig_base_pretrain",
+    "quant_error_vs_blocksize": "minilora.quant.compare:fig_error_vs_blocksize",
+    "quant_code_histogram": "minilora.quant.compare:fig_code_histogram",
 }
 
 
