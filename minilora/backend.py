@@ -118,6 +118,66 @@ def synchronize() -> None:
         _state["module"].cuda.Device().synchronize()
 
 
+# -- managed (unified) memory, for paged optimizer state (minilora/paged.py) --------------------
+def managed_zeros(nbytes: int):
+    """A zeroed 1-D ``uint8`` buffer of ``nbytes`` bytes for state that may be paged out.
+
+    On CuPy it is CUDA *managed* (unified) memory, ``cudaMallocManaged`` through
+    ``cupy.cuda.malloc_managed``, drawn from a dedicated ``cupy.cuda.MemoryPool(malloc_managed)``:
+    one virtual address valid on host and device, whose pages the driver migrates on demand and
+    evicts to host RAM when the GPU runs out of memory. Only this buffer is managed; CuPy's
+    default allocator (weights, activations) is left alone, as bitsandbytes pages only the
+    optimizer state. The zero fill runs on the GPU, so its pages start out on the device.
+
+    On NumPy it is an ordinary array (there is no second memory to page to; see
+    :class:`minilora.paged.DeviceMemory` for the simulation).
+    """
+    nbytes = int(nbytes)
+    if nbytes < 1:
+        raise ValueError(f"a managed buffer needs at least 1 byte, got {nbytes}")
+    if not is_cupy():
+        return _np.zeros(nbytes, dtype=_np.uint8)
+    cupy = _state["module"]
+    pool = _state.get("managed_pool")
+    if pool is None:
+        pool = _state["managed_pool"] = cupy.cuda.MemoryPool(cupy.cuda.malloc_managed)
+    a = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=pool.malloc(nbytes))
+    a.fill(0)
+    return a
+
+
+def is_managed(a) -> bool:
+    """True if ``a`` is a CuPy array in CUDA managed memory (always False on NumPy)."""
+    if isinstance(a, _np.ndarray) or not is_cupy():
+        return False
+    rt = _state["module"].cuda.runtime
+    attrs = rt.pointerGetAttributes(a.data.ptr)
+    kind = getattr(attrs, "type", getattr(attrs, "memoryType", None))
+    return kind is not None and int(kind) == int(getattr(rt, "memoryTypeManaged", 3))  # = 3
+
+
+def prefetch(a, to_host: bool = False) -> str | None:
+    """Ask the driver to migrate the pages of managed array ``a`` to the GPU (or to host RAM).
+
+    ``cudaMemPrefetchAsync`` on the current stream; ``to_host`` uses ``cudaCpuDeviceId`` (-1). It
+    is a hint: the results are the same without it, only the page faults move earlier. Returns
+    None when issued, or a one-line reason when it was not (NumPy backend; a device or driver
+    without prefetch support, e.g. no concurrent managed access), so a caller can stop asking.
+    """
+    if not is_cupy():
+        return "numpy backend: no device memory to prefetch into"
+    cupy = _state["module"]
+    rt = cupy.cuda.runtime
+    if not hasattr(rt, "memPrefetchAsync"):
+        return "this CuPy has no cupy.cuda.runtime.memPrefetchAsync"
+    dst = -1 if to_host else cupy.cuda.Device().id
+    try:
+        rt.memPrefetchAsync(a.data.ptr, int(a.nbytes), dst, cupy.cuda.get_current_stream().ptr)
+    except Exception as e:  # CUDARuntimeError: not supported on this device/driver
+        return f"cudaMemPrefetchAsync failed ({type(e).__name__}: {e})"
+    return None
+
+
 def cpu_rng(seed_or_rng=None):
     """A ``numpy.random.Generator`` (CPU) from an int seed, or the Generator itself.
 

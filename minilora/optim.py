@@ -93,12 +93,10 @@ class AdamW:
         bc1 = 1.0 - b1 ** self.t
         bc2 = 1.0 - b2 ** self.t
         step_size = self.lr / bc1
+        self._ensure_state(items)
         for name, p, g in items:
-            m = self.m.get(name)
-            if m is None:
-                m = self.m[name] = xp.zeros_like(p)
-                self.v[name] = xp.zeros_like(p)
-            v = self.v[name]
+            self._before_update(name)
+            m, v = self.m[name], self.v[name]
             tmp = g * (1.0 - b1)  # the one scratch buffer of this parameter's update
             m *= b1
             m += tmp
@@ -115,6 +113,17 @@ class AdamW:
             tmp *= step_size
             p -= tmp
         return norm
+
+    # -- where the state lives (overridden by minilora.paged.PagedAdamW) --------------------------
+    def _ensure_state(self, items) -> None:
+        """Create zero moments ``m, v`` (shaped like the parameter) for parameters that have none."""
+        for name, p, _ in items:
+            if name not in self.m:
+                self.m[name] = xp.zeros_like(p)
+                self.v[name] = xp.zeros_like(p)
+
+    def _before_update(self, name: str) -> None:
+        """Called just before parameter ``name`` is updated (a paged optimizer fetches its state)."""
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_arrays(self) -> dict:
