@@ -166,7 +166,7 @@ LORA_TARGET_ALIASES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o
 #: PEFT's shorthand for "every linear layer except the output head".
 LORA_ALL_LINEAR = ("q", "k", "v", "o", "up", "down")
 
-LORA_INITS = (True, False, "gaussian", "swap", "pissa")
+LORA_INITS = (True, False, "gaussian", "swap", "pissa", "loftq")
 LORA_BIAS_MODES = ("none", "all", "lora_only")
 
 
@@ -200,6 +200,9 @@ class LoraConfig(JsonConfig):
               default, where dL/dA = 0 and only B moves).
             * ``"pissa"``: A, B from the top-r singular triplets of W0, which is replaced by the
               residual W0 - scaling · B A, so the layer's output is unchanged at step 0.
+            * ``"loftq"``: 4-bit bases only (:func:`minilora.qlora.inject_qlora`): W0 is split
+              into NF4 codes Q plus scaling · B A by alternating quantisation and a truncated
+              SVD of the residual (LoftQ), so Q + scaling · B A is closer to W0 than Q alone.
             * ``False``: PEFT's debug setting: both factors keep a random ``nn.Linear``-style init
               (A as above, B ~ U(-1/sqrt(r), 1/sqrt(r))), so ΔW != 0 from the start.
 
@@ -222,7 +225,8 @@ class LoraConfig(JsonConfig):
     use_rslora: bool = field(default=False,
                              metadata={"help": "scaling = lora_alpha / sqrt(r) (rsLoRA)"})
     init_lora_weights: object = field(default=True,
-                                      metadata={"help": "True | False | gaussian | swap | pissa"})
+                                      metadata={"help": "True | False | gaussian | swap | pissa | "
+                                                        "loftq (4-bit bases only)"})
     bias: str = field(default="none", metadata={"help": "none | all | lora_only"})
     seed: int = field(default=0, metadata={"help": "seed of the factors' and dropout's RNG"})
 
@@ -274,3 +278,48 @@ def _normalize_lora_targets(targets) -> tuple:
 
 
 __all__ += ["LoraConfig", "LORA_TARGETS", "LORA_TARGET_ALIASES"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit base for QLoRA (see minilora/qlora.py and minilora/quant/)
+# ----------------------------------------------------------------------------------------------
+QUANT_TYPES_4BIT = ("nf4", "fp4", "int4")
+
+
+@dataclass(frozen=True)
+class QuantConfig(JsonConfig):
+    """How QLoRA stores the frozen base: which 4-bit code, block size, double quantisation.
+
+    The names follow minilora's quant package (bitsandbytes / transformers names in brackets).
+
+    Attributes:
+        quant_type: 4-bit code table, ``"nf4"`` (QLoRA's), ``"fp4"`` (E2M1) or ``"int4"``
+            [``bnb_4bit_quant_type``].
+        blocksize: weights per absmax block (64, as bitsandbytes and the paper).
+        double_quant: quantise the block scales to 8 bits as well, 4.127 instead of 4.5 bits
+            per weight at blocksize 64 [``bnb_4bit_use_double_quant`` / ``compress_statistics``].
+        loftq_iter: alternating steps T of the LoftQ initialisation (used only with
+            ``init_lora_weights="loftq"``); PEFT's ``LoftQConfig(loftq_iter=1)`` default is T = 1.
+        keep_dequantized: hold a float32 copy of every dequantised weight instead of rebuilding
+            it in each forward and backward pass (faster; gives up the memory saving).
+    """
+
+    quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4 | int4"})
+    blocksize: int = field(default=64, metadata={"help": "weights per absmax block"})
+    double_quant: bool = field(default=True, metadata={"help": "8-bit block scales"})
+    loftq_iter: int = field(default=5, metadata={"help": "LoftQ alternating steps T"})
+    keep_dequantized: bool = field(default=False,
+                                   metadata={"help": "cache the dequantised weights"})
+
+    def __post_init__(self):
+        if self.quant_type not in QUANT_TYPES_4BIT:
+            raise ConfigError(f"quant_type must be one of {', '.join(QUANT_TYPES_4BIT)}; "
+                              f"got {self.quant_type!r}")
+        _check_int("blocksize", self.blocksize)
+        _check_int("loftq_iter", self.loftq_iter)
+        for name in ("double_quant", "keep_dequantized"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+
+__all__ += ["QuantConfig"]

@@ -76,6 +76,7 @@ def _setup_lora(model, tok, config) -> MethodSetup:
 METHODS = {
     "full": "minilora.finetune:_setup_full",
     "lora": "minilora.finetune:_setup_lora",
+    "qlora": "minilora.qlora:setup_qlora",  # LoRA around a 4-bit (NF4) base; --init loftq
 }
 
 
@@ -163,6 +164,7 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     from minilora.config import TrainConfig
     from minilora.data import (encode_classification, encode_corpus, load_sentiment,
                                load_shakespeare, sample_rows)
+    from minilora.quant.linear import quantized_parameter_count
     from minilora.train import evaluate, fixed_batches, train
 
     setup_fn = method_setup(method)
@@ -172,7 +174,8 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     model, tok, _ = load_checkpoint(path)
     setup = setup_fn(model, tok, method_config)
     model = setup.model
-    total = model.num_parameters()  # the base's plus any the method added (as PEFT counts)
+    # the base's plus any the method added (as PEFT counts); 4-bit weights are not float params
+    total = model.num_parameters() + quantized_parameter_count(model)
     if not isinstance(train_config, TrainConfig):
         train_config = default_train_config(setup, eval_batches, **(train_config or {}))
     T, B = train_config.block_size, train_config.batch_size

@@ -152,7 +152,7 @@ class _LoRABase(Module):
 # LoRALinear
 # ----------------------------------------------------------------------------------------------
 class LoRALinearCache(NamedTuple):
-    base: tuple  # linear_forward cache of the base path: (x (..., d_in), W0, has_bias)
+    base: tuple  # _base_forward cache: (x (..., d_in) or None, W0, has_bias); 4-bit: (Q, has_bias)
     drop: object  # dropout mask (..., d_in) scaled by 1/(1-p), or None (no dropout)
     a: object  # linear_forward cache of h = x_drop @ A.T: (x_drop (..., d_in), A, False); None if merged
     b: object  # linear_forward cache of u = h @ B.T: (h (..., r), B, False); None if merged
@@ -214,6 +214,10 @@ class LoRALinear(_LoRABase):
         r = self.r
         np_ = backend.cpu_module()
         bound_a, bound_b = 1.0 / math.sqrt(d_in), 1.0 / math.sqrt(r)  # nn.Linear's kaiming(a=√5)
+        if init == "loftq":
+            raise LoRAError("init_lora_weights='loftq' needs a 4-bit base (it splits W0 into "
+                            "NF4 codes + a low-rank part): use minilora.qlora.inject_qlora or "
+                            "`minilora finetune --method qlora --init loftq`")
         if init == "pissa":
             A, B, residual = _pissa_factors(self.params["weight"], r, self.scaling)
             self.params["weight"] = backend.asarray(residual, dtype=self.params["weight"].dtype)
@@ -242,13 +246,27 @@ class LoRALinear(_LoRABase):
         delta_w *= self.scaling
         return delta_w
 
+    def _base_forward(self, x):
+        """The frozen path ``x @ W0.T + b`` -> (out, cache). QLoRA's layer
+        (:class:`minilora.qlora.QLoRALinear`) overrides this pair with a 4-bit W0."""
+        return ops.linear_forward(x, self.params["weight"], self.params.get("bias"),
+                                  keep_x=self.needs_grad("weight"))
+
+    def _base_backward(self, dout, cache, need_dx: bool):
+        """dx of the base path (None if not needed); accumulates dW0 / db only if they train."""
+        dx, dw, db = ops.linear_backward(dout, cache, need_dx=need_dx,
+                                         need_dw=self.needs_grad("weight"),
+                                         need_db=self.needs_grad("bias"))
+        self._accumulate("weight", dw)
+        self._accumulate("bias", db)
+        return dx
+
     def forward(self, x):
         """x (..., d_in) -> out (..., d_out), cache (:class:`LoRALinearCache`).
 
         While merged, W0 already holds ΔW and only the base path runs.
         """
-        out, c_base = ops.linear_forward(x, self.params["weight"], self.params.get("bias"),
-                                         keep_x=self.needs_grad("weight"))
+        out, c_base = self._base_forward(x)
         if self.merged:
             return out, LoRALinearCache(c_base, None, None, None)
         p = self.lora_dropout if self.training else 0.0
@@ -269,11 +287,7 @@ class LoRALinear(_LoRABase):
         dx = dout @ W0 + dropout_backward(dh @ A)
         The frozen W0 costs only its dx matmul: no dW buffer, no dW matmul.
         """
-        dx, dw, db = ops.linear_backward(dout, cache.base, need_dx=need_dx,
-                                         need_dw=self.needs_grad("weight"),
-                                         need_db=self.needs_grad("bias"))
-        self._accumulate("weight", dw)
-        self._accumulate("bias", db)
+        dx = self._base_backward(dout, cache.base, need_dx)
         self._check_backward(cache.a is not None)
         if cache.a is None:
             return dx

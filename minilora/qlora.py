@@ -1,0 +1,457 @@
+"""QLoRA: LoRA factors in float32 around a frozen base held only as 4-bit codes; LoftQ init.
+
+QLoRA (Dettmers et al. 2023, Eq. 5-6) in minilora's layout::
+
+    W_hat = doubleDequant(c1, c2, W_NF4)                       (d_out, d_in), per call
+    out   = x @ W_hat.T + b + scaling * (dropout(x) @ A.T) @ B.T
+    dx    = dout @ W_hat + (LoRA's dx)                         W_hat dequantised again
+    dA, dB as in LoRA; no dW (the codes are frozen)
+
+:class:`QLoRALinear` *is* :class:`minilora.lora.LoRALinear` (the same A/B maths, dropout,
+scaling, init, adapter files); only the base path differs: a
+:class:`minilora.quant.linear.QuantWeight` dequantised on the fly instead of a float W0.
+
+:func:`inject_qlora` quantises every block linear of the base (as :mod:`minilora.quant.model_quant`
+does: q, k, v, o, up, down; embeddings, LM head, LayerNorms and biases stay float32) and wraps
+the ``target_modules`` with LoRA.
+
+**LoftQ** (Li et al. 2023, Algorithm 1), :func:`loftq_init`: instead of quantising W and
+starting with B A = 0, alternate
+
+    Q_t          = quant(W - scaling * B_{t-1} A_{t-1})          (B_0 A_0 = 0)
+    R_t          = W - dequant(Q_t)
+    U S Vh       = svd(R_t)
+    A_t, B_t     = sqrt(S_r / scaling) Vh_r,  U_r sqrt(S_r / scaling)
+
+so that ``dequant(Q_T) + scaling * B_T A_T`` approximates W better than ``dequant(quant(W))``.
+Each factor gets sqrt(S), as in PEFT's ``_low_rank_decomposition`` (``L = U sqrt(S)``,
+``R = sqrt(S) Vh``, lora_B = L, lora_A = R). PEFT does *not* divide by scaling, so its
+initialisation reproduces W only when lora_alpha == r; we divide (as PEFT's and our PiSSA do),
+so it holds for any lora_alpha. PEFT quantises without double quantisation inside the loop; we
+use the layer's own options, so the loop sees exactly the base the model will use.
+
+Chapter: chapters/qlora.ipynb
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+from minilora import backend
+from minilora.backend import xp
+from minilora.config import ConfigError, LoraConfig, QuantConfig
+from minilora.lora import (LoRAError, LoRALinear, _pissa_factors, load_lora_state_dict,
+                           lora_layers, lora_state_dict, mark_only_lora_as_trainable)
+from minilora.nn.layers import Linear, Module
+from minilora.quant.linear import (QuantLinear, QuantWeight, check_finite_weight,
+                                   quant_linear_backward, quant_linear_forward, quant_weights,
+                                   quantized_parameter_count)
+from minilora.quant.model_quant import QUANT_TARGETS
+
+QLORA_ADAPTER_FORMAT = "minilora-qlora-adapter-v1"
+
+
+# ----------------------------------------------------------------------------------------------
+# the layer
+# ----------------------------------------------------------------------------------------------
+class QLoRALinear(LoRALinear):
+    """:class:`~minilora.lora.LoRALinear` over a frozen 4-bit weight.
+
+    out = x @ dequant(Q).T + b + scaling * (dropout(x) @ A.T) @ B.T       (..., d_out)
+
+    Parameters: ``lora_A`` (r, d_in), ``lora_B`` (d_out, r) (float32, trainable) and the base's
+    ``bias`` (d_out,) (adopted from the :class:`QuantLinear`). The weight is ``qweight``, not a
+    parameter. Merging is refused: folding ΔW into 4-bit codes means re-quantising W0 + ΔW,
+    which changes the outputs (PEFT warns about this); evaluate unmerged instead.
+
+    Args:
+        base: the :class:`QuantLinear` to wrap. The other arguments are LoRALinear's;
+        ``init_lora_weights`` may not be "pissa" (needs a float W0) or "loftq" (use
+        :func:`loftq_init` / :func:`inject_qlora`, which also choose the codes).
+
+    Chapter: chapters/qlora.ipynb
+    """
+
+    kind = "QLoRALinear"
+
+    def __init__(self, base: QuantLinear, r: int, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, init_lora_weights=True,
+                 rng=0, dropout_rng=None):
+        if not isinstance(base, QuantLinear):
+            raise TypeError(f"QLoRALinear wraps a QuantLinear (4-bit weight), got "
+                            f"{type(base).__name__}; wrap a float Linear with LoRALinear")
+        if init_lora_weights in ("pissa", "loftq"):
+            raise LoRAError(f"QLoRALinear: init_lora_weights={init_lora_weights!r} must be done "
+                            "before quantising (it changes W0); use inject_qlora with "
+                            "init_lora_weights='loftq', or LoRALinear for 'pissa'")
+        # LoRALinear's checks and factor init need only W0's shape and dtype: it is given a
+        # float Linear of the dequantised weight, which is dropped again right after.
+        super().__init__(Linear(base.qweight.dequantize(), base.params.get("bias")), r,
+                         lora_alpha, lora_dropout, use_rslora, init_lora_weights, rng,
+                         dropout_rng)
+        del self.params["weight"]
+        self.qweight = base.qweight
+
+    @property
+    def d_in(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.qweight.shape[0]
+
+    def _base_forward(self, x):
+        """``x @ dequant(Q).T + b``; the cache keeps the packed weight, not its float copy."""
+        return quant_linear_forward(x, self.qweight, self.params.get("bias"))
+
+    def _base_backward(self, dout, cache, need_dx: bool):
+        """``dx = dout @ dequant(Q)`` (dequantised again) and db if the bias trains; no dW."""
+        dx, db = quant_linear_backward(dout, cache, need_dx, self.needs_grad("bias"))
+        self._accumulate("bias", db)
+        return dx
+
+    def merge(self, safe_merge: bool = False) -> None:
+        raise LoRAError("QLoRALinear cannot merge: W0 is stored as 4-bit codes, and folding ΔW "
+                        "in would re-quantise W0 + ΔW (a different model). Run the adapter "
+                        "unmerged, or dequantise the base into a float LoRA model first")
+
+
+# ----------------------------------------------------------------------------------------------
+# LoftQ
+# ----------------------------------------------------------------------------------------------
+class LoftQResult(NamedTuple):
+    """What :func:`loftq_init` returns.
+
+    Attributes:
+        qweight: the 4-bit Q_T (:class:`QuantWeight`).
+        A: (r, d_in) and B: (d_out, r) float64 NumPy factors, scaling * B A ~ W - dequant(Q_T).
+        residual_norms: [||W - dequant(Q_t) - scaling B_t A_t||_F for t = 1..T].
+        quant_error_norm: ||W - dequant(quant(W))||_F, the plain QLoRA start (B A = 0).
+        weight_norm: ||W||_F (to make the norms relative).
+    """
+    qweight: QuantWeight
+    A: object
+    B: object
+    residual_norms: list
+    quant_error_norm: float
+    weight_norm: float
+
+
+def loftq_init(w, r: int, n_iter: int = 5, quant_type: str = "nf4", blocksize: int = 64,
+               double_quant: bool = True, scaling: float = 1.0, name: str = "weight"):
+    """LoftQ: alternate 4-bit quantisation and a rank-r SVD of the residual (Algorithm 1).
+
+        t = 1..T:  Q_t = quant(W - s B_{t-1} A_{t-1});   R_t = W - dequant(Q_t)
+                   A_t = sqrt(S_r / s) Vh_r,  B_t = U_r sqrt(S_r / s)   (svd of R_t)
+        residual_t = ||W - dequant(Q_t) - s B_t A_t||_F = sqrt(sum_{i > r} S_i^2)
+
+    T = 1 is "quantise as QLoRA does, then put the top-r part of the quantisation error into
+    the adapter". The SVD runs on the CPU in float64; the quantisation on ``xp`` in float32.
+
+    Args:
+        w: (d_out, d_in) finite float weight W.
+        r: rank, 1 <= r <= min(d_out, d_in).
+        n_iter: T >= 1.
+        quant_type, blocksize, double_quant: the 4-bit format of Q.
+        scaling: the LoRA layer's scaling s (lora_alpha / r); the factors are divided by it
+            so that ``s * B @ A`` is the low-rank part.
+        name: used in error messages.
+    Returns:
+        :class:`LoftQResult`.
+
+    Chapter: chapters/qlora.ipynb
+    """
+    np_ = backend.cpu_module()
+    w = check_finite_weight(w, name)
+    d_out, d_in = w.shape
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(d_out, d_in):
+        raise ValueError(f"LoftQ rank r must be an integer in [1, min(d_out, d_in) = "
+                         f"{min(d_out, d_in)}] for {name} {tuple(w.shape)}; got {r!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"LoftQ n_iter must be an integer >= 1; got {n_iter!r}")
+    if not (isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling > 0):
+        raise ValueError(f"scaling must be a positive finite number; got {scaling!r}")
+    w64 = np_.asarray(backend.to_numpy(w), dtype=np_.float64)
+    lowrank = np_.zeros_like(w64)  # s B A, (d_out, d_in)
+    residuals, quant_error = [], None
+    A = B = q = None
+    for _ in range(n_iter):
+        q = QuantWeight.quantize(backend.asarray(w64 - lowrank, dtype="float32"), quant_type,
+                                 blocksize, double_quant, name=name)
+        r_t = w64 - backend.to_numpy(q.dequantize()).astype(np_.float64)  # R_t = W - deq(Q_t)
+        if quant_error is None:
+            quant_error = float(np_.linalg.norm(r_t))
+        A, B, rest = _pissa_factors(r_t, r, scaling)  # rest = R_t - s B A
+        lowrank = r_t - rest
+        residuals.append(float(np_.linalg.norm(rest)))
+    return LoftQResult(q, A, B, residuals, quant_error, float(np_.linalg.norm(w64)))
+
+
+# ----------------------------------------------------------------------------------------------
+# whole model
+# ----------------------------------------------------------------------------------------------
+def _block_linears(model: Module) -> list:
+    """Names of the block linears a 4-bit base quantises (tree order)."""
+    return [n for n, m in model.named_modules()
+            if n.startswith("blocks.") and n.rsplit(".", 1)[-1] in QUANT_TARGETS
+            and isinstance(m, Linear)]
+
+
+def _digest(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(backend.to_numpy(a).tobytes())
+    return h.hexdigest()
+
+
+def inject_qlora(model: Module, config: LoraConfig, quant: QuantConfig | None = None) -> dict:
+    """Quantise every block linear of ``model`` to 4 bits and wrap the targets with LoRA.
+
+    Non-target block linears become :class:`QuantLinear` (frozen, 4-bit); targets become
+    :class:`QLoRALinear`. Factors for the default inits are drawn from one CPU generator seeded
+    with ``config.seed`` in tree order, exactly as :func:`minilora.lora.inject_lora` draws them,
+    so a LoRA and a QLoRA model built with one config start from the same A. With
+    ``init_lora_weights="loftq"`` each target runs :func:`loftq_init` (T = ``quant.loftq_iter``)
+    and starts with ``dequant(Q_T) + scaling B A`` instead of ``dequant(quant(W))``.
+
+    Args:
+        model: a float :class:`minilora.model.GPT` without LoRA layers.
+        config: the LoRA config; targets must be block linears (q, k, v, o, up, down).
+        quant: the 4-bit format (default :class:`QuantConfig`: NF4, blocksize 64, double quant).
+    Returns:
+        report dict: trainable / total float parameters, quantized_params, targets, bytes
+        (float32 weights before, 4-bit bytes after), mean relative quantisation error, the
+        digests of the float base and of the codes (for adapter files), and for LoftQ the
+        per-layer residual norms.
+    Raises:
+        LoRAError: LoRA layers already present, or a target outside the blocks;
+        ValueError: NaN/inf weights (naming the layer); ConfigError: a bad rank.
+
+    Chapter: chapters/qlora.ipynb
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+    quant = quant or QuantConfig()
+    if not isinstance(quant, QuantConfig):
+        raise TypeError(f"quant must be a QuantConfig, got {type(quant).__name__}")
+    if lora_layers(model) or quant_weights(model):
+        raise LoRAError("the model already has LoRA or 4-bit layers; inject_qlora needs the "
+                        "float base model (load it again)")
+    outside = [t for t in config.target_modules if t not in QUANT_TARGETS]
+    if outside:
+        raise LoRAError(f"QLoRA adapts the 4-bit block linears {', '.join(QUANT_TARGETS)}; "
+                        f"{outside} stay float32 in the base (embeddings and LM head are not "
+                        "quantised): use --method lora for them")
+    if config.init_lora_weights == "pissa":
+        raise LoRAError("init_lora_weights='pissa' is not available for QLoRA (use 'loftq', "
+                        "the quantisation-aware split of W0)")
+    modules = dict(model.named_modules())
+    names = _block_linears(model)
+    if not names:
+        raise LoRAError("the model has no block linears (blocks.*.attn.q/k/v/o, mlp.up/down) "
+                        "to quantise")
+    for name in names:  # every check before anything changes
+        check_finite_weight(modules[name].params["weight"], f"{name}.weight")
+    base_digest = _digest(modules[n].params["weight"] for n in names)
+    targets = [n for n in names if n.rsplit(".", 1)[-1] in config.target_modules]
+    rng = backend.cpu_rng(config.seed)
+    loftq = config.init_lora_weights == "loftq"
+    np_ = backend.cpu_module()
+    float_bytes = q_bytes = 0
+    err2 = norm2 = 0.0
+    residuals = {}
+    for name in names:
+        old = modules[name]
+        w = old.params["weight"]
+        float_bytes += 4 * int(w.size)
+        if loftq and name in targets:
+            res = loftq_init(w, config.r, quant.loftq_iter, quant.quant_type, quant.blocksize,
+                             quant.double_quant, config.scaling, name=f"{name}.weight")
+            qweight = res.qweight
+            residuals[name] = {"weight_norm": res.weight_norm,
+                               "quant_error_norm": res.quant_error_norm,
+                               "residual_norms": res.residual_norms}
+        else:
+            qweight = QuantWeight.quantize(w, quant.quant_type, quant.blocksize,
+                                           quant.double_quant, name=f"{name}.weight")
+        qweight.keep_dequantized = quant.keep_dequantized
+        w_hat = qweight.dequantize()
+        err2 += float(xp.sum((w_hat - w.astype(w_hat.dtype)) ** 2))
+        norm2 += float(xp.sum(w.astype(xp.float64) ** 2))
+        q_bytes += qweight.nbytes()["packed"] + qweight.nbytes()["scales"]
+        new = QuantLinear(qweight, old.params.get("bias"))
+        if name in targets:
+            new = QLoRALinear(new, config.r, config.lora_alpha, config.lora_dropout,
+                              config.use_rslora, True if loftq else config.init_lora_weights,
+                              rng=rng)
+            if loftq:
+                new.params["lora_A"] = backend.asarray(res.A, dtype=new.params["lora_A"].dtype)
+                new.params["lora_B"] = backend.asarray(res.B, dtype=new.params["lora_B"].dtype)
+        parent, _, child = name.rpartition(".")
+        modules[parent].replace(child, new)
+    mark_only_lora_as_trainable(model, config.bias)
+    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
+    report = {
+        "trainable": trainable, "total_float": total,
+        "quantized_params": quantized_parameter_count(model), "targets": targets,
+        "quantized_layers": len(names), "base_weight_bytes_float32": float_bytes,
+        "base_weight_bytes_4bit": q_bytes, "bits_per_quantized_param": 8 * q_bytes / (float_bytes / 4),
+        "relative_quant_error": math.sqrt(err2 / norm2),
+        "base_digest": base_digest, "quant_digest": quant_digest(model),
+    }
+    if loftq:
+        report["loftq"] = {"n_iter": quant.loftq_iter, "layers": residuals,
+                           "mean_relative_residual": [
+                               float(np_.mean([v["residual_norms"][t] / v["weight_norm"]
+                                               for v in residuals.values()]))
+                               for t in range(quant.loftq_iter)],
+                           "mean_relative_quant_error": float(np_.mean(
+                               [v["quant_error_norm"] / v["weight_norm"]
+                                for v in residuals.values()]))}
+    return report
+
+
+def quant_digest(model: Module) -> str:
+    """sha256 over every 4-bit layer's codes and scales (tree order, names included)."""
+    h = hashlib.sha256()
+    for name, q in quant_weights(model).items():
+        h.update(name.encode())
+        h.update(q.digest().encode())
+    return h.hexdigest()
+
+
+def save_qlora_adapter(path, model: Module, config: LoraConfig, quant: QuantConfig,
+                       base_digest: str | None = None) -> None:
+    """Write the adapter alone (LoRA factors + selected biases) and how to rebuild the base.
+
+    The JSON header holds the LoraConfig, the QuantConfig, the model config, and two sha256
+    digests: of the float base weights that were quantised (``base_digest``, from
+    :func:`inject_qlora`'s report) and of the resulting codes (``quant_digest``). Quantisation
+    (and LoftQ) is deterministic, so :func:`load_qlora_adapter` rebuilds the same 4-bit base from
+    the same float base and checks both. Atomic, via :func:`minilora.checkpoint.save_arrays`.
+
+    Chapter: chapters/qlora.ipynb
+    """
+    from minilora.checkpoint import save_arrays
+
+    layers = lora_layers(model)
+    if not layers or not all(isinstance(m, QLoRALinear) for m in layers.values()):
+        raise LoRAError("save_qlora_adapter: the model has no QLoRA layers (use inject_qlora; "
+                        "a float LoRA model is saved with save_adapter)")
+    meta = {"format": QLORA_ADAPTER_FORMAT, "lora_config": config.to_dict(),
+            "quant_config": quant.to_dict(), "targets": list(layers),
+            "base_digest": base_digest, "quant_digest": quant_digest(model)}
+    model_config = getattr(model, "config", None)
+    if model_config is not None and hasattr(model_config, "to_dict"):
+        meta["model_config"] = model_config.to_dict()
+    save_arrays(path, lora_state_dict(model, config.bias), meta)
+
+
+def load_qlora_adapter(path, base_path=None):
+    """Rebuild the 4-bit base from the float base checkpoint and load the adapter into it.
+
+    Args:
+        path: a file from :func:`save_qlora_adapter`.
+        base_path: the float base checkpoint (default: the shipped base model).
+    Returns:
+        (model, tokenizer, LoraConfig, QuantConfig).
+    Raises:
+        CheckpointError: not a QLoRA adapter, or the rebuilt base differs (another base
+        checkpoint, or a quantisation that did not reproduce the codes).
+
+    Chapter: chapters/qlora.ipynb
+    """
+    from minilora.checkpoint import CheckpointError, base_model_path, load_arrays, load_checkpoint
+
+    arrays, meta = load_arrays(path)
+    if meta.get("format") != QLORA_ADAPTER_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a minilora QLoRA adapter (format "
+                              f"{meta.get('format')!r}, expected {QLORA_ADAPTER_FORMAT!r})")
+    try:
+        config = LoraConfig.from_dict(meta["lora_config"])
+        quant = QuantConfig.from_dict(meta["quant_config"])
+    except (KeyError, ConfigError, TypeError) as e:
+        raise CheckpointError(f"QLoRA adapter {str(path)!r} has an invalid config: {e}") from None
+    base = base_path or base_model_path()
+    model, tok, _ = load_checkpoint(base)
+    report = inject_qlora(model, config, quant)
+    if meta.get("base_digest") not in (None, report["base_digest"]):
+        raise CheckpointError(f"QLoRA adapter {str(path)!r} was trained on another base: the "
+                              f"float weights of {str(base)!r} do not match its base_digest")
+    if meta.get("quant_digest") != report["quant_digest"]:
+        raise CheckpointError(f"QLoRA adapter {str(path)!r}: the 4-bit base rebuilt from "
+                              f"{str(base)!r} differs from the one it was trained on "
+                              "(quant_digest mismatch)")
+    load_lora_state_dict(model, arrays)
+    return model, tok, config, quant
+
+
+def setup_qlora(model, tok, config):
+    """``finetune`` method "qlora": the float base quantised to 4 bits, LoRA around it.
+
+    ``config`` is None (LoRA r=8, alpha 16 on q, v, as method "lora"; NF4 + double quant), a
+    :class:`LoraConfig` (default QuantConfig), or a ``(LoraConfig, QuantConfig)`` pair.
+    """
+    from minilora.finetune import MethodSetup
+
+    lora_cfg, quant = config if isinstance(config, tuple) else (config, None)
+    lora_cfg = lora_cfg or LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"))
+    quant = quant or QuantConfig()
+    if not isinstance(lora_cfg, LoraConfig) or not isinstance(quant, QuantConfig):
+        raise TypeError("method 'qlora' needs a LoraConfig or a (LoraConfig, QuantConfig) pair; "
+                        f"got {type(config).__name__}")
+    report = inject_qlora(model, lora_cfg, quant)
+
+    def save(out: Path) -> str:
+        save_qlora_adapter(out / "adapter.safetensors", model, lora_cfg, quant,
+                           report["base_digest"])
+        return "adapter.safetensors"
+    summary = {k: v for k, v in report.items() if k != "loftq"}
+    if "loftq" in report:
+        summary["loftq"] = {k: v for k, v in report["loftq"].items() if k != "layers"}
+    return MethodSetup(model, {"lora": lora_cfg.to_dict(), "quant": quant.to_dict(),
+                               "base": summary}, save, 5e-3, 5e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# the LoftQ residual study (results/quant/loftq_residuals.json)
+# ----------------------------------------------------------------------------------------------
+def loftq_residual_study(model: Module, ranks=(4, 8, 16), n_iter: int = 10,
+                         quant: QuantConfig | None = None, scaling: float = 1.0) -> dict:
+    """Residual norm per LoftQ iteration for every block linear of ``model``, for each rank.
+
+    Returns a JSON-able dict: the settings, and per rank the per-layer
+    ``residual_norms`` / ``quant_error_norm`` / ``weight_norm`` and the mean relative residual
+    per iteration (t = 0 is plain quantisation, B A = 0).
+
+    Chapter: chapters/qlora.ipynb
+    """
+    np_ = backend.cpu_module()
+    quant = quant or QuantConfig()
+    modules = dict(model.named_modules())
+    out = {"quant_config": quant.to_dict(), "n_iter": n_iter, "scaling": scaling,
+           "ranks": {}}
+    for r in ranks:
+        layers = {}
+        for name in _block_linears(model):
+            res = loftq_init(modules[name].params["weight"], r, n_iter, quant.quant_type,
+                             quant.blocksize, quant.double_quant, scaling, name=name)
+            layers[name] = {"weight_norm": res.weight_norm,
+                            "quant_error_norm": res.quant_error_norm,
+                            "residual_norms": res.residual_norms}
+        rel = np_.array([[v["quant_error_norm"] / v["weight_norm"]]
+                         + [x / v["weight_norm"] for x in v["residual_norms"]]
+                         for v in layers.values()])  # (layers, 1 + T)
+        out["ranks"][str(r)] = {"layers": layers,
+                                "mean_relative_residual": rel.mean(axis=0).tolist(),
+                                "monotone_layers": int(sum(
+                                    all(b <= a * (1 + 1e-9) for a, b in zip(row[1:], row[2:]))
+                                    for row in rel)),
+                                "n_layers": len(layers)}
+    return out
+
+
+__all__ = ["QLoRALinear", "LoftQResult", "loftq_init", "inject_qlora", "quant_digest",
+           "save_qlora_adapter", "load_qlora_adapter", "setup_qlora", "loftq_residual_study"]
