@@ -36,12 +36,17 @@ class MethodSetup(NamedTuple):
         save: ``f(out_dir: Path)`` writing the trained weights (atomically) into ``out_dir``;
             returns the file name written.
         lr, min_lr: the method's default peak and final learning rates.
+        base_model: the untouched base, for methods that leave it intact but change the outputs
+            at step 0 (prefix / prompt tuning wrap it): the ``*_base`` figures are measured on
+            it and the method's step-0 figures are reported as ``*_init``. None: ``model`` at
+            step 0 is the base (LoRA's B = 0, zero-up adapters, BitFit).
     """
     model: object
     config: dict | None
     save: Callable
     lr: float
     min_lr: float
+    base_model: object = None
 
 
 def _setup_full(model, tok, config) -> MethodSetup:
@@ -77,6 +82,11 @@ METHODS = {
     "full": "minilora.finetune:_setup_full",
     "lora": "minilora.finetune:_setup_lora",
     "qlora": "minilora.qlora:setup_qlora",  # LoRA around a 4-bit (NF4) base; --init loftq
+    # the other PEFT methods of the taxonomy (minilora/peft_methods.py)
+    "adapter": "minilora.peft_methods:setup_adapter",
+    "prefix": "minilora.peft_methods:setup_prefix",
+    "prompt": "minilora.peft_methods:setup_prompt",
+    "bitfit": "minilora.peft_methods:setup_bitfit",
 }
 
 
@@ -186,8 +196,8 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
         tr, te = encode_corpus(train_text, tok), encode_corpus(test_text, tok)
         task_batches = fixed_batches(te, eval_batches, B, T, seed=12345)
 
-        def score():
-            return evaluate(model, task_batches)
+        def score(m):
+            return evaluate(m, task_batches)
         batch_fn, metric = None, "test loss (nats/char)"
     else:
         d = load_sentiment()
@@ -195,16 +205,19 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
         Xtr, Ytr = encode_classification(d["train"], tok, T)
         Xte, Yte = encode_classification(d["test"][:eval_examples], tok, T)
 
-        def score():
-            return classification_accuracy(model, Xte, Yte)
+        def score(m):
+            return classification_accuracy(m, Xte, Yte)
 
         def batch_fn(rng):
             return sample_rows(Xtr, Ytr, B, rng)
         metric = "test accuracy"
-    task0, sh0 = score(), evaluate(model, sh_batches)
+    base_model = model if setup.base_model is None else setup.base_model
+    task0, sh0 = score(base_model), evaluate(base_model, sh_batches)
+    init = {} if base_model is model else {"task_metric_init": score(model),
+                                           "shakespeare_loss_init": evaluate(model, sh_batches)}
     hist = train(model, tok, tr, None, train_config, out_dir=None, progress=progress,
                  batch_fn=batch_fn)  # evaluated below, before and after alike
-    task1, sh1 = score(), evaluate(model, sh_batches)
+    task1, sh1 = score(model), evaluate(model, sh_batches)
     memory = None
     if measure_memory:  # one more (lr = 0) step on a training batch, weights left as they are
         from minilora.backend import cpu_rng
@@ -223,7 +236,7 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
         "metric": metric, "task_metric_base": task0, "task_metric": task1,
         **({"task_loss_base": task0, "task_loss": task1} if task in LM_TASKS
            else {"accuracy_base": task0, "accuracy": task1, "test_examples": len(Xte)}),
-        "shakespeare_loss_base": sh0, "shakespeare_loss": sh1, "forgetting": sh1 - sh0,
+        "shakespeare_loss_base": sh0, "shakespeare_loss": sh1, "forgetting": sh1 - sh0, **init,
         "trainable_params": trainable, "total_params": total,
         "optimizer_state_bytes": 2 * 4 * trainable,
         "memory": memory,

@@ -422,7 +422,7 @@ def _run_demo_once(ckpt, ids, budget_bytes, page_bytes, bandwidth, steps, spike_
 
 
 def paged_demo(out: str | Path | None = "results/paged/trace.json", steps: int = 10,
-               spike_steps=(5,), batch_size: int = 2, block_size: int = 64,
+               spike_steps=(3, 7), batch_size: int = 2, block_size: int = 64,
                spike_block_size: int = 128, page_bytes: int = PAGE_BYTES,
                bandwidth_bytes_per_s: float = PCIE_BYTES_PER_S, budget_bytes: int | None = None,
                lr: float = 3e-4, seed: int = 0, ckpt=None, log=print) -> dict:
@@ -525,7 +525,8 @@ def fig_paged(results: Path, figures: Path) -> list[Path]:
     ax.axhline(run["budget_bytes"] / mib, color="k", ls="--", lw=1, label="device budget")
     ax.set_ylabel("MiB at the step's peak")
     ax.set_title("Paged AdamW: a long-sequence batch pushes optimizer state to the host")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, max(t + h for t, h in zip(top, host)) * 1.45)
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     bx.bar([s - 0.2 for s in steps], [r["page_outs"] for r in recs], width=0.4,
            color="tab:red", label="page-outs (device -> host)")
     bx.bar([s + 0.2 for s in steps], [r["page_ins"] for r in recs], width=0.4,
@@ -537,8 +538,8 @@ def fig_paged(results: Path, figures: Path) -> list[Path]:
     page_mib = data["config"]["page_bytes"] / mib
     bw = data["config"]["bandwidth_bytes_per_s"] / 1e9
     bx.set_ylabel(f"pages ({page_mib:g} MiB)")
-    bx.set_xlabel(f"step (spike at {', '.join(map(str, data['config']['spike_steps']))}; "
-                  f"modelled time at {bw:g} GB/s)")
-    bx.set_xticks(steps)
-    bx.legend(fontsize=8)
+    bx.set_xlabel(f"step and window length T (modelled transfer time at {bw:g} GB/s)")
+    bx.set_xticks(steps, [f"{r['step']}\nT={r['T']}" for r in recs], fontsize=8)
+    bx.set_ylim(0, max([1] + [max(r["page_ins"], r["page_outs"]) for r in recs]) * 1.6)
+    bx.legend(fontsize=8, loc="upper left", ncol=2)
     return [save_figure(fig, Path(figures) / "paged_trace.png")]

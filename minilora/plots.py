@@ -80,6 +80,7 @@ FIGURES = {
     "base_pretrain": "minilora.plots:fig_base_pretrain",
     "quant_error_vs_blocksize": "minilora.quant.compare:fig_error_vs_blocksize",
     "quant_code_histogram": "minilora.quant.compare:fig_code_histogram",
+    "paged": "minilora.paged:fig_paged",
 }
 
 

@@ -232,3 +232,34 @@ def test_cupy_state_is_managed_memory_and_matches_numpy():
             np.testing.assert_allclose(backend.to_numpy(q), p, rtol=1e-8, atol=1e-12, err_msg=n)
     finally:
         backend.set_backend("numpy")
+
+
+def test_cli_paged_demo_and_its_figure(tmp_path, capsys):
+    from minilora.cli import main
+    from minilora.plots import make_figures
+
+    res = tmp_path / "results"
+    out = res / "paged" / "trace.json"
+    rc = main(["paged-demo", "--steps", "3", "--spike-steps", "1", "--batch-size", "1",
+               "--block-size", "16", "--spike-block-size", "48", "--page-kib", "256",
+               "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.exists()
+    assert "losses identical with and without paging: True" in text and "tight: budget" in text
+    done = make_figures(["paged"], res, tmp_path / "fig", log=lambda s: None)
+    png = tmp_path / "fig" / "paged_trace.png"
+    assert done["paged"] == [str(png)] and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--spike-steps", "x"], "--spike-steps must be"),
+    (["--steps", "3", "--spike-steps", "5"], "spike steps in"),
+    (["--budget-mb", "1"], "cannot absorb it"),
+    (["--page-kib", "0"], "page_bytes must be"),
+])
+def test_cli_paged_demo_bad_input_is_one_line(argv, match, capsys):
+    from minilora.cli import main
+
+    rc = main(["paged-demo", "--out", "", "--block-size", "16", "--spike-block-size", "32"] + argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and "Traceback" not in err
