@@ -9,6 +9,8 @@
     minilora quantize                  NF4 (+ double quantisation) checkpoint, bit account, error
     minilora results                   the fine-tuning results table (every method x task)
     minilora figures                   every figure in figures/, made from the saved results/
+    minilora adapter merge|export-peft|import-peft|claim   adapter files; the many-adapter claim
+    minilora score --adapter A --adapter B --task milton   several adapters in one mixed batch
     minilora paged-demo                paged AdamW on a simulated GPU: a long batch pages state out
 
 Every command has ``--help`` with examples. Errors the user can fix (a bad flag value, a missing
@@ -112,14 +114,43 @@ def cmd_pretrain(args):
         print(f"weights-only copy written to {args.export}")
 
 
+def _adapter_registry(model, paths):
+    """An AdapterRegistry on ``model`` holding the adapter files ``paths``; returns (registry,
+    labels). A label is the file stem, or the folder name for finetune's ``adapter.safetensors``."""
+    from minilora.multi_adapter import AdapterRegistry
+
+    reg, labels = AdapterRegistry(model), []
+    for path in paths:
+        p = Path(path)
+        label = p.parent.name if p.stem == "adapter" and p.parent.name else p.stem
+        base, k = label, 2
+        while label in labels:
+            label, k = f"{base}#{k}", k + 1
+        reg.load(label, p)
+        labels.append(label)
+    return reg, labels
+
+
 def cmd_sample(args):
     from minilora.sample import sample_text
 
     _use_backend(args)
     model, tok, _ = _load(args.ckpt)
-    text = sample_text(model, tok, args.prompt.replace("\\n", "\n"), args.max_new_tokens,
-                       args.temperature, args.top_k, args.seed)
-    print(text)
+    prompt = args.prompt.replace("\\n", "\n")
+    if not args.adapter:
+        print(sample_text(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                          args.seed))
+        return
+    from minilora.multi_adapter import generate_mixed
+
+    reg, labels = _adapter_registry(model, args.adapter)
+    texts = generate_mixed(reg, tok, prompt, labels, args.max_new_tokens, args.temperature,
+                           args.top_k, args.seed)
+    if len(texts) == 1:
+        print(texts[0])
+        return
+    for label, text in zip(labels, texts):
+        print(f"=== {label} ===\n{text}\n")
 
 
 def cmd_gradcheck(args):
@@ -252,6 +283,158 @@ def cmd_tour(args):
     from minilora.tour import run_tour
     _use_backend(args)
     run_tour(fast=args.fast)
+
+
+def cmd_score(args):
+    from minilora.multi_adapter import format_scores, score_adapters
+
+    _use_backend(args)
+    model, tok, _ = _load(args.ckpt)
+    reg, labels = _adapter_registry(model, args.adapter or [])
+    adapters = ([] if args.no_base else [None]) + labels
+    if not adapters:
+        raise UsageError("nothing to score: give --adapter FILE (or leave out --no-base)")
+    res = score_adapters(reg, tok, args.task, adapters, args.eval_batches, args.batch_size,
+                         args.block_size, args.eval_examples)
+    print(format_scores(args.task, res))
+
+
+def cmd_adapter_merge(args):
+    from minilora.checkpoint import base_model_path, save_checkpoint
+    from minilora.lora import load_adapter
+    from minilora.multi_adapter import merge_and_unload
+
+    _use_backend(args)
+    model, tok, _ = _load(args.base)
+    config = load_adapter(args.adapter, model)
+    merge_and_unload(model)
+    save_checkpoint(args.out, model, tok, extra={
+        "merged_adapter": str(args.adapter), "lora_config": config.to_dict(),
+        "base": str(args.base or base_model_path())})
+    print(f"merged {args.adapter} (r={config.r}, targets {','.join(config.target_modules)}) into "
+          f"the base: {model.num_parameters():,} parameters written to {args.out}")
+
+
+def cmd_adapter_export_peft(args):
+    from minilora.checkpoint import base_model_path
+    from minilora.lora import load_adapter
+    from minilora.peft_format import CONFIG_NAME, WEIGHTS_NAME, export_peft
+
+    _use_backend(args)
+    model, _, _ = _load(args.base)
+    config = load_adapter(args.adapter, model)
+    out = export_peft(args.out, model, config, str(args.base or base_model_path()))
+    print(f"written: {out / WEIGHTS_NAME} and {out / CONFIG_NAME}")
+
+
+def cmd_adapter_import_peft(args):
+    from minilora.lora import save_adapter
+    from minilora.peft_format import import_peft
+
+    _use_backend(args)
+    model, _, _ = _load(args.base)
+    config = import_peft(args.peft_dir, model)
+    save_adapter(args.out, model, config)
+    print(f"imported {args.peft_dir} (r={config.r}, targets {','.join(config.target_modules)}); "
+          f"written: {args.out}")
+
+
+def cmd_adapter_claim(args):
+    from minilora.multi_adapter import run_claim
+
+    _use_backend(args)
+    run_claim(args.out, tuple(t for t in args.tasks.split(",") if t), args.steps, args.r,
+              args.alpha, eval_batches=args.eval_batches, eval_examples=args.eval_examples,
+              runs_dir=args.runs, progress=not args.no_progress)
+
+
+def _add_adapter_parsers(sub):
+    """``minilora adapter ...`` and ``minilora score``."""
+    a = sub.add_parser("adapter", help="adapter files: merge into a checkpoint, PEFT format, claim",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora adapter merge runs/milton/adapter.safetensors --out runs/milton-merged.safetensors
+              minilora adapter export-peft runs/milton/adapter.safetensors --out runs/milton-peft
+              minilora adapter import-peft runs/milton-peft --out runs/milton2.safetensors
+              minilora adapter claim --out results/multi_adapter      # ~10 min on 2 CPU cores
+            """))
+    a.set_defaults(func=lambda args: a.print_help())
+    asub = a.add_subparsers(dest="adapter_command", metavar="ACTION")
+
+    s = asub.add_parser("merge", help="merge an adapter into its base: a full checkpoint",
+                        formatter_class=_formatter, epilog=textwrap.dedent("""\
+            example:
+              minilora adapter merge runs/milton/adapter.safetensors --out runs/milton.safetensors
+              minilora sample --ckpt runs/milton.safetensors --prompt "Of Man's first"
+            """))
+    s.add_argument("adapter", help="adapter file (from finetune --out or save_adapter)")
+    s.add_argument("--out", required=True, help="the merged checkpoint to write")
+    s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
+    _add_backend(s)
+    s.set_defaults(func=cmd_adapter_merge)
+
+    s = asub.add_parser("export-peft", help="write an adapter in PEFT's directory format",
+                        formatter_class=_formatter, epilog=textwrap.dedent("""\
+            example:
+              minilora adapter export-peft runs/milton/adapter.safetensors --out runs/milton-peft
+            """))
+    s.add_argument("adapter", help="adapter file")
+    s.add_argument("--out", required=True,
+                   help="directory for adapter_model.safetensors + adapter_config.json")
+    s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
+    _add_backend(s)
+    s.set_defaults(func=cmd_adapter_export_peft)
+
+    s = asub.add_parser("import-peft", help="read a PEFT adapter directory into an adapter file",
+                        formatter_class=_formatter, epilog=textwrap.dedent("""\
+            example:
+              minilora adapter import-peft runs/milton-peft --out runs/milton2.safetensors
+            """))
+    s.add_argument("peft_dir", metavar="DIR", help="PEFT adapter directory")
+    s.add_argument("--out", required=True, help="adapter file to write")
+    s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
+    _add_backend(s)
+    s.set_defaults(func=cmd_adapter_import_peft)
+
+    s = asub.add_parser("claim", help="per-task LoRAs hot-swapped vs one general LoRA",
+                        formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora adapter claim --out results/multi_adapter
+              minilora adapter claim --tasks milton,python,sentiment --steps 200 --out /tmp/claim
+            """))
+    s.add_argument("--out", default="results/multi_adapter", help="where claim.json goes")
+    s.add_argument("--runs", default="runs/multi_adapter", help="where the adapters go")
+    s.add_argument("--tasks", default="milton,python", help="comma-separated, at least two")
+    s.add_argument("--steps", type=int, default=200, help="steps per task (general: steps x tasks)")
+    s.add_argument("--r", type=int, default=8)
+    s.add_argument("--alpha", type=float, default=16.0)
+    s.add_argument("--eval-batches", type=int, default=16)
+    s.add_argument("--eval-examples", type=int, default=None,
+                   help="sentiment: score only the first N test sentences")
+    s.add_argument("--no-progress", action="store_true")
+    _add_backend(s)
+    s.set_defaults(func=cmd_adapter_claim)
+
+    s = sub.add_parser("score", help="score several adapters on a task in one mixed batch",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora score --adapter runs/milton/adapter.safetensors --task milton
+              minilora score --adapter runs/multi_adapter/milton/adapter.safetensors \\
+                             --adapter runs/multi_adapter/general/adapter.safetensors --task milton
+              minilora score --adapter a.safetensors --task sentiment --eval-examples 200 --no-base
+            """))
+    s.add_argument("--adapter", action="append", default=[],
+                   help="adapter file; repeat for several (each row of a batch picks one)")
+    s.add_argument("--task", choices=["milton", "python", "sentiment"], default="milton")
+    s.add_argument("--no-base", action="store_true", help="leave out the base model's row")
+    s.add_argument("--eval-batches", type=int, default=16)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--block-size", type=int, default=128)
+    s.add_argument("--eval-examples", type=int, default=None,
+                   help="sentiment: score only the first N test sentences (default: all)")
+    s.add_argument("--ckpt", default=None, help="base checkpoint (default: the shipped one)")
+    _add_backend(s)
+    s.set_defaults(func=cmd_score)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
               minilora sample                                   # the shipped base model
               minilora sample --prompt "KING HENRY:" --max-new-tokens 300 --seed 3
               minilora sample --ckpt runs/tiny/ckpt.safetensors --temperature 1.0
+              minilora sample --adapter runs/milton/adapter.safetensors --prompt "Of Man"
+              minilora sample --adapter a.safetensors --adapter b.safetensors   # one batch
             """))
     s.add_argument("--ckpt", default=None, help="checkpoint file (default: the shipped base model)")
     s.add_argument("--prompt", default="\n", help="start text; '\\n' is a newline (default: newline)")
@@ -399,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--adapter", action="append", default=[],
+                   help="LoRA adapter file on the base; repeat to sample several in one batch")
     _add_backend(s)
     s.set_defaults(func=cmd_sample)
 
@@ -446,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="results/paged/trace.json", help="trace JSON ('' to skip)")
     _add_backend(s)
     s.set_defaults(func=cmd_paged_demo)
+    _add_adapter_parsers(sub)
     return p
 
 

@@ -600,7 +600,8 @@ def load_lora_state_dict(model: Module, arrays: dict, strict: bool = True) -> No
                    if f"{n}.{k}" not in arrays]
         if missing:
             raise LoRAError(f"adapter lacks {missing[:4]}{' ...' if len(missing) > 4 else ''}: "
-                            "it was built for other target_modules (or pass strict=False)")
+                            "it was built for other target_modules, or for a base model with "
+                            "fewer layers (n_layer) (or pass strict=False)")
     for n, a in arrays.items():
         m, k = slots[n]
         if tuple(a.shape) != tuple(m.params[k].shape):

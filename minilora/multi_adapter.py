@@ -644,9 +644,12 @@ def run_claim(out_dir="results/multi_adapter", tasks=("milton", "python"), steps
     Writes ``out_dir/claim.json`` (atomically) and the adapters under ``runs_dir``.
     """
     from minilora.checkpoint import atomic_write_text, base_model_path, load_checkpoint
-    from minilora.finetune import finetune
+    from minilora.finetune import TASKS, finetune
 
     tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; allowed: {', '.join(TASKS)}")
     if len(tasks) < 2 or len(set(tasks)) != len(tasks):
         raise ValueError(f"the claim compares per-task adapters with a general one: give at "
                          f"least two distinct tasks, got {list(tasks)}")
