@@ -7,6 +7,7 @@
     minilora bench                     speed and memory benchmarks, printed as ratios
     minilora finetune --method lora    fine-tune the base model (LoRA or full) on a task
     minilora quantize                  NF4 (+ double quantisation) checkpoint, bit account, error
+    minilora loftq                     LoftQ residual ||W - Q - BA|| per iteration on the base
     minilora results                   the fine-tuning results table (every method x task)
     minilora figures                   every figure in figures/, made from the saved results/
     minilora adapter merge|export-peft|import-peft|claim   adapter files; the many-adapter claim
@@ -179,11 +180,17 @@ def cmd_finetune(args):
 
     _use_backend(args)
     lora_cfg = None
-    if args.method == "lora":
+    if args.method in ("lora", "qlora"):
         init = {"true": True, "false": False}.get(args.init.lower(), args.init)
         lora_cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                               target_modules=tuple(t for t in args.targets.split(",") if t),
                               use_rslora=args.rslora, init_lora_weights=init, bias=args.bias)
+        if args.method == "qlora":  # the 4-bit base: NF4 (+ double quant), LoftQ steps
+            from minilora.config import QuantConfig
+            quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize,
+                                double_quant=not args.no_double_quant,
+                                loftq_iter=args.loftq_iter)
+            lora_cfg = (lora_cfg, quant)
     overrides = dict(max_steps=args.steps, batch_size=args.batch_size,
                      block_size=args.block_size, seed=args.seed)
     if args.lr is not None:
@@ -216,6 +223,28 @@ def cmd_results(args):
     text, path = write_table(args.root)
     print(text)
     print(f"written: {path}")
+
+
+def cmd_loftq(args):
+    from minilora.checkpoint import atomic_write_text
+    from minilora.config import QuantConfig
+    from minilora.qlora import loftq_residual_study
+
+    _use_backend(args)
+    model, _, _ = _load(args.ckpt)
+    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize,
+                        double_quant=not args.no_double_quant)
+    study = loftq_residual_study(model, ranks, args.iters, quant)
+    study["command"] = "minilora " + " ".join(sys.argv[1:])
+    for r, v in study["ranks"].items():
+        rel = v["mean_relative_residual"]
+        print(f"r={r}: mean ||W - Q - BA|| / ||W||: plain {args.quant_type} {rel[0]:.4f} -> "
+              + " -> ".join(f"{x:.4f}" for x in rel[1:])
+              + f"  (non-increasing in {v['monotone_layers']}/{v['n_layers']} layers)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(study, indent=2) + "\n")
+    print(f"written: {args.out}")
 
 
 def cmd_quantize(args):
@@ -490,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
               minilora finetune --method full --task milton --out runs/ft-full
               minilora finetune --method lora --init pissa --targets q,k,v,o --steps 400
               minilora finetune --method lora --task python --r 4 --rslora
+              minilora finetune --method qlora --task milton --init loftq --out runs/ft-qlora
               minilora finetune --method lora --task sentiment --steps 300
             """))
     from minilora.finetune import METHODS
@@ -502,9 +532,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--targets", default="q,v",
                    help="comma-separated modules: q,k,v,o,up,down,wte,lm_head (default q,v)")
     s.add_argument("--init", default="true",
-                   help="init_lora_weights: true (PEFT default), false, gaussian, swap, pissa")
+                   help="init_lora_weights: true (PEFT default), false, gaussian, swap, pissa; "
+                        "qlora: loftq (LoftQ split of W0 into 4-bit Q + B A)")
     s.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) (rsLoRA)")
     s.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
+    s.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default="nf4",
+                   help="qlora: 4-bit code of the frozen base (default nf4)")
+    s.add_argument("--blocksize", type=int, default=64,
+                   help="qlora: weights per absmax block (default 64)")
+    s.add_argument("--no-double-quant", action="store_true",
+                   help="qlora: keep float32 block scales (4.5 instead of 4.127 bits/weight)")
+    s.add_argument("--loftq-iter", type=int, default=5,
+                   help="qlora --init loftq: alternating steps T (default 5; PEFT: 1)")
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--block-size", type=int, default=128)
@@ -519,6 +558,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     _add_backend(s)
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("loftq", help="LoftQ residual per iteration on the base model's weights",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora loftq                                    # r 4,8,16, 10 steps, NF4 + DQ
+              minilora loftq --ranks 8 --iters 5 --out runs/loftq.json
+            """))
+    s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
+    s.add_argument("--ranks", default="4,8,16", help="comma-separated LoRA ranks (default 4,8,16)")
+    s.add_argument("--iters", type=int, default=10, help="alternating steps T (default 10)")
+    s.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default="nf4")
+    s.add_argument("--blocksize", type=int, default=64)
+    s.add_argument("--no-double-quant", action="store_true")
+    s.add_argument("--out", default="results/quant/loftq_residuals.json")
+    _add_backend(s)
+    s.set_defaults(func=cmd_loftq)
 
     s = sub.add_parser("quantize", help="quantise a checkpoint's linear weights to NF4/FP4/int4",
                        formatter_class=_formatter, epilog=textwrap.dedent("""\
