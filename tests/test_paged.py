@@ -39,14 +39,16 @@ def _train(opt_factory, dtype="float64", steps=5, freeze_some=False):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("freeze_some", [False, True])
-def test_paged_equals_adamw_bit_exact(dtype, freeze_some):
+@pytest.mark.parametrize("simulate", [True, False])
+def test_paged_equals_adamw_bit_exact(dtype, freeze_some, simulate):
     ref_model, ref_opt, ref_losses = _train(lambda m: AdamW(m, lr=1e-2), dtype,
                                             freeze_some=freeze_some)
     # a budget so tight that state pages go out and in during every step
-    dev = DeviceMemory(budget_bytes=2 * KiB, page_bytes=KiB)
+    dev = DeviceMemory(budget_bytes=2 * KiB, page_bytes=KiB) if simulate else None
     model, opt, losses = _train(lambda m: PagedAdamW(m, lr=1e-2, device=dev), dtype,
                                 freeze_some=freeze_some)
-    assert dev.page_outs > 0 and dev.page_ins > 0  # paging really happened
+    if simulate:
+        assert dev.page_outs > 0 and dev.page_ins > 0  # paging really happened
     assert losses == ref_losses
     for (n, p), (n2, p2) in zip(ref_model.named_parameters(), model.named_parameters()):
         assert n == n2 and np.array_equal(p, p2), n
