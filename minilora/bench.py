@@ -612,6 +612,96 @@ def measure_lora(ctx: BenchContext) -> Section:
     return Section(data, rows, checks)
 
 
+def measure_multi_adapter(ctx: BenchContext) -> Section:
+    """Many adapters on one base (:mod:`minilora.multi_adapter`; 4 adapters, r=8 on q, v).
+
+    (a) **switch time / base checkpoint reload time**: switching the active adapter unmerged
+        (re-pointing lora_A / lora_B: no arithmetic) and merged (W0 -= ΔW_old; W0 += ΔW_new), each
+        against reloading the base checkpoint from disk (``load_checkpoint``; the file is in the
+        page cache, the kindest case for the reload). Target <= 0.05 (the LoRA issue).
+    (b) **mixed-adapter batch throughput / one merged adapter**: the same (B, T) batch, rows
+        assigned round robin to the 4 adapters (sorted segments, two thin GEMMs per adapter and
+        layer), against the model with one adapter merged (the base's cost). Interleaved.
+        Target >= 0.8.
+    """
+    import tempfile
+
+    from minilora.checkpoint import load_checkpoint, save_checkpoint
+    from minilora.config import LoraConfig
+    from minilora.data import CharTokenizer
+    from minilora.lora import inject_lora, lora_state_dict, merge_lora
+    from minilora.model import GPT
+    from minilora.multi_adapter import AdapterRegistry
+
+    n_adapters, switches = 4, 50
+    reg, merged_reg = (AdapterRegistry(GPT(ctx.config, rng=0, dtype="float32")) for _ in "ab")
+    single = GPT(ctx.config, rng=0, dtype="float32")
+    for i in range(n_adapters):
+        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"), init_lora_weights=False,
+                         seed=i)
+        m = GPT(ctx.config, rng=0, dtype="float32")
+        inject_lora(m, cfg)
+        arrays = {k: backend.to_numpy(v) for k, v in lora_state_dict(m).items()}
+        reg.add(f"a{i}", arrays, cfg)
+        merged_reg.add(f"a{i}", arrays, cfg)
+        if i == 0:
+            inject_lora(single, cfg)
+            for name, p in lora_state_dict(single).items():
+                p[...] = backend.asarray(arrays[name])
+            merge_lora(single, safe_merge=True)
+    names = reg.names
+    k = [0]
+
+    def switch(registry, merge):
+        def run():  # `switches` switches per call, cycling through the adapters
+            for _ in range(switches):
+                k[0] += 1
+                registry.set_adapter(names[k[0] % n_adapters], merge=merge)
+            backend.synchronize()
+        return run
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "base.safetensors"
+        save_checkpoint(path, GPT(ctx.config, rng=0, dtype="float32"), CharTokenizer.default())
+        times = _interleaved({"reload": lambda: load_checkpoint(path),
+                              "unmerged": switch(reg, False), "merged": switch(merged_reg, True)},
+                             ctx.steps, 1)
+    reload_s = times["reload"]
+    unmerged_s, merged_s = times["unmerged"] / switches, times["merged"] / switches
+    reg.disable_adapters()
+    x = backend.asarray(ctx.batches(1)[0][0])
+    ids = [names[b % n_adapters] for b in range(x.shape[0])]
+
+    def mixed():
+        reg.forward(x, ids, check=False)
+        backend.synchronize()
+
+    def one_merged():
+        single.forward(x, check=False)
+        backend.synchronize()
+    infer = _interleaved({"merged_single": one_merged, "mixed": mixed}, ctx.steps, ctx.warmup)
+    r_unmerged, r_merged = unmerged_s / reload_s, merged_s / reload_s
+    r_tput = infer["merged_single"] / infer["mixed"]  # throughput ratio = inverse time ratio
+    checks = [Check(ctx.name, "unmerged adapter switch / base reload", r_unmerged, "<=", 0.05),
+              Check(ctx.name, "merged adapter switch / base reload", r_merged, "<=", 0.05),
+              Check(ctx.name, f"mixed {n_adapters}-adapter batch / merged throughput", r_tput,
+                    ">=", 0.8)]
+    rows = [("base checkpoint reload", f"{reload_s * 1e3:.2f} ms", "load_checkpoint, page cache"),
+            ("adapter switch, unmerged (pointers)",
+             f"{unmerged_s * 1e6:.1f} us = {r_unmerged:.4f}", f"<= 0.05  {checks[0].status()}"),
+            ("adapter switch, merged (unmerge + merge)",
+             f"{merged_s * 1e3:.3f} ms = {r_merged:.3f}", f"<= 0.05  {checks[1].status()}"),
+            (f"mixed {n_adapters}-adapter batch / 1 merged (throughput)",
+             f"{infer['mixed'] * 1e3:.1f} vs {infer['merged_single'] * 1e3:.1f} ms = "
+             f"{r_tput:.2f}", f">= 0.8  {checks[2].status()}")]
+    data = {"n_adapters": n_adapters, "reload_median_s": reload_s,
+            "switch_unmerged_s": unmerged_s, "switch_merged_s": merged_s,
+            "ratio_switch_unmerged_over_reload": r_unmerged,
+            "ratio_switch_merged_over_reload": r_merged, "inference_median_s": infer,
+            "ratio_mixed_over_merged_throughput": r_tput}
+    return Section(data, rows, checks)
+
+
 Measurement = Callable[[BenchContext], Section]
 
 #: The measurements run for every configuration, in order. Later sections append theirs,
@@ -620,6 +710,7 @@ MEASUREMENTS: list[tuple[str, Measurement]] = [
     ("train_step", measure_train_step),
     ("memory", measure_memory),
     ("lora", measure_lora),
+    ("multi_adapter", measure_multi_adapter),  # adapter switch time, mixed-adapter batches
 ]
 
 

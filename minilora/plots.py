@@ -81,6 +81,7 @@ FIGURES = {
     "quant_error_vs_blocksize": "minilora.quant.compare:fig_error_vs_blocksize",
     "quant_code_histogram": "minilora.quant.compare:fig_code_histogram",
     "paged": "minilora.paged:fig_paged",
+    "multi_adapter_claim": "minilora.multi_adapter:fig_claim",
 }
 
 

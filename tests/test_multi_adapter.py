@@ -256,3 +256,26 @@ def test_score_adapters_matches_evaluate_on_the_shipped_base():
     acc = score_adapters(reg, tok, "sentiment", ["rand", None], block_size=32, eval_examples=5)
     assert set(acc["scores"]) == {"rand", "base"} and acc["higher_is_better"]
     assert all(0 <= v <= 1 for v in acc["scores"].values())
+
+
+def test_claim_figure_from_saved_results(tmp_path):
+    import json
+
+    from minilora.plots import make_figures
+
+    res = tmp_path / "results" / "multi_adapter"
+    res.mkdir(parents=True)
+    rec = {"tasks": ["milton", "sentiment"], "holds_here": False, "steps_per_task": 200,
+           "lora_config": {"r": 8},
+           "results": {"milton": {"metric": "test loss (nats/char)", "higher_is_better": False,
+                                  "base": 1.96, "per_task": 1.64, "general": 1.70},
+                       "sentiment": {"metric": "test accuracy", "higher_is_better": True,
+                                     "base": 0.5, "per_task": 0.7, "general": 0.72}}}
+    (res / "claim.json").write_text(json.dumps(rec))
+    out = make_figures(["multi_adapter_claim"], tmp_path / "results", tmp_path / "fig",
+                       log=lambda s: None)
+    png = tmp_path / "fig" / "multi_adapter_claim.png"
+    assert out["multi_adapter_claim"] == [str(png)] and png.read_bytes()[:4] == b"\x89PNG"
+    out = make_figures(["multi_adapter_claim"], tmp_path / "none", tmp_path / "fig",
+                       log=lambda s: None)
+    assert "minilora adapter claim" in out["multi_adapter_claim"]
