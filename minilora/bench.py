@@ -702,6 +702,50 @@ def measure_multi_adapter(ctx: BenchContext) -> Section:
     return Section(data, rows, checks)
 
 
+def measure_peft_latency(ctx: BenchContext) -> Section:
+    """Inference latency / base of Houlsby adapters (bottleneck 16 after attn.o and mlp.down,
+    unmergeable), LoRA r=8 on q, v unmerged, and LoRA merged, at batch 1 and at the config's
+    batch (full context T), all interleaved with the base: the LoRA paper's Table 1 (adapters add
+    sequential depth, which shows most at small batch). No target: the figures are reported.
+    Batch 1 is cheap and noisy, so it takes 3x the timed forwards.
+    """
+    from minilora.config import LoraConfig
+    from minilora.lora import inject_lora, merge_lora
+    from minilora.model import GPT
+    from minilora.peft_methods import AdapterConfig, inject_adapters
+
+    lora_cfg = LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"))
+    models = {"base": GPT(ctx.config, rng=0, dtype="float32")}
+    models["adapter"] = GPT(ctx.config, rng=0, dtype="float32")
+    inject_adapters(models["adapter"], AdapterConfig(bottleneck=16, zero_up=False))
+    models["lora_unmerged"] = GPT(ctx.config, rng=0, dtype="float32")
+    inject_lora(models["lora_unmerged"], lora_cfg)
+    models["lora_merged"] = GPT(ctx.config, rng=0, dtype="float32")
+    inject_lora(models["lora_merged"], lora_cfg)
+    merge_lora(models["lora_merged"])
+    x_full = ctx.batches(1)[0][0]  # (B, T)
+    data, rows = {}, []
+    for label, B, steps in (("batch 1", 1, 3 * ctx.steps), (f"batch {ctx.batch_size}",
+                                                            ctx.batch_size, ctx.steps)):
+        x = backend.asarray(x_full[:B])
+        fns = {name: (lambda m=m: m.forward(x, check=False)) for name, m in models.items()}
+        t = _interleaved(fns, steps, ctx.warmup)
+        ratios = {name: t[name] / t["base"] for name in models if name != "base"}
+        data[f"B{B}"] = {"median_s": t, "ratio_over_base": ratios,
+                         "tokens": B * ctx.config.block_size}
+        rows.append((f"inference {label} x T {ctx.config.block_size}: base",
+                     f"{t['base'] * 1e3:.2f} ms", ""))
+        for name, what in (("adapter", "Houlsby m=16 (2 per block)"),
+                           ("lora_unmerged", "LoRA r=8 q,v unmerged"),
+                           ("lora_merged", "LoRA r=8 q,v merged")):
+            rows.append((f"  {what} / base", f"{ratios[name]:.3f}",
+                         "LoRA paper Table 1 (GPU, B=1): Adapter^H +30%" if
+                         (name == "adapter" and B == 1) else ""))
+    data["adapter_params"] = models["adapter"].num_parameters(trainable_only=True)
+    data["lora_params"] = models["lora_unmerged"].num_parameters(trainable_only=True)
+    return Section(data, rows, [])
+
+
 Measurement = Callable[[BenchContext], Section]
 
 #: The measurements run for every configuration, in order. Later sections append theirs,
@@ -711,6 +755,7 @@ MEASUREMENTS: list[tuple[str, Measurement]] = [
     ("memory", measure_memory),
     ("lora", measure_lora),
     ("multi_adapter", measure_multi_adapter),  # adapter switch time, mixed-adapter batches
+    ("peft_latency", measure_peft_latency),  # Houlsby adapters vs LoRA at inference
 ]
 
 
@@ -726,7 +771,7 @@ def _format_table(rows) -> str:
 def run_bench(configs, steps: int = 10, threads: int = 2, torch_compare: bool = True, out=None,
               *, warmup: int = 2, memory: bool = True, progress: bool = True,
               sgemm_sizes=(1024, 1536, 2048), pause_s: float = SWITCH_PAUSE_S,
-              print_fn=print) -> dict:
+              print_fn=print, only=None) -> dict:
     """Run every measurement of :data:`MEASUREMENTS` for each named config; print and return.
 
     Args:
@@ -736,6 +781,7 @@ def run_bench(configs, steps: int = 10, threads: int = 2, torch_compare: bool = 
         torch_compare: also time PyTorch (skipped with a note if it cannot be imported).
         out: optional path; the results are written there as JSON (atomically).
         memory, progress, sgemm_sizes, pause_s: for tests and quick runs.
+        only: names from :data:`MEASUREMENTS` to run (default: all), e.g. ["peft_latency"].
     Returns:
         the result dict (also what goes into ``out``).
     """
@@ -747,6 +793,13 @@ def run_bench(configs, steps: int = 10, threads: int = 2, torch_compare: bool = 
     if not configs or bad:
         raise ValueError(f"unknown benchmark config(s) {bad or configs}; allowed: "
                          f"{', '.join(sorted(known))}")
+    if isinstance(only, str):
+        only = only.split(",")
+    measurements = [(n, f) for n, f in MEASUREMENTS if only is None or n in only]
+    unknown = sorted(set(only or ()) - {n for n, _ in MEASUREMENTS})
+    if unknown or not measurements:
+        raise ValueError(f"unknown measurement(s) {unknown or only}; allowed: "
+                         f"{', '.join(n for n, _ in MEASUREMENTS)}")
     for name, v in (("steps", steps), ("threads", threads)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -798,7 +851,7 @@ def run_bench(configs, steps: int = 10, threads: int = 2, torch_compare: bool = 
                     "tokens_per_step": ctx.batch_size * ctx.config.block_size,
                     "flops": ctx.flops, "measurements": {}}
             rows = []
-            for mname, fn in MEASUREMENTS:
+            for mname, fn in measurements:
                 if progress:
                     print(f"[{name}] {mname} ...", file=sys.stderr)
                 sec = fn(ctx)
