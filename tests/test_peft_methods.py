@@ -448,3 +448,25 @@ def test_finetune_rejects_a_config_of_another_method():
 
     with pytest.raises(TypeError, match="method 'prefix' needs a PrefixConfig"):
         finetune("prefix", "milton", PromptConfig(), CFG, progress=False, eval_batches=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# the latency section of minilora bench
+# ----------------------------------------------------------------------------------------------
+def test_bench_peft_latency_section_on_micro():
+    from minilora import bench
+
+    lines = []
+    res = bench.run_bench(["micro"], steps=2, threads=1, torch_compare=False, out=None, warmup=1,
+                          memory=False, progress=False, sgemm_sizes=(128,), pause_s=0.0,
+                          print_fn=lines.append, only=["peft_latency"])
+    sec = res["configs"]["micro"]["measurements"]
+    assert list(sec) == ["peft_latency"]
+    for key in ("B1", "B2"):
+        ratios = sec["peft_latency"][key]["ratio_over_base"]
+        assert set(ratios) == {"adapter", "lora_unmerged", "lora_merged"}
+        assert all(np.isfinite(v) and v > 0 for v in ratios.values())
+    assert sec["peft_latency"]["adapter_params"] == 2 * (2 * 16 * 16 + 16 + 16)  # 1 layer, m = C
+    assert "Houlsby m=16 (2 per block) / base" in "\n".join(lines)
+    with pytest.raises(ValueError, match="unknown measurement.*'nope'.*peft_latency"):
+        bench.run_bench(["micro"], steps=1, threads=1, torch_compare=False, only=["nope"])
