@@ -5,7 +5,7 @@
     minilora sample --prompt "ROMEO:"  generate text from a checkpoint
     minilora gradcheck                 finite-difference check of every op and a whole tiny model
     minilora bench                     speed and memory benchmarks, printed as ratios
-    minilora finetune --method lora    fine-tune the base model (LoRA or full) on a task
+    minilora finetune --method lora    fine-tune the base model (full, LoRA, other PEFT) on a task
     minilora quantize                  NF4 (+ double quantisation) checkpoint, bit account, error
     minilora loftq                     LoftQ residual ||W - Q - BA|| per iteration on the base
     minilora results                   the fine-tuning results table (every method x task)
@@ -171,7 +171,8 @@ def cmd_bench(args):
     from minilora.bench import run_bench
     _use_backend(args)
     run_bench(configs=args.configs.split(","), steps=args.steps, threads=args.threads,
-              torch_compare=not args.no_torch, out=args.out)
+              torch_compare=not args.no_torch, out=args.out,
+              only=args.only.split(",") if args.only else None)
 
 
 def cmd_finetune(args):
@@ -179,24 +180,31 @@ def cmd_finetune(args):
     from minilora.finetune import finetune, format_result
 
     _use_backend(args)
-    lora_cfg = None
+    method_cfg = None
     if args.method in ("lora", "qlora"):
         init = {"true": True, "false": False}.get(args.init.lower(), args.init)
-        lora_cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                              target_modules=tuple(t for t in args.targets.split(",") if t),
-                              use_rslora=args.rslora, init_lora_weights=init, bias=args.bias)
+        method_cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                                target_modules=tuple(t for t in args.targets.split(",") if t),
+                                use_rslora=args.rslora, init_lora_weights=init, bias=args.bias)
         if args.method == "qlora":  # the 4-bit base: NF4 (+ double quant), LoftQ steps
             from minilora.config import QuantConfig
             quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize,
                                 double_quant=not args.no_double_quant,
                                 loftq_iter=args.loftq_iter)
-            lora_cfg = (lora_cfg, quant)
+            method_cfg = (method_cfg, quant)
+    elif args.method in ("adapter", "prefix", "prompt", "bitfit"):
+        from minilora.peft_methods import (AdapterConfig, BitFitConfig, PrefixConfig,
+                                           PromptConfig)
+        method_cfg = {"adapter": lambda: AdapterConfig(bottleneck=args.bottleneck),
+                      "prefix": lambda: PrefixConfig(prefix_len=args.prefix_len),
+                      "prompt": lambda: PromptConfig(prompt_len=args.prompt_len),
+                      "bitfit": BitFitConfig}[args.method]()
     overrides = dict(max_steps=args.steps, batch_size=args.batch_size,
                      block_size=args.block_size, seed=args.seed)
     if args.lr is not None:
         overrides["lr"] = args.lr
-    r = finetune(args.method, args.task, lora_cfg, overrides, base_path=args.base, out_dir=args.out,
-                 progress=not args.no_progress, eval_batches=args.eval_batches,
+    r = finetune(args.method, args.task, method_cfg, overrides, base_path=args.base,
+                 out_dir=args.out, progress=not args.no_progress, eval_batches=args.eval_batches,
                  eval_examples=args.eval_examples)
     print(format_result(r))
     if args.out:
@@ -512,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(s)
     s.set_defaults(func=cmd_pretrain)
 
-    s = sub.add_parser("finetune", help="fine-tune the base model: LoRA or full, like for like",
+    s = sub.add_parser("finetune", help="fine-tune the base model: full, LoRA, Houlsby adapters, "
+                       "prefix, prompt, BitFit; like for like",
                        formatter_class=_formatter, epilog=textwrap.dedent("""\
             examples:
               minilora finetune --method lora --task milton --r 8 --alpha 16 --targets q,v
@@ -521,6 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
               minilora finetune --method lora --task python --r 4 --rslora
               minilora finetune --method qlora --task milton --init loftq --out runs/ft-qlora
               minilora finetune --method lora --task sentiment --steps 300
+              minilora finetune --method adapter --bottleneck 16      # Houlsby adapters
+              minilora finetune --method prefix --prefix-len 16       # prefix tuning
+              minilora finetune --method prompt --prompt-len 16       # prompt tuning
+              minilora finetune --method bitfit                       # biases only
             """))
     from minilora.finetune import METHODS
     s.add_argument("--method", choices=list(METHODS), default="lora")
@@ -544,11 +557,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qlora: keep float32 block scales (4.5 instead of 4.127 bits/weight)")
     s.add_argument("--loftq-iter", type=int, default=5,
                    help="qlora --init loftq: alternating steps T (default 5; PEFT: 1)")
+    s.add_argument("--bottleneck", type=int, default=16,
+                   help="adapter: Houlsby bottleneck width m (default 16)")
+    s.add_argument("--prefix-len", type=int, default=16,
+                   help="prefix: keys/values per layer P (default 16)")
+    s.add_argument("--prompt-len", type=int, default=16,
+                   help="prompt: soft prompt vectors P (default 16)")
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--block-size", type=int, default=128)
     s.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: the method's, 5e-3 lora / 1e-3 full)")
+                   help="peak learning rate (default: the method's: 1e-3 full, 5e-3 lora / "
+                        "adapter, 1e-2 prefix / bitfit, 3e-2 prompt)")
     s.add_argument("--eval-batches", type=int, default=16)
     s.add_argument("--eval-examples", type=int, default=None,
                    help="sentiment: score only the first N test sentences (default: all 2,014)")
@@ -656,11 +676,14 @@ def build_parser() -> argparse.ArgumentParser:
               minilora bench                         # small and medium, vs PyTorch if installed
               minilora bench --configs small --steps 5 --no-torch
               minilora bench --out results/bench.json
+              minilora bench --configs small --only peft_latency   # adapters vs LoRA latency
             """))
     s.add_argument("--configs", default="small,medium", help="comma-separated: small,medium")
     s.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     s.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
     s.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    s.add_argument("--only", default=None,
+                   help="comma-separated measurements (train_step, memory, lora, peft_latency)")
     s.add_argument("--out", default=None, help="also write the results as JSON here")
     _add_backend(s)
     s.set_defaults(func=cmd_bench)
