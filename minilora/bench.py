@@ -746,6 +746,61 @@ def measure_peft_latency(ctx: BenchContext) -> Section:
     return Section(data, rows, [])
 
 
+def measure_qlora(ctx: BenchContext) -> Section:
+    """QLoRA (NF4 + double-quantised base, LoRA r=8 on q, v) training step vs the same LoRA on
+    the float32 base: step time (interleaved) and peak memory.
+
+    Peak memory is :func:`minilora.memory.memory_account`'s measured total: weights at rest
+    (QLoRA's 4-bit layers count their codes and scales), AdamW moments, and the tracemalloc peak
+    of one steady step (gradients, activations, temporaries, including QLoRA's transient
+    dequantised matrices). Targets (ours, from the cost model): step ratio <= 1.10 (dequantising
+    a (d_out, d_in) matrix is O(d_out d_in) against the O(B T d_out d_in) matmul it feeds, twice
+    per step); peak-memory ratio <= 1.0. Timed for information: QLoRA with ``keep_dequantized``
+    (float copies held, no per-call dequantisation).
+    """
+    from minilora.config import LoraConfig, QuantConfig
+    from minilora.lora import inject_lora
+    from minilora.memory import memory_account
+    from minilora.model import GPT
+    from minilora.qlora import inject_qlora
+
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"))
+    models = {n: GPT(ctx.config, rng=0, dtype="float32") for n in ("lora", "qlora", "qlora_kept")}
+    inject_lora(models["lora"], cfg)
+    inject_qlora(models["qlora"], cfg, QuantConfig())
+    inject_qlora(models["qlora_kept"], cfg, QuantConfig(keep_dequantized=True))
+    med = _interleaved({n: _ours_stepper(ctx, m)[2] for n, m in models.items()}, ctx.steps,
+                       ctx.warmup)
+    r_step = med["qlora"] / med["lora"]
+    r_kept = med["qlora_kept"] / med["lora"]
+    checks = [Check(ctx.name, "QLoRA step / LoRA step", r_step, "<=", 1.10)]
+    rows = [("QLoRA (NF4+DQ) r=8 q,v step / LoRA step",
+             f"{med['qlora'] * 1e3:.1f} / {med['lora'] * 1e3:.1f} ms = {r_step:.2f}",
+             f"<= 1.10  {checks[0].status()}"),
+            ("QLoRA with dequantised copies kept / LoRA (info)", f"{r_kept:.2f}", "")]
+    data = {"step_median_s": med, "ratio_step_qlora_over_lora": r_step,
+            "ratio_step_qlora_kept_over_lora": r_kept, "memory": None}
+    if ctx.memory and not backend.is_cupy():
+        xb, yb = ctx.batches(1)[0]
+        mem = {n: memory_account(models[n], xb, yb) for n in ("lora", "qlora")}
+        r_mem = mem["qlora"]["measured_total"] / mem["lora"]["measured_total"]
+        r_w = mem["qlora"]["weights"] / mem["lora"]["weights"]
+        r_act = mem["qlora"]["measured_step_peak"] / mem["lora"]["measured_step_peak"]
+        checks.append(Check(ctx.name, "QLoRA peak memory / LoRA peak memory", r_mem, "<=", 1.0))
+        mib = 2.0 ** -20
+        rows += [("QLoRA / LoRA peak memory (weights + AdamW + step)",
+                  f"{mem['qlora']['measured_total'] * mib:.1f} / "
+                  f"{mem['lora']['measured_total'] * mib:.1f} MiB = {r_mem:.2f}",
+                  f"<= 1.0  {checks[1].status()}"),
+                 ("  weights at rest, QLoRA / LoRA",
+                  f"{mem['qlora']['weights'] * mib:.1f} / {mem['lora']['weights'] * mib:.1f} MiB"
+                  f" = {r_w:.2f}", ""),
+                 ("  step peak (tracemalloc), QLoRA / LoRA", f"{r_act:.2f}", "")]
+        data.update(memory=mem, ratio_peak_memory_qlora_over_lora=r_mem,
+                    ratio_weights_qlora_over_lora=r_w, ratio_step_peak_qlora_over_lora=r_act)
+    return Section(data, rows, checks)
+
+
 Measurement = Callable[[BenchContext], Section]
 
 #: The measurements run for every configuration, in order. Later sections append theirs,
@@ -756,6 +811,7 @@ MEASUREMENTS: list[tuple[str, Measurement]] = [
     ("lora", measure_lora),
     ("multi_adapter", measure_multi_adapter),  # adapter switch time, mixed-adapter batches
     ("peft_latency", measure_peft_latency),  # Houlsby adapters vs LoRA at inference
+    ("qlora", measure_qlora),  # 4-bit base + LoRA vs LoRA: step time, peak memory
 ]
 
 

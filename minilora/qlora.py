@@ -102,6 +102,10 @@ class QLoRALinear(LoRALinear):
     def d_out(self) -> int:
         return self.qweight.shape[0]
 
+    def buffer_bytes(self) -> int:
+        """Bytes of the 4-bit W0 (see :meth:`minilora.quant.linear.QuantLinear.buffer_bytes`)."""
+        return self.qweight.nbytes()["total"]
+
     def _base_forward(self, x):
         """``x @ dequant(Q).T + b``; the cache keeps the packed weight, not its float copy."""
         return quant_linear_forward(x, self.qweight, self.params.get("bias"))

@@ -356,3 +356,18 @@ def test_tiny_finetune_run_with_qlora(tmp_path):
     assert r["method_config"]["base"]["loftq"]["n_iter"] == 2
     assert (tmp_path / "run" / "adapter.safetensors").exists()
     assert r["trainable_params"] == 2 * 2 * (16 + 16) * 1
+
+
+def test_memory_account_counts_4bit_bytes_and_bench_section_runs():
+    from minilora.bench import BenchContext, measure_qlora
+    from minilora.memory import weight_bytes
+    f, q = GPT(TINY, 0, dtype="float32"), GPT(TINY, 0, dtype="float32")
+    inject_qlora(q, LoraConfig(r=2, target_modules=("q", "v")), QuantConfig(blocksize=16))
+    block_w = 2 * 12 * 16 * 16  # 2 layers x (4 C^2 attention + 8 C^2 MLP)
+    saved = weight_bytes(f) - weight_bytes(q)
+    assert 0.8 * 4 * block_w < saved < 4 * block_w  # ~4.1 of 32 bits kept
+    ctx = BenchContext("micro", GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16), 2, None,
+                       steps=2, warmup=1, threads=1, peak_flops=1e9)
+    sec = measure_qlora(ctx)
+    assert sec.data["ratio_step_qlora_over_lora"] > 0
+    assert sec.data["memory"]["qlora"]["weights"] < sec.data["memory"]["lora"]["weights"]

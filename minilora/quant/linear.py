@@ -213,6 +213,11 @@ class QuantLinear(Module):
     def d_out(self) -> int:
         return self.qweight.shape[0]
 
+    def buffer_bytes(self) -> int:
+        """Bytes of the 4-bit weight (codes + scales + any kept float copy), which is not a
+        parameter; :func:`minilora.memory.weight_bytes` adds it to the parameters' bytes."""
+        return self.qweight.nbytes()["total"]
+
     def forward(self, x):
         return quant_linear_forward(x, self.qweight, self.params.get("bias"))
 
