@@ -185,3 +185,27 @@ def test_cli_compare(tmp_path, capsys):
     assert (tmp_path / "quant" / "error_table.json").exists()
     assert main(["quantize", "--compare", "--results", str(tmp_path), "--ckpt",
                  str(tmp_path / "missing.safetensors")]) == 2
+
+
+# --- the faster packing / lookup paths give the same bytes and values ---------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1001])
+def test_pack_nibbles_equals_the_strided_definition(rng, n):
+    from minilora.quant.blockwise import pack_nibbles
+
+    q = rng.integers(0, 16, n).astype(np.uint8)
+    ref = np.left_shift(q[0::2], 4)
+    ref[: n // 2] |= q[1::2]
+    if n % 2:
+        ref[-1] |= 7
+    assert np.array_equal(pack_nibbles(q, pad=7), ref)
+    assert np.array_equal(pack_nibbles(q.astype(np.int64), pad=7), ref)     # other int dtype
+    wide = np.stack([q, q], axis=1)[:, 0]                                    # non-contiguous view
+    assert np.array_equal(pack_nibbles(wide, pad=7), ref)
+
+
+def test_dequantize_blockwise_refuses_negative_indices():
+    from minilora.quant.blockwise import dequantize_blockwise
+
+    with pytest.raises(ValueError, match="negative index -1"):
+        dequantize_blockwise(np.array([0, -1]), np.ones(1, np.float32), NF4_CODE, 64)

@@ -9,7 +9,7 @@ Read in this order:
 * :mod:`minilora.quant.double`    - double quantisation of the absmax values, bits per parameter;
 * :mod:`minilora.quant.state`     - ``QuantState`` and its safetensors + JSON file format.
 
-Chapter: chapters/nf4-and-double-quant.ipynb
+Chapter: chapters/03-nf4-step-by-step.ipynb
 """
 from minilora.quant.blockwise import (absmax_per_block, dequantize_blockwise, dequantize_packed,
                                       midpoints, nearest_code, pack_nibbles, quantize_blockwise,

@@ -6,7 +6,7 @@ Field names follow bitsandbytes' ``QuantState`` (``absmax``, ``shape``, ``code``
 nested ``state2`` (``state2.absmax``, ``state2.code``, ``state2.blocksize``), which are our flat
 ``absmax2``, ``code2``, ``blocksize2``.
 
-Chapter: chapters/nf4-and-double-quant.ipynb
+Chapter: chapters/03-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class QuantState:
         code2: (256,) float32 8-bit table of the second level (double_quant only).
         blocksize2: second-level block size (default 256).
 
-    Chapter: chapters/nf4-and-double-quant.ipynb
+    Chapter: chapters/03-nf4-step-by-step.ipynb
     """
 
     absmax: Any
@@ -82,7 +82,7 @@ class QuantState:
     def double_quant(self) -> bool:
         """True when ``absmax`` holds 8-bit codes (bnb: ``nested`` / ``compress_statistics``).
 
-        Chapter: chapters/nf4-and-double-quant.ipynb
+        Chapter: chapters/03-nf4-step-by-step.ipynb
         """
         return self.absmax2 is not None
 
@@ -90,7 +90,7 @@ class QuantState:
     def n(self) -> int:
         """Number of quantised elements, n = prod(shape).
 
-        Chapter: chapters/nf4-and-double-quant.ipynb
+        Chapter: chapters/03-nf4-step-by-step.ipynb
         """
         return math.prod(self.shape)
 
@@ -98,7 +98,7 @@ class QuantState:
     def n_blocks(self) -> int:
         """Number of first-level blocks, ceil(n / blocksize).
 
-        Chapter: chapters/nf4-and-double-quant.ipynb
+        Chapter: chapters/03-nf4-step-by-step.ipynb
         """
         return n_blocks(self.n, self.blocksize)
 
@@ -110,7 +110,7 @@ class QuantState:
         Returns:
             float32 array of shape (n_blocks,).
 
-        Chapter: chapters/nf4-and-double-quant.ipynb
+        Chapter: chapters/03-nf4-step-by-step.ipynb
         """
         if self.double_quant:
             return double_dequantize(self.absmax, self.absmax2, self.offset, self.blocksize2,
@@ -128,7 +128,7 @@ class QuantState:
         Returns:
             list of str.
 
-        Chapter: chapters/nf4-and-double-quant.ipynb
+        Chapter: chapters/03-nf4-step-by-step.ipynb
         """
         out = []
 
@@ -182,7 +182,7 @@ class QuantState:
         Returns:
             self, when valid.
 
-        Chapter: chapters/nf4-and-double-quant.ipynb
+        Chapter: chapters/03-nf4-step-by-step.ipynb
         """
         p = self.problems()
         if p:
@@ -198,7 +198,7 @@ class QuantState:
             meta: format, version, quant_type, blocksize, shape, dtype, double_quant,
                 blocksize2, offset (a float, or None).
 
-        Chapter: chapters/nf4-and-double-quant.ipynb
+        Chapter: chapters/03-nf4-step-by-step.ipynb
         """
         self.validate()
         np = cpu_module()
@@ -224,7 +224,7 @@ class QuantState:
         Raises:
             ValueError naming the missing / unexpected keys or the inconsistent sizes.
 
-        Chapter: chapters/nf4-and-double-quant.ipynb
+        Chapter: chapters/03-nf4-step-by-step.ipynb
         """
         if not isinstance(meta, dict) or not isinstance(tensors, dict):
             raise ValueError("QuantState needs a dict of tensors and a dict of metadata")
@@ -269,7 +269,7 @@ class QuantState:
         Returns:
             (safetensors path, json path).
 
-        Chapter: chapters/nf4-and-double-quant.ipynb
+        Chapter: chapters/03-nf4-step-by-step.ipynb
         """
         from safetensors.numpy import save_file
 
@@ -288,7 +288,7 @@ class QuantState:
             FileNotFoundError if a file is missing; ValueError if the files are unreadable,
             disagree with each other, or describe an inconsistent state.
 
-        Chapter: chapters/nf4-and-double-quant.ipynb
+        Chapter: chapters/03-nf4-step-by-step.ipynb
         """
         from safetensors import safe_open
 
