@@ -34,6 +34,7 @@ Chapter: chapters/qlora.ipynb
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from pathlib import Path
@@ -401,6 +402,9 @@ def setup_qlora(model, tok, config):
 
     ``config`` is None (LoRA r=8, alpha 16 on q, v, as method "lora"; NF4 + double quant), a
     :class:`LoraConfig` (default QuantConfig), or a ``(LoraConfig, QuantConfig)`` pair.
+    The float base is the harness's ``base_model``: ``*_base`` and ``forgetting`` are measured
+    from it (as for LoRA), and the 4-bit model at step 0 is reported as ``*_init`` (plain QLoRA:
+    the quantised base; LoftQ: dequant(Q) + scaling B A).
     """
     from minilora.finetune import MethodSetup
 
@@ -410,6 +414,9 @@ def setup_qlora(model, tok, config):
     if not isinstance(lora_cfg, LoraConfig) or not isinstance(quant, QuantConfig):
         raise TypeError("method 'qlora' needs a LoraConfig or a (LoraConfig, QuantConfig) pair; "
                         f"got {type(config).__name__}")
+    # the float base, kept for the harness's *_base figures: forgetting is measured from the
+    # model one had before quantising (the 4-bit model at step 0 is reported as *_init)
+    base = copy.deepcopy(model)
     report = inject_qlora(model, lora_cfg, quant)
 
     def save(out: Path) -> str:
@@ -420,7 +427,7 @@ def setup_qlora(model, tok, config):
     if "loftq" in report:
         summary["loftq"] = {k: v for k, v in report["loftq"].items() if k != "layers"}
     return MethodSetup(model, {"lora": lora_cfg.to_dict(), "quant": quant.to_dict(),
-                               "base": summary}, save, 5e-3, 5e-4)
+                               "base": summary}, save, 5e-3, 5e-4, base_model=base)
 
 
 # ----------------------------------------------------------------------------------------------

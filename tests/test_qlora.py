@@ -356,6 +356,8 @@ def test_tiny_finetune_run_with_qlora(tmp_path):
     assert r["method_config"]["base"]["loftq"]["n_iter"] == 2
     assert (tmp_path / "run" / "adapter.safetensors").exists()
     assert r["trainable_params"] == 2 * 2 * (16 + 16) * 1
+    # *_base is the float base (forgetting measured from it); the 4-bit start is *_init
+    assert "task_metric_init" in r and r["task_metric_init"] != r["task_metric_base"]
 
 
 def test_memory_account_counts_4bit_bytes_and_bench_section_runs():
