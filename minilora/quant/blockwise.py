@@ -183,8 +183,14 @@ def _block_max(a, blocksize: int):
     """Max over consecutive blocks of a non-negative 1-D array; last block may be partial."""
     n = a.shape[0]
     if not is_cupy():
-        # reduceat is ~2x faster than reshape(-1, bs).max(1) on NumPy and handles the tail too
-        return xp.maximum.reduceat(a, xp.arange(0, n, blocksize))
+        # reduceat is ~2x faster than reshape(-1, bs).max(1) on NumPy and handles the tail too.
+        # For |x| >= 0 (sign bit clear) the order of float32 values is the order of their bit
+        # patterns read as int32 (inf and NaN sort above every finite value, so the caller's
+        # isfinite check still sees them), and the integer reduceat is another ~2x faster.
+        idx = xp.arange(0, n, blocksize)
+        if a.dtype == xp.float32 and a.flags.c_contiguous:
+            return xp.maximum.reduceat(a.view(xp.int32), idx).view(xp.float32)
+        return xp.maximum.reduceat(a, idx)
     full = (n // blocksize) * blocksize
     parts = [a[:full].reshape(-1, blocksize).max(axis=1)] if full else []
     if full < n:
