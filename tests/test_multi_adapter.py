@@ -83,6 +83,10 @@ def test_set_adapter_switches_pointers_without_copying(rng, reg_and_adapters):
             assert m.params["weight"] is w_before[layer]  # the base is never copied
         np.testing.assert_allclose(backend.to_numpy(reg.forward(idx)), alone(ads[name], idx),
                                    rtol=1e-12, atol=1e-12)
+    before = backend.to_numpy(reg.forward(idx))
+    reg.forward(idx, ["b", None, "c"])  # a mixed batch in between leaves the active adapter on
+    assert reg.active == "a" and lora_layers(reg.model)
+    np.testing.assert_array_equal(backend.to_numpy(reg.forward(idx)), before)
 
 
 def test_disable_adapters_is_exactly_the_base(rng, reg_and_adapters):
