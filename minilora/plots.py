@@ -82,6 +82,8 @@ FIGURES = {
     "quant_code_histogram": "minilora.quant.compare:fig_code_histogram",
     "paged": "minilora.paged:fig_paged",
     "multi_adapter_claim": "minilora.multi_adapter:fig_claim",
+    "loftq_residuals": "minilora.qlora:fig_loftq_residuals",
+    "qlora_compare": "minilora.qlora:fig_qlora_compare",
 }
 
 

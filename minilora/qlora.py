@@ -468,5 +468,69 @@ def loftq_residual_study(model: Module, ranks=(4, 8, 16), n_iter: int = 10,
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# figures (minilora figures; made only from results/)
+# ----------------------------------------------------------------------------------------------
+def fig_loftq_residuals(results: Path, figures: Path) -> list:
+    """Mean relative residual ||W - dequant(Q_t) - s B_t A_t||_F / ||W||_F over the base model's
+    36 block matrices against the LoftQ step t (t = 0: plain NF4, B A = 0), one line per rank."""
+    from minilora.plots import pyplot, read_json, save_figure
+
+    d = read_json(Path(results) / "quant" / "loftq_residuals.json",
+                  "minilora loftq --out results/quant/loftq_residuals.json")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for r, v in d["ranks"].items():
+        rel = v["mean_relative_residual"]
+        ax.plot(range(len(rel)), rel, "o-", ms=3,
+                label=f"r = {r} ({v['monotone_layers']}/{v['n_layers']} layers non-increasing)")
+    q = d["quant_config"]
+    ax.set_xlabel("LoftQ step t (0 = plain quantisation, B A = 0)")
+    ax.set_ylabel("mean ||W - Q - sBA|| / ||W||")
+    ax.set_title(f"LoftQ on the base model: {q['quant_type']}, block {q['blocksize']}, "
+                 f"double quant {'on' if q['double_quant'] else 'off'}")
+    ax.legend(fontsize=8)
+    return [save_figure(fig, Path(figures) / "loftq_residuals.png")]
+
+
+def fig_qlora_compare(results: Path, figures: Path) -> list:
+    """Milton test loss and Shakespeare forgetting: full fine-tuning, LoRA, QLoRA, QLoRA+LoftQ
+    (the same 200-step harness; results/finetune/milton-*/result.json)."""
+    from minilora.plots import MissingResults, pyplot, read_json, save_figure
+
+    runs = {"full": "milton-full", "LoRA": "milton-lora", "QLoRA": "milton-qlora",
+            "QLoRA + LoftQ": "milton-qlora-loftq"}
+    recs = {}
+    for label, run in runs.items():
+        try:
+            recs[label] = read_json(Path(results) / "finetune" / run / "result.json",
+                                    f"minilora finetune --out results/finetune/{run} ...")
+        except MissingResults:
+            if label.startswith("QLoRA"):
+                raise
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    labels = list(recs)
+    for ax, key, title in ((axes[0], "task_loss", "Milton test loss (nats/char)"),
+                           (axes[1], "forgetting", "forgetting: Shakespeare loss change")):
+        vals = [recs[k][key] for k in labels]
+        ax.bar(labels, vals, color=["0.6", "C0", "C1", "C2"][:len(labels)])
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+        if key == "task_loss":
+            ax.axhline(recs["LoRA" if "LoRA" in recs else labels[0]]["task_loss_base"], ls="--",
+                       c="k", lw=0.8, label="float base")
+            for k in labels:
+                if "task_metric_init" in recs[k]:
+                    i = labels.index(k)
+                    ax.plot([i - 0.4, i + 0.4], [recs[k]["task_metric_init"]] * 2, c="r", lw=1)
+            ax.set_ylim(1.4, None)
+            ax.legend(fontsize=8, title="red: 4-bit model at step 0", title_fontsize=7)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    return [save_figure(fig, Path(figures) / "qlora_compare.png")]
+
+
 __all__ = ["QLoRALinear", "LoftQResult", "loftq_init", "inject_qlora", "quant_digest",
-           "save_qlora_adapter", "load_qlora_adapter", "setup_qlora", "loftq_residual_study"]
+           "save_qlora_adapter", "load_qlora_adapter", "setup_qlora", "loftq_residual_study",
+           "fig_loftq_residuals", "fig_qlora_compare"]
