@@ -373,3 +373,18 @@ def test_memory_account_counts_4bit_bytes_and_bench_section_runs():
     sec = measure_qlora(ctx)
     assert sec.data["ratio_step_qlora_over_lora"] > 0
     assert sec.data["memory"]["qlora"]["weights"] < sec.data["memory"]["lora"]["weights"]
+
+
+def test_loftq_study_and_figures_from_saved_results(tmp_path):
+    import json
+    from minilora.plots import make_figures
+    from minilora.qlora import loftq_residual_study
+    study = loftq_residual_study(GPT(TINY, 0), ranks=(2,), n_iter=3, quant=QuantConfig(blocksize=16))
+    rel = study["ranks"]["2"]["mean_relative_residual"]
+    assert len(rel) == 4 and rel[-1] < rel[0] and study["ranks"]["2"]["n_layers"] == 12
+    (tmp_path / "quant").mkdir()
+    (tmp_path / "quant" / "loftq_residuals.json").write_text(json.dumps(study))
+    out = make_figures(["loftq_residuals", "qlora_compare"], tmp_path, tmp_path / "fig",
+                       log=lambda s: None)
+    assert (tmp_path / "fig" / "loftq_residuals.png").read_bytes()[:4] == b"\x89PNG"
+    assert out["qlora_compare"].startswith("skipped:") and "milton-qlora" in out["qlora_compare"]
