@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, default=128)
     s.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: the method's: 1e-3 full, 5e-3 lora / "
-                        "adapter, 1e-2 prefix / bitfit, 3e-2 prompt)")
+                        "adapter, 1e-2 bitfit, 3e-2 prefix, 1e-1 prompt)")
     s.add_argument("--eval-batches", type=int, default=16)
     s.add_argument("--eval-examples", type=int, default=None,
                    help="sentiment: score only the first N test sentences (default: all 2,014)")
