@@ -535,7 +535,7 @@ def add_prefix(gpt, config: PrefixConfig) -> PrefixTuningModel:
 
 
 def add_prompt(gpt, config: PromptConfig) -> PromptTuningModel:
-    """Freeze ``gpt`` and return it wrapped with a trainable soft prompt (see :class:`PromptConfig`).
+    """Freeze ``gpt`` and return it wrapped with a trainable soft prompt (:class:`PromptConfig`).
 
     Chapter: chapters/02-lora-notes.ipynb
     """

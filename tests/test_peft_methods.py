@@ -13,7 +13,7 @@ import pytest
 from minilora import backend
 from minilora.backend import xp
 from minilora.checkpoint import CheckpointError, base_model_path, load_checkpoint
-from minilora.config import ConfigError, GPTConfig, TrainConfig
+from minilora.config import ConfigError, GPTConfig
 from minilora.gradcheck import check, format_table, model_check
 from minilora.model import GPT, InputError
 from minilora.nn.layers import Linear
@@ -470,3 +470,17 @@ def test_bench_peft_latency_section_on_micro():
     assert "Houlsby m=16 (2 per block) / base" in "\n".join(lines)
     with pytest.raises(ValueError, match="unknown measurement.*'nope'.*peft_latency"):
         bench.run_bench(["micro"], steps=1, threads=1, torch_compare=False, only=["nope"])
+
+
+def test_cli_finetune_with_the_method_options(tmp_path, capsys):
+    from minilora.cli import main
+
+    rc = main(["finetune", "--method", "prompt", "--prompt-len", "4", "--steps", "2",
+               "--batch-size", "2", "--block-size", "32", "--eval-batches", "1", "--no-progress",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["method_config"]["prompt_len"] == 4 and r["trainable_params"] == 4 * 160
+    assert (tmp_path / "prompt.safetensors").exists()
+    assert main(["finetune", "--method", "adapter", "--bottleneck", "0", "--steps", "1"]) == 2
+    assert "bottleneck must be an integer >= 1" in capsys.readouterr().err
