@@ -231,7 +231,9 @@ def inject_qlora(model: Module, config: LoraConfig, quant: QuantConfig | None = 
         quant: the 4-bit format (default :class:`QuantConfig`: NF4, blocksize 64, double quant).
     Returns:
         report dict: trainable / total float parameters, quantized_params, targets, bytes
-        (float32 weights before, 4-bit bytes after), mean relative quantisation error, the
+        (float32 weights before, 4-bit bytes after), ``relative_quant_error`` = ||W - dequant(Q)||
+        / ||W|| over all 4-bit matrices (Q alone: for LoftQ targets Q + s B A is the
+        approximation and Q by itself is further from W), the
         digests of the float base and of the codes (for adapter files), and for LoftQ the
         per-layer residual norms.
     Raises:
