@@ -30,7 +30,7 @@ initialisation reproduces W only when lora_alpha == r; we divide (as PEFT's and 
 so it holds for any lora_alpha. PEFT quantises without double quantisation inside the loop; we
 use the layer's own options, so the loop sees exactly the base the model will use.
 
-Chapter: chapters/qlora.ipynb
+Chapter: chapters/04-lora-and-qlora.ipynb
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class QLoRALinear(LoRALinear):
         ``init_lora_weights`` may not be "pissa" (needs a float W0) or "loftq" (use
         :func:`loftq_init` / :func:`inject_qlora`, which also choose the codes).
 
-    Chapter: chapters/qlora.ipynb
+    Chapter: chapters/04-lora-and-qlora.ipynb
     """
 
     kind = "QLoRALinear"
@@ -170,7 +170,7 @@ def loftq_init(w, r: int, n_iter: int = 5, quant_type: str = "nf4", blocksize: i
     Returns:
         :class:`LoftQResult`.
 
-    Chapter: chapters/qlora.ipynb
+    Chapter: chapters/04-lora-and-qlora.ipynb
     """
     np_ = backend.cpu_module()
     w = check_finite_weight(w, name)
@@ -240,7 +240,7 @@ def inject_qlora(model: Module, config: LoraConfig, quant: QuantConfig | None = 
         LoRAError: LoRA layers already present, or a target outside the blocks;
         ValueError: NaN/inf weights (naming the layer); ConfigError: a bad rank.
 
-    Chapter: chapters/qlora.ipynb
+    Chapter: chapters/04-lora-and-qlora.ipynb
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
@@ -343,7 +343,7 @@ def save_qlora_adapter(path, model: Module, config: LoraConfig, quant: QuantConf
     (and LoftQ) is deterministic, so :func:`load_qlora_adapter` rebuilds the same 4-bit base from
     the same float base and checks both. Atomic, via :func:`minilora.checkpoint.save_arrays`.
 
-    Chapter: chapters/qlora.ipynb
+    Chapter: chapters/04-lora-and-qlora.ipynb
     """
     from minilora.checkpoint import save_arrays
 
@@ -372,7 +372,7 @@ def load_qlora_adapter(path, base_path=None):
         CheckpointError: not a QLoRA adapter, or the rebuilt base differs (another base
         checkpoint, or a quantisation that did not reproduce the codes).
 
-    Chapter: chapters/qlora.ipynb
+    Chapter: chapters/04-lora-and-qlora.ipynb
     """
     from minilora.checkpoint import CheckpointError, base_model_path, load_arrays, load_checkpoint
 
@@ -443,7 +443,7 @@ def loftq_residual_study(model: Module, ranks=(4, 8, 16), n_iter: int = 10,
     ``residual_norms`` / ``quant_error_norm`` / ``weight_norm`` and the mean relative residual
     per iteration (t = 0 is plain quantisation, B A = 0).
 
-    Chapter: chapters/qlora.ipynb
+    Chapter: chapters/04-lora-and-qlora.ipynb
     """
     np_ = backend.cpu_module()
     quant = quant or QuantConfig()
