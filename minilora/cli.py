@@ -244,7 +244,9 @@ def cmd_loftq(args):
     quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize,
                         double_quant=not args.no_double_quant)
     study = loftq_residual_study(model, ranks, args.iters, quant)
-    study["command"] = "minilora " + " ".join(sys.argv[1:])
+    study["command"] = (f"minilora loftq --ranks {args.ranks} --iters {args.iters} --quant-type "
+                        f"{args.quant_type} --blocksize {args.blocksize}"
+                        + (" --no-double-quant" if args.no_double_quant else ""))
     for r, v in study["ranks"].items():
         rel = v["mean_relative_residual"]
         print(f"r={r}: mean ||W - Q - BA|| / ||W||: plain {args.quant_type} {rel[0]:.4f} -> "

@@ -388,3 +388,19 @@ def test_loftq_study_and_figures_from_saved_results(tmp_path):
                        log=lambda s: None)
     assert (tmp_path / "fig" / "loftq_residuals.png").read_bytes()[:4] == b"\x89PNG"
     assert out["qlora_compare"].startswith("skipped:") and "milton-qlora" in out["qlora_compare"]
+
+
+def test_cli_qlora_errors_and_loftq_command(tmp_path, capsys):
+    import json
+    from minilora.cli import main
+    assert main(["finetune", "--method", "qlora", "--targets", "q,lm_head", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stay float32" in err[0]
+    assert main(["finetune", "--method", "lora", "--init", "loftq", "--steps", "1"]) == 2
+    assert "4-bit base" in capsys.readouterr().err
+    base, _ = _save_tiny_base(tmp_path)
+    out = tmp_path / "loftq.json"
+    assert main(["loftq", "--ckpt", str(base), "--ranks", "2", "--iters", "2", "--blocksize", "16",
+                 "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["ranks"]["2"]["n_layers"] == 6 and d["command"].startswith("minilora loftq")
