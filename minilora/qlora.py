@@ -43,8 +43,9 @@ from typing import NamedTuple
 from minilora import backend
 from minilora.backend import xp
 from minilora.config import ConfigError, LoraConfig, QuantConfig
-from minilora.lora import (LoRAError, LoRALinear, _pissa_factors, load_lora_state_dict,
-                           lora_layers, lora_state_dict, mark_only_lora_as_trainable)
+from minilora.lora import (LoRAError, LoRALinear, _check_rank, _pissa_factors,
+                           load_lora_state_dict, lora_layers, lora_state_dict,
+                           mark_only_lora_as_trainable)
 from minilora.nn.layers import Linear, Module
 from minilora.quant.linear import (QuantLinear, QuantWeight, check_finite_weight,
                                    quant_linear_backward, quant_linear_forward, quant_weights,
@@ -263,10 +264,14 @@ def inject_qlora(model: Module, config: LoraConfig, quant: QuantConfig | None = 
     if not names:
         raise LoRAError("the model has no block linears (blocks.*.attn.q/k/v/o, mlp.up/down) "
                         "to quantise")
-    for name in names:  # every check before anything changes
-        check_finite_weight(modules[name].params["weight"], f"{name}.weight")
-    base_digest = _digest(modules[n].params["weight"] for n in names)
     targets = [n for n in names if n.rsplit(".", 1)[-1] in config.target_modules]
+    for name in names:  # every check before anything changes
+        w = modules[name].params["weight"]
+        check_finite_weight(w, f"{name}.weight")
+        if name in targets:
+            _check_rank(config.r, w.shape[1], w.shape[0], f"{name!r} (weight shape "
+                        f"{tuple(w.shape)})")
+    base_digest = _digest(modules[n].params["weight"] for n in names)
     rng = backend.cpu_rng(config.seed)
     loftq = config.init_lora_weights == "loftq"
     np_ = backend.cpu_module()

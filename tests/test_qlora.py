@@ -307,6 +307,10 @@ def test_config_errors():
     with pytest.raises(LoRAError, match="already has"):
         inject_qlora(m, LoraConfig(r=2))
     assert QuantConfig.from_json(QuantConfig(quant_type="fp4").to_json()).quant_type == "fp4"
+    m = GPT(TINY, 0)
+    with pytest.raises(ConfigError, match="larger than min"):
+        inject_qlora(m, LoraConfig(r=17, target_modules=("up",)))
+    assert not quant_weights(m), "a bad rank must be refused before any layer is quantised"
 
 
 # ----------------------------------------------------------------------------------------------
