@@ -712,7 +712,10 @@ def measure_peft_latency(ctx: BenchContext) -> Section:
     unmergeable), LoRA r=8 on q, v unmerged, and LoRA merged, at batch 1 and at the config's
     batch (full context T), all interleaved with the base: the LoRA paper's Table 1 (adapters add
     sequential depth, which shows most at small batch). No target: the figures are reported.
-    Batch 1 is cheap and noisy, so it takes 3x the timed forwards.
+    Batch 1 is cheap and noisy, so it takes 3x the timed forwards. An identical copy of the base
+    runs in the same rotation: its ratio is the noise floor of the figures. Every model's arrays
+    are re-allocated after all are built (a model's speed was seen to depend on when its arrays
+    were allocated: the first-built one ran ~10% slower than an identical later one).
     """
     from minilora.config import LoraConfig
     from minilora.lora import inject_lora, merge_lora
@@ -728,6 +731,9 @@ def measure_peft_latency(ctx: BenchContext) -> Section:
     models["lora_merged"] = GPT(ctx.config, rng=0, dtype="float32")
     inject_lora(models["lora_merged"], lora_cfg)
     merge_lora(models["lora_merged"])
+    models["base_copy"] = GPT(ctx.config, rng=0, dtype="float32")
+    for m in models.values():
+        m.astype("float32")  # fresh copies of every array, allocated together
     x_full = ctx.batches(1)[0][0]  # (B, T)
     data, rows = {}, []
     for label, B, steps in (("batch 1", 1, 3 * ctx.steps), (f"batch {ctx.batch_size}",
@@ -740,7 +746,8 @@ def measure_peft_latency(ctx: BenchContext) -> Section:
                          "tokens": B * ctx.config.block_size}
         rows.append((f"inference {label} x T {ctx.config.block_size}: base",
                      f"{t['base'] * 1e3:.2f} ms", ""))
-        for name, what in (("adapter", "Houlsby m=16 (2 per block)"),
+        for name, what in (("base_copy", "identical base copy (noise floor)"),
+                           ("adapter", "Houlsby m=16 (2 per block)"),
                            ("lora_unmerged", "LoRA r=8 q,v unmerged"),
                            ("lora_merged", "LoRA r=8 q,v merged")):
             rows.append((f"  {what} / base", f"{ratios[name]:.3f}",

@@ -464,7 +464,7 @@ def test_bench_peft_latency_section_on_micro():
     assert list(sec) == ["peft_latency"]
     for key in ("B1", "B2"):
         ratios = sec["peft_latency"][key]["ratio_over_base"]
-        assert set(ratios) == {"adapter", "lora_unmerged", "lora_merged"}
+        assert set(ratios) == {"adapter", "lora_unmerged", "lora_merged", "base_copy"}
         assert all(np.isfinite(v) and v > 0 for v in ratios.values())
     assert sec["peft_latency"]["adapter_params"] == 2 * (2 * 16 * 16 + 16 + 16)  # 1 layer, m = C
     assert "Houlsby m=16 (2 per block) / base" in "\n".join(lines)
