@@ -501,40 +501,44 @@ def fig_loftq_residuals(results: Path, figures: Path) -> list:
 
 
 def fig_qlora_compare(results: Path, figures: Path) -> list:
-    """Milton test loss and Shakespeare forgetting: full fine-tuning, LoRA, QLoRA, QLoRA+LoftQ
-    (the same 200-step harness; results/finetune/milton-*/result.json)."""
+    """Milton test loss and Shakespeare forgetting: full fine-tuning, LoRA, QLoRA, QLoRA+LoftQ,
+    with r=8 on q, v and (where run) on all block linears; the same 200-step harness
+    (results/finetune/milton-*/result.json). Red ticks: the 4-bit model at step 0."""
     from minilora.plots import MissingResults, pyplot, read_json, save_figure
 
-    runs = {"full": "milton-full", "LoRA": "milton-lora", "QLoRA": "milton-qlora",
-            "QLoRA + LoftQ": "milton-qlora-loftq"}
-    recs = {}
-    for label, run in runs.items():
+    runs = [("full", "milton-full", "0.6"), ("LoRA\nq,v", "milton-lora", "C0"),
+            ("QLoRA\nq,v", "milton-qlora", "C1"), ("+LoftQ\nq,v", "milton-qlora-loftq", "C2"),
+            ("LoRA\nall", "milton-lora-all", "C0"), ("QLoRA\nall", "milton-qlora-all", "C1"),
+            ("+LoftQ\nall", "milton-qlora-loftq-all", "C2")]
+    recs = []
+    for label, run, colour in runs:
         try:
-            recs[label] = read_json(Path(results) / "finetune" / run / "result.json",
-                                    f"minilora finetune --out results/finetune/{run} ...")
+            rec = read_json(Path(results) / "finetune" / run / "result.json",
+                            f"minilora finetune --out results/finetune/{run} ...")
         except MissingResults:
-            if label.startswith("QLoRA"):
+            if run == "milton-qlora":
                 raise
+            continue
+        recs.append((label, rec, colour))
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    labels = list(recs)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    x = range(len(recs))
     for ax, key, title in ((axes[0], "task_loss", "Milton test loss (nats/char)"),
                            (axes[1], "forgetting", "forgetting: Shakespeare loss change")):
-        vals = [recs[k][key] for k in labels]
-        ax.bar(labels, vals, color=["0.6", "C0", "C1", "C2"][:len(labels)])
+        vals = [rec[key] for _, rec, _ in recs]
+        ax.bar(x, vals, color=[c for _, _, c in recs])
         for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
         if key == "task_loss":
-            ax.axhline(recs["LoRA" if "LoRA" in recs else labels[0]]["task_loss_base"], ls="--",
-                       c="k", lw=0.8, label="float base")
-            for k in labels:
-                if "task_metric_init" in recs[k]:
-                    i = labels.index(k)
-                    ax.plot([i - 0.4, i + 0.4], [recs[k]["task_metric_init"]] * 2, c="r", lw=1)
+            ax.axhline(recs[0][1]["task_loss_base"], ls="--", c="k", lw=0.8, label="float base")
+            for i, (_, rec, _) in enumerate(recs):
+                if "task_metric_init" in rec:
+                    ax.plot([i - 0.4, i + 0.4], [rec["task_metric_init"]] * 2, c="r", lw=1.2)
             ax.set_ylim(1.4, None)
-            ax.legend(fontsize=8, title="red: 4-bit model at step 0", title_fontsize=7)
+            ax.legend(fontsize=8, title="red: 4-bit model at step 0", title_fontsize=7,
+                      loc="center right")
+        ax.set_xticks(list(x), [lab for lab, _, _ in recs], fontsize=7)
         ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelsize=8)
     return [save_figure(fig, Path(figures) / "qlora_compare.png")]
 
 
