@@ -535,6 +535,9 @@ def merge_lora(model: Module, safe_merge: bool = False) -> list:
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise LoRAError(f"merge_lora: {merged[:4]} already merged; call unmerge_lora first")
+    for m in layers.values():
+        if "weight" not in m.params:  # no float W0 to merge into (a 4-bit base): its own error
+            m.merge()
     if safe_merge:
         bad = [n for n, m in layers.items() if not _finite(m.params["weight"] + m.delta_weight())]
         if bad:

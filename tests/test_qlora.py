@@ -203,8 +203,9 @@ def test_merge_is_refused_and_bias_all_trains_4bit_biases():
     model = GPT(TINY, 0)
     inject_qlora(model, LoraConfig(r=2, target_modules=("q",), bias="all"),
                  QuantConfig(blocksize=16))
-    with pytest.raises(LoRAError, match="cannot merge"):
-        merge_lora(model)
+    for safe in (False, True):
+        with pytest.raises(LoRAError, match="cannot merge"):
+            merge_lora(model, safe_merge=safe)
     trainable = {n for n, _, _ in model.named_trainable()}
     assert "blocks.0.attn.k.bias" in trainable and "blocks.0.attn.q.bias" in trainable
     x, y = batch()
