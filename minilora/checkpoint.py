@@ -142,7 +142,7 @@ def load_checkpoint(path, dtype=None):
     if tokenizer.vocab_size != config.vocab_size:
         raise CheckpointError(f"checkpoint {str(path)!r}: tokenizer has {tokenizer.vocab_size} "
                               f"symbols but the model expects vocab_size {config.vocab_size}")
-    model = GPT(config, rng=0, dtype=dtype or meta.get("dtype", "float32"))
+    model = GPT(config, rng=None, dtype=dtype or meta.get("dtype", "float32"))  # no draws
     try:
         model.load_state_dict(strip_prefix(arrays, "model."))
     except ValueError as e:
