@@ -72,7 +72,28 @@ def _init_params(config: GPTConfig, rng, dtype):
     return wte, wpe, blocks, ln_f, lm_head
 
 
-class GPT(Module):
+class LanguageModelMixin:
+    """The two training-loop entry points, written once for anything with the GPT's
+    ``forward(idx) -> (logits, cache)`` / ``backward(dlogits, cache)`` / ``zero_grad()`` contract
+    (the GPT itself, and the prefix/prompt-tuning wrappers of :mod:`minilora.peft_methods`)."""
+
+    def loss(self, idx, targets):
+        """Forward only: mean cross-entropy (nats per token) as a Python float."""
+        logits, _ = self.forward(idx)
+        loss, _ = ops.cross_entropy_forward(logits, targets)
+        return backend.to_scalar(loss)
+
+    def forward_backward(self, idx, targets):
+        """One training pass: loss (float), gradients left in ``grads`` (zeroed first)."""
+        logits, cache = self.forward(idx)
+        loss, dlogits = ops.cross_entropy(logits, targets)
+        del logits
+        self.zero_grad()
+        self.backward(dlogits, cache)
+        return backend.to_scalar(loss)
+
+
+class GPT(LanguageModelMixin, Module):
     """A decoder-only transformer with hand-written backward passes.
 
     Args:
@@ -177,18 +198,3 @@ class GPT(Module):
             dx = dx[:, P:]
         self.wte.backward(dx, c_tok)
         return extra
-
-    def loss(self, idx, targets):
-        """Forward only: mean cross-entropy (nats per token) as a Python float."""
-        logits, _ = self.forward(idx)
-        loss, _ = ops.cross_entropy_forward(logits, targets)
-        return backend.to_scalar(loss)
-
-    def forward_backward(self, idx, targets):
-        """One training pass: loss (float), gradients left in ``grads`` (zeroed first)."""
-        logits, cache = self.forward(idx)
-        loss, dlogits = ops.cross_entropy(logits, targets)
-        del logits
-        self.zero_grad()
-        self.backward(dlogits, cache)
-        return backend.to_scalar(loss)

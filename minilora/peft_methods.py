@@ -45,6 +45,7 @@ from minilora import backend
 from minilora.backend import xp
 from minilora.config import ConfigError, GPTConfig, JsonConfig, _check_float, _check_int
 from minilora.nn import ops
+from minilora.model import LanguageModelMixin
 from minilora.nn.layers import LayerNorm, Linear, Module
 
 PEFT_FORMAT = "minilora-peft-v1"
@@ -336,7 +337,7 @@ def _check_gpt(gpt, what: str) -> None:
         raise TypeError(f"{what} wraps a minilora GPT, got {type(gpt).__name__}")
 
 
-class _GPTWrapper(Module):
+class _GPTWrapper(LanguageModelMixin, Module):
     """A GPT plus extra inputs. Shares the GPT's children (same objects, same names) and adds one
     child of its own, so ``named_parameters()`` = the GPT's names + the new ones.
 
@@ -360,19 +361,6 @@ class _GPTWrapper(Module):
 
     def check_input(self, idx) -> None:
         self.gpt.check_input(idx)
-
-    def loss(self, idx, targets):
-        logits, _ = self.forward(idx)
-        return backend.to_scalar(ops.cross_entropy_forward(logits, targets)[0])
-
-    def forward_backward(self, idx, targets):
-        """One training pass: loss (float), gradients left in ``grads`` (zeroed first)."""
-        logits, cache = self.forward(idx)
-        loss, dlogits = ops.cross_entropy(logits, targets)
-        del logits
-        self.zero_grad()
-        self.backward(dlogits, cache)
-        return backend.to_scalar(loss)
 
 
 class PrefixTuningModel(_GPTWrapper):
