@@ -171,7 +171,7 @@ class GPT(LanguageModelMixin, Module):
             block_caches.append(c)
         x, c_ln = self.ln_f.forward(x)
         logits, c_head = self.lm_head.forward(x)  # (B, P+T, V)
-        return logits, (c_tok, c_pos, block_caches, c_ln, c_head, P)
+        return logits, (c_tok, c_pos, block_caches, c_ln, c_head, P, prefix_kv is not None)
 
     def backward(self, dlogits, cache):
         """Backpropagate ``dlogits`` (B, T, V); adds into ``grads`` of trainable parameters.
@@ -179,18 +179,28 @@ class GPT(LanguageModelMixin, Module):
         Returns a dict with the gradients of the optional inputs: ``"prefix_kv"`` (list of
         (dpk, dpv)) and ``"input_embeds"`` ((B, P, C)), when they were given.
         """
-        c_tok, c_pos, block_caches, c_ln, c_head, P = cache
+        c_tok, c_pos, block_caches, c_ln, c_head, P, has_prefix = cache
         dx = self.lm_head.backward(dlogits, c_head)
         dx = self.ln_f.backward(dx, c_ln)
+        # block i needs its input gradient only if something below it trains (the embeddings,
+        # a soft prompt, a prefix, or a trainable parameter in an earlier block): under LoRA on
+        # q, v the first block skips its q/k/v input GEMMs and its ln_1 backward
+        below = [P > 0 or has_prefix or bool(self.wte.trainable) or bool(self.wpe.trainable)]
+        for blk in self.blocks[:-1]:
+            below.append(below[-1] or any(m.trainable for _, m in blk.named_modules()))
         dprefix = []
-        for blk, c in zip(reversed(self.blocks), reversed(block_caches)):
-            dx = blk.backward(dx, c)
+        for i in reversed(range(len(self.blocks))):
+            if dx is None:  # nothing at or below block i trains: stop here
+                break
+            dx = self.blocks[i].backward(dx, block_caches[i], need_dx=below[i])
             if isinstance(dx, tuple):
                 dx, dp = dx
                 dprefix.append(dp)
         extra = {}
         if dprefix:
             extra["prefix_kv"] = dprefix[::-1]
+        if dx is None:  # nothing below the blocks trains
+            return extra
         if self.wpe.needs_grad("weight"):
             self.wpe.backward(dx.sum(axis=0, keepdims=True), c_pos)
         if P:

@@ -155,3 +155,30 @@ def test_float64_model_and_loss_value():
     assert abs(loss - np.log(11)) < 0.1  # near-uniform predictions at init
     logits, _ = model.forward(idx)
     assert float(ops.cross_entropy_forward(logits, idx)[0]) == pytest.approx(loss)
+
+
+def test_backward_skips_input_gradients_nothing_below_needs(rng):
+    """With frozen embeddings the lowest blocks skip their input gradient; the trainable
+    parameters' gradients are the same as when everything below is kept alive (float64)."""
+    from minilora.config import LoraConfig
+    from minilora.lora import inject_lora
+
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=8)
+    x = backend.asarray(rng.integers(0, 11, (2, 8)))
+    y = backend.asarray(rng.integers(0, 11, (2, 8)))
+
+    def grads(train_wte, targets):
+        m = GPT(cfg, rng=3, dtype="float64")
+        inject_lora(m, LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights="gaussian"))
+        for _, p in m.named_parameters():
+            p += 0.01  # B != 0 so every LoRA factor gets a gradient
+        if train_wte:
+            m.wte.trainable = {"weight"}
+        m.forward_backward(x, y)
+        return {n: g for n, _, g in m.named_trainable() if n != "wte.weight"}
+
+    for targets in [("q", "v"), ("lm_head",), ("up",)]:
+        fast, ref = grads(False, targets), grads(True, targets)
+        assert fast.keys() == ref.keys() and fast
+        for n in fast:
+            np.testing.assert_allclose(fast[n], ref[n], rtol=1e-12, atol=1e-14, err_msg=n)

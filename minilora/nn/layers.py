@@ -309,17 +309,23 @@ class Block(Module):
         out = h + m  # residual
         return out, (c1, ca, c2, cm)
 
-    def backward(self, dout, cache):
-        """Returns dx, or (dx, dprefix) when the forward pass had a prefix."""
+    def backward(self, dout, cache, need_dx: bool = True):
+        """Returns dx (None when ``need_dx`` is False: nothing below trains), or (dx, dprefix)
+        when the forward pass had a prefix."""
         c1, ca, c2, cm = cache
         # out = h + mlp(ln_2(h)): both paths reach h
         dh = self.ln_2.backward(self.mlp.backward(dout, cm), c2)
         dh += dout
-        # h = x + attn(ln_1(x))
-        da = self.attn.backward(dh, ca)
+        # h = x + attn(ln_1(x)); without need_dx, attention's input gradient (three GEMMs) is
+        # only computed when ln_1 itself trains
+        need_da = need_dx or bool(self.ln_1.trainable)
+        da = self.attn.backward(dh, ca, need_dx=need_da)
         dprefix = None
         if isinstance(da, tuple):
             da, dprefix = da
-        dx = self.ln_1.backward(da, c1)
-        dx += dh
+        dx = None
+        if need_da:
+            dx = self.ln_1.backward(da, c1, need_dx=need_dx)
+        if need_dx:
+            dx += dh
         return dx if dprefix is None else (dx, dprefix)
