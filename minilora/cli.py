@@ -177,14 +177,16 @@ def cmd_bench(args):
 
 def cmd_finetune(args):
     from minilora.config import LoraConfig
-    from minilora.finetune import finetune, format_result
+    from minilora.finetune import finetune, format_result, task_recipe
 
     _use_backend(args)
     method_cfg = None
     if args.method in ("lora", "qlora"):
         init = {"true": True, "false": False}.get(args.init.lower(), args.init)
+        targets = args.targets or ",".join(task_recipe(args.task).get("lora_targets", ("q", "v"))
+                                           if args.method == "lora" else ("q", "v"))
         method_cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                                target_modules=tuple(t for t in args.targets.split(",") if t),
+                                target_modules=tuple(t for t in targets.split(",") if t),
                                 use_rslora=args.rslora, init_lora_weights=init, bias=args.bias)
         if args.method == "qlora":  # the 4-bit base: NF4 (+ double quant), LoftQ steps
             from minilora.config import QuantConfig
@@ -199,13 +201,12 @@ def cmd_finetune(args):
                       "prefix": lambda: PrefixConfig(prefix_len=args.prefix_len),
                       "prompt": lambda: PromptConfig(prompt_len=args.prompt_len),
                       "bitfit": BitFitConfig}[args.method]()
-    overrides = dict(max_steps=args.steps, batch_size=args.batch_size,
-                     block_size=args.block_size, seed=args.seed)
-    if args.lr is not None:
-        overrides["lr"] = args.lr
+    given = dict(max_steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
+                 lr=args.lr)  # None: the task recipe's, else the harness default
+    overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed)
     r = finetune(args.method, args.task, method_cfg, overrides, base_path=args.base,
                  out_dir=args.out, progress=not args.no_progress, eval_batches=args.eval_batches,
-                 eval_examples=args.eval_examples)
+                 eval_examples=args.eval_examples, lm_weight=args.lm_weight)
     print(format_result(r))
     if args.out:
         print(f"written: {args.out}/result.json and {args.out}/{r['weights_file']}")
@@ -531,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
               minilora finetune --method lora --init pissa --targets q,k,v,o --steps 400
               minilora finetune --method lora --task python --r 4 --rslora
               minilora finetune --method qlora --task milton --init loftq --out runs/ft-qlora
-              minilora finetune --method lora --task sentiment --steps 300
+              minilora finetune --method lora --task sentiment       # its recipe: 400 x 32
+              minilora finetune --method lora --task sentiment --lm-weight 0   # label loss only
               minilora finetune --method adapter --bottleneck 16      # Houlsby adapters
               minilora finetune --method prefix --prefix-len 16       # prefix tuning
               minilora finetune --method prompt --prompt-len 16       # prompt tuning
@@ -544,8 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     s.add_argument("--alpha", type=float, default=16.0, help="lora_alpha (default 16)")
     s.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
-    s.add_argument("--targets", default="q,v",
-                   help="comma-separated modules: q,k,v,o,up,down,wte,lm_head (default q,v)")
+    s.add_argument("--targets", default=None,
+                   help="comma-separated modules: q,k,v,o,up,down,wte,lm_head (default q,v; "
+                        "lora on sentiment: q,k,v,o,up,down,lm_head)")
     s.add_argument("--init", default="true",
                    help="init_lora_weights: true (PEFT default), false, gaussian, swap, pissa; "
                         "qlora: loftq (LoftQ split of W0 into 4-bit Q + B A)")
@@ -565,12 +568,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefix: keys/values per layer P (default 16)")
     s.add_argument("--prompt-len", type=int, default=16,
                    help="prompt: soft prompt vectors P (default 16)")
-    s.add_argument("--steps", type=int, default=200)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--block-size", type=int, default=128)
+    s.add_argument("--steps", type=int, default=None,
+                   help="training steps (default 200; sentiment: 400)")
+    s.add_argument("--batch-size", type=int, default=None, help="default 8; sentiment: 32")
+    s.add_argument("--block-size", type=int, default=None, help="default 128")
     s.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: the method's: 1e-3 full, 5e-3 lora / "
-                        "adapter, 1e-2 bitfit, 3e-2 prefix, 1e-1 prompt)")
+                        "adapter, 1e-2 bitfit, 3e-2 prefix, 1e-1 prompt; lora on sentiment: "
+                        "3e-3)")
+    s.add_argument("--lm-weight", type=float, default=None,
+                   help="sentiment: weight of the language-modelling loss on the sentence "
+                        "beside the label loss (default 1; 0: the label only)")
     s.add_argument("--eval-batches", type=int, default=16)
     s.add_argument("--eval-examples", type=int, default=None,
                    help="sentiment: score only the first N test sentences (default: all 2,014)")

@@ -529,13 +529,19 @@ def load_python_code(test_modules: Sequence[str] | str = ("statistics", "textwra
     return {"train": train, "test": test}
 
 
-def encode_classification(pairs, tokenizer: CharTokenizer, block_size: int):
+def encode_classification(pairs, tokenizer: CharTokenizer, block_size: int,
+                          lm_targets: bool = False):
     """Labelled examples -> fixed-length rows for a causal LM scored at one position.
 
     Each ``(text, label)`` becomes the characters of ``text + "\\t"``, cut to their last
     ``block_size`` and left-padded with newlines; the target row is ``-1`` (ignored by the loss)
     everywhere except the last position (the tab), whose target is the label's character. So
     the model learns, and is scored on, the character after the tab only.
+
+    With ``lm_targets=True`` the text positions also get their next character as target
+    (``Y[i, t] = X[i, t + 1]`` inside the text, the padding stays ``-1``): the label is still
+    the target of the last position, and the rest is a language-modelling term on the text
+    (weighted separately by :func:`minilora.finetune.label_lm_forward_backward`).
 
     Returns:
         ``(X, Y)``: int32 arrays of shape ``(n, block_size)``.
@@ -548,6 +554,8 @@ def encode_classification(pairs, tokenizer: CharTokenizer, block_size: int):
     for i, (text, label) in enumerate(pairs):
         ids = tokenizer.encode(text + "\t")[-block_size:]
         X[i, block_size - len(ids):] = ids
+        if lm_targets:
+            Y[i, block_size - len(ids):-1] = ids[1:]
         Y[i, -1] = tokenizer.encode(label)[0]
     return X, Y
 

@@ -132,6 +132,68 @@ def classification_accuracy(model, X, Y, batch_size: int = 128) -> float:
     return correct / len(X)
 
 
+def label_lm_forward_backward(model, x, y, lm_weight: float) -> float:
+    """One training pass of a classification row with a language-modelling term; returns the
+    label loss (float) and leaves the gradients in the model's ``grads``.
+
+    ``y`` (B, T) holds the label at the last position and, from
+    ``encode_classification(..., lm_targets=True)``, next-character targets on the text (-1
+    elsewhere). The loss is
+
+        L = CE(logits[:, -1], y[:, -1]) + lm_weight * CE(logits[:, :-1], y[:, :-1])
+
+    each cross-entropy a mean over its own (non-ignored) positions, so the label keeps weight 1
+    however long the text is (in one plain mean over all positions it would get ~1/100).
+    Backward: ``dlogits = [lm_weight * dCE_text, dCE_label]`` along T. ``model`` is anything
+    with the GPT's ``forward`` / ``backward`` / ``zero_grad`` contract.
+    """
+    from minilora import backend
+    from minilora.backend import xp
+    from minilora.nn import ops
+
+    logits, cache = model.forward(x, check=False)
+    label_loss, d_label = ops.cross_entropy(logits[:, -1:], y[:, -1:])
+    if lm_weight and bool((y[:, :-1] != ops.IGNORE_INDEX).any()):
+        _, d_text = ops.cross_entropy(logits[:, :-1], y[:, :-1])
+        d_text *= lm_weight
+        dlogits = xp.concatenate([d_text, d_label], axis=1)
+    else:
+        dlogits = xp.concatenate([xp.zeros_like(logits[:, :-1]), d_label], axis=1)
+    del logits
+    model.zero_grad()
+    model.backward(dlogits, cache)
+    return backend.to_scalar(label_loss)
+
+
+# The sentiment recipe (see the module docstring): batch 32 (one label per row needs many rows),
+# 400 steps (~1.6 epochs of the 8,058 training sentences), the label loss plus the sentence's
+# language-modelling loss (lm_weight 1: keeps forgetting small), and for LoRA every linear
+# layer and the LM head (the base never saw "+": its head row must move).
+TASK_RECIPES = {
+    "sentiment": {
+        "train": {"max_steps": 400, "batch_size": 32, "warmup_steps": 30},
+        "lr": {"lora": 3e-3},
+        "lora_targets": ("q", "k", "v", "o", "up", "down", "lm_head"),
+        "lm_weight": 1.0,
+    },
+}
+
+
+def task_recipe(task: str) -> dict:
+    """The task's defaults (train-config overrides, per-method learning rates, LoRA targets,
+    ``lm_weight``); ``{}`` for a task that uses the harness defaults."""
+    return TASK_RECIPES.get(task, {})
+
+
+def default_lora_config(task: str = "milton", **fields):
+    """LoRA r=8, alpha=16 on the task's targets (``q, v`` unless its recipe names others);
+    ``fields`` replace any :class:`LoraConfig` field."""
+    from minilora.config import LoraConfig
+
+    fields.setdefault("target_modules", task_recipe(task).get("lora_targets", ("q", "v")))
+    return LoraConfig(**{"r": 8, "lora_alpha": 16, **fields})
+
+
 def default_train_config(setup: MethodSetup, eval_batches: int = 16, **overrides):
     """The harness's :class:`TrainConfig`: 200 steps of 8 x 128, warmup 20 (at most a tenth of the
     steps), cosine decay, the method's learning rates (``min_lr`` = lr/10 when ``lr`` is given);
@@ -150,7 +212,8 @@ def default_train_config(setup: MethodSetup, eval_batches: int = 16, **overrides
 
 def finetune(method: str = "lora", task: str = "milton", method_config=None, train_config=None,
              base_path=None, out_dir=None, progress: bool = True, eval_batches: int = 16,
-             eval_examples: int | None = None, measure_memory: bool = True) -> dict:
+             eval_examples: int | None = None, measure_memory: bool = True,
+             lm_weight: float | None = None) -> dict:
     """Fine-tune the base model with ``method`` on ``task``; returns a result record.
 
     Args:
@@ -158,10 +221,12 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
             factors of ``method_config``), ...
         task: one of :data:`TASKS`.
         method_config: the method's options, e.g. a :class:`LoraConfig` for "lora" (default
-            r=8, alpha=16 on q, v); None for the method's defaults.
+            r=8, alpha=16 on q, v; on the task recipe's targets where it names them, see
+            :data:`TASK_RECIPES`); None for the method's defaults.
         train_config: a :class:`TrainConfig`, or a dict of fields overriding the default (200
             steps, batch 8 x 128, warmup 20, cosine to lr/10, at the method's default learning
-            rate, e.g. 1e-3 for full and 5e-3 for LoRA), or None for the default.
+            rate, e.g. 1e-3 for full and 5e-3 for LoRA, then the task recipe's overrides), or
+            None for the default.
         base_path: the base checkpoint (default: the shipped one).
         out_dir: if given, ``result.json`` and the trained weights (``adapter.safetensors`` for
             LoRA, ``model.safetensors`` for full, ...) are written there (atomically).
@@ -169,6 +234,9 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
         eval_examples: score only the first n test examples of a classification task (quick).
         measure_memory: add ``memory`` (bytes of weights, gradients, optimizer state and
             activations, and the measured peak of one step: :func:`minilora.memory.memory_account`).
+        lm_weight: classification tasks: weight of the language-modelling term on the text
+            beside the label loss (:func:`label_lm_forward_backward`; 0: the label only); None:
+            the task recipe's (1.0 for sentiment).
     """
     from minilora.checkpoint import atomic_write_text, base_model_path, load_checkpoint
     from minilora.config import TrainConfig
@@ -180,6 +248,15 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     setup_fn = method_setup(method)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    recipe = task_recipe(task)
+    if lm_weight is not None and task in LM_TASKS:
+        raise ValueError(f"lm_weight is for classification tasks; {task!r} is language modelling")
+    if lm_weight is None:
+        lm_weight = recipe.get("lm_weight", 0.0)
+    if not lm_weight >= 0:
+        raise ValueError(f"lm_weight must be >= 0, got {lm_weight}")
+    if method == "lora" and method_config is None and "lora_targets" in recipe:
+        method_config = default_lora_config(task)
     path = base_path or base_model_path()
     model, tok, _ = load_checkpoint(path)
     setup = setup_fn(model, tok, method_config)
@@ -187,7 +264,11 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     # the base's plus any the method added (as PEFT counts); 4-bit weights are not float params
     total = model.num_parameters() + quantized_parameter_count(model)
     if not isinstance(train_config, TrainConfig):
-        train_config = default_train_config(setup, eval_batches, **(train_config or {}))
+        lr = recipe.get("lr", {})
+        train_config = default_train_config(
+            setup, eval_batches, **{**recipe.get("train", {}),
+                                    **({"lr": lr[method]} if method in lr else {}),
+                                    **(train_config or {})})
     T, B = train_config.block_size, train_config.batch_size
     sh = encode_corpus(load_shakespeare()["val"], tok)
     sh_batches = fixed_batches(sh, eval_batches, B, T, seed=12345)
@@ -198,25 +279,29 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
 
         def score(m):
             return evaluate(m, task_batches)
-        batch_fn, metric = None, "test loss (nats/char)"
+        batch_fn, forward_backward, metric = None, None, "test loss (nats/char)"
     else:
         d = load_sentiment()
         tr = None
-        Xtr, Ytr = encode_classification(d["train"], tok, T)
+        Xtr, Ytr = encode_classification(d["train"], tok, T, lm_targets=lm_weight > 0)
         Xte, Yte = encode_classification(d["test"][:eval_examples], tok, T)
 
         def score(m):
             return classification_accuracy(m, Xte, Yte)
+        majority = max(float((Yte[:, -1] == c).mean()) for c in set(Yte[:, -1].tolist()))
 
         def batch_fn(rng):
             return sample_rows(Xtr, Ytr, B, rng)
+
+        def forward_backward(x, y):
+            return label_lm_forward_backward(model, x, y, lm_weight)
         metric = "test accuracy"
     base_model = model if setup.base_model is None else setup.base_model
     task0, sh0 = score(base_model), evaluate(base_model, sh_batches)
     init = {} if base_model is model else {"task_metric_init": score(model),
                                            "shakespeare_loss_init": evaluate(model, sh_batches)}
     hist = train(model, tok, tr, None, train_config, out_dir=None, progress=progress,
-                 batch_fn=batch_fn)  # evaluated below, before and after alike
+                 batch_fn=batch_fn, forward_backward=forward_backward)  # evaluated below
     task1, sh1 = score(model), evaluate(model, sh_batches)
     memory = None
     if measure_memory:  # one more (lr = 0) step on a training batch, weights left as they are
@@ -235,7 +320,9 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
         "base": "shipped" if base_path is None else str(path),
         "metric": metric, "task_metric_base": task0, "task_metric": task1,
         **({"task_loss_base": task0, "task_loss": task1} if task in LM_TASKS
-           else {"accuracy_base": task0, "accuracy": task1, "test_examples": len(Xte)}),
+           else {"accuracy_base": task0, "accuracy": task1, "test_examples": len(Xte),
+                 "chance_baseline": 1 / len(set(Yte[:, -1].tolist())),
+                 "majority_baseline": majority, "lm_weight": lm_weight}),
         "shakespeare_loss_base": sh0, "shakespeare_loss": sh1, "forgetting": sh1 - sh0, **init,
         "trainable_params": trainable, "total_params": total,
         "optimizer_state_bytes": 2 * 4 * trainable,

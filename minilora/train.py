@@ -81,7 +81,7 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
 
 
 def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, resume=False,
-          progress=True, step_callback=None, batch_fn=None) -> History:
+          progress=True, step_callback=None, batch_fn=None, forward_backward=None) -> History:
     """Train ``model`` in place; returns a :class:`History`.
 
     Args:
@@ -96,6 +96,9 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
         batch_fn: optional ``f(rng) -> (x, y)`` replacing the random windows of ``train_ids``
             (classification tasks draw whole labelled rows); it must draw only from ``rng``, so
             resuming stays exact.
+        forward_backward: optional ``f(x, y) -> loss`` (a float) that leaves the gradients in
+            the model's ``grads``, replacing ``model.forward_backward`` (e.g. a loss that weights
+            a classification label and a language-modelling term separately).
     """
     if cfg.block_size > model.config.block_size:
         raise ValueError(f"TrainConfig.block_size {cfg.block_size} exceeds the model's block_size "
@@ -161,7 +164,8 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
             lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             x, y = (batch_fn(rng) if batch_fn is not None
                     else get_batch(train_ids, cfg.batch_size, cfg.block_size, rng))
-            loss = model.forward_backward(backend.asarray(x), backend.asarray(y))
+            loss = (forward_backward or model.forward_backward)(backend.asarray(x),
+                                                                backend.asarray(y))
             if not math.isfinite(loss):
                 raise NonFiniteError(
                     f"loss is {loss} at step {step}: training stopped; the last good checkpoint"

@@ -88,3 +88,64 @@ def test_label_position_training_learns_an_easy_rule():
     train(model, tok, None, None, cfg, progress=False,
           batch_fn=lambda g: sample_rows(X, Y, 16, g))
     assert classification_accuracy(model, X, Y) == 1.0
+
+
+def test_encode_classification_lm_targets_cover_the_text_only():
+    from minilora.data import CharTokenizer, encode_classification
+    tok = CharTokenizer.default()
+    X, Y = encode_classification([("good film", "+")], tok, 16, lm_targets=True)
+    assert tok.decode(X[0]) == "\n" * 6 + "good film\t"
+    assert (Y[0, :6] == -1).all()  # the padding is not scored
+    assert tok.decode(Y[0, 6:]) == "ood film\t+"  # next characters, then the label
+
+
+def test_label_lm_loss_gradient_matches_finite_differences():
+    """L = CE(label) + w * CE(text), each a mean over its own positions (float64 gradcheck)."""
+    from minilora import gradcheck
+    from minilora.config import GPTConfig
+    from minilora.data import CharTokenizer, encode_classification
+    from minilora.finetune import label_lm_forward_backward
+    from minilora.model import GPT
+    from minilora.nn import ops
+
+    tok = CharTokenizer.default()
+    X, Y = encode_classification([("a fine film", "+"), ("dull", "-")], tok, 8, lm_targets=True)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2,
+                          n_embd=8), rng=0, dtype="float64")
+    w = 0.7
+
+    def loss():
+        logits, _ = model.forward(X)
+        label, _ = ops.cross_entropy_forward(logits[:, -1:], Y[:, -1:])
+        text, _ = ops.cross_entropy_forward(logits[:, :-1], Y[:, :-1])
+        return float(label) + w * float(text)
+
+    label_loss = label_lm_forward_backward(model, X, Y, w)
+    assert label_loss == pytest.approx(float(ops.cross_entropy_forward(
+        model.forward(X)[0][:, -1:], Y[:, -1:])[0]))
+    for name in ("lm_head.weight", "blocks.0.attn.v.weight", "wte.weight"):
+        mod, key = model, name
+        *path, key = name.split(".")
+        for p in path:
+            mod = mod.children[p]
+        r = gradcheck.check(name, mod.grads[key].copy(), loss, mod.params[key])
+        assert r["ok"], r
+
+
+def test_sentiment_recipe_is_the_default_and_the_label_only_loss_stays_available():
+    from minilora.finetune import TASK_RECIPES, default_lora_config
+    cfg = TrainConfig(max_steps=2, batch_size=2, block_size=32, lr=1e-3, min_lr=1e-4,
+                      warmup_steps=1, eval_every=2, eval_batches=2, ckpt_every=10**9)
+    r = finetune("lora", "sentiment", None, cfg, progress=False, eval_batches=2, eval_examples=20,
+                 measure_memory=False)
+    recipe = TASK_RECIPES["sentiment"]
+    assert r["lm_weight"] == recipe["lm_weight"] == 1.0
+    assert tuple(r["method_config"]["target_modules"]) == recipe["lora_targets"]
+    assert r["chance_baseline"] == 0.5 and 0.5 <= r["majority_baseline"] <= 1.0
+    assert default_lora_config("milton").target_modules == ("q", "v")
+    r0 = finetune("full", "sentiment", None, dict(max_steps=2, batch_size=2, block_size=32),
+                  progress=False, eval_batches=2, eval_examples=20, measure_memory=False,
+                  lm_weight=0.0)
+    assert r0["lm_weight"] == 0.0 and r0["train_config"]["max_steps"] == 2
+    with pytest.raises(ValueError, match="classification"):
+        finetune("lora", "milton", None, CFG, progress=False, lm_weight=1.0)
