@@ -693,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
     s.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     s.add_argument("--only", default=None,
-                   help="comma-separated measurements (train_step, memory, lora, peft_latency)")
+                   help="comma-separated measurements (train_step, memory, lora, multi_adapter, "
+                        "peft_latency, qlora; default: all)")
     s.add_argument("--out", default=None, help="also write the results as JSON here")
     _add_backend(s)
     s.set_defaults(func=cmd_bench)
