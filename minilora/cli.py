@@ -465,7 +465,8 @@ def _add_adapter_parsers(sub):
             """))
     s.add_argument("--adapter", action="append", default=[],
                    help="adapter file; repeat for several (each row of a batch picks one)")
-    s.add_argument("--task", choices=["milton", "python", "sentiment"], default="milton")
+    s.add_argument("--task", choices=["milton", "python", "sentiment", "lexicon"],
+                   default="milton")
     s.add_argument("--no-base", action="store_true", help="leave out the base model's row")
     s.add_argument("--eval-batches", type=int, default=16)
     s.add_argument("--batch-size", type=int, default=8)
@@ -541,8 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
             """))
     from minilora.finetune import METHODS
     s.add_argument("--method", choices=list(METHODS), default="lora")
-    s.add_argument("--task", choices=["milton", "python", "sentiment"], default="milton",
-                   help="milton / python: held-out loss; sentiment: accuracy (default milton)")
+    s.add_argument("--task", choices=["milton", "python", "sentiment", "lexicon"],
+                   default="milton", help="milton / python: held-out loss; sentiment (movie-review "
+                   "sentences) / lexicon (VADER words): accuracy (default milton)")
     s.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     s.add_argument("--alpha", type=float, default=16.0, help="lora_alpha (default 16)")
     s.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")

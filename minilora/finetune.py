@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-TASKS = ("milton", "python", "sentiment")
+TASKS = ("milton", "python", "sentiment", "lexicon")
 LM_TASKS = ("milton", "python")
 
 
@@ -113,6 +113,18 @@ def task_splits(task: str) -> tuple[str, str]:
     raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
 
 
+def classification_splits(task: str) -> dict:
+    """``{"train": [(text, label)...], "test": [...]}`` of a classification task: ``sentiment``
+    (:func:`minilora.data.load_sentiment`) or ``lexicon`` (:func:`minilora.data.load_lexicon`)."""
+    from minilora.data import load_lexicon, load_sentiment
+
+    if task == "sentiment":
+        return load_sentiment()
+    if task == "lexicon":
+        return load_lexicon()
+    raise ValueError(f"{task!r} is not a classification task; allowed: sentiment, lexicon")
+
+
 def classification_accuracy(model, X, Y, batch_size: int = 128) -> float:
     """Exact-match accuracy of the label character after the tab (last position of each row).
 
@@ -176,7 +188,17 @@ TASK_RECIPES = {
         "lora_targets": ("q", "k", "v", "o", "up", "down", "lm_head"),
         "lm_weight": 1.0,
     },
+    # single words (at most 19 letters): rows of 24, batch 64; 300 steps ~3.3 epochs of 5,767
+    "lexicon": {
+        "train": {"max_steps": 300, "batch_size": 64, "block_size": 24, "warmup_steps": 30},
+        "lr": {"lora": 3e-3},
+        "lora_targets": ("q", "k", "v", "o", "up", "down", "lm_head"),
+        "lm_weight": 1.0,
+    },
 }
+
+# forgetting is measured on the same Shakespeare windows whatever the task's batch shape
+FORGETTING_BATCH, FORGETTING_BLOCK = 8, 128
 
 
 def task_recipe(task: str) -> dict:
@@ -240,8 +262,7 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     """
     from minilora.checkpoint import atomic_write_text, base_model_path, load_checkpoint
     from minilora.config import TrainConfig
-    from minilora.data import (encode_classification, encode_corpus, load_sentiment,
-                               load_shakespeare, sample_rows)
+    from minilora.data import encode_classification, encode_corpus, load_shakespeare, sample_rows
     from minilora.quant.linear import quantized_parameter_count
     from minilora.train import evaluate, fixed_batches, train
 
@@ -271,7 +292,8 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
                                     **(train_config or {})})
     T, B = train_config.block_size, train_config.batch_size
     sh = encode_corpus(load_shakespeare()["val"], tok)
-    sh_batches = fixed_batches(sh, eval_batches, B, T, seed=12345)
+    sh_batches = fixed_batches(sh, eval_batches, FORGETTING_BATCH,
+                               min(FORGETTING_BLOCK, model.config.block_size), seed=12345)
     if task in LM_TASKS:
         train_text, test_text = task_splits(task)
         tr, te = encode_corpus(train_text, tok), encode_corpus(test_text, tok)
@@ -281,7 +303,7 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
             return evaluate(m, task_batches)
         batch_fn, forward_backward, metric = None, None, "test loss (nats/char)"
     else:
-        d = load_sentiment()
+        d = classification_splits(task)
         tr = None
         Xtr, Ytr = encode_classification(d["train"], tok, T, lm_targets=lm_weight > 0)
         Xte, Yte = encode_classification(d["test"][:eval_examples], tok, T)

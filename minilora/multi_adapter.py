@@ -510,8 +510,8 @@ def score_adapters(registry: AdapterRegistry, tokenizer, task: str, adapters: li
         ``{"metric": str, "higher_is_better": bool, "scores": {label: value}, "rows": int,
         "seconds": float}`` with label = the adapter name or "base".
     """
-    from minilora.data import encode_classification, encode_corpus, load_sentiment
-    from minilora.finetune import LM_TASKS, TASKS, task_splits
+    from minilora.data import encode_classification, encode_corpus
+    from minilora.finetune import LM_TASKS, TASKS, classification_splits, task_splits
     from minilora.train import fixed_batches
 
     if task not in TASKS:
@@ -542,8 +542,8 @@ def score_adapters(registry: AdapterRegistry, tokenizer, task: str, adapters: li
         scores = {lab: t / len(batches) for lab, t in zip(labels, totals)}
         rows, metric, higher = len(batches) * batch_size * n, "test loss (nats/char)", False
     else:
-        X, Y = encode_classification(load_sentiment()["test"][:eval_examples], tokenizer,
-                                     block_size)
+        X, Y = encode_classification(classification_splits(task)["test"][:eval_examples],
+                                     tokenizer, block_size)
         label_ids = Y[:, -1]
         candidates = np_.unique(label_ids)
         correct = [0] * n
@@ -582,14 +582,13 @@ CLAIM_COMMAND = "minilora adapter claim --out results/multi_adapter"
 
 def _task_batch_fn(task: str, tokenizer, batch_size: int, block_size: int):
     """``f(rng) -> (x, y)`` drawing one training batch of ``task`` (finetune's training data)."""
-    from minilora.data import encode_classification, encode_corpus, get_batch, load_sentiment, \
-        sample_rows
-    from minilora.finetune import LM_TASKS, task_splits
+    from minilora.data import encode_classification, encode_corpus, get_batch, sample_rows
+    from minilora.finetune import LM_TASKS, classification_splits, task_splits
 
     if task in LM_TASKS:
         ids = encode_corpus(task_splits(task)[0], tokenizer)
         return lambda rng: get_batch(ids, batch_size, block_size, rng)
-    X, Y = encode_classification(load_sentiment()["train"], tokenizer, block_size)
+    X, Y = encode_classification(classification_splits(task)["train"], tokenizer, block_size)
     return lambda rng: sample_rows(X, Y, batch_size, rng)
 
 

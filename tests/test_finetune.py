@@ -149,3 +149,16 @@ def test_sentiment_recipe_is_the_default_and_the_label_only_loss_stays_available
     assert r0["lm_weight"] == 0.0 and r0["train_config"]["max_steps"] == 2
     with pytest.raises(ValueError, match="classification"):
         finetune("lora", "milton", None, CFG, progress=False, lm_weight=1.0)
+
+
+def test_lexicon_task_and_forgetting_windows_independent_of_the_batch_shape():
+    """The word-polarity task runs on its own rows; forgetting uses the same 8 x 128 Shakespeare
+    windows whatever the task's batch, so runs of different tasks compare."""
+    cfg = dict(max_steps=2, batch_size=2, block_size=16)
+    r = finetune("lora", "lexicon", None, cfg, progress=False, eval_batches=2, eval_examples=20,
+                 measure_memory=False)
+    s = finetune("lora", "sentiment", None, dict(cfg, block_size=32), progress=False,
+                 eval_batches=2, eval_examples=20, measure_memory=False)
+    assert r["task"] == "lexicon" and r["test_examples"] == 20
+    assert r["train_config"]["block_size"] == 16
+    assert r["shakespeare_loss_base"] == s["shakespeare_loss_base"]
