@@ -8,9 +8,31 @@ Both methods use the same data, steps, batch, schedule and seed; only which para
 * trainable parameters, median step time, and the optimizer-state bytes.
 
 Tasks so far: ``milton`` (continued language modelling on *Paradise Lost*: Books I-IX train,
-Book X test), ``python`` (the shipped stdlib snapshot, whole modules held out) and
+Book X test), ``python`` (the shipped stdlib snapshot, whole modules held out),
 ``sentiment`` (VADER movie-review sentences: the character after ``sentence<TAB>`` is ``+`` or
-``-``; metric: exact-match accuracy on the held-out 20 %, chance 50 %, majority 50.4 %).
+``-``; metric: exact-match accuracy on the held-out 20 %, chance 50 %, majority 50.4 %) and
+``lexicon`` (single VADER words, same format; majority 55.8 %).
+
+The sentiment recipe (:data:`TASK_RECIPES`, the default for these tasks) and why:
+
+* The base never saw ``+`` or a tab in Shakespeare: after ``sentence<TAB>`` it gives
+  P(+) ~ 4e-8 and P(-) ~ 2e-3, so the frozen base always answers ``-`` (= the majority, 50.4 %),
+  and LoRA on q, v alone spends its first ~150 steps only learning to emit ``+`` at all (label
+  loss still ~1.5 nats). Putting ``lm_head`` among the LoRA targets (full fine-tuning trains it
+  anyway) learns the answer format in ~70 steps.
+* One label per row is little signal: the old 150-200 steps of batch 8 saw 15-20 % of the 8,058
+  training sentences once. The recipe: batch 32, 400 steps (~1.6 epochs).
+* Label loss alone also drives every position towards ``+``/``-`` (forgetting +1.7 to +6.8
+  nats in our runs).
+  The LM loss on the sentence beside it (:func:`label_lm_forward_backward`, ``lm_weight`` 1)
+  keeps forgetting near +0.5.
+* Reference points on the same split: frozen-feature logistic probes (last position ~57 %,
+  mean over positions ~63 %); bag-of-words logistic regression 78-80 %.
+
+Measured with these defaults (``results/finetune/{sentiment,lexicon}-{lora,full}``, all 2,014 /
+1,442 test rows, 2 shared CPU cores): sentiment LoRA 62.6 %, full 64.9 % (forgetting +0.52 /
++0.62, ~5-6 min of training); lexicon LoRA 81.8 %, full 87.8 % (forgetting +1.39 / +2.25: the
+LM term covers single words only; 1-2 min).
 
 Chapter: chapters/02-lora-notes.ipynb
 """
