@@ -21,13 +21,10 @@ from minilora.lora import (LoRAEmbedding, LoRAError, LoRALinear, count_lora_para
 from minilora.model import GPT
 from minilora.nn.layers import Embedding, Linear, Module
 from minilora.optim import AdamW
+from helpers import randn, batch, np_
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 ALL = ("q", "k", "v", "o", "up", "down", "wte", "lm_head")
-
-
-def randn(rng, *shape, scale=1.0, dtype="float64"):
-    return backend.asarray(rng.standard_normal(shape) * scale, dtype=dtype)
 
 
 def make_linear(rng, d_in, d_out, bias=True, dtype="float64"):
@@ -37,16 +34,6 @@ def make_linear(rng, d_in, d_out, bias=True, dtype="float64"):
 
 def tiny_model(seed=0, dtype="float64", config=TINY):
     return GPT(config, seed, dtype=dtype)
-
-
-def batch(seed=0, B=2, T=6, V=11):
-    rng = np.random.default_rng(seed)
-    return (backend.asarray(rng.integers(0, V, size=(B, T))),
-            backend.asarray(rng.integers(0, V, size=(B, T))))
-
-
-def np_(a):
-    return backend.to_numpy(a)
 
 
 # ----------------------------------------------------------------------------------------------

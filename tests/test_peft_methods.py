@@ -24,13 +24,10 @@ from minilora.peft_methods import (AdapterConfig, BitFitConfig, HoulsbyAdapter, 
                                    apply_bitfit, apply_peft, base_prefix_kv,
                                    count_peft_parameters, inject_adapters, load_peft,
                                    peft_state_dict, save_peft)
+from helpers import randn
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 BASE = GPTConfig(vocab_size=97, block_size=256, n_layer=6, n_head=5, n_embd=160)  # shipped shape
-
-
-def randn(rng, *shape, scale=1.0):
-    return backend.asarray(rng.standard_normal(shape) * scale)
 
 
 def tiny_model(seed=0, dtype="float64", config=TINY):

@@ -20,22 +20,9 @@ from minilora.qlora import (QLoRALinear, inject_qlora, load_qlora_adapter, loftq
                             quant_digest, save_qlora_adapter)
 from minilora.quant import quantize_nf4
 from minilora.quant.linear import QuantLinear, QuantWeight, quant_weights
+from helpers import randn, batch, np_
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=16, init_std=0.3)
-
-
-def randn(rng, *shape, scale=1.0, dtype="float64"):
-    return backend.asarray(rng.standard_normal(shape) * scale, dtype=dtype)
-
-
-def batch(seed=0, B=2, T=6, V=11):
-    rng = np.random.default_rng(seed)
-    return (backend.asarray(rng.integers(0, V, size=(B, T))),
-            backend.asarray(rng.integers(0, V, size=(B, T))))
-
-
-def np_(a):
-    return backend.to_numpy(a)
 
 
 def quant_linear(rng, d_in, d_out, bias=True, double_quant=True, blocksize=16):
