@@ -20,3 +20,21 @@ def batch(seed=0, B=2, T=6, V=11):
 def np_(a):
     """A backend array as NumPy (for assertions)."""
     return backend.to_numpy(a)
+
+
+def lora_layer_gradcheck(layer, x, dout, mask_seed=7):
+    """Finite-difference rows (``gradcheck.check``) for ``dx`` and every trainable parameter of a
+    LoRA-style layer, with the same dropout mask in every forward pass of the check."""
+    from minilora.backend import xp
+    from minilora.gradcheck import check
+
+    def f():
+        layer.dropout_rng = backend.cpu_rng(mask_seed)
+        return xp.sum(layer.forward(x)[0] * dout)
+
+    layer.dropout_rng = backend.cpu_rng(mask_seed)
+    out, cache = layer.forward(x)
+    layer.zero_grad()
+    dx = layer.backward(dout, cache)
+    return [check("dx", dx, f, x)] + [check(f"d{name}", layer.grads[name], f, layer.params[name])
+                                      for name in sorted(layer.trainable)]

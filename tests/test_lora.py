@@ -21,7 +21,7 @@ from minilora.lora import (LoRAEmbedding, LoRAError, LoRALinear, count_lora_para
 from minilora.model import GPT
 from minilora.nn.layers import Embedding, Linear, Module
 from minilora.optim import AdamW
-from helpers import randn, batch, np_
+from helpers import lora_layer_gradcheck, randn, batch, np_
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 ALL = ("q", "k", "v", "o", "up", "down", "wte", "lm_head")
@@ -48,21 +48,7 @@ def test_lora_linear_gradcheck(xpb, rng, dropout, bias):
     layer.trainable = {"lora_A", "lora_B", "weight"} | ({"bias"} if bias else set())
     x = randn(rng, 2, 3, 5)
     dout = randn(rng, 2, 3, 4)
-    mask_seed = 7  # the same dropout mask in every forward pass of the check
-
-    def f():
-        layer.dropout_rng = backend.cpu_rng(mask_seed)
-        return xp.sum(layer.forward(x)[0] * dout)
-
-    layer.dropout_rng = backend.cpu_rng(mask_seed)
-    out, cache = layer.forward(x)
-    layer.zero_grad()
-    dx = layer.backward(dout, cache)
-    rows = [check("dx", dx, f, x), check("dlora_A", layer.grads["lora_A"], f, layer.params["lora_A"]),
-            check("dlora_B", layer.grads["lora_B"], f, layer.params["lora_B"]),
-            check("dweight", layer.grads["weight"], f, layer.params["weight"])]
-    if bias:
-        rows.append(check("dbias", layer.grads["bias"], f, layer.params["bias"]))
+    rows = lora_layer_gradcheck(layer, x, dout)
     assert all(r["ok"] for r in rows), format_table(rows)
 
 

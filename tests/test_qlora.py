@@ -20,7 +20,7 @@ from minilora.qlora import (QLoRALinear, inject_qlora, load_qlora_adapter, loftq
                             quant_digest, save_qlora_adapter)
 from minilora.quant import quantize_nf4
 from minilora.quant.linear import QuantLinear, QuantWeight, quant_weights
-from helpers import randn, batch, np_
+from helpers import lora_layer_gradcheck, randn, batch, np_
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=16, init_std=0.3)
 
@@ -71,21 +71,7 @@ def test_qlora_linear_gradcheck(xpb, rng, dropout, bias):
     layer.astype("float64")
     layer.trainable = {"lora_A", "lora_B"} | ({"bias"} if bias else set())
     x, dout = randn(rng, 2, 3, 10), randn(rng, 2, 3, 6)
-    mask_seed = 7
-
-    def f():
-        layer.dropout_rng = backend.cpu_rng(mask_seed)
-        return xp.sum(layer.forward(x)[0] * dout)
-
-    layer.dropout_rng = backend.cpu_rng(mask_seed)
-    out, cache = layer.forward(x)
-    layer.zero_grad()
-    dx = layer.backward(dout, cache)
-    rows = [check("dx", dx, f, x),
-            check("dlora_A", layer.grads["lora_A"], f, layer.params["lora_A"]),
-            check("dlora_B", layer.grads["lora_B"], f, layer.params["lora_B"])]
-    if bias:
-        rows.append(check("dbias", layer.grads["bias"], f, layer.params["bias"]))
+    rows = lora_layer_gradcheck(layer, x, dout)
     assert all(r["ok"] for r in rows), format_table(rows)
 
 
