@@ -22,13 +22,14 @@ import os
 from typing import Any
 
 import numpy as _np
+from minilora.errors import MiniloraError
 
 BACKENDS = ("numpy", "cupy")
 
 _state: dict[str, Any] = {"name": "numpy", "module": _np}
 
 
-class BackendError(RuntimeError):
+class BackendError(MiniloraError, RuntimeError):
     """Raised when the requested backend cannot be used (unknown name, CuPy missing, no GPU)."""
 
 

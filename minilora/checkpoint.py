@@ -22,11 +22,12 @@ import os
 from pathlib import Path
 
 from minilora import backend
+from minilora.errors import MiniloraError
 
 FORMAT = "minilora-checkpoint-v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MiniloraError, ValueError):
     """A checkpoint file is missing, truncated, corrupt or does not fit the model."""
 
 

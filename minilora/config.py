@@ -11,9 +11,10 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields
+from minilora.errors import MiniloraError
 
 
-class ConfigError(ValueError):
+class ConfigError(MiniloraError, ValueError):
     """A configuration value is invalid; the message says which and what is allowed."""
 
 

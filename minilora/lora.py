@@ -35,11 +35,12 @@ from minilora.config import (LORA_INITS, LORA_TARGETS, ConfigError, LoraConfig, 
                              _check_int)
 from minilora.nn import ops
 from minilora.nn.layers import Embedding, Linear, Module
+from minilora.errors import MiniloraError
 
 ADAPTER_FORMAT = "minilora-adapter-v1"
 
 
-class LoRAError(ValueError):
+class LoRAError(MiniloraError, ValueError):
     """A LoRA operation cannot be done as asked (merge state, shapes, non-finite values)."""
 
 

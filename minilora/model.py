@@ -30,10 +30,11 @@ from minilora.backend import xp
 from minilora.config import GPTConfig
 from minilora.nn import ops
 from minilora.nn.layers import (Block, CausalSelfAttention, Embedding, LayerNorm, Linear, MLP,
+from minilora.errors import MiniloraError
                                 Module)
 
 
-class InputError(ValueError):
+class InputError(MiniloraError, ValueError):
     """The token ids given to the model are not valid for it."""
 
 

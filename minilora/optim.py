@@ -20,6 +20,7 @@ import math
 
 from minilora import backend
 from minilora.backend import xp
+from minilora.errors import MiniloraError
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -52,7 +53,7 @@ def clip_grad_norm(grads: list, max_norm: float) -> float:
     return norm
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(MiniloraError, FloatingPointError):
     """The loss or the gradients became NaN/inf; training stops and keeps the last good checkpoint."""
 
 

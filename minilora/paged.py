@@ -61,6 +61,7 @@ from pathlib import Path
 
 from minilora import backend
 from minilora.optim import AdamW
+from minilora.errors import MiniloraError
 
 MiB = 1 << 20
 PAGE_BYTES = 2 * MiB  # CUDA's large page; bitsandbytes' paged buffers migrate in these units
@@ -68,7 +69,7 @@ PCIE_BYTES_PER_S = 16e9  # PCIe 3.0 x16 nominal; configurable everywhere it is u
 ALIGN = 256  # byte alignment of each moment inside the arena (cudaMalloc aligns to 256)
 
 
-class DeviceOutOfMemory(MemoryError):
+class DeviceOutOfMemory(MiniloraError, MemoryError):
     """The simulated device cannot hold what is asked of it even after paging out all state."""
 
 

@@ -64,6 +64,7 @@ from pathlib import Path
 from minilora import backend
 from minilora.config import ConfigError, LoraConfig
 from minilora.lora import (LoRAEmbedding, LoRAError, LoRALinear, load_lora_state_dict, lora_layers,
+from minilora.errors import MiniloraError
                            lora_state_dict, prepare_for_adapter)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -96,7 +97,7 @@ _UNSUPPORTED = {"fan_in_fan_out": False, "use_dora": False, "lora_bias": False,
                 "layers_to_transform": None, "layer_replication": None}
 
 
-class PeftFormatError(ValueError):
+class PeftFormatError(MiniloraError, ValueError):
     """A PEFT adapter directory is missing, malformed, or uses a feature minilora lacks."""
 
 

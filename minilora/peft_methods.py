@@ -47,6 +47,7 @@ from minilora.config import ConfigError, GPTConfig, JsonConfig, _check_float, _c
 from minilora.nn import ops
 from minilora.model import LanguageModelMixin
 from minilora.nn.layers import LayerNorm, Linear, Module
+from minilora.errors import MiniloraError
 
 PEFT_FORMAT = "minilora-peft-v1"
 ADAPTER_TARGETS = ("o", "down")  # Houlsby: after the attention output projection and the MLP
@@ -54,7 +55,7 @@ PROMPT_INITS = ("vocab", "random")
 PREFIX_INITS = ("vocab", "random")
 
 
-class PeftError(ValueError):
+class PeftError(MiniloraError, ValueError):
     """A PEFT method cannot be applied or loaded as asked (wrong model, shapes, files)."""
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from minilora.errors import MiniloraError
 
 
-class MissingResults(FileNotFoundError):
+class MissingResults(MiniloraError, FileNotFoundError):
     """A figure's input is not in ``results/`` yet; the message says which command makes it."""
 
 

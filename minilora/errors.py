@@ -1,0 +1,20 @@
+"""minilora's own error classes: one base for every mistake a user can make.
+
+A :class:`MiniloraError` means *the input was wrong* (a flag out of range, a broken file, a config
+that does not fit the model): the command line prints its message on one line and exits 2. Any
+other exception is a bug in minilora and keeps its traceback. ``MINILORA_DEBUG=1`` shows the
+traceback for user errors too.
+
+Each subclass also derives from the built-in exception a Python user would expect
+(``ValueError`` for bad values, ``FileNotFoundError`` for missing results, ...), so
+``except ValueError`` keeps working.
+"""
+from __future__ import annotations
+
+
+class MiniloraError(Exception):
+    """Base class of every user-facing error in minilora (bad input, not a bug)."""
+
+
+class UsageError(MiniloraError, ValueError):
+    """A command-line flag or argument is invalid; the message names the flag."""
