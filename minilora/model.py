@@ -30,8 +30,8 @@ from minilora.backend import xp
 from minilora.config import GPTConfig
 from minilora.nn import ops
 from minilora.nn.layers import (Block, CausalSelfAttention, Embedding, LayerNorm, Linear, MLP,
-from minilora.errors import MiniloraError
                                 Module)
+from minilora.errors import MiniloraError
 
 
 class InputError(MiniloraError, ValueError):

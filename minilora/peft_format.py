@@ -64,8 +64,8 @@ from pathlib import Path
 from minilora import backend
 from minilora.config import ConfigError, LoraConfig
 from minilora.lora import (LoRAEmbedding, LoRAError, LoRALinear, load_lora_state_dict, lora_layers,
-from minilora.errors import MiniloraError
                            lora_state_dict, prepare_for_adapter)
+from minilora.errors import MiniloraError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
