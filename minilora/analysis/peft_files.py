@@ -1,0 +1,236 @@
+"""Read anyone's PEFT LoRA adapter directory (no torch): the factors of each module, lazily.
+
+A PEFT LoRA adapter is ``adapter_config.json`` + ``adapter_model.safetensors``. Keys are
+``base_model.model.<module path>.<part>``, for example
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (LLaMA, Mistral),
+``base_model.model.transformer.h.0.attn.c_attn.lora_B.weight`` (GPT-2); files saved from a live
+model may keep the adapter name (``.lora_A.default.weight``). The parts:
+
+=================================  ===================  =========================================
+part                               stored shape         meaning
+=================================  ===================  =========================================
+``lora_A[.name].weight``           (r, d_in)            Linear: ΔW = s · B A, W (d_out, d_in)
+``lora_B[.name].weight``           (d_out, r)
+``lora_embedding_A[.name]``        (r, V)               Embedding (V tokens, C channels): PEFT
+``lora_embedding_B[.name]``        (C, r)               adds s · (B A)ᵀ to the (V, C) table
+``lora_magnitude_vector[.name]``   (d_out,)             DoRA's magnitude m
+(4-D ``lora_A`` / ``lora_B``)      (r, c_in, kh, kw)    Conv: flattened to (r, c_in·kh·kw)
+=================================  ===================  =========================================
+
+This module returns every update in the orientation of y = ΔW x, i.e. ΔW = s · B A with
+B (d_out, r) and A (r, d_in). For an embedding that means B = ``lora_embedding_B`` (C, r),
+A = ``lora_embedding_A`` (r, V), so ΔW is (C, V): the transpose of PEFT's (V, C) delta, the map
+from a one-hot token to its vector.
+
+Scaling (PEFT ``LoraLayer.update_layer``): s = lora_alpha / r, or lora_alpha / sqrt(r) with
+``use_rslora``. ``rank_pattern`` and ``alpha_pattern`` override r and lora_alpha per module: a
+pattern key ``p`` applies to module path ``m`` (without ``base_model.model.``) when
+``re.match(rf"(.*\\.)?({p})$", m)`` succeeds (PEFT's ``get_pattern_key``: the key, as a regex,
+matches a dot-separated suffix of the path); the first matching key in the dict's order wins.
+
+A legacy ``adapter_model.bin`` is a pickle (it can run code when loaded) and is refused.
+
+Chapter: chapters/05-delta-w-analysis.ipynb
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from minilora.analysis.safetensors_lazy import AdapterFileError, SafetensorsFile
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+KEY_PREFIX = "base_model.model."
+#: key part -> (role, layer kind)
+PARTS = {"lora_A": ("A", "linear"), "lora_B": ("B", "linear"),
+         "lora_embedding_A": ("A", "embedding"), "lora_embedding_B": ("B", "embedding"),
+         "lora_magnitude_vector": ("m", None)}
+
+
+class LoraModule(NamedTuple):
+    """One adapted module of a PEFT adapter (names and sizes only; tensors are read on demand)."""
+    name: str              # module path without "base_model.model.", e.g. model.layers.0.self_attn.q_proj
+    kind: str              # "linear", "embedding" or "conv"
+    d_out: int             # rows of ΔW in y = ΔW x (C for an embedding)
+    d_in: int              # columns of ΔW (V for an embedding; c_in·kh·kw for a conv)
+    r: int
+    lora_alpha: float
+    scale: float           # s in ΔW = s · B A
+    a_key: str
+    b_key: str
+    magnitude_key: str | None   # DoRA's m, when present
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """s = lora_alpha / r (LoRA) or lora_alpha / sqrt(r) (rsLoRA)."""
+    if r < 1:
+        raise AdapterFileError(f"r must be >= 1, got {r}")
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def match_pattern(patterns, module: str) -> str | None:
+    """The first key of ``patterns`` that PEFT would apply to ``module`` (see module doc), or None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def module_rank_alpha(config: dict, module: str) -> tuple[int, float]:
+    """(r, lora_alpha) of ``module`` from an adapter config, honouring rank/alpha_pattern."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r_key, a_key = match_pattern(rank_pattern, module), match_pattern(alpha_pattern, module)
+    r = rank_pattern[r_key] if r_key is not None else config.get("r", 8)
+    alpha = alpha_pattern[a_key] if a_key is not None else config.get("lora_alpha", 8)
+    return int(r), float(alpha)
+
+
+def _split_key(key: str):
+    """(module path, role, kind, adapter name or None) of a LoRA key, or None for other keys."""
+    parts = key.split(".")
+    hits = [i for i, p in enumerate(parts) if p in PARTS]
+    if not hits:
+        return None
+    i = hits[-1]
+    rest = parts[i + 1:]
+    if rest and rest[-1] == "weight":
+        rest = rest[:-1]
+    if rest == ["bias"] or len(rest) > 1:      # lora_B.bias (lora_bias=True) or not ours
+        return None
+    module = ".".join(parts[:i])
+    module = module[len(KEY_PREFIX):] if module.startswith(KEY_PREFIX) else module
+    role, kind = PARTS[parts[i]]
+    return module, role, kind, (rest[0] if rest else None)
+
+
+class PeftAdapter:
+    """An opened PEFT LoRA adapter: config, module table, and lazy access to each module's factors.
+
+    Attributes:
+        path: the adapter directory.
+        config: the parsed ``adapter_config.json`` (unknown keys kept, ignored).
+        modules: module name -> :class:`LoraModule`, in file order.
+        other_keys: tensors that are not LoRA factors (biases, ``modules_to_save`` copies, ...).
+    """
+
+    def __init__(self, path, adapter_name: str | None = None):
+        path = Path(path)
+        if path.is_file() and path.name == WEIGHTS_NAME:
+            path = path.parent
+        if not path.is_dir():
+            raise AdapterFileError(f"{path}: not an adapter directory (expected a directory with "
+                                   f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+        weights, cfg = path / WEIGHTS_NAME, path / CONFIG_NAME
+        if not weights.is_file():
+            if (path / LEGACY_WEIGHTS_NAME).is_file():
+                raise AdapterFileError(
+                    f"{path}: only {LEGACY_WEIGHTS_NAME} is there, a pickle, which minilora never "
+                    f"loads (unpickling can run code); re-save the adapter with PEFT's "
+                    f"save_pretrained(..., safe_serialization=True) to get {WEIGHTS_NAME}")
+            raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} (adapters not named 'default' "
+                                   f"are saved in a subfolder named after the adapter: pass it)")
+        if not cfg.is_file():
+            raise AdapterFileError(f"{path}: no {CONFIG_NAME}; it holds r and lora_alpha, "
+                                   f"without which the scaling of ΔW is unknown")
+        try:
+            config = json.loads(cfg.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AdapterFileError(f"{cfg}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise AdapterFileError(f"{cfg}: expected a JSON object")
+        if config.get("peft_type", "LORA") != "LORA":
+            raise AdapterFileError(f"{cfg}: peft_type is {config['peft_type']!r}; only LoRA "
+                                   f"adapters (peft_type 'LORA') are read")
+        self.path, self.config = path, config
+        self.weights = SafetensorsFile(weights)
+        self.modules, self.other_keys = self._group(adapter_name)
+
+    def _group(self, adapter_name):
+        found, other, names = {}, [], set()
+        for key in self.weights.keys():
+            split = _split_key(key)
+            if split is None:
+                other.append(key)
+                continue
+            module, role, kind, name = split
+            names.add(name)
+            if adapter_name is not None and name not in (adapter_name, None):
+                continue
+            entry = found.setdefault(module, {})
+            if role in entry:
+                raise AdapterFileError(f"{self.weights.path}: module {module!r} has two {role} "
+                                       f"tensors ({entry[role][0]!r}, {key!r}); pass "
+                                       f"adapter_name to pick one adapter")
+            entry[role] = (key, kind)
+        if adapter_name is None and len(names - {None}) > 1:
+            raise AdapterFileError(f"{self.weights.path}: holds several adapters "
+                                   f"({', '.join(sorted(names - {None}))}); pass adapter_name")
+        if not found:
+            raise AdapterFileError(f"{self.weights.path}: no LoRA tensors (keys with lora_A / "
+                                   f"lora_B / lora_embedding_A / lora_embedding_B)")
+        use_rslora = bool(self.config.get("use_rslora", False))
+        modules = {}
+        for module, entry in found.items():
+            if "A" not in entry or "B" not in entry:
+                have = ", ".join(k for k, _ in entry.values())
+                raise AdapterFileError(f"{self.weights.path}: module {module!r} lacks its "
+                                       f"{'lora_A' if 'A' not in entry else 'lora_B'} (has {have})")
+            (a_key, kind), (b_key, _) = entry["A"], entry["B"]
+            a_shape, b_shape = self.weights.shape(a_key), self.weights.shape(b_key)
+            if len(a_shape) < 2 or len(b_shape) < 2:
+                raise AdapterFileError(f"{self.weights.path}: {a_key!r} {a_shape} and {b_key!r} "
+                                       f"{b_shape} must be matrices")
+            r_file = a_shape[0]
+            if kind == "linear" and len(a_shape) > 2:
+                kind = "conv"
+            d_out, d_in = b_shape[0], int(np.prod(a_shape[1:]))
+            if int(np.prod(b_shape[1:])) != r_file:
+                raise AdapterFileError(f"{self.weights.path}: module {module!r}: lora_A {a_shape} "
+                                       f"and lora_B {b_shape} disagree on r")
+            r, alpha = module_rank_alpha(self.config, module)
+            if r != r_file:
+                raise AdapterFileError(
+                    f"{CONFIG_NAME} gives module {module!r} rank {r} (r / rank_pattern) but its "
+                    f"tensors have rank {r_file}: the config does not describe these weights")
+            modules[module] = LoraModule(module, kind, d_out, d_in, r, alpha,
+                                         lora_scaling(r, alpha, use_rslora), a_key, b_key,
+                                         entry["m"][0] if "m" in entry else None)
+        return modules, other
+
+    def factors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(B (d_out, r), A (r, d_in)) of module ``name`` in float64, y = ΔW x orientation, ΔW = s·B A.
+        Only these two tensors are read from disk."""
+        m = self._module(name)
+        A = self.weights.read(m.a_key).reshape(m.r, m.d_in)
+        B = self.weights.read(m.b_key).reshape(m.d_out, m.r)
+        return B, A
+
+    def magnitude(self, name: str) -> np.ndarray | None:
+        """DoRA's magnitude vector m (d_out,) of module ``name``, or None for plain LoRA."""
+        m = self._module(name)
+        return None if m.magnitude_key is None else self.weights.read(m.magnitude_key).reshape(-1)
+
+    def delta_weight(self, name: str) -> np.ndarray:
+        """The dense ΔW = s · B A (d_out, d_in) of one module (for small modules and tests)."""
+        B, A = self.factors(name)
+        return self._module(name).scale * (B @ A)
+
+    def _module(self, name: str) -> LoraModule:
+        try:
+            return self.modules[name]
+        except KeyError:
+            raise AdapterFileError(f"{self.path}: no LoRA module named {name!r}") from None
+
+
+def read_peft_adapter(path, adapter_name: str | None = None) -> PeftAdapter:
+    """Open a PEFT LoRA adapter directory (see :class:`PeftAdapter`); reads only the config and
+    the safetensors header, and checks every module's factors and rank before returning."""
+    return PeftAdapter(path, adapter_name)
