@@ -154,14 +154,17 @@ class PeftAdapter:
         self.modules, self.other_keys = self._group(adapter_name)
 
     def _group(self, adapter_name):
-        found, other, names = {}, [], set()
-        for key in self.weights.keys():
-            split = _split_key(key)
+        found, other = {}, []
+        splits = {key: _split_key(key) for key in self.weights.keys()}
+        names = {s[3] for s in splits.values() if s is not None} - {None}
+        if adapter_name is None and len(names) > 1:
+            raise AdapterFileError(f"{self.weights.path}: holds several adapters "
+                                   f"({', '.join(sorted(names))}); pass adapter_name")
+        for key, split in splits.items():
             if split is None:
                 other.append(key)
                 continue
             module, role, kind, name = split
-            names.add(name)
             if adapter_name is not None and name not in (adapter_name, None):
                 continue
             entry = found.setdefault(module, {})
@@ -170,9 +173,6 @@ class PeftAdapter:
                                        f"tensors ({entry[role][0]!r}, {key!r}); pass "
                                        f"adapter_name to pick one adapter")
             entry[role] = (key, kind)
-        if adapter_name is None and len(names - {None}) > 1:
-            raise AdapterFileError(f"{self.weights.path}: holds several adapters "
-                                   f"({', '.join(sorted(names - {None}))}); pass adapter_name")
         if not found:
             raise AdapterFileError(f"{self.weights.path}: no LoRA tensors (keys with lora_A / "
                                    f"lora_B / lora_embedding_A / lora_embedding_B)")
