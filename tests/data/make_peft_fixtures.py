@@ -21,8 +21,8 @@ Every adapter directory holds ``adapter_model.safetensors`` (metadata ``{"format
 exactly as ``PeftModel.save_pretrained`` wrote them. ``task_type`` is null, so PEFT also writes
 ``auto_mapping``. PEFT holds ``target_modules`` as a set, so its order in the JSON follows the
 string hash seed; the script re-runs itself with PYTHONHASHSEED=0 so that reruns are byte-identical.
-Readers must treat the list as a set. The model-card README.md that PEFT also writes is deleted. Every
-``reference.npz`` loads with ``np.load(..., allow_pickle=False)``: string keys, float64 arrays
+Readers must treat the list as a set. The model-card README.md that PEFT also writes is deleted.
+Every ``reference.npz`` loads with ``np.load(..., allow_pickle=False)``: string keys, float64 arrays
 (token ids and ranks are int64). Total size: about 1.6 MB.
 
 Part 1: a tiny LLaMA-style model (for the ΔW analysis of any PEFT adapter)
@@ -127,8 +127,8 @@ e.g. ``model.layers.0.self_attn.q_proj``):
     (1 + 0.1·N(0,1)).
   - Merge: W' = m / ‖W0 + s·B A‖_row · (W0 + s·B A); the bias is unchanged.
   - Reference extras: ``magnitude_init/M`` (16,) is PEFT's magnitude at initialisation (B = 0, so
-    the ‖W0‖ row norms); ``weight_norm/M`` (16,) is ‖W0 + s·B A‖; ``delta/M`` (16, 16) is s·B A;
-    ``scale/M``.
+    the ‖W0‖ row norms); ``weight_norm/M`` (16,) is ‖W0 + s·B A‖; ``delta/M`` (16, 16) is
+    s·B A; ``scale/M``.
 * ``gpt_ia3/``: (IA)³ with target_modules=[k_proj, v_proj, down_proj] and
   feedforward_modules=[down_proj], which is PEFT's own default for LLaMA names.
   - The outputs of k and v are scaled (``ia3_l`` (16, 1)). The input of down_proj, i.e. the MLP's
@@ -149,7 +149,8 @@ e.g. ``model.layers.0.self_attn.q_proj``):
     (r_M, 1).
   - The config's ``rank_pattern`` maps ``M.lora_E`` to 6 booleans (the kept ranks). Its ``r`` (8)
     is the unused default: the rank is ``init_r``.
-  - ΔW = B (A ⊙ E) · lora_alpha / (ranknum + 1e-5), with ranknum = init_r = 6, not the kept rank.
+  - ΔW = B (A ⊙ E) · lora_alpha / (ranknum + 1e-5), with ranknum = init_r = 6, not the kept
+    rank.
     PEFT keeps it at 6 when it reloads the pruned file.
   - Reference extras: ``rank_kept/M`` () int64; ``ranknum/M`` (); ``delta/M`` (PEFT's
     get_delta_weight); ``loss_ce`` () and ``loss_total`` () (= ce + 0.5 · orth reg, both by PEFT,
@@ -178,10 +179,10 @@ import numpy as np
 import peft
 import safetensors
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
+from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -219,9 +220,9 @@ def lora_targets(peft_model, kind=("lora_A",)):
     prefix = "base_model.model."
     out = {}
     for name, m in peft_model.named_modules():
-        if any(hasattr(m, k) for k in kind) and name.startswith(prefix) and "." in name:
-            if isinstance(getattr(m, kind[0], None), (nn.ModuleDict, nn.ParameterDict)):
-                out[name[len(prefix):]] = m
+        if (name.startswith(prefix) and "." in name
+                and isinstance(getattr(m, kind[0], None), (nn.ModuleDict, nn.ParameterDict))):
+            out[name[len(prefix):]] = m
     return out
 
 
@@ -375,7 +376,7 @@ def make_llama(weights: dict):
 # ---------------------------------------------------------------------------------------------
 # Part 2: minilora's GPT replica under the exporter's module names
 # ---------------------------------------------------------------------------------------------
-GPT = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=True)
+GPT = {"vocab_size": 97, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16, "bias": True}
 
 #: per replica class: old attribute -> new (dotted) path. minilora's PEFT exporter writes these
 #: names (its PEFT_MODULE_MAP); wpe has no exporter name, so it gets an OPT-like one.
@@ -534,7 +535,7 @@ def make_gpt_ia3(tg, base, ids):
     pm = get_peft_model(llama_named_gpt(tg, base),
                         IA3Config(target_modules=targets, feedforward_modules=["down_proj"]))
     with torch.no_grad():
-        for path, m in lora_targets(pm, ("ia3_l",)).items():
+        for m in lora_targets(pm, ("ia3_l",)).values():
             l = m.ia3_l["default"]
             assert torch.all(l == 1.0)
             l.copy_(t64(1.0 + 0.2 * rng.standard_normal(l.shape)))
