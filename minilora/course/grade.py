@@ -271,16 +271,17 @@ def _truncation_note(what: str, shown: int, total: int) -> str:
 
 
 def grade(assignment, student_file, timeout: float = DEFAULT_TIMEOUT,
-          max_output: int = DEFAULT_MAX_OUTPUT) -> Report:
+          max_output: int = DEFAULT_MAX_OUTPUT, total_timeout: float | None = None) -> Report:
     """Run an assignment's tests against a student's code, in a subprocess.
 
     Args:
         assignment: a name (``"layernorm_backward"``, see :func:`assignment_names`) or the path
             of an nbgrader source notebook.
         student_file: the student's ``.py`` file, or their filled-in ``.ipynb``.
-        timeout: seconds allowed for each step (loading the student's code, each test); the whole
-            run is limited to ``timeout * (number of steps) + 30`` seconds.
+        timeout: seconds allowed for each step (loading the student's code, each test).
         max_output: characters of printed output kept per step.
+        total_timeout: seconds for the whole run, after which the process is killed (a hang the
+            per-step alarm cannot break); default ``timeout * (number of steps) + 30``.
     Returns:
         a :class:`Report`; a failing, raising, hanging or printing student never raises here.
     Raises:
@@ -299,7 +300,11 @@ def grade(assignment, student_file, timeout: float = DEFAULT_TIMEOUT,
     cells = read_assignment(assignment)
     name = find_assignment(assignment).stem
     steps = _steps(cells, student_path)
-    budget = timeout * len(steps) + STARTUP_ALLOWANCE
+    if total_timeout is not None and not (isinstance(total_timeout, (int, float))
+                                          and total_timeout > 0):
+        raise GradeError(f"total_timeout must be a positive number of seconds, got "
+                         f"{total_timeout!r}")
+    budget = timeout * len(steps) + STARTUP_ALLOWANCE if total_timeout is None else total_timeout
     with tempfile.TemporaryDirectory(prefix="minilora-grade-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps({"steps": steps, "timeout": timeout,
