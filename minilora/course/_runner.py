@@ -15,6 +15,7 @@ so a broken install of anything else is reported, not crashed on.
 from __future__ import annotations
 
 import json
+import linecache
 import signal
 import sys
 import traceback
@@ -61,24 +62,30 @@ def _one_line(text: str) -> str:
     return line if len(line) <= MAX_REASON else line[: MAX_REASON - 3] + "..."
 
 
-def _where(tb, student_labels: set[str]) -> str:
-    """' (your code, line N)' for the deepest traceback frame in the student's code, else ''."""
-    where = ""
-    for frame in traceback.extract_tb(tb):
-        if frame.filename in student_labels:
-            where = f" ({frame.filename}, line {frame.lineno}" + (
-                f": {_one_line(frame.line)})" if frame.line else ")")
-    return where
+def _where(tb, student_labels: set[str], step_label: str) -> str:
+    """' (FILE, line N: CODE)' for the deepest traceback frame in the student's code, else for
+    the deepest one in the step itself (the test cell: '(in the test, line N: CODE)'), else ''."""
+    frames = traceback.extract_tb(tb)
+    mine = [f for f in frames if f.filename in student_labels]
+    own = [f for f in frames if f.filename == step_label]
+    if mine:
+        frame, name = mine[-1], mine[-1].filename
+    elif own:
+        frame, name = own[-1], "in the test" if step_label not in student_labels else step_label
+    else:
+        return ""
+    return f" ({name}, line {frame.lineno}" + (f": {frame.line.strip()})" if frame.line else ")")
 
 
-def explain(exc: BaseException, timeout: float, student_labels: set[str]) -> str:
+def explain(exc: BaseException, timeout: float, student_labels: set[str],
+            step_label: str = "") -> str:
     """One line saying why a step failed."""
     if isinstance(exc, StepTimeout):
         return f"timed out after {timeout:g} s"
-    where = _where(exc.__traceback__, student_labels)
+    where = _where(exc.__traceback__, student_labels, step_label)
     if isinstance(exc, NotImplementedError):
-        return "not implemented yet (NotImplementedError raised" + (
-            f" in{where[1:]}" if where else ")")
+        return _one_line("not implemented yet (NotImplementedError raised" + (
+            f" in {where[2:]}" if where else ")"))
     if isinstance(exc, AssertionError):
         msg = str(exc).strip()
         if msg:
@@ -87,9 +94,9 @@ def explain(exc: BaseException, timeout: float, student_labels: set[str]) -> str
         line = frames[-1].line if frames else ""
         return _one_line(f"assertion failed: {line}" if line else "assertion failed")
     if isinstance(exc, SystemExit):
-        return f"the code called sys.exit({exc.code!r}){where}"
+        return _one_line(f"the code called sys.exit({exc.code!r}){where}")
     if isinstance(exc, MemoryError):
-        return f"ran out of memory{where}"
+        return _one_line(f"ran out of memory{where}")
     if isinstance(exc, SyntaxError):
         text = f" `{exc.text.strip()}`" if exc.text else ""
         return _one_line(f"syntax error in {exc.filename}, line {exc.lineno}: {exc.msg}{text}")
@@ -110,6 +117,9 @@ def run(spec_path: str) -> int:
     ns = module.__dict__
     signal.signal(signal.SIGALRM, _alarm)
     real_out, real_err = sys.stdout, sys.stderr
+    for step in spec["steps"]:  # let tracebacks quote the lines of code run from strings
+        text = step["source"]
+        linecache.cache[step["label"]] = (len(text), None, text.splitlines(True), step["label"])
     with open(spec_path + ".results.jsonl", "a", encoding="utf-8") as results:
         for step in spec["steps"]:
             writer = CappedWriter(max_output)
@@ -125,7 +135,7 @@ def run(spec_path: str) -> int:
                     finally:
                         signal.setitimer(signal.ITIMER_REAL, 0)
             except BaseException as e:  # noqa: BLE001 - every failure becomes one feedback line
-                ok, reason = False, explain(e, timeout, student_labels)
+                ok, reason = False, explain(e, timeout, student_labels, step["label"])
             finally:
                 sys.stdout, sys.stderr = real_out, real_err
             results.write(json.dumps({"kind": step["kind"], "label": step["label"], "ok": ok,
