@@ -17,7 +17,8 @@ def raw_safetensors(path, entries):
     """Write a safetensors file by hand: entries = [(name, dtype string, shape, raw bytes)]."""
     header, offset, blobs = {}, 0, []
     for name, dtype, shape, blob in entries:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + len(blob)]}
         offset += len(blob)
         blobs.append(blob)
     head = json.dumps(header).encode()
@@ -125,15 +126,17 @@ def test_peft_adapter_groups_llama_modules_and_reads_one_at_a_time(tmp_path, rng
     tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"] = np.zeros(16)
     tensors["base_model.model.score.weight"] = rng.standard_normal((2, 16))
     ad = read_peft_adapter(make_adapter(tmp_path / "ad", tensors, dtype="F64"))
-    assert sorted(ad.modules) == sorted(f"model.layers.{i}.{p}" for i in range(2)
-                                        for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+    assert sorted(ad.modules) == sorted(
+        f"model.layers.{i}.{p}" for i in range(2)
+        for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
     m = ad.modules["model.layers.1.mlp.down_proj"]
     assert (m.kind, m.d_out, m.d_in, m.r, m.lora_alpha, m.scale) == ("linear", 16, 24, 4, 8.0, 2.0)
     assert sorted(ad.other_keys) == ["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias",
                                      "base_model.model.score.weight"]
     B, A = ad.factors("model.layers.1.mlp.down_proj")
     p = "base_model.model.model.layers.1.mlp.down_proj"
-    assert np.array_equal(B, tensors[f"{p}.lora_B.weight"]) and np.array_equal(A, tensors[f"{p}.lora_A.weight"])
+    assert np.array_equal(B, tensors[f"{p}.lora_B.weight"])
+    assert np.array_equal(A, tensors[f"{p}.lora_A.weight"])
     assert np.allclose(ad.delta_weight("model.layers.1.mlp.down_proj"), 2.0 * B @ A)
 
 
@@ -193,9 +196,11 @@ def test_rank_and_alpha_patterns_and_rslora(tmp_path, rng):
     t = llama_tensors(rng, layers=2, r=4)
     for i in range(2):
         p = f"base_model.model.model.layers.{i}.self_attn.v_proj"
-        t[f"{p}.lora_A.weight"], t[f"{p}.lora_B.weight"] = rng.standard_normal((2, 16)), rng.standard_normal((16, 2))
+        t[f"{p}.lora_A.weight"] = rng.standard_normal((2, 16))
+        t[f"{p}.lora_B.weight"] = rng.standard_normal((16, 2))
     p = "base_model.model.model.layers.1.mlp.down_proj"
-    t[f"{p}.lora_A.weight"], t[f"{p}.lora_B.weight"] = rng.standard_normal((6, 24)), rng.standard_normal((16, 6))
+    t[f"{p}.lora_A.weight"] = rng.standard_normal((6, 24))
+    t[f"{p}.lora_B.weight"] = rng.standard_normal((16, 6))
     ad = read_peft_adapter(make_adapter(tmp_path / "p", t, cfg))
     mods = ad.modules
     assert mods["model.layers.0.self_attn.v_proj"].scale == pytest.approx(8 / math.sqrt(2))
@@ -266,7 +271,8 @@ def test_base_lookup_variants(tmp_path, rng):
     write_safetensors(tmp_path / "m.safetensors", w)
     base = BaseWeights(tmp_path / "m.safetensors")
     assert base.find("transformer.h.0.attn.c_attn") == "h.0.attn.c_attn.weight"
-    assert base.find("model.layers.0.self_attn.q_proj") == "model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert (base.find("model.layers.0.self_attn.q_proj")
+            == "model.layers.0.self_attn.q_proj.base_layer.weight")
     assert base.find("model.layers.0.mlp.up_proj") == "model.layers.0.mlp.up_proj.weight"
     with pytest.raises(AdapterFileError, match="several"):
         base.find("layers.1.mlp.up_proj")

@@ -36,7 +36,8 @@ def test_delta_scale_and_rank_match_peft(name):
 
 def test_rank_and_alpha_patterns_and_rslora_as_peft_applied_them():
     plain = read_peft_adapter(DATA / "llama_lora").modules
-    assert plain["model.layers.1.mlp.down_proj"].r == 8 and plain["model.layers.1.mlp.down_proj"].scale == 1.0
+    down = plain["model.layers.1.mlp.down_proj"]
+    assert (down.r, down.scale) == (8, 1.0)
     assert plain["model.layers.2.self_attn.o_proj"].scale == 8.0
     assert plain["model.layers.0.self_attn.o_proj"].scale == 2.0
     rs = read_peft_adapter(DATA / "llama_lora_rs").modules
@@ -89,8 +90,8 @@ def test_analysis_of_the_fixture_with_base_and_pair():
 
 def test_dora_merge_matches_peft(tmp_path):
     ad, ref = read_peft_adapter(DATA / "gpt_dora"), reference("gpt_dora")
-    names = {"model.layers.0.self_attn.q_proj": "blocks.0.attn.q", "model.layers.0.self_attn.v_proj": "blocks.0.attn.v",
-             "model.layers.1.self_attn.q_proj": "blocks.1.attn.q", "model.layers.1.self_attn.v_proj": "blocks.1.attn.v"}
+    names = {f"model.layers.{i}.self_attn.{p}_proj": f"blocks.{i}.attn.{p}"
+             for i in range(2) for p in "qv"}
     assert set(ad.modules) == set(names) and all(m.magnitude_key for m in ad.modules.values())
     for m, ours in names.items():
         W0 = ref[f"base/{ours}.weight"]

@@ -54,7 +54,8 @@ class ModuleRecord:
     r: int                      # LoRA rank
     lora_alpha: float
     scale: float                # s in ΔW = s · B A
-    dora: bool                  # a DoRA magnitude vector is present
+    dora: bool                  # a DoRA magnitude vector is present (the ΔW fields then describe
+                                # the directional update s·B A; intruders use the merged weight)
     singular_values: np.ndarray = field(repr=False)   # (min(r, d_out, d_in),) of ΔW, descending
     delta_fro: float = 0.0      # ||ΔW||_F
     delta_spectral: float = 0.0  # ||ΔW||_2 = largest singular value
@@ -67,7 +68,7 @@ class ModuleRecord:
     phi_subspace: str | None = None   # "A": right sing. vectors of A (paper); "B": left of B;
                                       # "delta_in"/"delta_out": right/left of ΔW
     phi_dim: int | None = None        # d, the dimension of the space compared (d_in or d_out)
-    phi_grid: np.ndarray | None = field(default=None, repr=False)  # (r, other_r): φ(i, j) at [i-1, j-1]
+    phi_grid: np.ndarray | None = field(default=None, repr=False)  # (r, other_r), φ(i, j) at [i-1, j-1]
     phi_top1: float | None = None     # φ(1, 1): |cos| ² of the two top directions
     phi_full: float | None = None     # φ(r, other_r)
     phi_baseline_top1: float | None = None   # E φ(1, 1) for random subspaces = 1 / d
@@ -77,14 +78,14 @@ class ModuleRecord:
     w_fro: float | None = None        # ||W||_F
     w_proj_delta: float | None = None  # ||U_rᵀ W V_r||_F, U_r, V_r = top-r singular vectors of ΔW
     w_proj_top: float | None = None   # same with W's own top-r vectors = sqrt(Σ_{i<=r} σ_i(W)²)
-    w_proj_random: float | None = None  # expected for random orthonormal U, V: r ||W||_F / sqrt(d_out d_in)
+    w_proj_random: float | None = None  # same for random U, V (expected): r ||W||_F / sqrt(d_out d_in)
     amplification: float | None = None  # ||ΔW||_F / w_proj_delta (LoRA §7.3)
     intruder_k: int | None = None     # fine-tuned singular vectors examined (top k)
     intruder_eps: float | None = None  # cosine threshold ε
     intruder_count: int | None = None  # how many of the top k have max |cos| < ε
     intruder_indices: np.ndarray | None = field(default=None, repr=False)  # their ranks (0-based)
     intruder_similarities: np.ndarray | None = field(default=None, repr=False)  # (k,) max |cos|
-    intruder_uncertain: int | None = None  # intruders that a full SVD of W_0 could overturn (0 when full)
+    intruder_uncertain: int | None = None  # intruders a full SVD of W_0 could overturn (0 if full)
     svd_method: str | None = None     # "full" or "randomized(base_rank=.., k=.., p=.., q=..)"
 
     def row(self) -> dict:
@@ -128,8 +129,9 @@ def dora_weight(W, delta_w, magnitude) -> np.ndarray:
 
 def analyze_lora_module(name: str, B, A, scale: float, *, kind: str = "linear",
                         lora_alpha: float | None = None, other=None, W=None, magnitude=None,
-                        dora: bool | None = None, base_key: str | None = None, top_k: int = 10, eps: float = 0.5,
-                        subspace: str = "A", full_svd_max_dim: int = 1024, base_rank: int = 64,
+                        dora: bool | None = None, base_key: str | None = None,
+                        top_k: int = 10, eps: float = 0.5, subspace: str = "A",
+                        full_svd_max_dim: int = 1024, base_rank: int = 64,
                         oversample: int = 10, power_iters: int = 4, seed: int = 0) -> ModuleRecord:
     """Analyse one module's ΔW = scale · B A (see the module docstring); arrays of any backend.
 
@@ -137,6 +139,7 @@ def analyze_lora_module(name: str, B, A, scale: float, *, kind: str = "linear",
         name: module path (recorded, and its first integer becomes ``layer``).
         B, A: (d_out, r) and (r, d_in), y = ΔW x orientation.
         scale: LoRA scaling s.
+        kind, lora_alpha: recorded as given (lora_alpha defaults to scale · r).
         other: optional (B2, A2, scale2) of the same module in a second adapter, for φ.
         W: optional (d_out, d_in) pre-trained weight, for amplification and intruders.
         magnitude: DoRA's m (d_out,) when the module is DoRA (then intruders use the merged
@@ -188,9 +191,8 @@ def _with_base(dec, W, B, A, scale, magnitude, top_k, eps, full_svd_max_dim, bas
     r = s.size
     w_fro = float(np.linalg.norm(W))
     proj = float(np.linalg.norm(project_onto(W, U, Vh)))          # ||U_rᵀ W V_r||_F
-    W_t = W + scale * (B @ A)                                      # (d_out, d_in) fine-tuned
-    if magnitude is not None:
-        W_t = dora_weight(W, W_t - W, magnitude)
+    delta_w = scale * (B @ A)                                      # (d_out, d_in)
+    W_t = W + delta_w if magnitude is None else dora_weight(W, delta_w, magnitude)
     k = min(top_k, min(W.shape))
     if max(W.shape) <= full_svd_max_dim:
         (U0, s0, _), Ut = svd(W), svd(W_t).U
@@ -244,7 +246,7 @@ def analyze_adapter(path, other=None, base=None, *, modules: str | None = None,
     Args:
         path: the adapter directory (or an open :class:`PeftAdapter`).
         other: a second adapter (directory or PeftAdapter) for φ; modules are matched by name
-            and those missing from it get no φ fields.
+            and those missing from it get no φ fields (``adapter_name`` applies to both).
         base: the pre-trained weights (a .safetensors file, a directory with
             model.safetensors or a sharded index, or an open :class:`BaseWeights`).
         modules: a regular expression; only module paths where ``re.search`` finds it are kept.
@@ -274,8 +276,14 @@ def analyze_adapter(path, other=None, base=None, *, modules: str | None = None,
     if not names:
         raise AnalysisError(f"no module of {adapter.path} matches modules={modules!r} "
                             f"(first modules: {', '.join(list(adapter.modules)[:3])})")
-    if other is not None and not set(names) & set(other.modules):
-        raise AnalysisError(f"{adapter.path} and {other.path} share no module name")
+    if other is not None:
+        if not set(names) & set(other.modules):
+            raise AnalysisError(f"{adapter.path} and {other.path} share no module name")
+        for n in set(names) & set(other.modules):
+            a, b = adapter.modules[n], other.modules[n]
+            if (a.d_out, a.d_in) != (b.d_out, b.d_in):
+                raise AnalysisError(f"module {n} is ({a.d_out}, {a.d_in}) in {adapter.path} but "
+                                    f"({b.d_out}, {b.d_in}) in {other.path}: not the same model")
     base_plan = {}
     if base is not None:
         fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False))

@@ -56,7 +56,7 @@ PARTS = {"lora_A": ("A", "linear"), "lora_B": ("B", "linear"),
 
 class LoraModule(NamedTuple):
     """One adapted module of a PEFT adapter (names and sizes only; tensors are read on demand)."""
-    name: str              # module path without "base_model.model.", e.g. model.layers.0.self_attn.q_proj
+    name: str              # path without "base_model.model.", e.g. model.layers.0.self_attn.q_proj
     kind: str              # "linear", "embedding" or "conv"
     d_out: int             # rows of ΔW in y = ΔW x (C for an embedding)
     d_in: int              # columns of ΔW (V for an embedding; c_in·kh·kw for a conv)

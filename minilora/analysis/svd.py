@@ -25,7 +25,7 @@ class AnalysisError(MiniloraError, ValueError):
 
 
 class SVD(NamedTuple):
-    """A (thin or truncated) SVD ``W ≈ U diag(s) Vh``: U (d_out, k), s (k,) descending, Vh (k, d_in)."""
+    """A thin or truncated SVD ``W ≈ U diag(s) Vh``: U (d_out, k), s (k,) descending, Vh (k, d_in)."""
     U: np.ndarray
     s: np.ndarray
     Vh: np.ndarray
@@ -39,7 +39,7 @@ class Truncation(NamedTuple):
 
 
 def as_float64(a, name: str = "array", ndim: int | None = None) -> np.ndarray:
-    """``a`` (NumPy or CuPy) as a float64 NumPy array on the CPU, checked for ``ndim`` and finiteness."""
+    """``a`` (NumPy or CuPy) as a float64 CPU NumPy array, checked for ``ndim`` and finiteness."""
     a = np.asarray(to_numpy(a), dtype=np.float64)
     if ndim is not None and a.ndim != ndim:
         raise AnalysisError(f"{name} must be a {ndim}-D array, got shape {a.shape}")
