@@ -232,3 +232,13 @@ def test_other_adapter_of_another_model_is_refused_before_work(tmp_path, rng):
     (other / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
     with pytest.raises(AnalysisError, match="not the same model"):
         analyze_adapter(path, other=other)
+
+
+def test_a_fresh_adapter_with_b_zero_gives_undefined_not_made_up_numbers(rng):
+    W = rng.standard_normal((12, 10))
+    rec = analyze_lora_module("model.layers.0.q_proj", np.zeros((12, 3)),
+                              rng.standard_normal((3, 10)), 2.0, W=W)
+    assert np.all(rec.singular_values == 0) and rec.delta_fro == 0.0
+    assert (rec.rank_90, rec.effective_rank, rec.stable_rank) == (0, 0.0, 0.0)
+    assert np.isnan(rec.energy_top1) and np.isnan(rec.amplification)
+    assert rec.intruder_count == 0                      # W_0 + 0 has no new direction

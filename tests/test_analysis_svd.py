@@ -41,6 +41,7 @@ def test_energy_on_known_spectrum():
     assert rank_for_energy(s, 0.9) == 2 and rank_for_energy(s, 0.5) == 1
     assert rank_for_energy(s, 1.0) == 3
     assert rank_for_energy(np.zeros(4)) == 0
+    assert np.isnan(energy_captured(np.zeros(3), 1))          # undefined, not "all of it"
 
 
 def test_effective_rank_limits():

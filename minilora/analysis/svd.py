@@ -69,7 +69,7 @@ def _spectrum(s) -> np.ndarray:
 def energy_captured(s, k: int) -> float:
     """Fraction of the squared Frobenius norm held by the top k singular values:
 
-        E(k) = sum_{i<=k} s_i^2 / sum_i s_i^2      (1.0 for the zero matrix, by convention).
+        E(k) = sum_{i<=k} s_i^2 / sum_i s_i^2      (nan for the zero matrix: undefined).
 
     ``s`` are singular values (any order); ``0 <= k``; k past the length counts every value.
     """
@@ -77,14 +77,15 @@ def energy_captured(s, k: int) -> float:
     if k < 0:
         raise AnalysisError(f"k must be >= 0, got {k}")
     total = float(np.sum(s ** 2))
-    return 1.0 if total == 0.0 else float(np.sum(s[:k] ** 2) / total)
+    return float("nan") if total == 0.0 else float(np.sum(s[:k] ** 2) / total)
 
 
 def energy_curve(s) -> np.ndarray:
-    """E(k) for k = 1..len(s) (see :func:`energy_captured`), shape (len(s),), ending at 1."""
+    """E(k) for k = 1..len(s) (see :func:`energy_captured`), shape (len(s),), ending at 1
+    (all nan for the zero matrix)."""
     s = _spectrum(s)
     total = float(np.sum(s ** 2))
-    return np.ones_like(s) if total == 0.0 else np.cumsum(s ** 2) / total
+    return np.full_like(s, np.nan) if total == 0.0 else np.cumsum(s ** 2) / total
 
 
 def rank_for_energy(s, fraction: float = 0.9) -> int:
