@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from minilora.backend import xp
 from minilora.analysis import (AnalysisError, effective_rank, energy_captured, energy_curve,
                                lowrank_frobenius_norm, lowrank_svd, numerical_rank,
                                randomized_svd, rank_for_energy, singular_values, stable_rank,
@@ -136,3 +137,10 @@ def test_randomized_svd_is_exact_for_low_rank_and_deterministic(rng):
     assert np.array_equal(randomized_svd(W, 5).s, randomized_svd(W, 5).s)
     with pytest.raises(AnalysisError, match="k must be in"):
         randomized_svd(W, 61)
+
+
+def test_accepts_arrays_of_the_active_backend(xpb, rng):
+    W = rng.standard_normal((6, 4))
+    assert np.allclose(singular_values(xp.asarray(W)), np.linalg.svd(W, compute_uv=False))
+    B, A = rng.standard_normal((6, 2)), rng.standard_normal((2, 4))
+    assert isinstance(lowrank_svd(xp.asarray(B), xp.asarray(A)).s, np.ndarray)
