@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minilora.course import checks
@@ -289,8 +290,6 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 def test_checks_messages():
-    import numpy as np
-
     with pytest.raises(AssertionError, match=r"^dx should be a NumPy array of numbers, got None$"):
         checks.expect_close("dx", None, np.zeros(3), 1e-6, "x")
     with pytest.raises(AssertionError, match=r"^dx has shape \(2,\), expected \(3,\)$"):
@@ -325,7 +324,7 @@ def _fill(nb, code):
 @pytest.mark.slow
 def test_nbgrader_generate_and_autograde_agree_with_the_grader(tmp_path):
     pytest.importorskip("nbgrader")
-    from nbgrader.api import Gradebook
+    from nbgrader.api import Gradebook  # optional dependency (the homework extra): import late
 
     nbgrader = [sys.executable, "-m", "nbgrader"]
     course = tmp_path / "course"
