@@ -186,6 +186,8 @@ def test_pattern_matching_follows_peft():
     assert match_pattern({r"layers\.[4-7]\.self_attn\.q_proj": 8}, m) is None
     assert match_pattern({"k_proj": 2, "q_proj": 4, r".*proj": 8}, m) == "q_proj"   # first match
     assert match_pattern({r".*_proj": 8, "q_proj": 4}, m) == r".*_proj"
+    with pytest.raises(AdapterFileError, match="not a regular expression"):
+        match_pattern({"q_proj(": 8}, m)
 
 
 def test_rank_and_alpha_patterns_and_rslora(tmp_path, rng):

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from minilora.backend import xp
 from minilora.analysis import (AnalysisError, effective_rank, energy_captured, energy_curve,
                                lowrank_frobenius_norm, lowrank_svd, numerical_rank,
                                randomized_svd, rank_for_energy, singular_values, stable_rank,
                                truncate, truncation_errors)
+from minilora.backend import xp
 
 
 def with_spectrum(rng, m, n, s):

@@ -78,8 +78,12 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
 def match_pattern(patterns, module: str) -> str | None:
     """The first key of ``patterns`` that PEFT would apply to ``module`` (see module doc), or None."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error as e:
+            raise AdapterFileError(f"pattern {key!r} of rank_pattern / alpha_pattern is not a "
+                                   f"regular expression ({e})") from None
     return None
 
 
