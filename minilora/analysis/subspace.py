@@ -25,8 +25,9 @@ ordered by importance (singular value), so "the top i" is ``U[:, :i]``.
 
   For orthonormal U (d_out, r), V (d_in, r) drawn uniformly at random,
   E||Uᵀ W V||_F² = r² ||W||_F² / (d_out d_in) (each entry uᵀWv has E(uᵀWv)² = ||W||_F²/(d_out d_in));
-  this is the "random matrix" column of the paper's Table 7 (r = 4: 4/12288 · 61.95 = 0.020,
-  r = 64: 0.323, as printed there).
+  this is the "random matrix" column of the paper's Table 7, where W_q of GPT-3 (12288 × 12288,
+  ||W_q||_F = 61.95) gives r/12288 · 61.95 = 0.020 at r = 4 and 0.323 at r = 64 (printed: 0.02
+  and 0.33; the top singular vectors of a Gaussian matrix are uniformly random).
 
 Chapter: chapters/05-delta-w-analysis.ipynb
 """
