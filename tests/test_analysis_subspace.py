@@ -162,3 +162,13 @@ def test_scale_singular_directions(rng):
                        [4, 3, 3, 2])
     with pytest.raises(AnalysisError, match="indices"):
         scale_singular_directions(W, [6], 0.5)
+
+
+@pytest.mark.parametrize("n,mean", [(64, 0.33), (256, 0.19)])
+def test_typical_max_cosine_of_a_random_vector_quoted_in_the_intruder_docstring(rng, n, mean):
+    # against any orthonormal basis (here the identity) a random unit vector's best |cos| is
+    # max_i |x_i|: about 0.33 at n = 64 and 0.19 at n = 256, far above the floor 1/sqrt(n)
+    x = rng.standard_normal((2000, n))
+    best = np.abs(x).max(axis=1) / np.linalg.norm(x, axis=1)
+    assert best.mean() == pytest.approx(mean, abs=0.01)
+    assert best.min() >= 1 / np.sqrt(n)
