@@ -39,7 +39,7 @@ def _notebook(name):
 def _released(name):
     """The notebook as nbgrader releases it: each solution region -> raise NotImplementedError."""
     nb = _notebook(name)
-    pattern = re.compile(r"( *)### BEGIN SOLUTION\n.*?### END SOLUTION\n?", re.S)
+    pattern = re.compile(r"( *)### BEGIN SOLUTION\n.*?### END SOLUTION\n?", re.DOTALL)
     for c in nb["cells"]:
         if c["metadata"].get("nbgrader", {}).get("solution"):
             c["source"] = pattern.sub(r"\1# YOUR CODE HERE\n\1raise NotImplementedError()\n",
@@ -191,7 +191,7 @@ def test_hang_at_import_and_a_swallowed_alarm_are_both_stopped(tmp_path):
     student.write_text("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
                        "while True:\n    pass\n")
     t0 = time.monotonic()
-    report = grade("layernorm_backward", student, timeout=0.3, total_timeout=4)
+    report = grade("layernorm_backward", student, timeout=0.3, total_timeout=3)
     assert time.monotonic() - t0 < 15
     assert report.score == 0
     assert all(t.reason.startswith("not run: grading was stopped") for t in report.tests)
@@ -284,7 +284,7 @@ def test_python_dash_m_entry_point(tmp_path):
     ref = tmp_path / "ref.py"
     ref.write_text(reference_solution("lora_merge"))
     proc = subprocess.run([sys.executable, "-m", "minilora.course", "lora_merge", str(ref)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "score: 10/10" in proc.stdout
 
@@ -324,7 +324,8 @@ def _fill(nb, code):
 @pytest.mark.slow
 def test_nbgrader_generate_and_autograde_agree_with_the_grader(tmp_path):
     pytest.importorskip("nbgrader")
-    from nbgrader.api import Gradebook  # optional dependency (the homework extra): import late
+    # nbgrader is optional (the homework extra), so it is imported only here
+    from nbgrader.api import Gradebook  # noqa: I001
 
     nbgrader = [sys.executable, "-m", "nbgrader"]
     course = tmp_path / "course"
@@ -333,12 +334,12 @@ def test_nbgrader_generate_and_autograde_agree_with_the_grader(tmp_path):
     students = {}
     for name in ASSIGNMENTS:
         proc = subprocess.run(nbgrader + ["generate_assignment", name, "--force"], cwd=course,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr[-2000:]
         released = json.loads((course / "release" / name / f"{name}.ipynb").read_text())
         text = json.dumps(released)
         assert "raise NotImplementedError()" in text and "BEGIN SOLUTION" not in text
-        wrong = sorted((DATA / name).glob("wrong_*.py"))[0]
+        wrong = min((DATA / name).glob("wrong_*.py"))
         for student, code in [("good", reference_solution(name)), ("bad", wrong.read_text())]:
             sub = course / "submitted" / student / name / f"{name}.ipynb"
             sub.parent.mkdir(parents=True)
@@ -346,7 +347,7 @@ def test_nbgrader_generate_and_autograde_agree_with_the_grader(tmp_path):
             students[(name, student)] = sub
     for name in ASSIGNMENTS:
         proc = subprocess.run(nbgrader + ["autograde", name, "--create"], cwd=course,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "cannot be converted to" not in proc.stderr  # no test cell leaves a value
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:

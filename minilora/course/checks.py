@@ -79,7 +79,7 @@ def expect_raises(exc_types, fn, what: str) -> None:
         fn()
     except exc_types:
         return
-    except Exception as e:  # a different error is still a wrong answer, said plainly
+    except Exception as e:  # noqa: BLE001 - any other error is a wrong answer, said plainly
         raise AssertionError(f"{what} should raise {names}, but raised "
                              f"{type(e).__name__}: {e}") from None
     raise AssertionError(f"{what} should raise {names}, but returned normally")

@@ -225,7 +225,7 @@ def _steps(cells: list[dict], student_path: Path) -> list[dict]:
                         steps.append(own(by_id[gid]))
                         seen.add(gid)
                 elif _kind(c) in ("solution", "setup"):  # the student's answer or own cells
-                    steps.append(step("student", f"{student_path.name}, cell {n}",
+                    steps.append(step("student", f"{student_path.name}, code cell {n}",
                                       _strip_magics(_source(c))))
             missing_setup = [own(c) for c in cells if c["kind"] == "setup" and c["grade_id"]
                              not in seen]
@@ -233,7 +233,8 @@ def _steps(cells: list[dict], student_path: Path) -> list[dict]:
                              not in seen]
             return missing_setup + steps + missing_tests
         # a notebook without nbgrader's metadata: all of its code is the student's answer
-        student = [step("student", f"{student_path.name}, cell {n}", _strip_magics(_source(c)))
+        student = [step("student", f"{student_path.name}, code cell {n}",
+                        _strip_magics(_source(c)))
                    for n, c in enumerate(student_cells, start=1) if _kind(c) != "test"]
     else:
         try:

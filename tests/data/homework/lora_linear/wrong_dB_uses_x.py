@@ -2,8 +2,6 @@
 # which cannot even have the shape of B.
 # expect-fail: test_dA_dB_finite_differences: dB has shape (5, 6), expected (5, 2)
 # expect-fail: test_backward_matches_library: dB has shape (5, 6), expected (5, 3)
-import numpy as np
-
 
 def lora_forward(x, W0, b, A, B, scaling):
     return x @ W0.T + b + scaling * (x @ A.T) @ B.T

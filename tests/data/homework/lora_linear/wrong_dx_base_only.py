@@ -2,8 +2,6 @@
 # expect-fail: test_dx_finite_differences: dx differs from finite differences
 # expect-fail: test_backward_matches_library: dx differs from the library's LoRALinear.backward
 # expect-pass: test_dA_dB_finite_differences
-import numpy as np
-
 
 def lora_forward(x, W0, b, A, B, scaling):
     return x @ W0.T + b + scaling * (x @ A.T) @ B.T

@@ -2,8 +2,6 @@
 # expect-fail: test_forward_matches_library: y differs from the library's LoRALinear.forward
 # expect-fail: test_dA_dB_finite_differences: dA differs from finite differences
 # expect-pass: test_forward_B_zero
-import numpy as np
-
 
 def lora_forward(x, W0, b, A, B, scaling):
     return x @ W0.T + b + (x @ A.T) @ B.T

@@ -3,8 +3,6 @@
 # expect-fail: test_double_merge_refused: y after the refused second merge() differs
 import warnings
 
-import numpy as np
-
 
 class MergeableLoRA:
     def __init__(self, W0, b, A, B, scaling):

@@ -1,9 +1,7 @@
 # Planted mistake: merge() has no guard, so a second merge() silently adds ΔW again.
-# expect-fail: test_double_merge_refused: merge() on a merged layer should raise ValueError, but returned normally
+# expect-fail: test_double_merge_refused: should raise ValueError, but returned normally
 # expect-pass: test_merge_adds_delta_w
 import warnings
-
-import numpy as np
 
 
 class MergeableLoRA:

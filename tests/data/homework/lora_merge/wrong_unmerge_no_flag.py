@@ -2,8 +2,6 @@
 # unmerge() subtracts anyway (no check, no warning).
 # expect-fail: test_unmerge_restores: after unmerge(), merged should be False
 # expect-fail: test_unmerge_when_not_merged: unmerge() on a layer that is not merged should warn
-import numpy as np
-
 
 class MergeableLoRA:
     def __init__(self, W0, b, A, B, scaling):

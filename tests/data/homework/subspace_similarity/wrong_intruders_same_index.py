@@ -1,6 +1,6 @@
 # Planted mistake: each fine-tuned singular vector is compared only with the pretrained one of the
 # same rank, not with all of them, so every vector pushed down by a new direction looks new.
-# expect-fail: test_intruders_planted: count_intruders found 5 intruder(s) among the top 5, expected the 2 planted ones
+# expect-fail: test_intruders_planted: found 5 intruder(s) among the top 5, expected the 2 planted
 # expect-pass: test_intruders_none_for_noise
 import numpy as np
 
