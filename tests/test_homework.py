@@ -325,7 +325,7 @@ def _fill(nb, code):
 def test_nbgrader_generate_and_autograde_agree_with_the_grader(tmp_path):
     pytest.importorskip("nbgrader")
     # nbgrader is optional (the homework extra), so it is imported only here
-    from nbgrader.api import Gradebook  # noqa: I001
+    from nbgrader.api import Gradebook
 
     nbgrader = [sys.executable, "-m", "nbgrader"]
     course = tmp_path / "course"
