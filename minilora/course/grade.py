@@ -21,7 +21,8 @@ N s"); printed output is kept up to ``max_output`` characters per step, with a n
 much was cut. The whole run is also bounded, so code that hangs where the alarm cannot reach
 (inside a C call) is killed and the unfinished tests are reported as timed out.
 
-This is a grader, not a sandbox: the student's code runs with the caller's permissions.
+This is a grader, not a sandbox: the student's code runs with the caller's permissions and in
+the process that runs the tests, so it is no guard against deliberate cheating (nor is nbgrader).
 
     report = grade("layernorm_backward", "my_layernorm.py", timeout=10)
     print(format_report(report))            # one line per test, then "score: 8/8"
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -321,7 +323,10 @@ def grade(assignment, student_file, timeout: float = DEFAULT_TIMEOUT,
                 rc = proc.wait(timeout=budget)
                 killed = False
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)  # the child and anything the student started
+                if hasattr(os, "killpg"):  # the child and anything the student started
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
                 proc.wait()
                 rc, killed = None, True
         elapsed = time.monotonic() - started
@@ -344,8 +349,8 @@ def _report(name, student_file, steps, points, done, killed, rc, elapsed, timeou
     for i, s in enumerate(steps):
         r = done[i] if i < len(done) else None
         if r is None:
-            why = (f"not run: grading was stopped after {elapsed:.0f} s (a step hung where the "
-                   f"{timeout:g} s alarm could not stop it)" if killed else
+            why = (f"not finished: grading was stopped after {elapsed:.0f} s (something hung "
+                   f"where the {timeout:g} s alarm could not stop it)" if killed else
                    f"not run: the grading process ended unexpectedly (exit code {rc})")
             if s["kind"] == "test":
                 report.tests.append(TestResult(s["label"], points.get(s["label"], 0.0), False,
