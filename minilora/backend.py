@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 import numpy as _np
+
 from minilora.errors import MiniloraError
 
 BACKENDS = ("numpy", "cupy")
@@ -35,7 +36,7 @@ class BackendError(MiniloraError, RuntimeError):
 
 def _load_cupy():
     try:
-        import cupy  # noqa: the one place cupy is imported
+        import cupy  # lazy: optional (the gpu extra); the one place cupy is imported
     except Exception as e:  # ImportError, or a broken CUDA install raising at import
         raise BackendError(
             "backend 'cupy' was requested but CuPy cannot be imported "
@@ -197,6 +198,28 @@ def cpu_module():
     return _np
 
 
+class _Unusable:
+    """Stands in for the array module when ``MINILORA_BACKEND`` names a backend that cannot be
+    used: importing minilora still works, and the first array operation raises the error."""
+
+    def __init__(self, error: BackendError):
+        self.error = error
+
+    def __getattr__(self, attr):
+        raise self.error
+
+
+def check_env() -> None:
+    """Raise the :class:`BackendError` of an unusable ``MINILORA_BACKEND`` now (the CLI calls this
+    first, so a bad variable is one clear line before any work starts)."""
+    if isinstance(_state["module"], _Unusable):
+        raise _state["module"].error
+
+
 _env = os.environ.get("MINILORA_BACKEND", "").strip()
 if _env:
-    set_backend(_env)
+    try:
+        set_backend(_env)
+    except BackendError as e:  # reported on first use (or by check_env), not at import
+        _state["name"], _state["module"] = _env, _Unusable(BackendError(
+            f"MINILORA_BACKEND={_env!r}: {e}"))

@@ -17,4 +17,5 @@ class MiniloraError(Exception):
 
 
 class UsageError(MiniloraError, ValueError):
-    """A command-line flag or argument is invalid; the message names the flag."""
+    """An argument is outside what is allowed: a command-line flag (the message names the flag)
+    or a function's parameter (the message names the parameter)."""

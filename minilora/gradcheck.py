@@ -16,8 +16,14 @@ Chapter: chapters/01-foundations.ipynb
 """
 from __future__ import annotations
 
+import numpy as np
+
 from minilora import backend
 from minilora.backend import xp
+from minilora.config import GPTConfig
+from minilora.errors import UsageError
+from minilora.model import GPT
+from minilora.nn import ops
 
 
 def numerical_grad(f, x, h: float = 1e-5):
@@ -30,7 +36,7 @@ def numerical_grad(f, x, h: float = 1e-5):
         raise TypeError(f"numerical_grad needs a float64 array (got {x.dtype}): float32 rounding "
                         "error (~1e-7 relative) would swamp the difference quotient")
     if not x.flags.c_contiguous:
-        raise ValueError("numerical_grad needs a C-contiguous array (it perturbs a flat view)")
+        raise UsageError("numerical_grad needs a C-contiguous array (it perturbs a flat view)")
     grad = xp.zeros_like(x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)  # views: writing flat[i] changes x
     for i in range(flat.size):
@@ -51,16 +57,15 @@ def rel_error(a, b, rel_floor: float = 1e-3) -> float:
     thousand times smaller than the tensor's largest is compared on that scale, because its
     finite-difference estimate carries absolute noise of the size of the *large* elements' noise.
     """
-    np_ = backend.cpu_module()
-    a = np_.asarray(backend.to_numpy(a), dtype=np_.float64)
-    b = np_.asarray(backend.to_numpy(b), dtype=np_.float64)
+    a = np.asarray(backend.to_numpy(a), dtype=np.float64)
+    b = np.asarray(backend.to_numpy(b), dtype=np.float64)
     if a.shape != b.shape:
-        raise ValueError(f"rel_error: shapes differ {a.shape} vs {b.shape}")
+        raise UsageError(f"rel_error: shapes differ {a.shape} vs {b.shape}")
     if a.size == 0:
         return 0.0
-    scale = max(float(np_.abs(a).max()), float(np_.abs(b).max()))
-    denom = np_.maximum(np_.maximum(np_.abs(a), np_.abs(b)), max(rel_floor * scale, 1e-12))
-    return float((np_.abs(a - b) / denom).max())
+    scale = max(float(np.abs(a).max()), float(np.abs(b).max()))
+    denom = np.maximum(np.maximum(np.abs(a), np.abs(b)), max(rel_floor * scale, 1e-12))
+    return float((np.abs(a - b) / denom).max())
 
 
 def check(name: str, analytic, f, x, tol: float = 1e-6, h: float = 1e-5,
@@ -106,7 +111,6 @@ def check_op(op: str, forward, backward, inputs: dict, wrt: list[str], rng, tol=
 
 def op_suite(rng=None, tol: float = 1e-6) -> list[dict]:
     """Check every op's backward on random float64 inputs of a few shapes; returns result rows."""
-    from minilora.nn import ops
 
     rng = backend.cpu_rng(0 if rng is None else rng)
 
@@ -162,7 +166,6 @@ def op_suite(rng=None, tol: float = 1e-6) -> list[dict]:
 def model_check(model, idx, targets, tol: float = 1e-6, names=None) -> list[dict]:
     """Check ``model.backward`` through the mean cross-entropy for every trainable parameter
     (or those in ``names``). The model must be float64. Returns one row per parameter."""
-    from minilora.nn import ops
 
     if model.dtype != xp.float64:
         raise TypeError("model_check needs a float64 model: call model.astype('float64') first")
@@ -182,8 +185,6 @@ def model_check(model, idx, targets, tol: float = 1e-6, names=None) -> list[dict
 
 def tiny_model_check(seed: int = 0, tol: float = 1e-6) -> list[dict]:
     """The whole-model check on a tiny float64 GPT (every parameter, through the loss)."""
-    from minilora.config import GPTConfig
-    from minilora.model import GPT
 
     rng = backend.cpu_rng(seed)
     cfg = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)

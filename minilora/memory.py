@@ -26,6 +26,8 @@ import gc
 import tracemalloc
 
 from minilora import backend
+from minilora.errors import UsageError
+from minilora.optim import AdamW
 
 
 def _buffer(a):
@@ -111,7 +113,6 @@ def memory_account(model, x, y, measure: bool = True) -> dict:
         at its peak: gradients, activations, temporaries) and ``"measured_total"`` (weights +
         optimizer state + that peak).
     """
-    from minilora.optim import AdamW
 
     x, y = backend.asarray(x), backend.asarray(y)
     trainable = [p for _, p, _ in model.named_trainable()]
@@ -152,7 +153,7 @@ def adam_training_bytes(n_params: int, n_trainable: int, weight_bytes: float = 4
     precision). Float32 training: 4 / 4 / 8 / 0; fp16 mixed precision: 2 / 2 / 8 / 4.
     """
     if n_params <= 0 or not 0 <= n_trainable <= n_params:
-        raise ValueError(f"need 0 <= n_trainable <= n_params and n_params > 0, got "
+        raise UsageError(f"need 0 <= n_trainable <= n_params and n_params > 0, got "
                          f"n_trainable={n_trainable}, n_params={n_params}")
     return n_params * weight_bytes + n_trainable * (grad_bytes + state_bytes + master_bytes)
 

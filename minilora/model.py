@@ -28,10 +28,17 @@ import math
 from minilora import backend
 from minilora.backend import xp
 from minilora.config import GPTConfig
-from minilora.nn import ops
-from minilora.nn.layers import (Block, CausalSelfAttention, Embedding, LayerNorm, Linear, MLP,
-                                Module)
 from minilora.errors import MiniloraError
+from minilora.nn import ops
+from minilora.nn.layers import (
+    MLP,
+    Block,
+    CausalSelfAttention,
+    Embedding,
+    LayerNorm,
+    Linear,
+    Module,
+)
 
 
 class InputError(MiniloraError, ValueError):
@@ -76,7 +83,7 @@ def _init_params(config: GPTConfig, rng, dtype):
 class LanguageModelMixin:
     """The two training-loop entry points, written once for anything with the GPT's
     ``forward(idx) -> (logits, cache)`` / ``backward(dlogits, cache)`` / ``zero_grad()`` contract
-    (the GPT itself, and the prefix/prompt-tuning wrappers of :mod:`minilora.peft_methods`)."""
+    (the GPT itself, and the prefix/prompt-tuning wrappers of :mod:`minilora.peft`)."""
 
     def loss(self, idx, targets):
         """Forward only: mean cross-entropy (nats per token) as a Python float."""

@@ -20,7 +20,7 @@ import math
 
 from minilora import backend
 from minilora.backend import xp
-from minilora.errors import MiniloraError
+from minilora.errors import MiniloraError, UsageError
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -146,13 +146,13 @@ class AdamW:
         for key, a in arrays.items():
             name, kind = key.rsplit(".", 1)
             if kind not in ("m", "v") or name not in params:
-                raise ValueError(f"optimizer state has key {key!r} that matches no trainable parameter")
+                raise UsageError(f"optimizer state has key {key!r} that matches no trainable parameter")
             if tuple(a.shape) != tuple(params[name].shape):
-                raise ValueError(f"optimizer state {key!r} has shape {tuple(a.shape)}, parameter "
+                raise UsageError(f"optimizer state {key!r} has shape {tuple(a.shape)}, parameter "
                                  f"has {tuple(params[name].shape)}")
             (m if kind == "m" else v)[name] = backend.asarray(a, dtype=params[name].dtype)
         if set(m) != set(v):
-            raise ValueError("optimizer state is inconsistent: m and v name different parameters")
+            raise UsageError("optimizer state is inconsistent: m and v name different parameters")
         self.m, self.v = m, v
         self.t = int(meta["t"])
         self.lr = float(meta["lr"])

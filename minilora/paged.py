@@ -55,13 +55,11 @@ Chapter: chapters/04-lora-and-qlora.ipynb (section 10, the saved trace of ``mini
 from __future__ import annotations
 
 import math
-import time
 from collections import OrderedDict
-from pathlib import Path
 
 from minilora import backend
+from minilora.errors import MiniloraError, UsageError
 from minilora.optim import AdamW
-from minilora.errors import MiniloraError
 
 MiB = 1 << 20
 PAGE_BYTES = 2 * MiB  # CUDA's large page; bitsandbytes' paged buffers migrate in these units
@@ -75,9 +73,9 @@ class DeviceOutOfMemory(MiniloraError, MemoryError):
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise ValueError(f"{name} must be a whole number of bytes, got {value!r}")
+        raise UsageError(f"{name} must be a whole number of bytes, got {value!r}")
     if int(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
+        raise UsageError(f"{name} must be >= {minimum}, got {int(value)}")
     return int(value)
 
 
@@ -100,12 +98,12 @@ class DeviceMemory:
         self.page_bytes = _check_int("page_bytes", page_bytes, 1)
         self.budget_bytes = _check_int("budget_bytes", budget_bytes, 0)
         if self.budget_bytes < self.page_bytes:
-            raise ValueError(f"budget_bytes ({self.budget_bytes}) is smaller than one page "
+            raise UsageError(f"budget_bytes ({self.budget_bytes}) is smaller than one page "
                              f"({self.page_bytes} bytes): the device could never hold any state; "
                              "give a budget of at least one page or smaller pages")
         bw = bandwidth_bytes_per_s
         if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not math.isfinite(bw) or bw <= 0:
-            raise ValueError(f"bandwidth_bytes_per_s must be a positive finite number, got {bw!r}")
+            raise UsageError(f"bandwidth_bytes_per_s must be a positive finite number, got {bw!r}")
         self.bandwidth_bytes_per_s = float(bw)
         self._fixed: dict[str, int] = {}  # tag -> bytes of non-pageable memory
         self._regions: dict[int, int] = {}  # region id -> number of pages
@@ -167,7 +165,7 @@ class DeviceMemory:
         """
         nbytes = _check_int(f"allocation {tag!r}", nbytes, 0)
         if tag in self._fixed:
-            raise ValueError(f"allocation {tag!r} exists already; free it first")
+            raise UsageError(f"allocation {tag!r} exists already; free it first")
         need = self.fixed_bytes + nbytes
         if need > self.budget_bytes:
             raise DeviceOutOfMemory(
@@ -181,7 +179,7 @@ class DeviceMemory:
     def free(self, tag: str) -> None:
         """Give back the allocation ``tag`` (pages stay where they are until touched)."""
         if tag not in self._fixed:
-            raise ValueError(f"no allocation named {tag!r}; have: {', '.join(self._fixed) or 'none'}")
+            raise UsageError(f"no allocation named {tag!r}; have: {', '.join(self._fixed) or 'none'}")
         del self._fixed[tag]
 
     # -- pageable (managed) memory ---------------------------------------------------------------
@@ -214,7 +212,7 @@ class DeviceMemory:
         self._check_region(region)
         size = self._regions[region] * self.page_bytes
         if not (0 <= start < stop <= size):
-            raise ValueError(f"byte range [{start}, {stop}) is outside region {region} "
+            raise UsageError(f"byte range [{start}, {stop}) is outside region {region} "
                              f"(0 .. {size})")
         for i in range(start // self.page_bytes, -(-stop // self.page_bytes)):
             key = (region, i)
@@ -242,7 +240,7 @@ class DeviceMemory:
     # -- internals -------------------------------------------------------------------------------
     def _check_region(self, region: int) -> None:
         if region not in self._regions:
-            raise ValueError(f"no managed region {region!r}; have: {sorted(self._regions)}")
+            raise UsageError(f"no managed region {region!r}; have: {sorted(self._regions)}")
 
     def _evict(self, key) -> None:
         del self._resident[key]
@@ -358,189 +356,3 @@ class PagedAdamW(AdamW):
                 self.device.free_region(region)
         self.arenas, self._slot = [], {}
         self._ensure_state([(n, p, None) for n, p, _ in self.model.named_trainable() if n in self.m])
-
-
-# ------------------------------------------------------------------------------------------------
-# The demonstration: a memory spike from one long-sequence batch pushes the state out
-# ------------------------------------------------------------------------------------------------
-DEMO_MADE_BY = "minilora paged-demo --out results/paged/trace.json"
-
-
-def _run_demo_once(ckpt, ids, budget_bytes, page_bytes, bandwidth, steps, spike_steps,
-                   batch_size, block_size, spike_block_size, lr, seed, log):
-    from minilora.checkpoint import base_model_path, load_checkpoint
-    from minilora.data import get_batch
-    from minilora.memory import tree_bytes, weight_bytes
-    from minilora.nn import ops
-
-    model, _, _ = load_checkpoint(ckpt or base_model_path())
-    params = [p for _, p in model.named_parameters()]
-    device = DeviceMemory(budget_bytes, page_bytes, bandwidth)
-    opt = PagedAdamW(model, lr=lr, weight_decay=0.0, device=device)
-    device.allocate("weights", weight_bytes(model))
-    device.allocate("gradients", sum(int(p.nbytes) for _, p, _ in model.named_trainable()))
-    rng = backend.cpu_rng(seed)
-    records = []
-    for step in range(steps):
-        T = spike_block_size if step in spike_steps else block_size
-        x, y = get_batch(ids, batch_size, T, rng)
-        before = device.counters()
-        t0 = time.perf_counter()
-        logits, cache = model.forward(backend.asarray(x), check=False)
-        act = tree_bytes(cache, exclude=params) + int(logits.nbytes)
-        device.allocate("activations", act)  # the forward pass's peak: may push state pages out
-        at_peak = device.counters()
-        loss, dlogits = ops.cross_entropy(logits, backend.asarray(y))
-        del logits
-        model.zero_grad()
-        model.backward(dlogits, cache)
-        del cache, dlogits
-        device.free("activations")
-        opt.step()  # each parameter's update pages its state back in
-        backend.synchronize()
-        wall = time.perf_counter() - t0
-        after = device.counters()
-        rec = {"step": step, "T": T, "B": batch_size, "loss": backend.to_scalar(loss),
-               "activation_bytes": act, "fixed_bytes_at_peak": at_peak["fixed_bytes"],
-               "resident_state_bytes_at_peak": at_peak["resident_bytes"],
-               "host_state_bytes_at_peak": at_peak["host_bytes"],
-               "demand_without_paging_bytes": at_peak["fixed_bytes"] + opt.paged_bytes(),
-               "resident_state_bytes_after": after["resident_bytes"],
-               "step_wall_s": wall}
-        for key in ("page_ins", "page_outs", "bytes_in", "bytes_out", "first_touches"):
-            rec[key] = after[key] - before[key]
-        rec["modelled_transfer_s"] = device.transfer_seconds(rec["bytes_in"] + rec["bytes_out"])
-        records.append(rec)
-        log(f"  step {step:2d} T={T:3d} loss {rec['loss']:.4f}  act {act / MiB:6.1f} MiB  "
-            f"page-out {rec['page_outs']:2d} page-in {rec['page_ins']:2d}  "
-            f"modelled {rec['modelled_transfer_s'] * 1e3:.2f} ms")
-    totals = device.counters()
-    sizes = {"weights_bytes": weight_bytes(model),
-             "gradient_bytes": sum(int(p.nbytes) for _, p, _ in model.named_trainable()),
-             "state_bytes": opt.state_bytes(), "paged_bytes": opt.paged_bytes(),
-             "state_pages": opt.paged_bytes() // page_bytes}
-    return {"budget_bytes": budget_bytes, "steps": records, "totals": totals}, sizes
-
-
-def paged_demo(out: str | Path | None = "results/paged/trace.json", steps: int = 10,
-               spike_steps=(3, 7), batch_size: int = 2, block_size: int = 64,
-               spike_block_size: int = 128, page_bytes: int = PAGE_BYTES,
-               bandwidth_bytes_per_s: float = PCIE_BYTES_PER_S, budget_bytes: int | None = None,
-               lr: float = 3e-4, seed: int = 0, ckpt=None, log=print) -> dict:
-    """Full fine-tuning of the base model on Milton with a paged AdamW on a simulated device,
-    where step(s) ``spike_steps`` use ``spike_block_size``-token windows instead of ``block_size``.
-
-    Two runs on the same batches: **tight** (``budget_bytes``; default: exactly what a normal
-    step needs, weights + gradients + all state pages + a normal step's activations, so only the
-    spike pages) and **roomy** (room for the spike too). Activations are the bytes of the
-    forward cache plus the logits (:func:`minilora.memory.tree_bytes`), charged as one
-    allocation for the whole forward/backward; weights and gradients are charged throughout.
-
-    Returns (and writes to ``out`` as JSON, unless None) the per-step traces, the sizes, and
-    ``losses_identical`` (paging never changes the numbers).
-    """
-    from minilora.checkpoint import atomic_write_text, base_model_path, load_checkpoint
-    from minilora.data import encode_corpus, load_milton
-    from minilora.memory import tree_bytes, weight_bytes
-
-    import json
-
-    spike_steps = tuple(int(s) for s in spike_steps)
-    if steps < 1 or any(not 0 <= s < steps for s in spike_steps):
-        raise ValueError(f"need steps >= 1 and spike steps in [0, {steps}), got steps={steps}, "
-                         f"spike_steps={spike_steps}")
-    page_bytes = _check_int("page_bytes", page_bytes, 1)
-    model, tok, _ = load_checkpoint(ckpt or base_model_path())
-    if not 1 <= block_size <= spike_block_size <= model.config.block_size:
-        raise ValueError(f"need 1 <= block_size <= spike_block_size <= {model.config.block_size} "
-                         f"(the model's context), got {block_size}, {spike_block_size}")
-    ids = encode_corpus(load_milton()["train"], tok)
-    params = [p for _, p in model.named_parameters()]
-
-    def act_bytes(T):  # activations of one step at context T (shapes only, same for any batch)
-        x = backend.asarray(ids[:batch_size * T].reshape(batch_size, T).copy())  # own buffer
-        logits, cache = model.forward(x, check=False)
-        return tree_bytes(cache, exclude=params) + int(logits.nbytes)
-
-    act_normal, act_spike = act_bytes(block_size), act_bytes(spike_block_size)
-    n_train = sum(int(p.nbytes) for _, p, _ in model.named_trainable())
-    state_aligned = sum(2 * _aligned(p.nbytes) for _, p, _ in model.named_trainable())
-    state_pages = -(-state_aligned // page_bytes) * page_bytes
-    fixed = weight_bytes(model) + n_train
-    tight = budget_bytes if budget_bytes is not None else fixed + state_pages + act_normal
-    roomy = fixed + state_pages + act_spike
-    if fixed + act_spike > tight:
-        raise ValueError(
-            f"the spike needs {(fixed + act_spike) / MiB:.1f} MiB of non-pageable memory (weights, "
-            f"gradients, activations {act_spike / MiB:.1f} MiB at T={spike_block_size}) but the "
-            f"budget is {tight / MiB:.1f} MiB: paging all {state_pages / MiB:.1f} MiB of optimizer "
-            "state cannot absorb it (out of memory even when paged); use a smaller "
-            "--spike-block-size or --batch-size, or a larger --budget-mb")
-    del model
-    runs = {}
-    for label, budget in (("tight", tight), ("roomy", roomy)):
-        log(f"{label} run: budget {budget / MiB:.1f} MiB")
-        runs[label], sizes = _run_demo_once(
-            ckpt, ids, budget, page_bytes, bandwidth_bytes_per_s, steps, spike_steps, batch_size,
-            block_size, spike_block_size, lr, seed, log)
-    losses = {k: [r["loss"] for r in v["steps"]] for k, v in runs.items()}
-    result = {
-        "what": "paged AdamW on a simulated device: per-step memory and page traffic",
-        "made_by": DEMO_MADE_BY, "backend": backend.get_backend(),
-        "config": {"steps": steps, "spike_steps": list(spike_steps), "batch_size": batch_size,
-                   "block_size": block_size, "spike_block_size": spike_block_size,
-                   "page_bytes": page_bytes, "bandwidth_bytes_per_s": bandwidth_bytes_per_s,
-                   "lr": lr, "seed": seed, "task": "full fine-tuning on Milton (Books I-IX)"},
-        "sizes": dict(sizes, activation_bytes_normal=act_normal, activation_bytes_spike=act_spike),
-        "runs": runs,
-        "losses_identical": losses["tight"] == losses["roomy"],
-    }
-    if out is not None:
-        atomic_write_text(Path(out), json.dumps(result, indent=1) + "\n")
-    return result
-
-
-def fig_paged(results: Path, figures: Path) -> list[Path]:
-    """Memory use against the budget per step, and the page traffic, of the tight demo run."""
-    from minilora.plots import pyplot, read_json, save_figure
-
-    data = read_json(Path(results) / "paged" / "trace.json", DEMO_MADE_BY)
-    run = data["runs"]["tight"]
-    recs = run["steps"]
-    steps = [r["step"] for r in recs]
-    mib = float(MiB)
-    wg = [(r["fixed_bytes_at_peak"] - r["activation_bytes"]) / mib for r in recs]
-    act = [r["activation_bytes"] / mib for r in recs]
-    res = [r["resident_state_bytes_at_peak"] / mib for r in recs]
-    host = [r["host_state_bytes_at_peak"] / mib for r in recs]
-    plt = pyplot()
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
-                                 gridspec_kw={"height_ratios": [3, 2]})
-    ax.bar(steps, wg, color="0.6", label="weights + gradients")
-    ax.bar(steps, act, bottom=wg, color="tab:orange", label="activations")
-    bottom = [a + b for a, b in zip(wg, act)]
-    ax.bar(steps, res, bottom=bottom, color="tab:blue", label="optimizer state on device")
-    top = [a + b for a, b in zip(bottom, res)]
-    ax.bar(steps, host, bottom=top, color="none", edgecolor="tab:blue", hatch="//",
-           label="optimizer state paged to host")
-    ax.axhline(run["budget_bytes"] / mib, color="k", ls="--", lw=1, label="device budget")
-    ax.set_ylabel("MiB at the step's peak")
-    ax.set_title("Paged AdamW: a long-sequence batch pushes optimizer state to the host")
-    ax.set_ylim(0, max(t + h for t, h in zip(top, host)) * 1.45)
-    ax.legend(fontsize=8, loc="upper left", ncol=2)
-    bx.bar([s - 0.2 for s in steps], [r["page_outs"] for r in recs], width=0.4,
-           color="tab:red", label="page-outs (device -> host)")
-    bx.bar([s + 0.2 for s in steps], [r["page_ins"] for r in recs], width=0.4,
-           color="tab:green", label="page-ins (host -> device)")
-    for r in recs:
-        if r["page_ins"] or r["page_outs"]:
-            bx.annotate(f"{r['modelled_transfer_s'] * 1e3:.2f} ms", (r["step"],
-                        max(r["page_ins"], r["page_outs"])), ha="center", va="bottom", fontsize=8)
-    page_mib = data["config"]["page_bytes"] / mib
-    bw = data["config"]["bandwidth_bytes_per_s"] / 1e9
-    bx.set_ylabel(f"pages ({page_mib:g} MiB)")
-    bx.set_xlabel(f"step and window length T (modelled transfer time at {bw:g} GB/s)")
-    bx.set_xticks(steps, [f"{r['step']}\nT={r['T']}" for r in recs], fontsize=8)
-    bx.set_ylim(0, max([1] + [max(r["page_ins"], r["page_outs"]) for r in recs]) * 1.6)
-    bx.legend(fontsize=8, loc="upper left", ncol=2)
-    return [save_figure(fig, Path(figures) / "paged_trace.png")]

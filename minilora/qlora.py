@@ -34,22 +34,35 @@ Chapter: chapters/04-lora-and-qlora.ipynb
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
-from pathlib import Path
-from typing import NamedTuple
+import statistics
 
 from minilora import backend
 from minilora.backend import xp
-from minilora.config import ConfigError, LoraConfig, QuantConfig
-from minilora.lora import (LoRAError, LoRALinear, _check_rank, _pissa_factors,
-                           load_lora_state_dict, lora_layers, lora_state_dict,
-                           mark_only_lora_as_trainable)
+from minilora.checkpoint import load_checkpoint
+from minilora.config import LoraConfig, QuantConfig
+from minilora.io import CheckpointError, config_from_meta, read_typed, write_typed
+from minilora.lora import (
+    LoRAError,
+    LoRALinear,
+    load_lora_state_dict,
+    lora_layers,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+)
+from minilora.lora.layers import _check_rank
 from minilora.nn.layers import Linear, Module
-from minilora.quant.linear import (QuantLinear, QuantWeight, check_finite_weight,
-                                   quant_linear_backward, quant_linear_forward, quant_weights,
-                                   quantized_parameter_count)
+from minilora.quant.linear import (
+    QuantLinear,
+    QuantWeight,
+    check_finite_weight,
+    quant_linear_backward,
+    quant_linear_forward,
+    quant_weights,
+    quantized_parameter_count,
+)
+from minilora.quant.loftq import loftq_init
 from minilora.quant.model_quant import QUANT_TARGETS
 
 QLORA_ADAPTER_FORMAT = "minilora-qlora-adapter-v1"
@@ -122,81 +135,6 @@ class QLoRALinear(LoRALinear):
         raise LoRAError("QLoRALinear cannot merge: W0 is stored as 4-bit codes, and folding ΔW "
                         "in would re-quantise W0 + ΔW (a different model). Run the adapter "
                         "unmerged, or dequantise the base into a float LoRA model first")
-
-
-# ----------------------------------------------------------------------------------------------
-# LoftQ
-# ----------------------------------------------------------------------------------------------
-class LoftQResult(NamedTuple):
-    """What :func:`loftq_init` returns.
-
-    Attributes:
-        qweight: the 4-bit Q_T (:class:`QuantWeight`).
-        A: (r, d_in) and B: (d_out, r) float64 NumPy factors, scaling * B A ~ W - dequant(Q_T).
-        residual_norms: [||W - dequant(Q_t) - scaling B_t A_t||_F for t = 1..T].
-        quant_error_norm: ||W - dequant(quant(W))||_F, the plain QLoRA start (B A = 0).
-        weight_norm: ||W||_F (to make the norms relative).
-    """
-    qweight: QuantWeight
-    A: object
-    B: object
-    residual_norms: list
-    quant_error_norm: float
-    weight_norm: float
-
-
-def loftq_init(w, r: int, n_iter: int = 5, quant_type: str = "nf4", blocksize: int = 64,
-               double_quant: bool = True, scaling: float = 1.0, name: str = "weight"):
-    """LoftQ: alternate 4-bit quantisation and a rank-r SVD of the residual (Algorithm 1).
-
-        t = 1..T:  Q_t = quant(W - s B_{t-1} A_{t-1});   R_t = W - dequant(Q_t)
-                   A_t = sqrt(S_r / s) Vh_r,  B_t = U_r sqrt(S_r / s)   (svd of R_t)
-        residual_t = ||W - dequant(Q_t) - s B_t A_t||_F = sqrt(sum_{i > r} S_i^2)
-
-    T = 1 is "quantise as QLoRA does, then put the top-r part of the quantisation error into
-    the adapter". The SVD step is optimal for the given Q, but the quantisation step is not the
-    best Q for the given B A (absmax is recomputed from its input, then nearest codes), so the
-    residual is not guaranteed to fall every step: on the base model's 36 matrices it does for
-    the first ~5 steps and later wobbles by <0.5 % in a few (``minilora loftq``). The SVD runs on
-    the CPU in float64; the quantisation on ``xp`` in float32.
-
-    Args:
-        w: (d_out, d_in) finite float weight W.
-        r: rank, 1 <= r <= min(d_out, d_in).
-        n_iter: T >= 1.
-        quant_type, blocksize, double_quant: the 4-bit format of Q.
-        scaling: the LoRA layer's scaling s (lora_alpha / r); the factors are divided by it
-            so that ``s * B @ A`` is the low-rank part.
-        name: used in error messages.
-    Returns:
-        :class:`LoftQResult`.
-
-    Chapter: chapters/04-lora-and-qlora.ipynb
-    """
-    np_ = backend.cpu_module()
-    w = check_finite_weight(w, name)
-    d_out, d_in = w.shape
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(d_out, d_in):
-        raise ValueError(f"LoftQ rank r must be an integer in [1, min(d_out, d_in) = "
-                         f"{min(d_out, d_in)}] for {name} {tuple(w.shape)}; got {r!r}")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"LoftQ n_iter must be an integer >= 1; got {n_iter!r}")
-    if not (isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling > 0):
-        raise ValueError(f"scaling must be a positive finite number; got {scaling!r}")
-    w64 = np_.asarray(backend.to_numpy(w), dtype=np_.float64)
-    lowrank = np_.zeros_like(w64)  # s B A, (d_out, d_in)
-    residuals, quant_error = [], None
-    A = B = q = None
-    for _ in range(n_iter):
-        q = QuantWeight.quantize(backend.asarray(w64 - lowrank, dtype="float32"), quant_type,
-                                 blocksize, double_quant, name=name)
-        r_t = w64 - backend.to_numpy(q.dequantize()).astype(np_.float64)  # R_t = W - deq(Q_t)
-        if quant_error is None:
-            quant_error = float(np_.linalg.norm(r_t))
-        A, B, rest = _pissa_factors(r_t, r, scaling)  # rest = R_t - s B A
-        lowrank = r_t - rest
-        residuals.append(float(np_.linalg.norm(rest)))
-    return LoftQResult(q, A, B, residuals, quant_error, float(np_.linalg.norm(w64)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +212,6 @@ def inject_qlora(model: Module, config: LoraConfig, quant: QuantConfig | None = 
     base_digest = _digest(modules[n].params["weight"] for n in names)
     rng = backend.cpu_rng(config.seed)
     loftq = config.init_lora_weights == "loftq"
-    np_ = backend.cpu_module()
     float_bytes = q_bytes = 0
     err2 = norm2 = 0.0
     residuals = {}
@@ -320,12 +257,12 @@ def inject_qlora(model: Module, config: LoraConfig, quant: QuantConfig | None = 
     if loftq:
         report["loftq"] = {"n_iter": quant.loftq_iter, "layers": residuals,
                            "mean_relative_residual": [
-                               float(np_.mean([v["residual_norms"][t] / v["weight_norm"]
-                                               for v in residuals.values()]))
+                               statistics.fmean(v["residual_norms"][t] / v["weight_norm"]
+                                                for v in residuals.values())
                                for t in range(quant.loftq_iter)],
-                           "mean_relative_quant_error": float(np_.mean(
-                               [v["quant_error_norm"] / v["weight_norm"]
-                                for v in residuals.values()]))}
+                           "mean_relative_quant_error": statistics.fmean(
+                               v["quant_error_norm"] / v["weight_norm"]
+                               for v in residuals.values())}
     return report
 
 
@@ -346,31 +283,30 @@ def save_qlora_adapter(path, model: Module, config: LoraConfig, quant: QuantConf
     digests: of the float base weights that were quantised (``base_digest``, from
     :func:`inject_qlora`'s report) and of the resulting codes (``quant_digest``). Quantisation
     (and LoftQ) is deterministic, so :func:`load_qlora_adapter` rebuilds the same 4-bit base from
-    the same float base and checks both. Atomic, via :func:`minilora.checkpoint.save_arrays`.
+    the same float base and checks both. Atomic (:func:`minilora.io.write_typed`).
 
     Chapter: chapters/04-lora-and-qlora.ipynb
     """
-    from minilora.checkpoint import save_arrays
-
     layers = lora_layers(model)
     if not layers or not all(isinstance(m, QLoRALinear) for m in layers.values()):
         raise LoRAError("save_qlora_adapter: the model has no QLoRA layers (use inject_qlora; "
                         "a float LoRA model is saved with save_adapter)")
-    meta = {"format": QLORA_ADAPTER_FORMAT, "lora_config": config.to_dict(),
+    meta = {"lora_config": config.to_dict(),
             "quant_config": quant.to_dict(), "targets": list(layers),
             "base_digest": base_digest, "quant_digest": quant_digest(model)}
     model_config = getattr(model, "config", None)
     if model_config is not None and hasattr(model_config, "to_dict"):
         meta["model_config"] = model_config.to_dict()
-    save_arrays(path, lora_state_dict(model, config.bias), meta)
+    write_typed(path, QLORA_ADAPTER_FORMAT, lora_state_dict(model, config.bias), meta)
 
 
-def load_qlora_adapter(path, base_path=None):
+def load_qlora_adapter(path, base_path, allow_nonfinite: bool = False):
     """Rebuild the 4-bit base from the float base checkpoint and load the adapter into it.
 
     Args:
         path: a file from :func:`save_qlora_adapter`.
-        base_path: the float base checkpoint (default: the shipped base model).
+        base_path: the float base checkpoint the adapter was trained on.
+        allow_nonfinite: load NaN/inf tensors anyway (debugging only).
     Returns:
         (model, tokenizer, LoraConfig, QuantConfig).
     Raises:
@@ -379,18 +315,10 @@ def load_qlora_adapter(path, base_path=None):
 
     Chapter: chapters/04-lora-and-qlora.ipynb
     """
-    from minilora.checkpoint import CheckpointError, base_model_path, load_arrays, load_checkpoint
-
-    arrays, meta = load_arrays(path)
-    if meta.get("format") != QLORA_ADAPTER_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a minilora QLoRA adapter (format "
-                              f"{meta.get('format')!r}, expected {QLORA_ADAPTER_FORMAT!r})")
-    try:
-        config = LoraConfig.from_dict(meta["lora_config"])
-        quant = QuantConfig.from_dict(meta["quant_config"])
-    except (KeyError, ConfigError, TypeError) as e:
-        raise CheckpointError(f"QLoRA adapter {str(path)!r} has an invalid config: {e}") from None
-    base = base_path or base_model_path()
+    arrays, meta = read_typed(path, QLORA_ADAPTER_FORMAT, "QLoRA adapter", allow_nonfinite)
+    config = config_from_meta(path, meta, "lora_config", LoraConfig, "QLoRA adapter")
+    quant = config_from_meta(path, meta, "quant_config", QuantConfig, "QLoRA adapter")
+    base = base_path
     model, tok, _ = load_checkpoint(base)
     report = inject_qlora(model, config, quant)
     if meta.get("base_digest") not in (None, report["base_digest"]):
@@ -402,146 +330,3 @@ def load_qlora_adapter(path, base_path=None):
                               "(quant_digest mismatch)")
     load_lora_state_dict(model, arrays)
     return model, tok, config, quant
-
-
-def setup_qlora(model, tok, config):
-    """``finetune`` method "qlora": the float base quantised to 4 bits, LoRA around it.
-
-    ``config`` is None (LoRA r=8, alpha 16 on q, v, as method "lora"; NF4 + double quant), a
-    :class:`LoraConfig` (default QuantConfig), or a ``(LoraConfig, QuantConfig)`` pair.
-    The float base is the harness's ``base_model``: ``*_base`` and ``forgetting`` are measured
-    from it (as for LoRA), and the 4-bit model at step 0 is reported as ``*_init`` (plain QLoRA:
-    the quantised base; LoftQ: dequant(Q) + scaling B A).
-    """
-    from minilora.finetune import MethodSetup
-
-    lora_cfg, quant = config if isinstance(config, tuple) else (config, None)
-    lora_cfg = lora_cfg or LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"))
-    quant = quant or QuantConfig()
-    if not isinstance(lora_cfg, LoraConfig) or not isinstance(quant, QuantConfig):
-        raise TypeError("method 'qlora' needs a LoraConfig or a (LoraConfig, QuantConfig) pair; "
-                        f"got {type(config).__name__}")
-    # the float base, kept for the harness's *_base figures: forgetting is measured from the
-    # model one had before quantising (the 4-bit model at step 0 is reported as *_init)
-    base = copy.deepcopy(model)
-    report = inject_qlora(model, lora_cfg, quant)
-
-    def save(out: Path) -> str:
-        save_qlora_adapter(out / "adapter.safetensors", model, lora_cfg, quant,
-                           report["base_digest"])
-        return "adapter.safetensors"
-    summary = {k: v for k, v in report.items() if k != "loftq"}
-    if "loftq" in report:
-        summary["loftq"] = {k: v for k, v in report["loftq"].items() if k != "layers"}
-    return MethodSetup(model, {"lora": lora_cfg.to_dict(), "quant": quant.to_dict(),
-                               "base": summary}, save, 5e-3, 5e-4, base_model=base)
-
-
-# ----------------------------------------------------------------------------------------------
-# the LoftQ residual study (results/quant/loftq_residuals.json)
-# ----------------------------------------------------------------------------------------------
-def loftq_residual_study(model: Module, ranks=(4, 8, 16), n_iter: int = 10,
-                         quant: QuantConfig | None = None, scaling: float = 1.0) -> dict:
-    """Residual norm per LoftQ iteration for every block linear of ``model``, for each rank.
-
-    Returns a JSON-able dict: the settings, and per rank the per-layer
-    ``residual_norms`` / ``quant_error_norm`` / ``weight_norm`` and the mean relative residual
-    per iteration (t = 0 is plain quantisation, B A = 0).
-
-    Chapter: chapters/04-lora-and-qlora.ipynb
-    """
-    np_ = backend.cpu_module()
-    quant = quant or QuantConfig()
-    modules = dict(model.named_modules())
-    out = {"quant_config": quant.to_dict(), "n_iter": n_iter, "scaling": scaling,
-           "ranks": {}}
-    for r in ranks:
-        layers = {}
-        for name in _block_linears(model):
-            res = loftq_init(modules[name].params["weight"], r, n_iter, quant.quant_type,
-                             quant.blocksize, quant.double_quant, scaling, name=name)
-            layers[name] = {"weight_norm": res.weight_norm,
-                            "quant_error_norm": res.quant_error_norm,
-                            "residual_norms": res.residual_norms}
-        rel = np_.array([[v["quant_error_norm"] / v["weight_norm"]]
-                         + [x / v["weight_norm"] for x in v["residual_norms"]]
-                         for v in layers.values()])  # (layers, 1 + T)
-        out["ranks"][str(r)] = {"layers": layers,
-                                "mean_relative_residual": rel.mean(axis=0).tolist(),
-                                "monotone_layers": int(sum(
-                                    all(b <= a * (1 + 1e-9) for a, b in zip(row[1:], row[2:]))
-                                    for row in rel)),
-                                "n_layers": len(layers)}
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# figures (minilora figures; made only from results/)
-# ----------------------------------------------------------------------------------------------
-def fig_loftq_residuals(results: Path, figures: Path) -> list:
-    """Mean relative residual ||W - dequant(Q_t) - s B_t A_t||_F / ||W||_F over the base model's
-    36 block matrices against the LoftQ step t (t = 0: plain NF4, B A = 0), one line per rank."""
-    from minilora.plots import pyplot, read_json, save_figure
-
-    d = read_json(Path(results) / "quant" / "loftq_residuals.json",
-                  "minilora loftq --out results/quant/loftq_residuals.json")
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for r, v in d["ranks"].items():
-        rel = v["mean_relative_residual"]
-        ax.plot(range(len(rel)), rel, "o-", ms=3,
-                label=f"r = {r} ({v['monotone_layers']}/{v['n_layers']} layers non-increasing)")
-    q = d["quant_config"]
-    ax.set_xlabel("LoftQ step t (0 = plain quantisation, B A = 0)")
-    ax.set_ylabel("mean ||W - Q - sBA|| / ||W||")
-    ax.set_title(f"LoftQ on the base model: {q['quant_type']}, block {q['blocksize']}, "
-                 f"double quant {'on' if q['double_quant'] else 'off'}")
-    ax.legend(fontsize=8)
-    return [save_figure(fig, Path(figures) / "loftq_residuals.png")]
-
-
-def fig_qlora_compare(results: Path, figures: Path) -> list:
-    """Milton test loss and Shakespeare forgetting: full fine-tuning, LoRA, QLoRA, QLoRA+LoftQ,
-    with r=8 on q, v and (where run) on all block linears; the same 200-step harness
-    (results/finetune/milton-*/result.json). Red ticks: the 4-bit model at step 0."""
-    from minilora.plots import MissingResults, pyplot, read_json, save_figure
-
-    runs = [("full", "milton-full", "0.6"), ("LoRA\nq,v", "milton-lora", "C0"),
-            ("QLoRA\nq,v", "milton-qlora", "C1"), ("+LoftQ\nq,v", "milton-qlora-loftq", "C2"),
-            ("LoRA\nall", "milton-lora-all", "C0"), ("QLoRA\nall", "milton-qlora-all", "C1"),
-            ("+LoftQ\nall", "milton-qlora-loftq-all", "C2")]
-    recs = []
-    for label, run, colour in runs:
-        try:
-            rec = read_json(Path(results) / "finetune" / run / "result.json",
-                            f"minilora finetune --out results/finetune/{run} ...")
-        except MissingResults:
-            if run == "milton-qlora":
-                raise
-            continue
-        recs.append((label, rec, colour))
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    x = range(len(recs))
-    for ax, key, title in ((axes[0], "task_loss", "Milton test loss (nats/char)"),
-                           (axes[1], "forgetting", "forgetting: Shakespeare loss change")):
-        vals = [rec[key] for _, rec, _ in recs]
-        ax.bar(x, vals, color=[c for _, _, c in recs])
-        for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
-        if key == "task_loss":
-            ax.axhline(recs[0][1]["task_loss_base"], ls="--", c="k", lw=0.8, label="float base")
-            for i, (_, rec, _) in enumerate(recs):
-                if "task_metric_init" in rec:
-                    ax.plot([i - 0.4, i + 0.4], [rec["task_metric_init"]] * 2, c="r", lw=1.2)
-            ax.set_ylim(1.4, None)
-            ax.legend(fontsize=8, title="red: 4-bit model at step 0", title_fontsize=7,
-                      loc="center right")
-        ax.set_xticks(list(x), [lab for lab, _, _ in recs], fontsize=7)
-        ax.set_title(title, fontsize=10)
-    return [save_figure(fig, Path(figures) / "qlora_compare.png")]
-
-
-__all__ = ["QLoRALinear", "LoftQResult", "loftq_init", "inject_qlora", "quant_digest",
-           "save_qlora_adapter", "load_qlora_adapter", "setup_qlora", "loftq_residual_study",
-           "fig_loftq_residuals", "fig_qlora_compare"]

@@ -10,26 +10,28 @@ Chapter: chapters/01-foundations.ipynb
 """
 from __future__ import annotations
 
+import numpy as np
+
 from minilora import backend
 from minilora.backend import xp
+from minilora.errors import UsageError
 
 
 def next_token_probs(model, idx, temperature: float = 1.0, top_k: int | None = None):
     """Probabilities (B, V) of the next token after ``idx`` (B, T) — a NumPy float64 array."""
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        raise UsageError(f"temperature must be > 0, got {temperature!r}")
     T = model.config.block_size
     logits, _ = model.forward(idx[:, -T:])
     z = backend.to_numpy(logits[:, -1, :]).astype("float64") / temperature  # (B, V)
-    np_ = backend.cpu_module()
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+            raise UsageError(f"top_k must be a positive integer or None, got {top_k!r}")
         if top_k < z.shape[-1]:
-            kth = np_.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
-            z = np_.where(z < kth, -np_.inf, z)
+            kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
+            z = np.where(z < kth, -np.inf, z)
     z -= z.max(axis=-1, keepdims=True)
-    p = np_.exp(z)
+    p = np.exp(z)
     return p / p.sum(axis=-1, keepdims=True)
 
 
@@ -37,14 +39,13 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
              rng=0):
     """Extend ``idx`` (B, T) by ``max_new_tokens`` sampled tokens; returns (B, T + new)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise UsageError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     rng = backend.cpu_rng(rng)
-    np_ = backend.cpu_module()
     for _ in range(max_new_tokens):
         p = next_token_probs(model, idx, temperature, top_k)  # (B, V)
         u = rng.random((p.shape[0], 1))
         nxt = (p.cumsum(axis=-1) < u).sum(axis=-1)  # inverse-CDF draw, (B,)
-        nxt = np_.minimum(nxt, p.shape[-1] - 1)
+        nxt = np.minimum(nxt, p.shape[-1] - 1)
         idx = xp.concatenate([idx, backend.asarray(nxt[:, None].astype(idx.dtype))], axis=1)
     return idx
 
@@ -56,7 +57,7 @@ def sample_text(model, tokenizer, prompt: str = "\n", max_new_tokens: int = 200,
     Characters outside the tokenizer's vocabulary raise one clear ValueError before any work.
     """
     if not prompt:
-        raise ValueError("prompt must contain at least one character (try '\\n')")
+        raise UsageError("prompt must contain at least one character (try '\\n')")
     ids = tokenizer.encode(prompt)
     idx = backend.asarray(ids[None, :].astype("int64"))
     out = generate(model, idx, max_new_tokens, temperature, top_k, rng=seed)

@@ -26,11 +26,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from minilora import backend
-from minilora.checkpoint import (CheckpointError, atomic_write_text, load_arrays,
-                                 save_checkpoint, strip_prefix)
+from minilora.checkpoint import FORMAT as CKPT_FORMAT
+from minilora.checkpoint import save_checkpoint
 from minilora.config import TrainConfig
 from minilora.data import get_batch
+from minilora.errors import UsageError
+from minilora.io import CheckpointError, atomic_write_text, read_typed, strip_prefix
 from minilora.nn import ops
 from minilora.optim import AdamW, NonFiniteError, lr_at
 
@@ -101,7 +105,7 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
             a classification label and a language-modelling term separately).
     """
     if cfg.block_size > model.config.block_size:
-        raise ValueError(f"TrainConfig.block_size {cfg.block_size} exceeds the model's block_size "
+        raise UsageError(f"TrainConfig.block_size {cfg.block_size} exceeds the model's block_size "
                          f"{model.config.block_size}")
     out = Path(out_dir) if out_dir is not None else None
     opt = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -111,8 +115,8 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
     hist = History()
     if resume:
         if out is None:
-            raise ValueError("resume=True needs out_dir (where the checkpoint is)")
-        arrays, meta = load_arrays(out / CKPT_NAME)
+            raise UsageError("resume=True needs out_dir (where the checkpoint is)")
+        arrays, meta = read_typed(out / CKPT_NAME, CKPT_FORMAT, "checkpoint")
         saved_cfg = meta.get("train_config")
         if saved_cfg is not None and TrainConfig.from_dict(saved_cfg) != cfg:
             diff = {k: (saved_cfg[k], v) for k, v in cfg.to_dict().items() if saved_cfg.get(k) != v}
@@ -153,7 +157,6 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step",
                    dynamic_ncols=True, leave=True)
     t_run = time.perf_counter()

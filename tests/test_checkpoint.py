@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import save_arrays
 
 from minilora import checkpoint
 from minilora.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -49,7 +50,7 @@ def test_wrong_shaped_tensor(tmp_path):
     arrays = {f"model.{n}": p for n, p in m.named_parameters()}
     arrays["model.lm_head.weight"] = np.zeros((3, 3), np.float32)
     meta = {"format": checkpoint.FORMAT, "model_config": CFG.to_dict(), "tokenizer": TOK.to_dict()}
-    checkpoint.save_arrays(tmp_path / "w.safetensors", arrays, meta)
+    save_arrays(tmp_path / "w.safetensors", arrays, meta)
     with pytest.raises(CheckpointError, match=r"lm_head.weight.*shape"):
         load_checkpoint(tmp_path / "w.safetensors")
 
@@ -58,11 +59,11 @@ def test_missing_tensor_and_bad_config(tmp_path):
     m = GPT(CFG)
     arrays = {f"model.{n}": p for n, p in m.named_parameters() if n != "ln_f.bias"}
     meta = {"format": checkpoint.FORMAT, "model_config": CFG.to_dict(), "tokenizer": TOK.to_dict()}
-    checkpoint.save_arrays(tmp_path / "m.safetensors", arrays, meta)
+    save_arrays(tmp_path / "m.safetensors", arrays, meta)
     with pytest.raises(CheckpointError, match="missing.*ln_f.bias"):
         load_checkpoint(tmp_path / "m.safetensors")
     bad = dict(meta, model_config=dict(CFG.to_dict(), n_head=3))
-    checkpoint.save_arrays(tmp_path / "c.safetensors", dict(arrays), bad)
+    save_arrays(tmp_path / "c.safetensors", dict(arrays), bad)
     with pytest.raises(CheckpointError, match="divisible"):
         load_checkpoint(tmp_path / "c.safetensors")
 

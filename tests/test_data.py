@@ -244,12 +244,12 @@ def test_lexicon_split():
 def test_python_split_by_module():
     py = data.load_python_code()
     folder = data.data_dir() / "python_stdlib"
-    assert len(list(folder.glob("*.py"))) == 31
-    stats = (folder / "statistics.py").read_text()
+    assert len(list(folder.glob("*.py.txt"))) == 31
+    stats = (folder / "statistics.py.txt").read_text()
     assert stats in py["test"] and stats not in py["train"]
-    assert (folder / "argparse.py").read_text() in py["train"]
+    assert (folder / "argparse.py.txt").read_text() in py["train"]
     assert len(py["train"]) == 805_683 and len(py["test"]) == 80_867
     for name in ("statistics", "textwrap", "shlex"):  # folding kept the snapshot valid Python
-        compile((folder / f"{name}.py").read_text(), name, "exec")
+        compile((folder / f"{name}.py.txt").read_text(), name, "exec")
     with pytest.raises(ValueError, match="'numpy'"):
         data.load_python_code(test_modules=("numpy",))

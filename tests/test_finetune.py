@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from minilora.checkpoint import base_model_path, load_checkpoint
+from minilora.checkpoint import load_checkpoint
+from minilora.experiments.paths import base_model_path
 from minilora.config import LoraConfig, TrainConfig
-from minilora.finetune import finetune
+from minilora.experiments.finetune import finetune
 from minilora.lora import load_adapter
 
 CFG = TrainConfig(max_steps=3, batch_size=2, block_size=32, lr=5e-3, min_lr=5e-4, warmup_steps=1,
@@ -71,7 +72,7 @@ def test_label_position_training_learns_an_easy_rule():
     learnable rule: the label is '+' iff the text starts with 'good'."""
     from minilora.config import GPTConfig
     from minilora.data import CharTokenizer, encode_classification, sample_rows
-    from minilora.finetune import classification_accuracy
+    from minilora.experiments.tasks import classification_accuracy
     from minilora.model import GPT
     from minilora.train import train
 
@@ -104,7 +105,7 @@ def test_label_lm_loss_gradient_matches_finite_differences():
     from minilora import gradcheck
     from minilora.config import GPTConfig
     from minilora.data import CharTokenizer, encode_classification
-    from minilora.finetune import label_lm_forward_backward
+    from minilora.experiments.tasks import label_lm_forward_backward
     from minilora.model import GPT
     from minilora.nn import ops
 
@@ -133,12 +134,13 @@ def test_label_lm_loss_gradient_matches_finite_differences():
 
 
 def test_sentiment_recipe_is_the_default_and_the_label_only_loss_stays_available():
-    from minilora.finetune import TASK_RECIPES, default_lora_config
+    from minilora.experiments.finetune import default_lora_config
+    from minilora.experiments.tasks import TASKS
     cfg = TrainConfig(max_steps=2, batch_size=2, block_size=32, lr=1e-3, min_lr=1e-4,
                       warmup_steps=1, eval_every=2, eval_batches=2, ckpt_every=10**9)
     r = finetune("lora", "sentiment", None, cfg, progress=False, eval_batches=2, eval_examples=20,
                  measure_memory=False)
-    recipe = TASK_RECIPES["sentiment"]
+    recipe = TASKS["sentiment"].recipe
     assert r["lm_weight"] == recipe["lm_weight"] == 1.0
     assert tuple(r["method_config"]["target_modules"]) == recipe["lora_targets"]
     assert r["chance_baseline"] == 0.5 and 0.5 <= r["majority_baseline"] <= 1.0

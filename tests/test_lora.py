@@ -390,7 +390,7 @@ def test_save_and_load_adapter_round_trip(tmp_path):
     want = np_(model.forward(idx)[0]).copy()
     path = tmp_path / "adapter.safetensors"
     save_adapter(path, model, lc)
-    from minilora.checkpoint import load_arrays
+    from helpers import load_arrays
     saved, _ = load_arrays(path)
     assert set(saved) == set(lora_state_dict(model, "lora_only"))  # no base weight in the file
     assert path.stat().st_size < 4 * TINY.num_parameters()  # even this tiny base is larger
@@ -434,7 +434,7 @@ def test_load_lora_state_dict_errors():
 
 
 def test_load_adapter_rejects_other_files(tmp_path):
-    from minilora.checkpoint import save_arrays
+    from helpers import save_arrays
     save_arrays(tmp_path / "x.safetensors", {"a": np.zeros(2)}, {"format": "something-else"})
     with pytest.raises(CheckpointError, match="not a minilora adapter"):
         load_adapter(tmp_path / "x.safetensors", tiny_model())

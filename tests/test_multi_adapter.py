@@ -8,8 +8,8 @@ from minilora.config import GPTConfig, LoraConfig
 from minilora.data import CharTokenizer
 from minilora.lora import (LoRAError, inject_lora, lora_layers, lora_state_dict, save_adapter)
 from minilora.model import GPT
-from minilora.multi_adapter import (AdapterRegistry, generate_mixed, merge_and_unload,
-                                    score_adapters)
+from minilora.adapters import AdapterRegistry, generate_mixed, merge_and_unload
+from minilora.experiments.scoring import score_adapters
 from minilora.sample import generate
 
 TOK = CharTokenizer.default()
@@ -239,9 +239,9 @@ def test_merge_and_unload_writes_a_plain_checkpoint(tmp_path, rng, reg_and_adapt
 
 
 def test_score_adapters_matches_evaluate_on_the_shipped_base():
-    from minilora.checkpoint import base_model_path
+    from minilora.experiments.paths import base_model_path
     from minilora.data import encode_corpus
-    from minilora.finetune import task_splits
+    from minilora.experiments.tasks import task_splits
     from minilora.train import evaluate, fixed_batches
 
     base, tok, _ = load_checkpoint(base_model_path())
@@ -265,7 +265,7 @@ def test_score_adapters_matches_evaluate_on_the_shipped_base():
 def test_claim_figure_from_saved_results(tmp_path):
     import json
 
-    from minilora.plots import make_figures
+    from minilora.experiments.figures import make_figures
 
     res = tmp_path / "results" / "multi_adapter"
     res.mkdir(parents=True)

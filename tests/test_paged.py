@@ -8,7 +8,8 @@ from minilora import backend
 from minilora.config import GPTConfig
 from minilora.model import GPT
 from minilora.optim import AdamW
-from minilora.paged import DeviceMemory, DeviceOutOfMemory, PagedAdamW, paged_demo
+from minilora.experiments.studies.paged_demo import paged_demo
+from minilora.paged import DeviceMemory, DeviceOutOfMemory, PagedAdamW
 
 from conftest import CUPY
 
@@ -238,7 +239,7 @@ def test_cupy_state_is_managed_memory_and_matches_numpy():
 
 def test_cli_paged_demo_and_its_figure(tmp_path, capsys):
     from minilora.cli import main
-    from minilora.plots import make_figures
+    from minilora.experiments.figures import make_figures
 
     res = tmp_path / "results"
     out = res / "paged" / "trace.json"

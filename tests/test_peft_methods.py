@@ -12,13 +12,14 @@ import pytest
 
 from minilora import backend
 from minilora.backend import xp
-from minilora.checkpoint import CheckpointError, base_model_path, load_checkpoint
+from minilora.checkpoint import CheckpointError, load_checkpoint
+from minilora.experiments.paths import base_model_path
 from minilora.config import ConfigError, GPTConfig
 from minilora.gradcheck import check, format_table, model_check
 from minilora.model import GPT, InputError
 from minilora.nn.layers import Linear
 from minilora.optim import AdamW
-from minilora.peft_methods import (AdapterConfig, BitFitConfig, HoulsbyAdapter, PeftError,
+from minilora.peft import (AdapterConfig, BitFitConfig, HoulsbyAdapter, PeftError,
                                    PrefixConfig, PrefixTuningModel, PromptConfig,
                                    PromptTuningModel, adapter_layers, add_prefix, add_prompt,
                                    apply_bitfit, apply_peft, base_prefix_kv,
@@ -300,7 +301,7 @@ def test_save_load_round_trip_reproduces_logits(tmp_path, config):
 
 
 def test_saved_file_holds_only_the_small_tensors(tmp_path):
-    from minilora.checkpoint import load_arrays
+    from helpers import load_arrays
     model = apply_peft(tiny_model(), PrefixConfig(prefix_len=2))
     save_peft(tmp_path / "p.safetensors", model, PrefixConfig(prefix_len=2))
     arrays, meta = load_arrays(tmp_path / "p.safetensors")
@@ -315,7 +316,7 @@ def test_load_errors(tmp_path):
     other = GPTConfig(**{**TINY.to_dict(), "n_embd": 12, "n_head": 2})
     with pytest.raises(PeftError, match="another base model: n_embd 8 .file. vs 12"):
         load_peft(tmp_path / "a.safetensors", GPT(other, 0))
-    from minilora.checkpoint import save_arrays
+    from helpers import save_arrays
     save_arrays(tmp_path / "x.safetensors", {"a": np.zeros(2)}, {"format": "something-else"})
     with pytest.raises(CheckpointError, match="not a minilora PEFT file"):
         load_peft(tmp_path / "x.safetensors", tiny_model())
@@ -404,7 +405,7 @@ SMALL = {"adapter": AdapterConfig(bottleneck=4), "prefix": PrefixConfig(prefix_l
 
 @pytest.mark.parametrize("method", list(SMALL))
 def test_finetune_each_method_on_milton(tmp_path, method):
-    from minilora.finetune import finetune
+    from minilora.experiments.finetune import finetune
 
     r = finetune(method, "milton", SMALL[method], CFG, out_dir=tmp_path, progress=False,
                  eval_batches=2)
@@ -433,7 +434,7 @@ def test_finetune_each_method_on_milton(tmp_path, method):
 
 def test_prompt_tuning_on_the_classification_task():
     """The harness's accuracy reads ``logits[:, -1]``: with a prompt, still the label position."""
-    from minilora.finetune import finetune
+    from minilora.experiments.finetune import finetune
 
     r = finetune("prompt", "sentiment", PromptConfig(prompt_len=4), dict(CFG, max_steps=2),
                  progress=False, eval_batches=2, eval_examples=10)
@@ -441,9 +442,9 @@ def test_prompt_tuning_on_the_classification_task():
 
 
 def test_finetune_rejects_a_config_of_another_method():
-    from minilora.finetune import finetune
+    from minilora.experiments.finetune import finetune
 
-    with pytest.raises(TypeError, match="method 'prefix' needs a PrefixConfig"):
+    with pytest.raises(ValueError, match="method 'prefix' needs a PrefixConfig"):
         finetune("prefix", "milton", PromptConfig(), CFG, progress=False, eval_batches=2)
 
 

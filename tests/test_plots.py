@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from minilora.plots import FIGURES, MissingResults, make_figures, read_json
+from minilora.experiments.figures import FIGURES, MissingResults, make_figures
+from minilora.experiments.figures.common import read_json
 
 
 def test_base_pretrain_figure_from_saved_metrics(tmp_path):

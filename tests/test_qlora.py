@@ -16,8 +16,8 @@ from minilora.lora import LoRAError, LoRALinear, lora_layers, merge_lora
 from minilora.model import GPT
 from minilora.nn.layers import Linear
 from minilora.optim import AdamW
-from minilora.qlora import (QLoRALinear, inject_qlora, load_qlora_adapter, loftq_init,
-                            quant_digest, save_qlora_adapter)
+from minilora.qlora import (QLoRALinear, inject_qlora, load_qlora_adapter, quant_digest, save_qlora_adapter)
+from minilora.quant.loftq import loftq_init
 from minilora.quant import quantize_nf4
 from minilora.quant.linear import QuantLinear, QuantWeight, quant_weights
 from helpers import lora_layer_gradcheck, randn, batch, np_
@@ -322,7 +322,7 @@ def test_adapter_round_trip_rebuilds_the_same_4bit_base(tmp_path, init):
 
 
 def test_tiny_finetune_run_with_qlora(tmp_path):
-    from minilora.finetune import finetune
+    from minilora.experiments.finetune import finetune
     base, _ = _save_tiny_base(tmp_path)
     r = finetune("qlora", "milton", (LoraConfig(r=2, lora_alpha=4, target_modules=("q", "v"),
                                                 init_lora_weights="loftq"),
@@ -355,8 +355,8 @@ def test_memory_account_counts_4bit_bytes_and_bench_section_runs():
 
 def test_loftq_study_and_figures_from_saved_results(tmp_path):
     import json
-    from minilora.plots import make_figures
-    from minilora.qlora import loftq_residual_study
+    from minilora.experiments.figures import make_figures
+    from minilora.experiments.studies.loftq import loftq_residual_study
     study = loftq_residual_study(GPT(TINY, 0), ranks=(2,), n_iter=3, quant=QuantConfig(blocksize=16))
     rel = study["ranks"]["2"]["mean_relative_residual"]
     assert len(rel) == 4 and rel[-1] < rel[0] and study["ranks"]["2"]["n_layers"] == 12

@@ -51,5 +51,5 @@ def test_dequantised_weights_equal_the_library_dequantisation(tmp_path):
 
 def test_loading_a_float_checkpoint_as_quantised_is_a_clear_error(tmp_path):
     save_checkpoint(tmp_path / "f.safetensors", GPT(CFG), TOK)
-    with pytest.raises(CheckpointError, match="not a quantised"):
+    with pytest.raises(CheckpointError, match="not a minilora quantised checkpoint"):
         load_quantized(tmp_path / "f.safetensors")

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from minilora import finetune as ft
-from minilora.results_table import format_table, load_results, run_missing, write_table
+from minilora.experiments import results_table
+from minilora.experiments.results_table import format_table, load_results, run_missing, write_table
 
 
 def _record(task, method, trainable, metric):
@@ -53,7 +53,7 @@ def test_run_missing_runs_only_the_gaps(tmp_path, monkeypatch):
         return dict(r, metric="m", task_metric_base=2.0, task_metric=1.7,
                     shakespeare_loss_base=1.5, shakespeare_loss=1.75)
 
-    monkeypatch.setattr(ft, "finetune", fake)
+    monkeypatch.setattr(results_table, "finetune", fake)
     done = run_missing(tmp_path, ["milton"], ["full", "lora"], log=lambda s: None)
     assert done == calls == [("milton", "lora")]
     with pytest.raises(ValueError, match="unknown task/method nope"):

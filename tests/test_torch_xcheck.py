@@ -1,15 +1,12 @@
 """Our whole GPT against PyTorch autograd (optional: skipped when torch is not installed).
 
-A tiny float64 minilora GPT and its PyTorch copy (``benchmarks/torch_gpt.py``, same weights by
+A tiny float64 minilora GPT and its PyTorch copy (:mod:`minilora.bench.torch_reference`, same weights by
 name) must give the same logits and the same gradient of the mean cross-entropy for every
 parameter; one full training step (clip + AdamW) must leave the same weights. float64 keeps the
 round-off near 1e-15, so atol 1e-10 leaves five orders of magnitude for summation-order noise
 while any real mistake in a backward pass (a missing term, a transposed factor) shows up at
 1e-3 or more.
 """
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -20,19 +17,12 @@ from minilora.config import GPTConfig  # noqa: E402
 from minilora.model import GPT  # noqa: E402
 from minilora.nn import ops  # noqa: E402
 from minilora.optim import AdamW  # noqa: E402
+from minilora.bench.torch_reference import reference  # noqa: E402
 
 ATOL = 1e-10
 
 
-def _load_torch_gpt():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_gpt.py"
-    spec = importlib.util.spec_from_file_location("minilora_bench_torch_gpt", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tg = _load_torch_gpt()
+tg = reference(torch)
 
 
 def _tiny_pair(seed=0):

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from minilora.checkpoint import load_arrays, load_checkpoint
+from minilora.checkpoint import load_checkpoint
+from helpers import load_arrays
 from minilora.config import GPTConfig, TrainConfig
 from minilora.data import CharTokenizer
 from minilora.model import GPT

@@ -14,27 +14,73 @@ Float64 NumPy on the CPU, whatever backend trained the model (arrays are copied 
 
 Chapter: chapters/05-delta-w-analysis.ipynb
 """
-from minilora.analysis.svd import (SVD, AnalysisError, Truncation, as_float64, effective_rank,
-                                   energy_captured, energy_curve, numerical_rank, rank_for_energy,
-                                   singular_values, stable_rank, svd, truncate, truncation_errors)
-from minilora.analysis.lowrank import (lowrank_frobenius_norm, lowrank_singular_values,
-                                       lowrank_svd)
+from minilora.analysis.adapter_analysis import (
+                                   SUBSPACES,
+                                   ModuleRecord,
+                                   analyze_adapter,
+                                   analyze_lora_module,
+                                   dora_weight,
+                                   layer_index,
+                                   subspace_basis,
+)
+from minilora.analysis.intruders import (
+                                   Intruders,
+                                   intruder_dimensions,
+                                   intruders_from_weights,
+                                   max_cosines,
+                                   perturbed_similarities,
+                                   scale_singular_directions,
+)
+from minilora.analysis.lowrank import (
+                                   lowrank_frobenius_norm,
+                                   lowrank_singular_values,
+                                   lowrank_svd,
+)
+from minilora.analysis.peft_files import (
+                                   LoraModule,
+                                   PeftAdapter,
+                                   lora_scaling,
+                                   match_pattern,
+                                   module_rank_alpha,
+                                   read_peft_adapter,
+)
 from minilora.analysis.randomized import randomized_svd
-from minilora.analysis.subspace import (amplification_factor, orthonormal_basis, phi_grid,
-                                        phi_random_expectation, phi_random_sampled,
-                                        principal_angles, project_onto, random_orthonormal,
-                                        random_projection_expectation, subspace_similarity)
-from minilora.analysis.intruders import (Intruders, intruder_dimensions, intruders_from_weights,
-                                         max_cosines, perturbed_similarities,
-                                         scale_singular_directions)
-from minilora.analysis.safetensors_lazy import (AdapterFileError, BaseWeights, SafetensorsFile,
-                                                bf16_to_float32, float32_to_bf16,
-                                                write_safetensors)
-from minilora.analysis.peft_files import (LoraModule, PeftAdapter, lora_scaling, match_pattern,
-                                          module_rank_alpha, read_peft_adapter)
-from minilora.analysis.adapter_analysis import (SUBSPACES, ModuleRecord, analyze_adapter,
-                                                analyze_lora_module, dora_weight, layer_index,
-                                                subspace_basis)
+from minilora.analysis.safetensors_lazy import (
+                                   AdapterFileError,
+                                   BaseWeights,
+                                   SafetensorsFile,
+                                   bf16_to_float32,
+                                   float32_to_bf16,
+                                   write_safetensors,
+)
+from minilora.analysis.subspace import (
+                                   amplification_factor,
+                                   orthonormal_basis,
+                                   phi_grid,
+                                   phi_random_expectation,
+                                   phi_random_sampled,
+                                   principal_angles,
+                                   project_onto,
+                                   random_orthonormal,
+                                   random_projection_expectation,
+                                   subspace_similarity,
+)
+from minilora.analysis.svd import (
+                                   SVD,
+                                   AnalysisError,
+                                   Truncation,
+                                   as_float64,
+                                   effective_rank,
+                                   energy_captured,
+                                   energy_curve,
+                                   numerical_rank,
+                                   rank_for_energy,
+                                   singular_values,
+                                   stable_rank,
+                                   svd,
+                                   truncate,
+                                   truncation_errors,
+)
 
 __all__ = [
     "SVD", "AnalysisError", "Truncation", "as_float64", "effective_rank", "energy_captured",

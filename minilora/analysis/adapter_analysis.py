@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -35,8 +34,15 @@ from minilora.analysis.peft_files import PeftAdapter, read_peft_adapter
 from minilora.analysis.randomized import randomized_svd
 from minilora.analysis.safetensors_lazy import AdapterFileError, BaseWeights
 from minilora.analysis.subspace import phi_grid, phi_random_expectation, project_onto
-from minilora.analysis.svd import (AnalysisError, as_float64, effective_rank, energy_captured,
-                                   rank_for_energy, stable_rank, svd)
+from minilora.analysis.svd import (
+    AnalysisError,
+    as_float64,
+    effective_rank,
+    energy_captured,
+    rank_for_energy,
+    stable_rank,
+    svd,
+)
 
 #: the bases φ can compare: name -> (which factor, which side)
 SUBSPACES = ("A", "B", "delta_in", "delta_out")

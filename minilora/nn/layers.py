@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from minilora.backend import xp
+from minilora.backend import asarray, to_numpy, xp
+from minilora.errors import UsageError
 from minilora.nn import ops
 
 
@@ -81,7 +82,7 @@ class Module:
         missing = sorted(set(slots) - set(arrays))
         unexpected = sorted(set(arrays) - set(slots))
         if strict and (missing or unexpected):
-            raise ValueError(
+            raise UsageError(
                 f"state dict does not match the model: missing {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                 f"{' ...' if len(unexpected) > 5 else ''}"
@@ -91,7 +92,7 @@ class Module:
                 continue
             m, k = slots[name]
             if tuple(a.shape) != tuple(m.params[k].shape):
-                raise ValueError(f"parameter {name!r}: checkpoint shape {tuple(a.shape)} != "
+                raise UsageError(f"parameter {name!r}: checkpoint shape {tuple(a.shape)} != "
                                  f"model shape {tuple(m.params[k].shape)}")
         for name, a in arrays.items():
             if name in slots:
@@ -138,7 +139,6 @@ class Module:
 
     def to_backend(self) -> "Module":
         """Move every parameter onto the active backend (after ``set_backend``)."""
-        from minilora.backend import asarray, to_numpy
         for _, m in self.named_modules():
             for k in m.params:
                 m.params[k] = asarray(to_numpy(m.params[k]))

@@ -23,7 +23,11 @@ from __future__ import annotations
 
 import math
 
-from minilora.backend import xp
+from minilora.backend import (
+    asarray,  # local: keeps the op module's imports minimal
+    xp,
+)
+from minilora.errors import UsageError
 
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-approximation constant of GELU (GPT-2's)
 GELU_C = 0.044715
@@ -69,7 +73,7 @@ def linear_backward(dout, cache, need_dx=True, need_dw=True, need_db=True):
     dw = db = None
     if need_dw:
         if x is None:
-            raise ValueError("linear_backward: dw was asked for, but the forward pass ran with "
+            raise UsageError("linear_backward: dw was asked for, but the forward pass ran with "
                              "keep_x=False (the weight was frozen then); unfreeze before forward")
         dw = xp.matmul(dout2.T, x.reshape(-1, d_in))  # (d_out, d_in)
     if need_db and has_bias:
@@ -311,7 +315,6 @@ def dropout_forward(x, p, rng):
     """
     if p == 0.0:
         return x, None
-    from minilora.backend import asarray  # local: keeps the op module's imports minimal
     keep = asarray(rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
     return x * keep, keep
 
@@ -342,7 +345,7 @@ def cross_entropy_forward(logits, targets):
     valid = t != IGNORE_INDEX
     n = int(valid.sum())
     if n == 0:
-        raise ValueError("cross_entropy: every target is IGNORE_INDEX (-1); nothing to score")
+        raise UsageError("cross_entropy: every target is IGNORE_INDEX (-1); nothing to score")
     safe_t = xp.where(valid, t, 0)
     shifted = z - z.max(axis=-1, keepdims=True)  # (N, V), max 0 per row: exp cannot overflow
     target_logit = xp.take_along_axis(shifted, safe_t[:, None], axis=1)[:, 0]  # (N,)

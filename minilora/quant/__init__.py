@@ -11,16 +11,43 @@ Read in this order:
 
 Chapter: chapters/03-nf4-step-by-step.ipynb
 """
-from minilora.quant.blockwise import (absmax_per_block, dequantize_blockwise, dequantize_packed,
-                                      midpoints, nearest_code, pack_nibbles, quantize_blockwise,
-                                      scale_to_unit, unpack_nibbles)
-from minilora.quant.double import (DOUBLE_QUANT_BLOCKSIZE, DYNAMIC_MAP, bits_per_param,
-                                   create_dynamic_map, double_dequantize, double_quantize,
-                                   measured_bits_per_param)
-from minilora.quant.nf4 import (FP4_CODE, INT4_CODE, NF4_CODE, create_normal_map,
-                                dequantize_4bit, dequantize_fp4, dequantize_int4, dequantize_nf4,
-                                get_code, int4_symmetric_code, quantize_4bit, quantize_fp4,
-                                quantize_int4, quantize_nf4)
+from minilora.quant.blockwise import (
+                                      QuantError,
+                                      absmax_per_block,
+                                      dequantize_blockwise,
+                                      dequantize_packed,
+                                      midpoints,
+                                      nearest_code,
+                                      pack_nibbles,
+                                      quantize_blockwise,
+                                      scale_to_unit,
+                                      unpack_nibbles,
+)
+from minilora.quant.double import (
+                                      DOUBLE_QUANT_BLOCKSIZE,
+                                      DYNAMIC_MAP,
+                                      bits_per_param,
+                                      create_dynamic_map,
+                                      double_dequantize,
+                                      double_quantize,
+                                      measured_bits_per_param,
+)
+from minilora.quant.nf4 import (
+                                      FP4_CODE,
+                                      INT4_CODE,
+                                      NF4_CODE,
+                                      create_normal_map,
+                                      dequantize_4bit,
+                                      dequantize_fp4,
+                                      dequantize_int4,
+                                      dequantize_nf4,
+                                      get_code,
+                                      int4_symmetric_code,
+                                      quantize_4bit,
+                                      quantize_fp4,
+                                      quantize_int4,
+                                      quantize_nf4,
+)
 from minilora.quant.state import QuantState
 
 __all__ = [
@@ -31,5 +58,5 @@ __all__ = [
     "unpack_nibbles", "quantize_blockwise", "dequantize_blockwise", "dequantize_packed",
     "DYNAMIC_MAP", "DOUBLE_QUANT_BLOCKSIZE", "create_dynamic_map", "double_quantize",
     "double_dequantize", "bits_per_param", "measured_bits_per_param",
-    "QuantState",
+    "QuantState", "QuantError",
 ]

@@ -26,6 +26,7 @@ import math
 import numbers
 
 from minilora.backend import cpu_module, is_cupy, xp
+from minilora.errors import MiniloraError
 
 # bitsandbytes clamps the divisor at 1e-38 so that an all-zero block scales to 0 instead of 0/0.
 TINY = 1e-38
@@ -33,6 +34,11 @@ F32_MAX = 3.4028234663852886e38  # largest finite float32
 # Elements per slice on NumPy (cache blocking); CuPy does the whole tensor in one go.
 _SLICE = 1 << 17
 _LITTLE_ENDIAN = cpu_module().little_endian   # NumPy and CuPy (x86, ARM, CUDA) are little-endian
+
+
+class QuantError(MiniloraError, ValueError):
+    """Quantisation input that cannot be handled: a bad block size, code table, shape, dtype,
+    non-finite value, or a state that does not match its packed codes."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +60,7 @@ def check_blocksize(blocksize, name: str = "blocksize") -> int:
         raise TypeError(f"{name} must be a positive integer (e.g. 64); got {blocksize!r} "
                         f"of type {type(blocksize).__name__}")
     if blocksize <= 0:
-        raise ValueError(f"{name} must be a positive integer (e.g. 64); got {int(blocksize)}")
+        raise QuantError(f"{name} must be a positive integer (e.g. 64); got {int(blocksize)}")
     return int(blocksize)
 
 
@@ -76,18 +82,18 @@ def check_code(code, n_entries: int | None = None, require_sorted: bool = True, 
         raise TypeError(f"{name} must be a numeric 1-D table; got dtype {c.dtype}")
     c = c.astype(xp.float32, copy=False)
     if c.ndim != 1:
-        raise ValueError(f"{name} must be 1-D; got shape {tuple(c.shape)}")
+        raise QuantError(f"{name} must be 1-D; got shape {tuple(c.shape)}")
     k = int(c.shape[0])
     if n_entries is not None and k != n_entries:
-        raise ValueError(f"{name} must have exactly {n_entries} entries "
+        raise QuantError(f"{name} must have exactly {n_entries} entries "
                          f"({n_entries} = 2**{n_entries.bit_length() - 1} codes); got {k}")
     if not 2 <= k <= 256:
-        raise ValueError(f"{name} must have between 2 and 256 entries (codes are stored as uint8); "
+        raise QuantError(f"{name} must have between 2 and 256 entries (codes are stored as uint8); "
                          f"got {k}")
     if not bool(xp.isfinite(c).all()):
-        raise ValueError(f"{name} must contain only finite values")
+        raise QuantError(f"{name} must contain only finite values")
     if require_sorted and bool((c[1:] < c[:-1]).any()):
-        raise ValueError(f"{name} must be sorted in non-decreasing order (the nearest-code search "
+        raise QuantError(f"{name} must be sorted in non-decreasing order (the nearest-code search "
                          "uses midpoints of neighbours); sort it, or use quantize_4bit, which "
                          "accepts a table in any order")
     return c
@@ -108,12 +114,12 @@ def as_float32_flat(x, name: str = "x"):
         raise TypeError(f"{name} must be a floating-point array (float16, float32 or float64); "
                         f"got dtype {a.dtype}")
     if a.size == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(a.shape)}); quantisation needs at least "
+        raise QuantError(f"{name} is empty (shape {tuple(a.shape)}); quantisation needs at least "
                          "one element")
     if a.dtype.itemsize > 4:  # float64: a finite value could overflow to inf in float32
         big = float(xp.abs(a).max())
         if math.isfinite(big) and big > F32_MAX:
-            raise ValueError(f"{name} has values beyond float32's range (max |{name}| = "
+            raise QuantError(f"{name} has values beyond float32's range (max |{name}| = "
                              f"{big:.3g} > 3.4e38); quantisation computes in float32")
     return a.astype(xp.float32, copy=False).reshape(-1)
 
@@ -124,7 +130,7 @@ def _raise_not_finite(x, name: str = "x"):
     i = int(xp.flatnonzero(~xp.isfinite(flat))[0])
     kinds = "NaN" if bool(xp.isnan(bad).all()) else ("inf" if not bool(xp.isnan(bad).any())
                                                      else "NaN and inf")
-    raise ValueError(f"{name} contains {kinds} ({int(bad.size)} value(s), first at flat "
+    raise QuantError(f"{name} contains {kinds} ({int(bad.size)} value(s), first at flat "
                      f"index {i}); only finite values can be quantised")
 
 
@@ -340,10 +346,10 @@ def pack_nibbles(q, pad: int = 0):
         raise TypeError(f"q must be an integer array of 4-bit codes; got dtype {q.dtype}")
     q = q.reshape(-1)
     if q.size and (int(q.min()) < 0 or int(q.max()) > 15):
-        raise ValueError(f"q must hold 4-bit codes 0..15; got values in "
+        raise QuantError(f"q must hold 4-bit codes 0..15; got values in "
                          f"[{int(q.min())}, {int(q.max())}]")
     if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or not 0 <= pad <= 15:
-        raise ValueError(f"pad must be a 4-bit code 0..15; got {pad!r}")
+        raise QuantError(f"pad must be a 4-bit code 0..15; got {pad!r}")
     q = xp.ascontiguousarray(q.astype(xp.uint8, copy=False))
     n = q.shape[0]
     n2 = n // 2
@@ -380,10 +386,10 @@ def unpack_nibbles(packed, n: int):
     if packed.dtype != xp.uint8:
         raise TypeError(f"packed must be a uint8 array; got dtype {packed.dtype}")
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"n must be a non-negative integer; got {n!r}")
+        raise QuantError(f"n must be a non-negative integer; got {n!r}")
     packed = packed.reshape(-1)
     if packed.shape[0] != (n + 1) // 2:
-        raise ValueError(f"packed has {packed.shape[0]} bytes but {n} codes need "
+        raise QuantError(f"packed has {packed.shape[0]} bytes but {n} codes need "
                          f"ceil({n}/2) = {(n + 1) // 2}")
     q = xp.empty(2 * packed.shape[0], dtype=xp.uint8)
     xp.right_shift(packed, 4, out=q[0::2])
@@ -486,7 +492,7 @@ def _rescale_in_place(vals, absmax, blocksize: int, start: int):
 def _check_absmax(absmax, n: int, blocksize: int):
     absmax = xp.asarray(absmax, dtype=xp.float32).reshape(-1)
     if absmax.shape[0] != n_blocks(n, blocksize):
-        raise ValueError(f"absmax has {absmax.shape[0]} entries but {n} elements in blocks of "
+        raise QuantError(f"absmax has {absmax.shape[0]} entries but {n} elements in blocks of "
                          f"{blocksize} need ceil({n}/{blocksize}) = {n_blocks(n, blocksize)}")
     return absmax
 
@@ -494,7 +500,7 @@ def _check_absmax(absmax, n: int, blocksize: int):
 def _check_out_shape(shape, n: int):
     out_shape = tuple(int(s) for s in shape)
     if math.prod(out_shape) != n:
-        raise ValueError(f"shape {out_shape} holds {math.prod(out_shape)} elements but there "
+        raise QuantError(f"shape {out_shape} holds {math.prod(out_shape)} elements but there "
                          f"are {n} codes")
     return out_shape
 
@@ -524,13 +530,13 @@ def dequantize_blockwise(q, absmax, code, blocksize: int, shape=None, dtype="flo
     q = q.reshape(-1)
     n = q.shape[0]
     if n == 0:
-        raise ValueError("q is empty; nothing to dequantise")
+        raise QuantError("q is empty; nothing to dequantise")
     out_shape = _check_out_shape(q.shape if shape is None else shape, n)
     absmax = _check_absmax(absmax, n, blocksize)
     if int(q.min()) < 0:
-        raise ValueError(f"q holds the negative index {int(q.min())}; code indices are 0..{c.shape[0] - 1}")
+        raise QuantError(f"q holds the negative index {int(q.min())}; code indices are 0..{c.shape[0] - 1}")
     if int(q.max()) >= c.shape[0]:
-        raise ValueError(f"q holds index {int(q.max())} but code has only {c.shape[0]} entries")
+        raise QuantError(f"q holds index {int(q.max())} but code has only {c.shape[0]} entries")
     out = xp.empty(n, dtype=xp.float32)
     step = _slice_len(blocksize, n)
     for start in range(0, n, step):                  # slices keep the index temporaries in cache
@@ -568,9 +574,9 @@ def dequantize_packed(packed, absmax, code, blocksize: int, n: int, shape=None,
         raise TypeError(f"packed must be a uint8 array; got dtype {packed.dtype}")
     packed = packed.reshape(-1)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be a positive integer; got {n!r}")
+        raise QuantError(f"n must be a positive integer; got {n!r}")
     if packed.shape[0] != (n + 1) // 2:
-        raise ValueError(f"packed has {packed.shape[0]} bytes but {n} codes need "
+        raise QuantError(f"packed has {packed.shape[0]} bytes but {n} codes need "
                          f"ceil({n}/2) = {(n + 1) // 2}")
     out_shape = _check_out_shape((n,) if shape is None else shape, n)
     absmax = _check_absmax(absmax, n, blocksize)

@@ -21,16 +21,15 @@ Chapter: chapters/03-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
+
+import numpy as np
 
 from minilora import backend
-from minilora.quant.blockwise import check_blocksize, unpack_nibbles
+from minilora.quant.blockwise import QuantError, check_blocksize, unpack_nibbles
 from minilora.quant.double import bits_per_param
+from minilora.quant.model_quant import is_quant_target
 from minilora.quant.nf4 import QUANT_TYPES, dequantize_4bit, get_code, quantize_4bit
-
-_np = backend.cpu_module()
 
 #: Block sizes compared by default; None = the whole tensor is one block.
 BLOCKSIZES = (16, 32, 64, 128, 256, 1024, 4096, None)
@@ -73,17 +72,17 @@ class _Pool:
 
     def __init__(self):
         self.n, self.abs_sum, self.sq_sum, self.x_sq_sum, self.max_abs = 0, 0.0, 0.0, 0.0, 0.0
-        self.counts = _np.zeros(16, dtype=_np.int64)
+        self.counts = np.zeros(16, dtype=np.int64)
 
     def add(self, x, x_hat, q):
-        x = _np.asarray(backend.to_numpy(x), dtype=_np.float64).reshape(-1)
-        err = _np.abs(x - _np.asarray(x_hat, dtype=_np.float64).reshape(-1))
+        x = np.asarray(backend.to_numpy(x), dtype=np.float64).reshape(-1)
+        err = np.abs(x - np.asarray(x_hat, dtype=np.float64).reshape(-1))
         self.n += x.size
         self.abs_sum += float(err.sum())
-        self.sq_sum += float(_np.dot(err, err))
-        self.x_sq_sum += float(_np.dot(x, x))
+        self.sq_sum += float(np.dot(err, err))
+        self.x_sq_sum += float(np.dot(x, x))
         self.max_abs = max(self.max_abs, float(err.max()))
-        self.counts += _np.bincount(q, minlength=16)[:16]
+        self.counts += np.bincount(q, minlength=16)[:16]
 
     def stats(self) -> dict:
         rmse = math.sqrt(self.sq_sum / self.n)
@@ -114,10 +113,10 @@ def quant_error(tensors, quant_type: str, blocksize: int | None = 64,
     Chapter: chapters/03-nf4-step-by-step.ipynb
     """
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES)}; got {quant_type!r}")
+        raise QuantError(f"quant_type must be one of {', '.join(QUANT_TYPES)}; got {quant_type!r}")
     if isinstance(tensors, (list, tuple)):
         if not tensors:
-            raise ValueError("tensors is an empty list; give at least one array")
+            raise QuantError("tensors is an empty list; give at least one array")
         items = list(tensors)
     else:
         items = [tensors]
@@ -135,8 +134,8 @@ def quant_error(tensors, quant_type: str, blocksize: int | None = 64,
 def gaussian_sample(n: int = 2 ** 20, seed: int = 0):
     """n float32 draws from N(0, 1), seeded (``np.random.default_rng(seed)``). NumPy (n,)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer; got {n!r}")
-    return _np.random.default_rng(seed).standard_normal(n, dtype=_np.float32)
+        raise QuantError(f"n must be a positive integer; got {n!r}")
+    return np.random.default_rng(seed).standard_normal(n, dtype=np.float32)
 
 
 def model_quant_weights(model) -> dict:
@@ -144,7 +143,6 @@ def model_quant_weights(model) -> dict:
 
     Chapter: chapters/03-nf4-step-by-step.ipynb
     """
-    from minilora.quant.model_quant import is_quant_target
 
     return {name: p for name, p in model.named_parameters() if is_quant_target(name)}
 
@@ -191,7 +189,7 @@ def nearest_level(value: float, quant_type: str) -> tuple[int, float]:
     Uses the library quantiser (absmax 1, one block), so ties and FP4's bit-pattern order are
     handled exactly as for real weights.
     """
-    x = _np.array([value, 1.0], dtype=_np.float32)      # the 1.0 pins the block's absmax to 1
+    x = np.array([value, 1.0], dtype=np.float32)      # the 1.0 pins the block's absmax to 1
     x_hat, q = roundtrip_codes(x, quant_type, blocksize=2)
     return int(q[0]), float(x_hat[0])
 
@@ -222,11 +220,11 @@ def article_examples(weight: float = 0.2121, article_level: float = 0.1997,
     out = {"weight": weight, "article_level": article_level}
     for qt in QUANT_TYPES:
         idx, level = nearest_level(weight, qt)
-        table = _np.asarray(get_code(qt), dtype=_np.float64)
+        table = np.asarray(get_code(qt), dtype=np.float64)
         out[qt] = {"code": idx, "level": level, "abs_error": abs(weight - level),
-                   "distance_of_article_level": float(_np.abs(table - article_level).min())}
-    grid = _np.linspace(-1.0, 1.0, positions)
-    g = int(_np.argmin(_np.abs(grid - weight)))
+                   "distance_of_article_level": float(np.abs(table - article_level).min())}
+    grid = np.linspace(-1.0, 1.0, positions)
+    g = int(np.argmin(np.abs(grid - weight)))
     out["uniform_grid"] = {"position_from_1": g + 1, "level": float(grid[g]),
                            "abs_error": abs(weight - float(grid[g]))}
     q_article = int(round(positions / 1.0 * weight))
@@ -252,64 +250,6 @@ def article_examples(weight: float = 0.2121, article_level: float = 0.1997,
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# the command
-# ---------------------------------------------------------------------------------------------
-
-def run_comparison(results_dir="results", n_gaussian: int = 2 ** 20, seed: int = 0,
-                   blocksizes=BLOCKSIZES, ckpt=None, log=print) -> dict:
-    """Compare NF4, FP4 and int4 on N(0, 1) data and on a model's weights; write the JSON files.
-
-    Writes (atomically) into ``<results_dir>/quant/``:
-
-    * ``error_vs_blocksize.json``: every (data, quant_type, blocksize) record of
-      :func:`compare_codes`;
-    * ``error_table.json``: the block-64 rows, plus NF4 / FP4 / int4 with double quantisation;
-    * ``code_histogram.json``: code counts at block 64 for each data set and type, with levels.
-
-    Args:
-        results_dir: the results folder (default "results").
-        n_gaussian: number of N(0, 1) samples (default 2**20).
-        seed: for the Gaussian sample.
-        blocksizes: block sizes compared (None = whole tensor).
-        ckpt: model checkpoint (default: the shipped base model).
-    Returns:
-        {"error_table": ..., "error_vs_blocksize": ..., "code_histogram": ...} as written.
-
-    Chapter: chapters/03-nf4-step-by-step.ipynb
-    """
-    from minilora.checkpoint import atomic_write_text, base_model_path, load_checkpoint
-
-    path = Path(ckpt) if ckpt is not None else base_model_path()
-    model, _, _ = load_checkpoint(path)
-    weights = list(model_quant_weights(model).values())
-    datasets = {"gaussian": gaussian_sample(n_gaussian, seed), "base_model": weights}
-    settings = {"gaussian_n": n_gaussian, "seed": seed, "model": path.name,
-                "model_quantized_params": sum(int(w.size) for w in weights),
-                "model_quantized_tensors": len(weights), "made_by": MADE_BY}
-    rows = compare_codes(datasets, QUANT_TYPES, blocksizes)
-    table = [r for r in rows if r["blocksize"] == 64]
-    for data, tensors in datasets.items():
-        for qt in QUANT_TYPES:
-            table.append({"data": data, "quant_type": qt, "blocksize": 64, "double_quant": True,
-                          **quant_error(tensors, qt, 64, double_quant=True)})
-    hist = [{"data": r["data"], "quant_type": r["quant_type"], "blocksize": 64,
-             "levels": code_levels(r["quant_type"]), "counts": r["code_counts"],
-             "fraction": [c / r["n"] for c in r["code_counts"]]}
-            for r in rows if r["blocksize"] == 64]
-    results = {"error_table": {"settings": settings, "rows": table},
-               "error_vs_blocksize": {"settings": settings,
-                                      "blocksizes": [_bs_label(b) for b in blocksizes],
-                                      "rows": rows},
-               "code_histogram": {"settings": settings, "histograms": hist}}
-    out_dir = Path(results_dir) / RESULTS_SUBDIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, obj in results.items():
-        atomic_write_text(out_dir / f"{name}.json", json.dumps(obj, indent=1) + "\n")
-    log(format_error_table(table))
-    log(f"written: {', '.join(str(out_dir / f'{k}.json') for k in results)}")
-    return results
-
 
 def format_error_table(rows) -> str:
     """The error table as fixed-width text (one line per data set, type and double_quant)."""
@@ -323,70 +263,5 @@ def format_error_table(rows) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# figures (registered in minilora.plots.FIGURES; made only from the JSON files above)
+# figures live on the experiments floor (minilora.experiments.figures.quant)
 # ---------------------------------------------------------------------------------------------
-
-_COLOURS = {"nf4": "C0", "fp4": "C1", "int4": "C2"}
-_DATA_TITLES = {"gaussian": "N(0, 1) samples", "base_model": "base-model linear weights"}
-
-
-def fig_error_vs_blocksize(results: Path, figures: Path) -> list[Path]:
-    """Relative RMSE of NF4, FP4 and int4 against the block size, Gaussian and model weights."""
-    from minilora.plots import pyplot, read_json, save_figure
-
-    res = read_json(Path(results) / RESULTS_SUBDIR / "error_vs_blocksize.json", MADE_BY)
-    labels = [str(b) for b in res["blocksizes"]]
-    plt = pyplot()
-    datas = list(dict.fromkeys(r["data"] for r in res["rows"]))
-    fig, axes = plt.subplots(1, len(datas), figsize=(5.2 * len(datas), 3.6), sharey=True)
-    axes = _np.atleast_1d(axes)
-    for ax, data in zip(axes, datas):
-        for qt in dict.fromkeys(r["quant_type"] for r in res["rows"]):
-            by_bs = {str(r["blocksize"]): r["relative_rmse"] for r in res["rows"]
-                     if r["data"] == data and r["quant_type"] == qt}
-            ax.plot(range(len(labels)), [by_bs[b] for b in labels], "o-", ms=4,
-                    color=_COLOURS.get(qt), label=qt)
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel("block size (elements per absmax)")
-        ax.set_title(_DATA_TITLES.get(data, data))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("RMSE / RMS of the data")
-    axes[0].legend()
-    fig.suptitle("4-bit round-trip error vs block size", y=1.02)
-    return [save_figure(fig, Path(figures) / "quant_error_vs_blocksize.png")]
-
-
-def fig_code_histogram(results: Path, figures: Path) -> list[Path]:
-    """Fraction of values per 4-bit code (block 64), levels in value order, one panel per type."""
-    from minilora.plots import pyplot, read_json, save_figure
-
-    res = read_json(Path(results) / RESULTS_SUBDIR / "code_histogram.json", MADE_BY)
-    hists = res["histograms"]
-    types = list(dict.fromkeys(h["quant_type"] for h in hists))
-    datas = list(dict.fromkeys(h["data"] for h in hists))
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(types), figsize=(5 * len(types), 3.6), sharey=True)
-    axes = _np.atleast_1d(axes)
-    width = 0.8 / len(datas)
-    for ax, qt in zip(axes, types):
-        for j, data in enumerate(datas):
-            h = next(h for h in hists if h["quant_type"] == qt and h["data"] == data)
-            order = _np.argsort(_np.asarray(h["levels"]), kind="stable")   # value order
-            frac = _np.asarray(h["fraction"])[order]
-            ax.bar(_np.arange(16) + (j - (len(datas) - 1) / 2) * width, frac, width,
-                   label=_DATA_TITLES.get(data, data))
-        levels = _np.asarray(h["levels"])[order]
-        ax.set_xticks(range(16), [f"{v:.2f}" for v in levels], rotation=90, fontsize=7)
-        ax.axhline(1 / 16, color="k", lw=0.8, ls="--")
-        ax.set_title(f"{qt} (code levels in value order)")
-        ax.set_xlabel("level")
-    axes[0].set_ylabel("fraction of values (block 64)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Which 4-bit codes are used (dashed: equal use, 1/16)", y=1.02)
-    return [save_figure(fig, Path(figures) / "quant_code_histogram.png")]
-
-
-__all__ = ["BLOCKSIZES", "roundtrip_codes", "quant_error", "gaussian_sample",
-           "model_quant_weights", "compare_codes", "code_levels", "nearest_level",
-           "article_examples", "run_comparison", "format_error_table", "fig_error_vs_blocksize",
-           "fig_code_histogram"]

@@ -27,8 +27,14 @@ import math
 import numbers
 
 from minilora.backend import cpu_module, xp
-from minilora.quant.blockwise import (check_blocksize, dequantize_blockwise, linspace_float32,
-                                      n_blocks, quantize_blockwise)
+from minilora.quant.blockwise import (
+    QuantError,
+    check_blocksize,
+    dequantize_blockwise,
+    linspace_float32,
+    n_blocks,
+    quantize_blockwise,
+)
 
 _np = cpu_module()  # CPU-side table building only
 
@@ -87,7 +93,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
             data.append(-scale * means)
     values = _np.concatenate(data + [_np.array([0.0, 1.0], dtype=f32)]).astype(f32)
     if values.size != 2 ** total_bits:
-        raise ValueError(f"these settings give {values.size} levels, not 2**{total_bits}")
+        raise QuantError(f"these settings give {values.size} levels, not 2**{total_bits}")
     return _np.sort(values)
 
 
@@ -120,9 +126,9 @@ def double_quantize(absmax, blocksize: int = DOUBLE_QUANT_BLOCKSIZE, code=None):
         raise TypeError(f"absmax must be a floating-point array; got dtype {a.dtype}")
     a = a.astype(xp.float32, copy=False).reshape(-1)
     if a.size == 0:
-        raise ValueError("absmax is empty; there is nothing to double-quantise")
+        raise QuantError("absmax is empty; there is nothing to double-quantise")
     if not bool(xp.isfinite(a).all()):
-        raise ValueError("absmax contains NaN or inf; only finite scales can be double-quantised")
+        raise QuantError("absmax contains NaN or inf; only finite scales can be double-quantised")
     offset = xp.mean(a, dtype=xp.float32)                            # () float32
     q8, absmax2 = quantize_blockwise(a - offset, DYNAMIC_MAP if code is None else code, blocksize)
     return q8, absmax2, offset.astype(xp.float32)
@@ -178,7 +184,7 @@ def bits_per_param(blocksize: int = 64, double_quant: bool = False,
             return 4 + 8 / blocksize + 32 / (blocksize * blocksize2)
         return 4 + 32 / blocksize
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
-        raise ValueError(f"n must be a positive integer number of elements; got {n!r}")
+        raise QuantError(f"n must be a positive integer number of elements; got {n!r}")
     nb = n_blocks(int(n), blocksize)
     bits = 8 * ((n + 1) // 2)
     if double_quant:

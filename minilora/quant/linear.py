@@ -29,7 +29,7 @@ from minilora import backend
 from minilora.backend import xp
 from minilora.nn import ops
 from minilora.nn.layers import Linear, Module
-from minilora.quant.blockwise import dequantize_packed
+from minilora.quant.blockwise import QuantError, dequantize_packed
 from minilora.quant.double import measured_bits_per_param
 from minilora.quant.nf4 import check_packed_matches, get_code, quantize_4bit
 from minilora.quant.state import QuantState
@@ -46,11 +46,11 @@ def check_finite_weight(w, name: str = "weight"):
     if w.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point matrix; got dtype {w.dtype}")
     if w.ndim != 2:
-        raise ValueError(f"{name} must be a (d_out, d_in) matrix; got shape {tuple(w.shape)}")
+        raise QuantError(f"{name} must be a (d_out, d_in) matrix; got shape {tuple(w.shape)}")
     bad = ~xp.isfinite(w)
     if bool(bad.any()):
         i, j = (int(v) for v in xp.argwhere(bad)[0])
-        raise ValueError(f"{name} holds {int(bad.sum())} NaN/inf value(s) (first at [{i}, {j}]); "
+        raise QuantError(f"{name} holds {int(bad.sum())} NaN/inf value(s) (first at [{i}, {j}]); "
                          "a non-finite weight cannot be quantised (absmax would be NaN/inf)")
     return w
 
@@ -72,7 +72,7 @@ class QuantWeight:
     def __init__(self, packed, state: QuantState, keep_dequantized: bool = False):
         packed = check_packed_matches(packed, state)  # type, size and state consistency
         if len(state.shape) != 2:
-            raise ValueError(f"a 4-bit linear weight must be a (d_out, d_in) matrix; the state "
+            raise QuantError(f"a 4-bit linear weight must be a (d_out, d_in) matrix; the state "
                              f"describes shape {state.shape}")
         self.packed, self.state = packed.reshape(-1), state
         self.keep_dequantized = bool(keep_dequantized)
@@ -144,7 +144,7 @@ def quant_linear_forward(x, qweight: QuantWeight, b=None):
     """
     d_out, d_in = qweight.shape
     if x.shape[-1] != d_in:
-        raise ValueError(f"input has {x.shape[-1]} features but this 4-bit layer's weight is "
+        raise QuantError(f"input has {x.shape[-1]} features but this 4-bit layer's weight is "
                          f"(d_out, d_in) = ({d_out}, {d_in})")
     w = qweight.dequantize(x.dtype)  # (d_out, d_in), transient
     out, _ = ops.linear_forward(x, w, b)
@@ -189,7 +189,7 @@ class QuantLinear(Module):
         if bias is not None:
             bias = xp.asarray(bias)
             if tuple(bias.shape) != (qweight.shape[0],):
-                raise ValueError(f"bias has shape {tuple(bias.shape)} but the 4-bit weight has "
+                raise QuantError(f"bias has shape {tuple(bias.shape)} but the 4-bit weight has "
                                  f"d_out = {qweight.shape[0]}: they do not belong together")
             self.params["bias"] = bias
         self.trainable = set(self.params)

@@ -16,6 +16,17 @@ Chapter: chapters/03-nf4-step-by-step.ipynb
 from __future__ import annotations
 
 from minilora import backend
+from minilora.config import GPTConfig
+from minilora.data import CharTokenizer
+from minilora.io import (
+    CheckpointError,
+    config_from_meta,
+    read_typed,
+    strip_prefix,
+    write_typed,
+)
+from minilora.model import GPT
+from minilora.quant.blockwise import QuantError
 from minilora.quant.double import bits_per_param, measured_bits_per_param
 from minilora.quant.nf4 import dequantize_4bit, get_code, quantize_4bit
 from minilora.quant.state import QuantState
@@ -61,7 +72,7 @@ def quantize_model(model, quant_type: str = "nf4", blocksize: int = 64,
         n_q += int(p.size)
         bytes_q += round(measured_bits_per_param(packed, state) * int(p.size) / 8)
     if not states:
-        raise ValueError("quantize_model: the model has no blocks.*.{attn.q,k,v,o / mlp.up,down} "
+        raise QuantError("quantize_model: the model has no blocks.*.{attn.q,k,v,o / mlp.up,down} "
                          "weights to quantise")
     kept = sum(int(a.size) for k, a in arrays.items() if k.startswith("model."))
     report = {
@@ -78,29 +89,22 @@ def quantize_model(model, quant_type: str = "nf4", blocksize: int = 64,
 def save_quantized(path, model, tokenizer, quant_type="nf4", blocksize=64,
                    double_quant=True) -> dict:
     """Quantise ``model`` and write the checkpoint to ``path`` (atomically); returns the report."""
-    from minilora.checkpoint import save_arrays
 
     arrays, states, report = quantize_model(model, quant_type, blocksize, double_quant)
-    meta = {"format": FORMAT, "model_config": model.config.to_dict(),
+    meta = {"model_config": model.config.to_dict(),
             "tokenizer": tokenizer.to_dict(), "report": report,
             "quant_states": {n: s.to_tensors_and_meta()[1] for n, s in states.items()}}
-    save_arrays(path, arrays, meta)
+    write_typed(path, FORMAT, arrays, meta)
     return report
 
 
-def load_quantized(path, dtype="float32"):
+def load_quantized(path, dtype="float32", allow_nonfinite: bool = False):
     """Read a quantised checkpoint; returns ``(model, tokenizer, states)`` with the quantised
     weights dequantised into an ordinary float model (for evaluation and sampling)."""
-    from minilora.checkpoint import CheckpointError, load_arrays, strip_prefix
-    from minilora.config import GPTConfig
-    from minilora.data import CharTokenizer
-    from minilora.model import GPT
 
-    arrays, meta = load_arrays(path)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a quantised minilora checkpoint "
-                              f"(format {meta.get('format')!r}, expected {FORMAT!r})")
-    model = GPT(GPTConfig.from_dict(meta["model_config"]), rng=0, dtype=dtype)
+    arrays, meta = read_typed(path, FORMAT, "quantised checkpoint", allow_nonfinite)
+    model = GPT(config_from_meta(path, meta, "model_config", GPTConfig, "quantised checkpoint"),
+                rng=None, dtype=dtype)
     tok = CharTokenizer.from_dict(meta["tokenizer"])
     weights = strip_prefix(arrays, "model.")
     states = {}

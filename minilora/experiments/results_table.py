@@ -2,7 +2,7 @@
 
 ``minilora results`` prints (and writes ``results/finetune/table.md``) one row per run found under
 ``results/finetune/<task>-<method>/result.json``; ``minilora results --run`` first runs the missing
-(task, method) pairs with the harness defaults of :func:`minilora.finetune.finetune`, so the whole
+(task, method) pairs with the harness defaults of :func:`minilora.experiments.finetune.finetune`, so the whole
 table is made by one command. Columns: the task metric before -> after, trainable parameters,
 median step time, measured peak memory of a training step (weights + optimizer state + the
 step's allocations, :func:`minilora.memory.memory_account`), and forgetting (change in the
@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from minilora.errors import UsageError
+from minilora.experiments.finetune import finetune, format_result
+from minilora.experiments.methods import METHODS
+from minilora.experiments.tasks import TASKS
+from minilora.io import atomic_write_text
 
 DEFAULT_ROOT = Path("results") / "finetune"
 
@@ -23,7 +29,6 @@ def run_dir(root, task: str, method: str) -> Path:
 
 def load_results(root=DEFAULT_ROOT) -> list[dict]:
     """Every ``result.json`` directly under ``root/*/`` (sorted by task, then method)."""
-    from minilora.finetune import METHODS, TASKS
 
     rows = []
     for path in sorted(Path(root).glob("*/result.json")):
@@ -68,13 +73,12 @@ def format_table(rows: list[dict]) -> str:
 def run_missing(root=DEFAULT_ROOT, tasks=None, methods=None, progress: bool = True,
                 log=print) -> list[tuple[str, str]]:
     """Run every (task, method) pair whose ``result.json`` is missing, with the harness defaults."""
-    from minilora.finetune import METHODS, TASKS, finetune, format_result
 
     tasks = list(tasks or TASKS)
     methods = list(methods or METHODS)
     bad = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
     if bad:
-        raise ValueError(f"unknown task/method {', '.join(bad)}; tasks: {', '.join(TASKS)}; "
+        raise UsageError(f"unknown task/method {', '.join(bad)}; tasks: {', '.join(TASKS)}; "
                          f"methods: {', '.join(METHODS)}")
     done = []
     for task in tasks:
@@ -91,7 +95,6 @@ def run_missing(root=DEFAULT_ROOT, tasks=None, methods=None, progress: bool = Tr
 
 def write_table(root=DEFAULT_ROOT) -> tuple[str, Path]:
     """Format the table of every saved run and write it to ``root/table.md`` (atomically)."""
-    from minilora.checkpoint import atomic_write_text
 
     rows = load_results(root)
     if not rows:

@@ -1,0 +1,67 @@
+"""The ``minilora`` command line: parse, validate, dispatch. One module per command group.
+
+* :mod:`~minilora.cli.model`     tour, pretrain, sample, gradcheck
+* :mod:`~minilora.cli.finetune`  finetune, results, figures
+* :mod:`~minilora.cli.quant`     quantize, loftq, paged-demo
+* :mod:`~minilora.cli.adapters`  adapter (merge | export-peft | import-peft | claim), score
+* :mod:`~minilora.cli.bench`     bench
+
+One error policy: a :class:`~minilora.errors.MiniloraError` (a user mistake: a bad flag, a broken
+file, an unusable backend) is printed as one line ``minilora: error: ...`` and exits 2; any other
+exception is a bug in minilora and keeps its traceback. ``MINILORA_DEBUG=1`` shows the traceback
+for user errors too. Ctrl-C exits 130.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from minilora import backend
+from minilora.cli import adapters, bench, finetune, model, quant
+from minilora.cli.common import _formatter
+from minilora.errors import MiniloraError
+
+GROUPS = (model, finetune, quant, adapters, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="minilora", formatter_class=_formatter,
+        description="minilora: an autograd-free GPT in NumPy, with LoRA and QLoRA built step by step.",
+        epilog=textwrap.dedent("""\
+            examples:
+              minilora tour
+              minilora sample --prompt "ROMEO:" --temperature 0.8 --top-k 20
+              minilora pretrain --preset tiny --out runs/tiny
+              minilora gradcheck
+              minilora bench --configs small
+            """))
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for group in GROUPS:
+        group.add_parsers(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        backend.check_env()
+        args.func(args)
+    except MiniloraError as e:
+        if os.environ.get("MINILORA_DEBUG"):
+            raise
+        print(f"minilora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minilora: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,6 @@
+"""``python -m minilora.cli``: the same as the ``minilora`` command."""
+import sys
+
+from minilora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""Adapter files and many adapters on one base: ``adapter merge | export-peft | import-peft | claim``, ``score``."""
+from __future__ import annotations
+
+import textwrap
+
+from minilora.adapters import merge_and_unload
+from minilora.checkpoint import save_checkpoint
+from minilora.cli.common import (
+    _adapter_registry,
+    _add_backend,
+    _formatter,
+    _load,
+    _use_backend,
+)
+from minilora.errors import UsageError
+from minilora.experiments.paths import base_model_path
+from minilora.experiments.scoring import format_scores, score_adapters
+from minilora.experiments.studies.claim import run_claim
+from minilora.lora import load_adapter, save_adapter
+from minilora.lora.peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    export_peft,
+    import_peft,
+)
+
+
+def cmd_score(args):
+
+    _use_backend(args)
+    model, tok, _ = _load(args.ckpt)
+    reg, labels = _adapter_registry(model, args.adapter or [])
+    adapters = ([] if args.no_base else [None]) + labels
+    if not adapters:
+        raise UsageError("nothing to score: give --adapter FILE (or leave out --no-base)")
+    res = score_adapters(reg, tok, args.task, adapters, args.eval_batches, args.batch_size,
+                         args.block_size, args.eval_examples)
+    print(format_scores(args.task, res))
+
+
+def cmd_adapter_merge(args):
+
+    _use_backend(args)
+    model, tok, _ = _load(args.base)
+    config = load_adapter(args.adapter, model)
+    merge_and_unload(model)
+    save_checkpoint(args.out, model, tok, extra={
+        "merged_adapter": str(args.adapter), "lora_config": config.to_dict(),
+        "base": str(args.base or base_model_path())})
+    print(f"merged {args.adapter} (r={config.r}, targets {','.join(config.target_modules)}) into "
+          f"the base: {model.num_parameters():,} parameters written to {args.out}")
+
+
+def cmd_adapter_export_peft(args):
+
+    _use_backend(args)
+    model, _, _ = _load(args.base)
+    config = load_adapter(args.adapter, model)
+    out = export_peft(args.out, model, config, str(args.base or base_model_path()))
+    print(f"written: {out / WEIGHTS_NAME} and {out / CONFIG_NAME}")
+
+
+def cmd_adapter_import_peft(args):
+
+    _use_backend(args)
+    model, _, _ = _load(args.base)
+    config = import_peft(args.peft_dir, model)
+    save_adapter(args.out, model, config)
+    print(f"imported {args.peft_dir} (r={config.r}, targets {','.join(config.target_modules)}); "
+          f"written: {args.out}")
+
+
+def cmd_adapter_claim(args):
+
+    _use_backend(args)
+    run_claim(args.out, tuple(t for t in args.tasks.split(",") if t), args.steps, args.r,
+              args.alpha, eval_batches=args.eval_batches, eval_examples=args.eval_examples,
+              runs_dir=args.runs, progress=not args.no_progress)
+
+
+def add_parsers(sub):
+    """``minilora adapter ...`` and ``minilora score``."""
+    a = sub.add_parser("adapter", help="adapter files: merge into a checkpoint, PEFT format, claim",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora adapter merge runs/milton/adapter.safetensors --out runs/milton-merged.safetensors
+              minilora adapter export-peft runs/milton/adapter.safetensors --out runs/milton-peft
+              minilora adapter import-peft runs/milton-peft --out runs/milton2.safetensors
+              minilora adapter claim --out results/multi_adapter      # ~10 min on 2 CPU cores
+            """))
+    a.set_defaults(func=lambda args: a.print_help())
+    asub = a.add_subparsers(dest="adapter_command", metavar="ACTION")
+
+    s = asub.add_parser("merge", help="merge an adapter into its base: a full checkpoint",
+                        formatter_class=_formatter, epilog=textwrap.dedent("""\
+            example:
+              minilora adapter merge runs/milton/adapter.safetensors --out runs/milton.safetensors
+              minilora sample --ckpt runs/milton.safetensors --prompt "Of Man's first"
+            """))
+    s.add_argument("adapter", help="adapter file (from finetune --out or save_adapter)")
+    s.add_argument("--out", required=True, help="the merged checkpoint to write")
+    s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
+    _add_backend(s)
+    s.set_defaults(func=cmd_adapter_merge)
+
+    s = asub.add_parser("export-peft", help="write an adapter in PEFT's directory format",
+                        formatter_class=_formatter, epilog=textwrap.dedent("""\
+            example:
+              minilora adapter export-peft runs/milton/adapter.safetensors --out runs/milton-peft
+            """))
+    s.add_argument("adapter", help="adapter file")
+    s.add_argument("--out", required=True,
+                   help="directory for adapter_model.safetensors + adapter_config.json")
+    s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
+    _add_backend(s)
+    s.set_defaults(func=cmd_adapter_export_peft)
+
+    s = asub.add_parser("import-peft", help="read a PEFT adapter directory into an adapter file",
+                        formatter_class=_formatter, epilog=textwrap.dedent("""\
+            example:
+              minilora adapter import-peft runs/milton-peft --out runs/milton2.safetensors
+            """))
+    s.add_argument("peft_dir", metavar="DIR", help="PEFT adapter directory")
+    s.add_argument("--out", required=True, help="adapter file to write")
+    s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
+    _add_backend(s)
+    s.set_defaults(func=cmd_adapter_import_peft)
+
+    s = asub.add_parser("claim", help="per-task LoRAs hot-swapped vs one general LoRA",
+                        formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora adapter claim --out results/multi_adapter
+              minilora adapter claim --tasks milton,python,sentiment --steps 200 --out /tmp/claim
+            """))
+    s.add_argument("--out", default="results/multi_adapter", help="where claim.json goes")
+    s.add_argument("--runs", default="runs/multi_adapter", help="where the adapters go")
+    s.add_argument("--tasks", default="milton,python", help="comma-separated, at least two")
+    s.add_argument("--steps", type=int, default=200, help="steps per task (general: steps x tasks)")
+    s.add_argument("--r", type=int, default=8)
+    s.add_argument("--alpha", type=float, default=16.0)
+    s.add_argument("--eval-batches", type=int, default=16)
+    s.add_argument("--eval-examples", type=int, default=None,
+                   help="sentiment: score only the first N test sentences")
+    s.add_argument("--no-progress", action="store_true")
+    _add_backend(s)
+    s.set_defaults(func=cmd_adapter_claim)
+
+    s = sub.add_parser("score", help="score several adapters on a task in one mixed batch",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora score --adapter runs/milton/adapter.safetensors --task milton
+              minilora score --adapter runs/multi_adapter/milton/adapter.safetensors \\
+                             --adapter runs/multi_adapter/general/adapter.safetensors --task milton
+              minilora score --adapter a.safetensors --task sentiment --eval-examples 200 --no-base
+            """))
+    s.add_argument("--adapter", action="append", default=[],
+                   help="adapter file; repeat for several (each row of a batch picks one)")
+    s.add_argument("--task", choices=["milton", "python", "sentiment", "lexicon"],
+                   default="milton")
+    s.add_argument("--no-base", action="store_true", help="leave out the base model's row")
+    s.add_argument("--eval-batches", type=int, default=16)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--block-size", type=int, default=128)
+    s.add_argument("--eval-examples", type=int, default=None,
+                   help="sentiment: score only the first N test sentences (default: all)")
+    s.add_argument("--ckpt", default=None, help="base checkpoint (default: the shipped one)")
+    _add_backend(s)
+    s.set_defaults(func=cmd_score)

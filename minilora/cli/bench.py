@@ -1,0 +1,41 @@
+"""``minilora bench``: speed and memory measured side by side."""
+from __future__ import annotations
+
+import textwrap
+
+from minilora.bench import run_bench
+from minilora.cli.common import (
+    _add_backend,
+    _formatter,
+    _use_backend,
+)
+
+
+def cmd_bench(args):
+    _use_backend(args)
+    run_bench(configs=args.configs.split(","), steps=args.steps, threads=args.threads,
+              torch_compare=not args.no_torch, out=args.out,
+              only=args.only.split(",") if args.only else None)
+
+
+def add_parsers(sub):
+    """Add this group's subcommands to the ``minilora`` parser."""
+    s = sub.add_parser("bench", help="speed/memory benchmarks (ratios measured in one run)",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora bench                         # small and medium, vs PyTorch if installed
+              minilora bench --configs small --steps 5 --no-torch
+              minilora bench --out results/bench.json
+              minilora bench --configs small --only peft_latency   # adapters vs LoRA latency
+            """))
+    s.add_argument("--configs", default="small,medium", help="comma-separated: small,medium")
+    s.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    s.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
+    s.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    s.add_argument("--only", default=None,
+                   help="comma-separated measurements (train_step, memory, lora, multi_adapter, "
+                        "peft_latency, qlora; default: all)")
+    s.add_argument("--out", default=None, help="also write the results as JSON here")
+    _add_backend(s)
+    s.set_defaults(func=cmd_bench)
+

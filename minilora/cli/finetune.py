@@ -1,0 +1,168 @@
+"""Fine-tuning and its records: ``finetune``, ``results``, ``figures``."""
+from __future__ import annotations
+
+import textwrap
+
+from minilora.cli.common import (
+    _add_backend,
+    _formatter,
+    _use_backend,
+)
+from minilora.config import LoraConfig, QuantConfig
+from minilora.experiments.figures import make_figures
+from minilora.experiments.finetune import finetune, format_result
+from minilora.experiments.methods import METHODS
+from minilora.experiments.results_table import run_missing, write_table
+from minilora.experiments.tasks import task_recipe
+from minilora.peft import AdapterConfig, BitFitConfig, PrefixConfig, PromptConfig
+
+
+def cmd_finetune(args):
+
+    _use_backend(args)
+    method_cfg = None
+    if args.method in ("lora", "qlora"):
+        init = {"true": True, "false": False}.get(args.init.lower(), args.init)
+        targets = args.targets or ",".join(task_recipe(args.task).get("lora_targets", ("q", "v"))
+                                           if args.method == "lora" else ("q", "v"))
+        method_cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                                target_modules=tuple(t for t in targets.split(",") if t),
+                                use_rslora=args.rslora, init_lora_weights=init, bias=args.bias)
+        if args.method == "qlora":  # the 4-bit base: NF4 (+ double quant), LoftQ steps
+            quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize,
+                                double_quant=not args.no_double_quant,
+                                loftq_iter=args.loftq_iter)
+            method_cfg = (method_cfg, quant)
+    elif args.method in ("adapter", "prefix", "prompt", "bitfit"):
+        method_cfg = {"adapter": lambda: AdapterConfig(bottleneck=args.bottleneck),
+                      "prefix": lambda: PrefixConfig(prefix_len=args.prefix_len),
+                      "prompt": lambda: PromptConfig(prompt_len=args.prompt_len),
+                      "bitfit": BitFitConfig}[args.method]()
+    given = dict(max_steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
+                 lr=args.lr)  # None: the task recipe's, else the harness default
+    overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed)
+    r = finetune(args.method, args.task, method_cfg, overrides, base_path=args.base,
+                 out_dir=args.out, progress=not args.no_progress, eval_batches=args.eval_batches,
+                 eval_examples=args.eval_examples, lm_weight=args.lm_weight)
+    print(format_result(r))
+    if args.out:
+        print(f"written: {args.out}/result.json and {args.out}/{r['weights_file']}")
+
+
+def cmd_results(args):
+
+    _use_backend(args)
+    if args.run:
+        run_missing(args.root, args.tasks.split(",") if args.tasks else None,
+                    args.methods.split(",") if args.methods else None,
+                    progress=not args.no_progress)
+    text, path = write_table(args.root)
+    print(text)
+    print(f"written: {path}")
+
+
+def cmd_figures(args):
+
+    done = make_figures(args.only.split(",") if args.only else None, args.results, args.figures)
+    skipped = [n for n, v in done.items() if isinstance(v, str)]
+    print(f"{len(done) - len(skipped)} figure(s) written to {args.figures}/"
+          + (f"; {len(skipped)} skipped (results missing, see above)" if skipped else ""))
+
+
+def add_parsers(sub):
+    """Add this group's subcommands to the ``minilora`` parser."""
+    s = sub.add_parser("finetune", help="fine-tune the base model: full, LoRA, Houlsby adapters, "
+                       "prefix, prompt, BitFit; like for like",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora finetune --method lora --task milton --r 8 --alpha 16 --targets q,v
+              minilora finetune --method full --task milton --out runs/ft-full
+              minilora finetune --method lora --init pissa --targets q,k,v,o --steps 400
+              minilora finetune --method lora --task python --r 4 --rslora
+              minilora finetune --method qlora --task milton --init loftq --out runs/ft-qlora
+              minilora finetune --method lora --task sentiment       # its recipe: 400 x 32
+              minilora finetune --method lora --task sentiment --lm-weight 0   # label loss only
+              minilora finetune --method adapter --bottleneck 16      # Houlsby adapters
+              minilora finetune --method prefix --prefix-len 16       # prefix tuning
+              minilora finetune --method prompt --prompt-len 16       # prompt tuning
+              minilora finetune --method bitfit                       # biases only
+            """))
+    s.add_argument("--method", choices=list(METHODS), default="lora")
+    s.add_argument("--task", choices=["milton", "python", "sentiment", "lexicon"],
+                   default="milton", help="milton / python: held-out loss; sentiment (movie-review "
+                   "sentences) / lexicon (VADER words): accuracy (default milton)")
+    s.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    s.add_argument("--alpha", type=float, default=16.0, help="lora_alpha (default 16)")
+    s.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
+    s.add_argument("--targets", default=None,
+                   help="comma-separated modules: q,k,v,o,up,down,wte,lm_head (default q,v; "
+                        "lora on sentiment: q,k,v,o,up,down,lm_head)")
+    s.add_argument("--init", default="true",
+                   help="init_lora_weights: true (PEFT default), false, gaussian, swap, pissa; "
+                        "qlora: loftq (LoftQ split of W0 into 4-bit Q + B A)")
+    s.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) (rsLoRA)")
+    s.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
+    s.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default="nf4",
+                   help="qlora: 4-bit code of the frozen base (default nf4)")
+    s.add_argument("--blocksize", type=int, default=64,
+                   help="qlora: weights per absmax block (default 64)")
+    s.add_argument("--no-double-quant", action="store_true",
+                   help="qlora: keep float32 block scales (4.5 instead of 4.127 bits/weight)")
+    s.add_argument("--loftq-iter", type=int, default=5,
+                   help="qlora --init loftq: alternating steps T (default 5; PEFT: 1)")
+    s.add_argument("--bottleneck", type=int, default=16,
+                   help="adapter: Houlsby bottleneck width m (default 16)")
+    s.add_argument("--prefix-len", type=int, default=16,
+                   help="prefix: keys/values per layer P (default 16)")
+    s.add_argument("--prompt-len", type=int, default=16,
+                   help="prompt: soft prompt vectors P (default 16)")
+    s.add_argument("--steps", type=int, default=None,
+                   help="training steps (default 200; sentiment: 400)")
+    s.add_argument("--batch-size", type=int, default=None, help="default 8; sentiment: 32")
+    s.add_argument("--block-size", type=int, default=None, help="default 128")
+    s.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the method's: 1e-3 full, 5e-3 lora / "
+                        "adapter, 1e-2 bitfit, 3e-2 prefix, 1e-1 prompt; lora on sentiment: "
+                        "3e-3)")
+    s.add_argument("--lm-weight", type=float, default=None,
+                   help="sentiment: weight of the language-modelling loss on the sentence "
+                        "beside the label loss (default 1; 0: the label only)")
+    s.add_argument("--eval-batches", type=int, default=16)
+    s.add_argument("--eval-examples", type=int, default=None,
+                   help="sentiment: score only the first N test sentences (default: all 2,014)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
+    s.add_argument("--out", default=None, help="write result.json and the adapter/model here")
+    s.add_argument("--no-progress", action="store_true")
+    _add_backend(s)
+    s.set_defaults(func=cmd_finetune)
+
+
+    s = sub.add_parser("results", help="the fine-tuning results table (every method x task)",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora results                 the table of the saved runs in results/finetune/
+              minilora results --run           first run every missing (task, method) pair
+              minilora results --run --tasks milton --methods lora,full
+            """))
+    s.add_argument("--run", action="store_true",
+                   help="run the missing (task, method) pairs first (harness defaults)")
+    s.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
+    s.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    s.add_argument("--root", default="results/finetune", help="where the runs are saved")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_backend(s)
+    s.set_defaults(func=cmd_results)
+
+
+    s = sub.add_parser("figures", help="make every figure in figures/ from the saved results/",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora figures                      all figures whose results exist
+              minilora figures --only base_pretrain
+            """))
+    s.add_argument("--only", default=None, help="comma-separated figure names (default: all)")
+    s.add_argument("--results", default="results", help="where the saved results are")
+    s.add_argument("--figures", default="figures", help="where the PNGs go")
+    s.set_defaults(func=cmd_figures)
+

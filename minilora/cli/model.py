@@ -1,0 +1,166 @@
+"""The model's own commands: ``tour``, ``pretrain``, ``sample``, ``gradcheck``."""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from minilora import backend, gradcheck
+from minilora.adapters import generate_mixed
+from minilora.checkpoint import save_checkpoint
+from minilora.cli.common import (
+    _adapter_registry,
+    _add_backend,
+    _formatter,
+    _load,
+    _use_backend,
+)
+from minilora.config import GPTConfig, TrainConfig
+from minilora.data import CharTokenizer, encode_corpus, load_shakespeare
+from minilora.experiments.presets import PRESETS
+from minilora.experiments.tour import run_tour
+from minilora.model import GPT
+from minilora.sample import sample_text
+from minilora.train import CKPT_NAME, train
+
+
+def cmd_tour(args):
+    _use_backend(args)
+    run_tour(fast=args.fast)
+
+
+def cmd_pretrain(args):
+
+    _use_backend(args)
+    preset = PRESETS[args.preset]
+    mcfg = dict(preset["model"])
+    tcfg = dict(preset["train"])
+    for k in ("block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(args, k) is not None:
+            mcfg[k] = getattr(args, k)
+    if args.block_size is not None:
+        tcfg["block_size"] = args.block_size
+    for k in ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay",
+              "eval_every", "eval_batches", "ckpt_every", "seed", "grad_clip"):
+        if getattr(args, k) is not None:
+            tcfg[k] = getattr(args, k)
+    tok = CharTokenizer.default()
+    model_cfg = GPTConfig(vocab_size=tok.vocab_size, **mcfg)
+    train_cfg = TrainConfig(**tcfg)
+    splits = load_shakespeare(tuple(args.val_plays.split(",")))
+    train_ids, val_ids = encode_corpus(splits["train"], tok), encode_corpus(splits["val"], tok)
+    model = GPT(model_cfg, rng=train_cfg.seed)
+    print(f"minilora pretrain: {model.num_parameters():,} parameters "
+          f"({model.num_parameters() * 4 / 1e6:.1f} MB float32), backend {backend.get_backend()}; "
+          f"train {len(train_ids):,} chars, val {len(val_ids):,} chars (plays: {args.val_plays})")
+    print(f"  model {json.dumps(model_cfg.to_dict())}\n  train {json.dumps(train_cfg.to_dict())}")
+    out = Path(args.out)
+    hist = train(model, tok, train_ids, val_ids, train_cfg, out_dir=out, resume=args.resume,
+                 progress=not args.no_progress)
+    v = hist.final_val_loss
+    print(f"done in {hist.seconds / 60:.1f} min: val loss {v:.4f} nats/char "
+          f"({v / 0.6931471805599453:.4f} bits/char); checkpoint {out / CKPT_NAME}")
+    if args.export:
+        save_checkpoint(args.export, model, tok, extra={
+            "val_loss_nats_per_char": v, "val_plays": args.val_plays,
+            "train_config": train_cfg.to_dict(), "train_seconds": round(hist.seconds, 1),
+            "command": "minilora " + " ".join(sys.argv[1:])})
+        print(f"weights-only copy written to {args.export}")
+
+
+def cmd_sample(args):
+
+    _use_backend(args)
+    model, tok, _ = _load(args.ckpt)
+    prompt = args.prompt.replace("\\n", "\n")
+    if not args.adapter:
+        print(sample_text(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                          args.seed))
+        return
+
+    reg, labels = _adapter_registry(model, args.adapter)
+    texts = generate_mixed(reg, tok, prompt, labels, args.max_new_tokens, args.temperature,
+                           args.top_k, args.seed)
+    if len(texts) == 1:
+        print(texts[0])
+        return
+    for label, text in zip(labels, texts):
+        print(f"=== {label} ===\n{text}\n")
+
+
+def cmd_gradcheck(args):
+
+    _use_backend(args)
+    t = time.perf_counter()
+    rows = gradcheck.op_suite(args.seed) + gradcheck.tiny_model_check(args.seed)
+    print(gradcheck.format_table(rows))
+    print(f"({time.perf_counter() - t:.1f} s; float64, centred differences h=1e-5, "
+          "pass: relative error < 1e-6 or absolute < 1e-9)")
+    if not all(r["ok"] for r in rows):
+        raise SystemExit(1)
+
+
+def add_parsers(sub):
+    """Add this group's subcommands to the ``minilora`` parser."""
+    s = sub.add_parser("tour", help="a 1-3 minute guided run: sample, gradcheck, train a few steps",
+                       formatter_class=_formatter, epilog="example:\n  minilora tour\n  minilora tour --fast")
+    s.add_argument("--fast", action="store_true", help="shorter training demo (for tests/CI)")
+    _add_backend(s)
+    s.set_defaults(func=cmd_tour)
+
+
+    s = sub.add_parser("pretrain", help="train a GPT on Shakespeare from scratch",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora pretrain --preset tiny --out runs/tiny          # seconds
+              minilora pretrain --preset base --out runs/base          # the shipped base model
+              minilora pretrain --preset base --out runs/base --resume # continue after a stop
+            """))
+    s.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="model and training defaults (default: tiny)")
+    s.add_argument("--out", default="runs/pretrain", help="run directory (checkpoint, metrics.jsonl)")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.safetensors")
+    s.add_argument("--export", default=None,
+                   help="also write a weights-only checkpoint here at the end (what we ship)")
+    s.add_argument("--val-plays", default="hamlet,tempest",
+                   help="comma-separated plays held out for validation (default: hamlet,tempest)")
+    for name, typ in (("block-size", int), ("n-layer", int), ("n-head", int), ("n-embd", int),
+                      ("max-steps", int), ("batch-size", int), ("lr", float), ("min-lr", float),
+                      ("warmup-steps", int), ("weight-decay", float), ("grad-clip", float),
+                      ("eval-every", int), ("eval-batches", int), ("ckpt-every", int),
+                      ("seed", int)):
+        s.add_argument(f"--{name}", type=typ, default=None, help="override the preset")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_backend(s)
+    s.set_defaults(func=cmd_pretrain)
+
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint", formatter_class=_formatter,
+                       epilog=textwrap.dedent("""\
+            examples:
+              minilora sample                                   # the shipped base model
+              minilora sample --prompt "KING HENRY:" --max-new-tokens 300 --seed 3
+              minilora sample --ckpt runs/tiny/ckpt.safetensors --temperature 1.0
+              minilora sample --adapter runs/milton/adapter.safetensors --prompt "Of Man"
+              minilora sample --adapter a.safetensors --adapter b.safetensors   # one batch
+            """))
+    s.add_argument("--ckpt", default=None, help="checkpoint file (default: the shipped base model)")
+    s.add_argument("--prompt", default="\n", help="start text; '\\n' is a newline (default: newline)")
+    s.add_argument("--max-new-tokens", type=int, default=300)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--adapter", action="append", default=[],
+                   help="LoRA adapter file on the base; repeat to sample several in one batch")
+    _add_backend(s)
+    s.set_defaults(func=cmd_sample)
+
+
+    s = sub.add_parser("gradcheck", help="finite-difference check of every backward pass",
+                       formatter_class=_formatter, epilog="example:\n  minilora gradcheck --seed 3")
+    s.add_argument("--seed", type=int, default=0)
+    _add_backend(s)
+    s.set_defaults(func=cmd_gradcheck)
+

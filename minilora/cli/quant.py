@@ -1,0 +1,162 @@
+"""Quantisation: ``quantize`` (and ``--compare``), ``loftq``, ``paged-demo``."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+from minilora.cli.common import _add_backend, _formatter, _load, _use_backend
+from minilora.config import QuantConfig
+from minilora.data import encode_corpus, load_shakespeare
+from minilora.errors import UsageError
+from minilora.experiments.studies.loftq import loftq_residual_study
+from minilora.experiments.studies.paged_demo import paged_demo
+from minilora.experiments.studies.quant_compare import run_comparison
+from minilora.io import atomic_write_text
+from minilora.paged import DeviceOutOfMemory, MiB
+from minilora.quant.model_quant import load_quantized, save_quantized
+from minilora.train import evaluate, fixed_batches
+
+
+def cmd_quantize(args):
+
+    _use_backend(args)
+    if args.compare:
+        run_comparison(args.results, ckpt=args.ckpt)
+        return
+    model, tok, _ = _load(args.ckpt)
+    out = args.out or "runs/quantized.safetensors"
+    rep = save_quantized(out, model, tok, args.type, args.blocksize, not args.no_double_quant)
+    print(f"quantised {rep['quantized_tensors']} weight matrices ({rep['quantized_params']:,} "
+          f"parameters) to {args.type}, block {args.blocksize}, double quant "
+          f"{'on' if rep['double_quant'] else 'off'}; kept float32: {rep['kept_float32_params']:,}")
+    print(f"  bits per quantised parameter: {rep['bits_per_param_measured']:.4f} measured, "
+          f"{rep['bits_per_param_formula']:.4f} by formula")
+    print(f"  checkpoint bytes: {rep['float32_bytes']:,} float32 -> {rep['quantized_bytes']:,} "
+          f"({rep['quantized_bytes'] / rep['float32_bytes']:.3f}x)")
+    print(f"  reconstruction error |W - W_hat|: mean {rep['mean_abs_error']:.2e}, "
+          f"max {rep['max_abs_error']:.2e}")
+    qmodel, _, _ = load_quantized(out)
+    batches = fixed_batches(encode_corpus(load_shakespeare()["val"], tok), args.eval_batches, 8,
+                            min(128, model.config.block_size), seed=12345)
+    lf, lq = evaluate(model, batches), evaluate(qmodel, batches)
+    print(f"  Shakespeare validation loss: float32 {lf:.4f} -> {args.type} {lq:.4f} nats/char "
+          f"({lq - lf:+.4f})")
+    print(f"written: {out}")
+
+
+def cmd_loftq(args):
+
+    _use_backend(args)
+    model, _, _ = _load(args.ckpt)
+    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize,
+                        double_quant=not args.no_double_quant)
+    study = loftq_residual_study(model, ranks, args.iters, quant)
+    study["command"] = (f"minilora loftq --ranks {args.ranks} --iters {args.iters} --quant-type "
+                        f"{args.quant_type} --blocksize {args.blocksize}"
+                        + (" --no-double-quant" if args.no_double_quant else ""))
+    for r, v in study["ranks"].items():
+        rel = v["mean_relative_residual"]
+        print(f"r={r}: mean ||W - Q - BA|| / ||W||: plain {args.quant_type} {rel[0]:.4f} -> "
+              + " -> ".join(f"{x:.4f}" for x in rel[1:])
+              + f"  (non-increasing in {v['monotone_layers']}/{v['n_layers']} layers)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(study, indent=2) + "\n")
+    print(f"written: {args.out}")
+
+
+def cmd_paged_demo(args):
+
+    _use_backend(args)
+    try:
+        spikes = [int(s) for s in args.spike_steps.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--spike-steps must be comma-separated step numbers, got "
+                         f"{args.spike_steps!r}") from None
+    try:
+        r = paged_demo(out=args.out or None, steps=args.steps, spike_steps=spikes,
+                       batch_size=args.batch_size, block_size=args.block_size,
+                       spike_block_size=args.spike_block_size,
+                       page_bytes=int(args.page_kib * 1024),
+                       bandwidth_bytes_per_s=args.bandwidth_gbs * 1e9,
+                       budget_bytes=None if args.budget_mb is None else int(args.budget_mb * MiB),
+                       ckpt=args.ckpt, log=print)
+    except DeviceOutOfMemory as e:
+        raise UsageError(f"out of (simulated) device memory: {e}") from None
+    for label, run in r["runs"].items():
+        t = run["totals"]
+        print(f"{label}: budget {run['budget_bytes'] / MiB:.1f} MiB, peak {t['peak_bytes'] / MiB:.1f}"
+              f" MiB; {t['page_outs']} page-outs, {t['page_ins']} page-ins, "
+              f"{(t['bytes_in'] + t['bytes_out']) / MiB:.1f} MiB moved, modelled "
+              f"{t['modelled_s'] * 1e3:.2f} ms at {args.bandwidth_gbs:g} GB/s")
+    print(f"losses identical with and without paging: {r['losses_identical']}")
+    if args.out:
+        print(f"written: {args.out}")
+
+
+def add_parsers(sub):
+    """Add this group's subcommands to the ``minilora`` parser."""
+    s = sub.add_parser("quantize", help="quantise a checkpoint's linear weights to NF4/FP4/int4",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora quantize                                  # the shipped base model, NF4 + DQ
+              minilora quantize --type fp4 --no-double-quant --out runs/fp4.safetensors
+              minilora quantize --ckpt runs/base/ckpt.safetensors --blocksize 128
+              minilora quantize --compare     # NF4 vs FP4 vs int4 -> results/quant/*.json
+            """))
+    s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
+    s.add_argument("--out", default=None, help="output file (default runs/quantized.safetensors)")
+    s.add_argument("--type", choices=["nf4", "fp4", "int4"], default="nf4")
+    s.add_argument("--blocksize", type=int, default=64)
+    s.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32")
+    s.add_argument("--eval-batches", type=int, default=8)
+    s.add_argument("--compare", action="store_true",
+                   help="instead: compare nf4, fp4 and int4 (error, error vs block size, codes "
+                        "used) on N(0,1) data and the checkpoint's weights; write "
+                        "RESULTS/quant/*.json")
+    s.add_argument("--results", default="results", help="results folder for --compare")
+    _add_backend(s)
+    s.set_defaults(func=cmd_quantize)
+
+
+    s = sub.add_parser("loftq", help="LoftQ residual per iteration on the base model's weights",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora loftq                                    # r 4,8,16, 10 steps, NF4 + DQ
+              minilora loftq --ranks 8 --iters 5 --out runs/loftq.json
+            """))
+    s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
+    s.add_argument("--ranks", default="4,8,16", help="comma-separated LoRA ranks (default 4,8,16)")
+    s.add_argument("--iters", type=int, default=10, help="alternating steps T (default 10)")
+    s.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default="nf4")
+    s.add_argument("--blocksize", type=int, default=64)
+    s.add_argument("--no-double-quant", action="store_true")
+    s.add_argument("--out", default="results/quant/loftq_residuals.json")
+    _add_backend(s)
+    s.set_defaults(func=cmd_loftq)
+
+
+    s = sub.add_parser("paged-demo", help="paged AdamW on a simulated GPU: a long batch pages state out",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            Full fine-tuning of the base model on Milton; step(s) --spike-steps use
+            --spike-block-size tokens. Two runs: a tight budget (a normal step just fits) and a
+            roomy one. Prints page events per step and writes the trace.
+            examples:
+              minilora paged-demo                                  # writes results/paged/trace.json
+              minilora paged-demo --spike-steps 5 --page-kib 64 --bandwidth-gbs 25 --out ''
+            """))
+    s.add_argument("--steps", type=int, default=10)
+    s.add_argument("--spike-steps", default="3,7", help="comma-separated 0-based steps (default 3,7)")
+    s.add_argument("--batch-size", type=int, default=2)
+    s.add_argument("--block-size", type=int, default=64, help="tokens per window, normal steps")
+    s.add_argument("--spike-block-size", type=int, default=128, help="tokens per window, spikes")
+    s.add_argument("--page-kib", type=float, default=2048, help="page size in KiB (default 2 MiB)")
+    s.add_argument("--bandwidth-gbs", type=float, default=16.0,
+                   help="host<->device GB/s of the cost model (default 16, PCIe 3.0 x16)")
+    s.add_argument("--budget-mb", type=float, default=None,
+                   help="device budget in MiB (default: what a normal step needs)")
+    s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
+    s.add_argument("--out", default="results/paged/trace.json", help="trace JSON ('' to skip)")
+    _add_backend(s)
+    s.set_defaults(func=cmd_paged_demo)

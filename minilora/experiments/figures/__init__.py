@@ -1,0 +1,58 @@
+"""Every figure in ``figures/``, drawn only from saved results: ``minilora figures``.
+
+A figure is a function ``f(results: Path, figures: Path) -> list[Path]`` in one of this package's
+modules, registered in :data:`FIGURES` (a dict of the functions themselves). A figure whose
+results are missing raises :class:`MissingResults` naming the command that makes them;
+:func:`make_figures` reports it and goes on with the others.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from minilora.errors import UsageError
+from minilora.experiments.figures.adapters import fig_claim
+from minilora.experiments.figures.common import MissingResults
+from minilora.experiments.figures.paged import fig_paged
+from minilora.experiments.figures.pretrain import fig_base_pretrain
+from minilora.experiments.figures.quant import (
+    fig_code_histogram,
+    fig_error_vs_blocksize,
+    fig_loftq_residuals,
+    fig_qlora_compare,
+)
+
+#: name -> figure function; add one line per figure.
+FIGURES = {
+    "base_pretrain": fig_base_pretrain,
+    "quant_error_vs_blocksize": fig_error_vs_blocksize,
+    "quant_code_histogram": fig_code_histogram,
+    "paged": fig_paged,
+    "multi_adapter_claim": fig_claim,
+    "loftq_residuals": fig_loftq_residuals,
+    "qlora_compare": fig_qlora_compare,
+}
+
+
+def make_figures(names=None, results="results", figures="figures", log=print) -> dict:
+    """Make the named figures (default: all). Returns ``{name: [paths] or "skipped: why"}``."""
+    results, figures = Path(results), Path(figures)
+    names = list(FIGURES) if not names else list(names)
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        raise UsageError(f"unknown figure(s) {', '.join(unknown)}; allowed: {', '.join(FIGURES)}")
+    if figures.exists() and not figures.is_dir():
+        raise UsageError(f"--figures {str(figures)!r} is a file, not a directory")
+    figures.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in names:
+        try:
+            paths = FIGURES[name](results, figures)
+            out[name] = [str(p) for p in paths]
+            log(f"{name}: " + ", ".join(out[name]))
+        except MissingResults as e:
+            out[name] = f"skipped: {e}"
+            log(f"{name}: skipped: {e}")
+    return out
+
+
+__all__ = ["FIGURES", "MissingResults", "make_figures"]

@@ -1,0 +1,198 @@
+"""Fine-tuning the shipped base model in one harness: every method, every task, like for like.
+
+All methods use the same data, steps, batch, schedule and seed; only which parameters train (and
+the method's learning rate) differ. Each run reports
+
+* the task metric: held-out loss in nats/char (language-modelling tasks) or exact-match accuracy
+  (labelled tasks), with the frozen base's value and, for labelled tasks, chance and majority;
+* **forgetting**: the change in Shakespeare validation loss (held-out plays) from the base,
+  always on the same fixed 8 x 128 windows whatever the task's batch shape;
+* trainable parameters, median step time, optimizer-state bytes and the measured memory account.
+
+Tasks and their recipes: :mod:`minilora.experiments.tasks`; methods:
+:mod:`minilora.experiments.methods`.
+
+Chapter: chapters/02-lora-notes.ipynb
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from minilora.backend import cpu_rng
+from minilora.checkpoint import load_checkpoint
+from minilora.config import LoraConfig, TrainConfig
+from minilora.data import (
+    encode_classification,
+    encode_corpus,
+    get_batch,
+    load_shakespeare,
+    sample_rows,
+)
+from minilora.errors import UsageError
+from minilora.experiments.methods import MethodSetup, method_setup
+from minilora.experiments.paths import base_model_path
+from minilora.experiments.tasks import (
+    LM_TASKS,
+    classification_accuracy,
+    classification_splits,
+    label_lm_forward_backward,
+    task_recipe,
+    task_splits,
+)
+from minilora.io import atomic_write_text, ensure_writable_dir
+from minilora.memory import memory_account
+from minilora.quant.linear import quantized_parameter_count
+from minilora.train import evaluate, fixed_batches, train
+
+# forgetting is measured on the same Shakespeare windows whatever the task's batch shape
+FORGETTING_BATCH, FORGETTING_BLOCK = 8, 128
+
+
+def default_lora_config(task: str = "milton", **fields):
+    """LoRA r=8, alpha=16 on the task's targets (``q, v`` unless its recipe names others);
+    ``fields`` replace any :class:`LoraConfig` field."""
+    fields.setdefault("target_modules", task_recipe(task).get("lora_targets", ("q", "v")))
+    return LoraConfig(**{"r": 8, "lora_alpha": 16, **fields})
+
+
+def default_train_config(setup: MethodSetup, eval_batches: int = 16, **overrides):
+    """The harness's :class:`TrainConfig`: 200 steps of 8 x 128, warmup 20 (at most a tenth of the
+    steps), cosine decay, the method's learning rates (``min_lr`` = lr/10 when ``lr`` is given);
+    ``overrides`` replace any field."""
+    steps = overrides.get("max_steps", 200)
+    fields = dict(max_steps=steps, batch_size=8, block_size=128, lr=setup.lr, min_lr=setup.min_lr,
+                  warmup_steps=min(20, steps // 10), eval_every=max(1, steps // 2),
+                  eval_batches=eval_batches, ckpt_every=10**9)
+    if "lr" in overrides and "min_lr" not in overrides:
+        fields["min_lr"] = overrides["lr"] / 10
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def finetune(method: str = "lora", task: str = "milton", method_config=None, train_config=None,
+             base_path=None, out_dir=None, progress: bool = True, eval_batches: int = 16,
+             eval_examples: int | None = None, measure_memory: bool = True,
+             lm_weight: float | None = None) -> dict:
+    """Fine-tune the base model with ``method`` on ``task``; returns a result record.
+
+    Args:
+        method: a name in :data:`METHODS`: "full" (every parameter trains), "lora" (only the
+            factors of ``method_config``), ...
+        task: one of :data:`TASKS`.
+        method_config: the method's options, e.g. a :class:`LoraConfig` for "lora" (default
+            r=8, alpha=16 on q, v; on the task recipe's targets where it names them, see
+            :data:`TASK_RECIPES`); None for the method's defaults.
+        train_config: a :class:`TrainConfig`, or a dict of fields overriding the default (200
+            steps, batch 8 x 128, warmup 20, cosine to lr/10, at the method's default learning
+            rate, e.g. 1e-3 for full and 5e-3 for LoRA, then the task recipe's overrides), or
+            None for the default.
+        base_path: the base checkpoint (default: the shipped one).
+        out_dir: if given, ``result.json`` and the trained weights (``adapter.safetensors`` for
+            LoRA, ``model.safetensors`` for full, ...) are written there (atomically).
+        eval_batches: fixed windows for the language-modelling losses.
+        eval_examples: score only the first n test examples of a classification task (quick).
+        measure_memory: add ``memory`` (bytes of weights, gradients, optimizer state and
+            activations, and the measured peak of one step: :func:`minilora.memory.memory_account`).
+        lm_weight: classification tasks: weight of the language-modelling term on the text
+            beside the label loss (:func:`label_lm_forward_backward`; 0: the label only); None:
+            the task recipe's (1.0 for sentiment).
+    """
+    setup_fn = method_setup(method)
+    recipe = task_recipe(task)
+    if lm_weight is not None and task in LM_TASKS:
+        raise UsageError(f"lm_weight is for classification tasks; {task!r} is language modelling")
+    if lm_weight is None:
+        lm_weight = recipe.get("lm_weight", 0.0)
+    if not lm_weight >= 0:
+        raise UsageError(f"lm_weight must be >= 0, got {lm_weight}")
+    if eval_examples is not None and (isinstance(eval_examples, bool) or eval_examples < 1):
+        raise UsageError(f"eval_examples must be >= 1 (or None: all), got {eval_examples!r}")
+    if out_dir is not None:
+        ensure_writable_dir(out_dir)  # fail now, not after the whole run
+    if method == "lora" and method_config is None and "lora_targets" in recipe:
+        method_config = default_lora_config(task)
+    path = base_path or base_model_path()
+    model, tok, _ = load_checkpoint(path)
+    setup = setup_fn(model, tok, method_config)
+    model = setup.model
+    # the base's plus any the method added (as PEFT counts); 4-bit weights are not float params
+    total = model.num_parameters() + quantized_parameter_count(model)
+    if not isinstance(train_config, TrainConfig):
+        lr = recipe.get("lr", {})
+        train_config = default_train_config(
+            setup, eval_batches, **{**recipe.get("train", {}),
+                                    **({"lr": lr[method]} if method in lr else {}),
+                                    **(train_config or {})})
+    T, B = train_config.block_size, train_config.batch_size
+    sh = encode_corpus(load_shakespeare()["val"], tok)
+    sh_batches = fixed_batches(sh, eval_batches, FORGETTING_BATCH,
+                               min(FORGETTING_BLOCK, model.config.block_size), seed=12345)
+    if task in LM_TASKS:
+        train_text, test_text = task_splits(task)
+        tr, te = encode_corpus(train_text, tok), encode_corpus(test_text, tok)
+        task_batches = fixed_batches(te, eval_batches, B, T, seed=12345)
+
+        def score(m):
+            return evaluate(m, task_batches)
+        batch_fn, forward_backward, metric = None, None, "test loss (nats/char)"
+    else:
+        d = classification_splits(task)
+        tr = None
+        Xtr, Ytr = encode_classification(d["train"], tok, T, lm_targets=lm_weight > 0)
+        Xte, Yte = encode_classification(d["test"][:eval_examples], tok, T)
+
+        def score(m):
+            return classification_accuracy(m, Xte, Yte)
+        majority = max(float((Yte[:, -1] == c).mean()) for c in set(Yte[:, -1].tolist()))
+
+        def batch_fn(rng):
+            return sample_rows(Xtr, Ytr, B, rng)
+
+        def forward_backward(x, y):
+            return label_lm_forward_backward(model, x, y, lm_weight)
+        metric = "test accuracy"
+    base_model = model if setup.base_model is None else setup.base_model
+    task0, sh0 = score(base_model), evaluate(base_model, sh_batches)
+    init = {} if base_model is model else {"task_metric_init": score(model),
+                                           "shakespeare_loss_init": evaluate(model, sh_batches)}
+    hist = train(model, tok, tr, None, train_config, out_dir=None, progress=progress,
+                 batch_fn=batch_fn, forward_backward=forward_backward)  # evaluated below
+    task1, sh1 = score(model), evaluate(model, sh_batches)
+    memory = None
+    if measure_memory:  # one more (lr = 0) step on a training batch, weights left as they are
+        mx, my = batch_fn(cpu_rng(0)) if batch_fn is not None else get_batch(tr, B, T, cpu_rng(0))
+        memory = memory_account(model, mx, my)
+    step_ms = 1000 * statistics.median(B * T / r["tok_per_s"] for r in hist.train[5:] or hist.train)
+    trainable = model.num_parameters(trainable_only=True)
+    result = {
+        "method": method, "task": task,
+        "method_config": setup.config,
+        "train_config": train_config.to_dict(),
+        "base": "shipped" if base_path is None else str(path),
+        "metric": metric, "task_metric_base": task0, "task_metric": task1,
+        **({"task_loss_base": task0, "task_loss": task1} if task in LM_TASKS
+           else {"accuracy_base": task0, "accuracy": task1, "test_examples": len(Xte),
+                 "chance_baseline": 1 / len(set(Yte[:, -1].tolist())),
+                 "majority_baseline": majority, "lm_weight": lm_weight}),
+        "shakespeare_loss_base": sh0, "shakespeare_loss": sh1, "forgetting": sh1 - sh0, **init,
+        "trainable_params": trainable, "total_params": total,
+        "optimizer_state_bytes": 2 * 4 * trainable,
+        "memory": memory,
+        "median_step_ms": step_ms, "train_seconds": hist.seconds,
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        result["weights_file"] = setup.save(out)
+        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_result(r: dict) -> str:
+    """A short human-readable summary of a :func:`finetune` record."""
+    return (f"{r['method']} on {r['task']}: {r['metric']} {r['task_metric_base']:.3f} -> "
+            f"{r['task_metric']:.3f}; Shakespeare {r['shakespeare_loss_base']:.3f} -> "
+            f"{r['shakespeare_loss']:.3f} (forgetting {r['forgetting']:+.3f}); "
+            f"{r['trainable_params']:,} of {r['total_params']:,} parameters trained; "
+            f"median step {r['median_step_ms']:.0f} ms")
