@@ -20,14 +20,14 @@ import textwrap
 
 from minilora import backend
 from minilora.cli import adapters, bench, finetune, model, quant
-from minilora.cli.common import _formatter
+from minilora.cli.common import MiniloraParser, _formatter
 from minilora.errors import MiniloraError
 
 GROUPS = (model, finetune, quant, adapters, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = MiniloraParser(
         prog="minilora", formatter_class=_formatter,
         description="minilora: an autograd-free GPT in NumPy, with LoRA and QLoRA built step by step.",
         epilog=textwrap.dedent("""\
