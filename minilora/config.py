@@ -94,10 +94,6 @@ class GPTConfig(JsonConfig):
             raise ConfigError(f"bias must be true or false, got {self.bias!r}")
         _check_float("init_std", self.init_std, lo=0.0, lo_open=True)
 
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
-
     def num_parameters(self) -> int:
         """Closed-form parameter count (checked against the model in the tests)."""
         V, T, L, C = self.vocab_size, self.block_size, self.n_layer, self.n_embd
@@ -215,6 +211,10 @@ class LoraConfig(JsonConfig):
             changes the base model's behaviour even with the adapter switched off, and is saved
             with the adapter.
         seed: seeds the CPU generator that draws the factors and the dropout masks.
+        use_dora: DoRA (Liu et al. 2024): each adapted Linear also gets a trainable magnitude
+            vector m (d_out,), initialised to the row norms of W0 + scaling · B A, and computes
+            ``m / ||W0 + scaling B A||_row · (W0 + scaling B A)`` (see :mod:`minilora.lora.dora`).
+            Linear targets only (not ``wte``), as a float base (not QLoRA).
 
     Chapter: chapters/02-lora-notes.ipynb
     """
@@ -231,6 +231,8 @@ class LoraConfig(JsonConfig):
                                                         "loftq (4-bit bases only)"})
     bias: str = field(default="none", metadata={"help": "none | all | lora_only"})
     seed: int = field(default=0, metadata={"help": "seed of the factors' and dropout's RNG"})
+    use_dora: bool = field(default=False,
+                           metadata={"help": "DoRA: magnitude m times the direction of W0 + BA"})
 
     def __post_init__(self):
         _check_int("r", self.r)
@@ -249,6 +251,11 @@ class LoraConfig(JsonConfig):
             raise ConfigError(f"bias must be one of {', '.join(map(repr, LORA_BIAS_MODES))}; "
                               f"got {self.bias!r}")
         _check_int("seed", self.seed, lo=0)
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
+        if self.use_dora and "wte" in self.target_modules:
+            raise ConfigError("use_dora=True adapts Linear layers only; drop 'wte' from "
+                              "target_modules (an embedding has no weight rows to normalise)")
 
     @property
     def scaling(self) -> float:
@@ -285,7 +292,9 @@ __all__ += ["LoraConfig", "LORA_TARGETS", "LORA_TARGET_ALIASES"]
 # ----------------------------------------------------------------------------------------------
 # 4-bit base for QLoRA (see minilora/qlora.py and minilora/quant/)
 # ----------------------------------------------------------------------------------------------
-QUANT_TYPES_4BIT = ("nf4", "fp4", "int4")
+#: the named 4-bit codes (minilora.quant.nf4 holds their tables); a QuantState may also hold a
+#: "custom" code
+QUANT_TYPES = ("nf4", "fp4", "int4")
 
 
 @dataclass(frozen=True)
@@ -314,8 +323,8 @@ class QuantConfig(JsonConfig):
                                    metadata={"help": "cache the dequantised weights"})
 
     def __post_init__(self):
-        if self.quant_type not in QUANT_TYPES_4BIT:
-            raise ConfigError(f"quant_type must be one of {', '.join(QUANT_TYPES_4BIT)}; "
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError(f"quant_type must be one of {', '.join(QUANT_TYPES)}; "
                               f"got {self.quant_type!r}")
         _check_int("blocksize", self.blocksize)
         _check_int("loftq_iter", self.loftq_iter)

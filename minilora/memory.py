@@ -156,11 +156,3 @@ def adam_training_bytes(n_params: int, n_trainable: int, weight_bytes: float = 4
         raise UsageError(f"need 0 <= n_trainable <= n_params and n_params > 0, got "
                          f"n_trainable={n_trainable}, n_params={n_params}")
     return n_params * weight_bytes + n_trainable * (grad_bytes + state_bytes + master_bytes)
-
-
-def format_account(acc: dict) -> str:
-    """One line per category in MiB."""
-    mib = 2.0 ** 20
-    keys = ("weights", "gradients", "optimizer", "activations", "computed_total",
-            "measured_step_peak", "measured_total")
-    return "\n".join(f"{k:>20}: {acc[k] / mib:8.2f} MiB" for k in keys if acc.get(k) is not None)

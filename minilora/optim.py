@@ -39,7 +39,10 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
 def clip_grad_norm(grads: list, max_norm: float) -> float:
     """Scale ``grads`` in place so their global L2 norm is at most ``max_norm``.
 
-    norm = sqrt(sum_i ||g_i||^2); if norm > max_norm: g_i *= max_norm / norm.
+    norm = sqrt(sum_i ||g_i||^2); if norm > max_norm: g_i *= max_norm / (norm + 1e-6)
+
+    (the 1e-6 is torch.nn.utils.clip_grad_norm_'s, so the clipped norm lands just below
+    ``max_norm`` and our steps match PyTorch's).
     ``max_norm <= 0`` disables clipping. Returns the norm before clipping (a Python float).
     """
     total = xp.zeros((), dtype=xp.float64)

@@ -7,8 +7,8 @@ For a linear layer with frozen weight W0 (d_out, d_in)::
     A (r, d_in), B (d_out, r), scaling = lora_alpha / r   (or lora_alpha / sqrt(r): rsLoRA)
 
 Only A and B are trained: r (d_in + d_out) numbers instead of d_in d_out. The wrappers
-(:class:`LoRALinear`, :class:`LoRAEmbedding`) *wrap* a base layer rather than subclass it (STYLE
-§2.3 item 4): they adopt the base's arrays under the same names (``weight``, ``bias``), so a base
+(:class:`LoRALinear`, :class:`LoRAEmbedding`) *wrap* a base layer rather than subclass it (as
+loralib's layers do): they adopt the base's arrays under the same names (``weight``, ``bias``), so a base
 checkpoint still loads by name, and add ``lora_A`` / ``lora_B``. Trainable = the ``lora_`` prefix
 (loralib's rule), so a frozen base weight gets no gradient buffer and no dW matmul.
 

@@ -1,6 +1,6 @@
 """Layers: thin objects that hold parameters and call the pure ops of :mod:`minilora.nn.ops`.
 
-The layer contract (see ``../shared/STYLE.md`` §2.3)::
+The layer contract (every layer of the package follows it)::
 
     out, cache = layer.forward(x)        # no hidden state: the caller keeps the cache
     dx = layer.backward(dout, cache)     # adds (+=) gradients for *trainable* parameters only
@@ -134,14 +134,6 @@ class Module:
         for _, m in self.named_modules():
             for k in m.params:
                 m.params[k] = m.params[k].astype(dtype)
-            m.grads.clear()
-        return self
-
-    def to_backend(self) -> "Module":
-        """Move every parameter onto the active backend (after ``set_backend``)."""
-        for _, m in self.named_modules():
-            for k in m.params:
-                m.params[k] = asarray(to_numpy(m.params[k]))
             m.grads.clear()
         return self
 

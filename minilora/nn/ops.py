@@ -22,6 +22,7 @@ Chapter: chapters/01-foundations.ipynb
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from minilora.backend import (
     asarray,  # local: keeps the op module's imports minimal
@@ -330,6 +331,15 @@ def dropout_backward(dout, cache):
 IGNORE_INDEX = -1
 
 
+class CrossEntropyCache(NamedTuple):
+    """What :func:`cross_entropy_backward` needs from the forward pass."""
+    probs: object       # (N, V) softmax(logits), rows flattened
+    targets: object     # (N,) targets, IGNORE_INDEX replaced by 0 (masked by ``valid``)
+    valid: object       # (N,) bool: target != IGNORE_INDEX
+    n: int              # number of valid positions (the mean's denominator)
+    shape: tuple        # logits' original shape (..., V)
+
+
 def cross_entropy_forward(logits, targets):
     """Mean negative log-likelihood of ``targets`` under ``softmax(logits)``.
 
@@ -337,7 +347,7 @@ def cross_entropy_forward(logits, targets):
     Positions whose target is ``IGNORE_INDEX`` (-1) are left out of the sum and of N (used by
     classification tasks, where only the label position is scored).
     Args: logits (..., V); targets (...) integer.
-    Returns: loss (0-d array), cache = (probs (N, V), targets (N,), valid (N,), N).
+    Returns: loss (0-d array), cache = :class:`CrossEntropyCache` (five fields).
     """
     V = logits.shape[-1]
     z = logits.reshape(-1, V)
@@ -354,7 +364,7 @@ def cross_entropy_forward(logits, targets):
     probs /= sumexp[:, None]
     nll = xp.log(sumexp) - target_logit  # -log p[target] = logsumexp - logit[target]
     loss = (nll * valid).sum() / n
-    return loss, (probs, safe_t, valid, n, logits.shape)
+    return loss, CrossEntropyCache(probs, safe_t, valid, n, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):

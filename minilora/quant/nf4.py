@@ -17,6 +17,7 @@ Chapter: chapters/03-nf4-step-by-step.ipynb
 from __future__ import annotations
 
 from minilora.backend import cpu_module, xp
+from minilora.config import QUANT_TYPES
 from minilora.quant.blockwise import (
     QuantError,
     as_float32_flat,
@@ -143,7 +144,7 @@ def int4_symmetric_code():
 INT4_CODE = _frozen(int4_symmetric_code())
 
 _CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
-QUANT_TYPES = tuple(_CODES)
+assert tuple(_CODES) == QUANT_TYPES
 
 
 def get_code(quant_type: str):

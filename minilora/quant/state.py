@@ -22,13 +22,14 @@ from safetensors import safe_open
 from safetensors.numpy import save as safetensors_bytes
 
 from minilora.backend import asarray, cpu_module, to_numpy, xp
+from minilora.config import QUANT_TYPES
 from minilora.io import atomic_write_bytes, atomic_write_text
 from minilora.quant.blockwise import QuantError, n_blocks
 from minilora.quant.double import DOUBLE_QUANT_BLOCKSIZE, DYNAMIC_MAP, double_dequantize
 
 FORMAT = "minilora.QuantState"
 VERSION = 1
-QUANT_TYPES = ("nf4", "fp4", "int4", "custom")
+STATE_QUANT_TYPES = QUANT_TYPES + ("custom",)  # a state may hold a code of its own
 FLOAT_DTYPES = ("float16", "float32", "float64")
 _META_KEYS = ("format", "version", "quant_type", "blocksize", "shape", "dtype", "double_quant",
               "blocksize2", "offset")
@@ -144,8 +145,8 @@ class QuantState:
                        f"got {self.shape}")
         if not is_int(self.blocksize) or self.blocksize <= 0:
             out.append(f"blocksize must be a positive integer; got {self.blocksize!r}")
-        if self.quant_type not in QUANT_TYPES:
-            out.append(f"quant_type must be one of {QUANT_TYPES}; got {self.quant_type!r}")
+        if self.quant_type not in STATE_QUANT_TYPES:
+            out.append(f"quant_type must be one of {STATE_QUANT_TYPES}; got {self.quant_type!r}")
         if self.dtype not in FLOAT_DTYPES:
             out.append(f"dtype must be one of {FLOAT_DTYPES}; got {self.dtype!r}")
         if self.code is None or self.code.ndim != 1 or self.code.shape[0] != 16:

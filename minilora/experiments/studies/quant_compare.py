@@ -19,7 +19,7 @@ from minilora.quant.compare import (
     model_quant_weights,
     quant_error,
 )
-from minilora.quant.nf4 import QUANT_TYPES
+from minilora.config import QUANT_TYPES
 
 RESULTS_SUBDIR = "quant"
 MADE_BY = "minilora quantize --compare"

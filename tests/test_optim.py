@@ -1,0 +1,72 @@
+"""AdamW, the schedule and clipping on their own (the model tests use them end to end).
+
+AdamW is checked against the update written out from its formula in float64:
+m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g²;  p -= lr wd p (2-D only);
+p -= lr/(1-b1^t) · m / (sqrt(v)/sqrt(1-b2^t) + eps).
+"""
+import math
+
+import numpy as np
+import pytest
+
+from minilora.nn.layers import Module
+from minilora.optim import AdamW, NonFiniteError, clip_grad_norm, lr_at
+
+
+class Two(Module):
+    def __init__(self, rng):
+        super().__init__()
+        self.params = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)}
+        self.trainable = {"w", "b"}
+
+
+def reference_adamw(p, g, m, v, t, lr, b1, b2, eps, wd):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    if p.ndim >= 2:
+        p = p * (1 - lr * wd)
+    p = p - lr / (1 - b1 ** t) * m / (np.sqrt(v) / math.sqrt(1 - b2 ** t) + eps)
+    return p, m, v
+
+
+def test_adamw_matches_its_formula_over_three_steps():
+    rng = np.random.default_rng(0)
+    mod = Two(rng)
+    opt = AdamW(mod, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    ref = {k: (v.copy(), np.zeros_like(v), np.zeros_like(v)) for k, v in mod.params.items()}
+    for t in range(1, 4):
+        grads = {k: rng.standard_normal(v.shape) for k, v in mod.params.items()}
+        mod.grads = {k: g.copy() for k, g in grads.items()}
+        opt.step()
+        for k in ref:
+            p, m, v = ref[k]
+            ref[k] = reference_adamw(p, grads[k], m, v, t, 1e-2, 0.9, 0.99, 1e-8, 0.1)
+            np.testing.assert_allclose(mod.params[k], ref[k][0], rtol=1e-13, atol=1e-15, err_msg=k)
+
+
+def test_nonfinite_gradient_leaves_parameters_untouched():
+    rng = np.random.default_rng(1)
+    mod = Two(rng)
+    before = {k: v.copy() for k, v in mod.params.items()}
+    mod.grads = {"w": np.full((3, 4), np.nan), "b": np.zeros(4)}
+    with pytest.raises(NonFiniteError):
+        AdamW(mod).step()
+    for k in before:
+        assert np.array_equal(mod.params[k], before[k])
+
+
+def test_clip_grad_norm_scales_to_just_below_max_and_returns_the_old_norm():
+    g = [np.full(4, 3.0), np.full(9, 4.0 / 3.0)]  # norm sqrt(36 + 16) = sqrt(52)
+    norm = clip_grad_norm(g, 1.0)
+    assert math.isclose(norm, math.sqrt(52))
+    new = math.sqrt(sum(float((x * x).sum()) for x in g))
+    assert new < 1.0 and math.isclose(new, math.sqrt(52) / (math.sqrt(52) + 1e-6))
+    assert clip_grad_norm([np.ones(2)], 0.0) == math.sqrt(2)  # max_norm 0: no clipping
+
+
+def test_schedule_warmup_then_cosine_to_min_lr():
+    assert lr_at(0, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 0.1, 10, 110) == pytest.approx(1.0)
+    assert lr_at(60, 1.0, 0.1, 10, 110) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(110, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
+    assert lr_at(500, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
