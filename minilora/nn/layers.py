@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from minilora.backend import asarray, to_numpy, xp
+from minilora.backend import xp
 from minilora.errors import UsageError
 from minilora.nn import ops
 
