@@ -227,8 +227,8 @@ def softmax_backward(dout, cache):
 def causal_mask_bias(T, Tk, dtype):
     """(T, Tk) additive mask: 0 where query t may see key j, -inf elsewhere.
 
-    With Tk > T the first ``Tk - T`` keys are a prefix (prefix tuning) that every query sees;
-    query t sees key j iff ``j <= t + (Tk - T)``.
+    With Tk > T the first ``Tk - T`` keys come before the queries (a prefix, or the cached keys
+    of earlier tokens) and every query sees them; query t sees key j iff ``j <= t + (Tk - T)``.
     """
     P = Tk - T
     allowed = xp.arange(Tk)[None, :] <= (xp.arange(T)[:, None] + P)
@@ -247,17 +247,26 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)
 
 
+class AttentionCache(NamedTuple):
+    """What :func:`attention_backward` needs from the forward pass (heads split)."""
+    qh: object   # (B, NH, T, hs) queries
+    kh: object   # (B, NH, Tk, hs) keys (earlier keys first)
+    vh: object   # (B, NH, Tk, hs) values
+    att: object  # (B, NH, T, Tk) attention weights (softmax output)
+
+
 def attention_forward(q, k, v, n_head):
     """Causal scaled dot-product attention, all heads at once (no loop over heads or positions).
 
     att = softmax(q k^T / sqrt(hs) + mask)      (B, NH, T, Tk)
     y   = att v                                 (B, NH, T, hs) -> merged to (B, T, C)
     Args:
-        q: (B, T, C) queries; k, v: (B, Tk, C) keys and values (Tk >= T; extra leading keys are a
-            prefix visible to every query).
+        q: (B, T, C) queries; k, v: (B, Tk, C) keys and values (Tk >= T). The first Tk - T
+            keys belong to earlier positions (a decoding step's cached past, or prefix tuning's
+            trainable prefix) and every query sees them; the last T are the queries' own.
         n_head: NH, must divide C.
     Returns:
-        y (B, T, C), cache = (qh, kh, vh, att).
+        y (B, T, C), cache = :class:`AttentionCache`.
     """
     B, T, C = q.shape
     Tk = k.shape[1]
@@ -266,10 +275,11 @@ def attention_forward(q, k, v, n_head):
     scale = 1.0 / math.sqrt(hs)
     scores = xp.matmul(qh, kh.transpose(0, 1, 3, 2))  # (B, NH, T, Tk)
     scores *= scale
-    scores += causal_mask_bias(T, Tk, scores.dtype)
+    if T > 1:  # one query (a decoding step) sees every key: its mask row is all zeros
+        scores += causal_mask_bias(T, Tk, scores.dtype)
     att = _softmax_inplace(scores)  # scores is our own buffer: no copy
     y = xp.matmul(att, vh)  # (B, NH, T, hs)
-    return merge_heads(y), (qh, kh, vh, att)
+    return merge_heads(y), AttentionCache(qh, kh, vh, att)
 
 
 def attention_backward(dout, cache):
