@@ -76,14 +76,16 @@ def check(name: str, analytic, f, x, tol: float = 1e-6, h: float = 1e-5,
     ``atol``: a gradient that is exactly zero in theory (e.g. the key bias, which shifts every
     attention score of a query by the same amount and so cancels in the softmax) has a numerical
     estimate of pure rounding noise (~1e-11), whose relative error is meaningless.
-    Returns a row ``{"name", "shape", "rel_error", "abs_error", "ok"}``; never raises, so a table
-    of many checks can be printed and the caller decides.
+    Returns a row ``{"name", "shape", "rel_error", "abs_error", "tol", "atol", "rule", "ok"}``
+    where ``rule`` is the test it passed (``"rel"``, else ``"abs"``; None when it failed both);
+    never raises, so a table of many checks can be printed and the caller decides.
     """
     num = numerical_grad(f, x, h)
     err = rel_error(analytic, num)
     abs_err = float(abs(backend.to_numpy(analytic) - backend.to_numpy(num)).max()) if num.size else 0.0
+    rule = "rel" if err < tol else "abs" if abs_err < atol else None
     return {"name": name, "shape": tuple(x.shape), "rel_error": err, "abs_error": abs_err,
-            "ok": err < tol or abs_err < atol}
+            "tol": tol, "atol": atol, "rule": rule, "ok": rule is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,13 +200,32 @@ def tiny_model_check(seed: int = 0, tol: float = 1e-6) -> list[dict]:
     return model_check(model, idx, tgt, tol)
 
 
+def _rule_text(r: dict) -> str:
+    if r.get("rule") == "rel":
+        return f"rel < {r['tol']:.0e}"
+    if r.get("rule") == "abs":
+        return f"abs < {r['atol']:.0e}"
+    return "NO: failed both" if "tol" in r else ("yes" if r["ok"] else "NO")
+
+
 def format_table(rows: list[dict]) -> str:
-    """A plain-text table of check rows (name, shape, relative error, ok)."""
+    """A plain-text table of :func:`check` rows: name, shape, relative and absolute error, and
+    the rule each row passed, ``rel < tol`` or (a gradient so small that its relative error is
+    rounding noise) ``abs < atol``; the footer counts the rows per rule with the thresholds."""
     w = max(len(r["name"]) for r in rows)
-    lines = [f"{'gradient':<{w}}  {'shape':<16} {'rel. error':>10}  ok", "-" * (w + 34)]
+    lines = [f"{'gradient':<{w}}  {'shape':<16} {'rel. error':>10} {'abs. error':>10}  passed by",
+             "-" * (w + 50)]
     for r in rows:
-        lines.append(f"{r['name']:<{w}}  {str(r['shape']):<16} {r['rel_error']:>10.2e}  "
-                     f"{'yes' if r['ok'] else 'NO'}")
+        lines.append(f"{r['name']:<{w}}  {str(r['shape']):<16} {r['rel_error']:>10.2e} "
+                     f"{r.get('abs_error', float('nan')):>10.2e}  {_rule_text(r)}")
     n_bad = sum(not r["ok"] for r in rows)
-    lines.append(f"{len(rows) - n_bad} passed, {n_bad} failed")
+    by_rule = {}
+    for r in rows:
+        if r["ok"] and r.get("rule"):
+            key = _rule_text(r)
+            by_rule[key] = by_rule.get(key, 0) + 1
+    detail = "; ".join(f"{n} by {k}" for k, n in sorted(by_rule.items()))
+    lines.append(f"{len(rows) - n_bad} passed ({detail or 'no rule recorded'}), {n_bad} failed")
+    lines.append("a row passes when its largest relative error is below tol, or else (a gradient "
+                 "that is ~0 in theory) its largest absolute error is below atol")
     return "\n".join(lines)

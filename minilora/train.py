@@ -12,8 +12,11 @@ Checkpoints (``ckpt.safetensors``) are written atomically every ``ckpt_every`` s
 end; ``resume=True`` continues from one and, on NumPy, reproduces the uninterrupted run's loss
 curve bit for bit (the sampler's RNG state and the AdamW moments are saved with the weights).
 
-If the loss or the gradient becomes NaN/inf, training stops with :class:`NonFiniteError`; the
-last checkpoint on disk is the last good one, since nothing is saved after a bad step.
+If the loss or the gradient becomes NaN/inf, training stops with :class:`NonFiniteError`, whose
+message says what is to blame (the starting weights, a parameter that went bad, a batch with
+nothing to score, or the step itself: learning rate too high) and where the last good checkpoint
+is (nothing is saved after a bad step). The dropout masks' Generators of LoRA layers
+(``dropout_rng``) are saved and restored too, so resuming stays exact with ``lora_dropout > 0``.
 
 Chapter: chapters/01-foundations.ipynb
 """
@@ -34,7 +37,13 @@ from minilora.checkpoint import save_checkpoint
 from minilora.config import TrainConfig
 from minilora.data import get_batch
 from minilora.errors import UsageError
-from minilora.io import CheckpointError, atomic_write_text, read_typed, strip_prefix
+from minilora.io import (
+    CheckpointError,
+    atomic_write_text,
+    first_nonfinite,
+    read_typed,
+    strip_prefix,
+)
 from minilora.nn import ops
 from minilora.optim import AdamW, NonFiniteError, lr_at
 
@@ -84,6 +93,29 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     return out
 
 
+def _module_rngs(model) -> dict:
+    """``{module name: Generator}`` for every module that draws at training time (a LoRA
+    layer's ``dropout_rng``); their states go into the checkpoint with the sampler's."""
+    return {name: m.dropout_rng for name, m in model.named_modules()
+            if getattr(m, "dropout_rng", None) is not None}
+
+
+def nonfinite_cause(model, y, step: int, start: int, lr: float) -> str:
+    """Why the loss (or gradient) of ``step`` is NaN/inf, in words: the weights the run started
+    from, a parameter that went bad in training, a batch whose targets are all ignored, or (none
+    of these) the step diverged at learning rate ``lr``."""
+    bad = first_nonfinite(dict(model.named_parameters()))
+    if bad is not None and step == start:
+        return (f"the starting weights hold NaN/inf (parameter {bad!r}): the base model or "
+                "checkpoint is damaged, not the training")
+    if bad is not None:
+        return f"parameter {bad!r} became NaN/inf during training"
+    if int((backend.to_numpy(y) != ops.IGNORE_INDEX).sum()) == 0:
+        return f"the batch of step {step} has no target to score (every target is ignored)"
+    return (f"the step diverged at learning rate {lr:.3g} (the weights and the batch are finite); "
+            "try a lower learning rate or stronger gradient clipping")
+
+
 def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, resume=False,
           progress=True, step_callback=None, batch_fn=None, forward_backward=None) -> History:
     """Train ``model`` in place; returns a :class:`History`.
@@ -128,6 +160,10 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
         model.load_state_dict(strip_prefix(arrays, "model."))
         opt.load_state(strip_prefix(arrays, "optim."), meta["optimizer"])
         rng.bit_generator.state = meta["rng_state"]
+        saved_rngs = (meta.get("extra") or {}).get("module_rng_states", {})
+        for name, g in _module_rngs(model).items():
+            if name in saved_rngs:
+                g.bit_generator.state = saved_rngs[name]
         start = int(meta["step"])
         records = _read_metrics(out / METRICS_NAME, start - 1)
         hist.train = [r for r in records if "loss" in r]
@@ -150,10 +186,26 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
 
+    saved_step = start if resume else None  # the step of the last good checkpoint on disk
+
     def save(step_done):
+        nonlocal saved_step
         if out is not None:
+            extra = {"module_rng_states": {n: g.bit_generator.state
+                                           for n, g in _module_rngs(model).items()}}
             save_checkpoint(out / CKPT_NAME, model, tokenizer, optimizer=opt, train_config=cfg,
-                            step=step_done, rng_state=rng.bit_generator.state)
+                            step=step_done, rng_state=rng.bit_generator.state, extra=extra)
+            saved_step = step_done
+
+    def stopped(step, what, cause):
+        if out is None:
+            where = "no checkpoint is kept (no out_dir)"
+        elif saved_step is None:
+            where = f"no checkpoint was saved yet (every {cfg.ckpt_every} steps into {out})"
+        else:
+            where = (f"the last good checkpoint is {out / CKPT_NAME} (after {saved_step} steps; "
+                     "continue with resume=True)")
+        return NonFiniteError(f"{what} at step {step}: {cause}. Training stopped; {where}")
 
     bar = None
     if progress:
@@ -170,11 +222,12 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
             loss = (forward_backward or model.forward_backward)(backend.asarray(x),
                                                                 backend.asarray(y))
             if not math.isfinite(loss):
-                raise NonFiniteError(
-                    f"loss is {loss} at step {step}: training stopped; the last good checkpoint"
-                    f"{' is ' + str(out / CKPT_NAME) if out else ' was not saved (no out_dir)'}. "
-                    "Try a lower learning rate or stronger gradient clipping.")
-            norm = opt.step(lr, cfg.grad_clip)
+                raise stopped(step, f"loss is {loss}", nonfinite_cause(model, y, step, start, lr))
+            try:
+                norm = opt.step(lr, cfg.grad_clip)
+            except NonFiniteError:
+                raise stopped(step, "the gradient is NaN/inf",
+                              nonfinite_cause(model, y, step, start, lr)) from None
             backend.synchronize()
             dt = time.perf_counter() - t0
             rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,

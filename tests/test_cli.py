@@ -46,7 +46,7 @@ def test_sample_prompt_outside_vocabulary_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize("args, match", [
     (["sample", "--ckpt", "does/not/exist.safetensors"], "does not exist"),
     (["sample", "--temperature", "0", "--ckpt", "{ck}"], "temperature"),
-    (["sample", "--top-k", "0", "--ckpt", "{ck}"], "top_k"),
+    (["sample", "--top-k", "0", "--ckpt", "{ck}"], "--top-k must be >= 1"),
     (["pretrain", "--preset", "tiny", "--n-embd", "30", "--n-head", "4", "--out", "{tmp}"],
      "divisible"),
     (["pretrain", "--preset", "tiny", "--val-plays", "nosuchplay", "--out", "{tmp}"],

@@ -2,15 +2,23 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 from minilora.adapters import merge_and_unload
 from minilora.checkpoint import save_checkpoint
 from minilora.cli.common import (
+    POSITIVE,
     _adapter_registry,
+    _add_allow_nonfinite,
     _add_backend,
     _formatter,
     _load,
     _use_backend,
+    check_block_size,
+    check_input_file,
+    check_output_dir,
+    check_output_file,
+    float_range,
 )
 from minilora.errors import UsageError
 from minilora.experiments.paths import base_model_path
@@ -27,12 +35,18 @@ from minilora.lora.peft_format import (
 
 def cmd_score(args):
 
+    if args.no_base and not args.adapter:
+        raise UsageError("nothing to score: give --adapter FILE (or leave out --no-base)")
+    for a in args.adapter:
+        check_input_file(a, "--adapter")
+    if args.eval_examples is not None and args.task not in ("sentiment", "lexicon"):
+        raise UsageError(f"--eval-examples is for the labelled tasks (sentiment, lexicon); "
+                         f"--task {args.task} is scored on --eval-batches windows")
     _use_backend(args)
-    model, tok, _ = _load(args.ckpt)
+    model, tok, _ = _load(args.ckpt, args.allow_nonfinite)
+    check_block_size(args.block_size, model)
     reg, labels = _adapter_registry(model, args.adapter or [])
     adapters = ([] if args.no_base else [None]) + labels
-    if not adapters:
-        raise UsageError("nothing to score: give --adapter FILE (or leave out --no-base)")
     res = score_adapters(reg, tok, args.task, adapters, args.eval_batches, args.batch_size,
                          args.block_size, args.eval_examples)
     print(format_scores(args.task, res))
@@ -40,6 +54,8 @@ def cmd_score(args):
 
 def cmd_adapter_merge(args):
 
+    check_input_file(args.adapter, "adapter")
+    check_output_file(args.out, "--out")
     _use_backend(args)
     model, tok, _ = _load(args.base)
     config = load_adapter(args.adapter, model)
@@ -53,6 +69,8 @@ def cmd_adapter_merge(args):
 
 def cmd_adapter_export_peft(args):
 
+    check_input_file(args.adapter, "adapter")
+    check_output_dir(args.out, "--out")
     _use_backend(args)
     model, _, _ = _load(args.base)
     config = load_adapter(args.adapter, model)
@@ -62,6 +80,10 @@ def cmd_adapter_export_peft(args):
 
 def cmd_adapter_import_peft(args):
 
+    if not Path(args.peft_dir).is_dir():
+        raise UsageError(f"DIR {args.peft_dir!r} is not a directory (a PEFT adapter directory "
+                         "holds adapter_config.json and adapter_model.safetensors)")
+    check_output_file(args.out, "--out")
     _use_backend(args)
     model, _, _ = _load(args.base)
     config = import_peft(args.peft_dir, model)
@@ -72,6 +94,8 @@ def cmd_adapter_import_peft(args):
 
 def cmd_adapter_claim(args):
 
+    check_output_dir(args.out, "--out")
+    check_output_dir(args.runs, "--runs")
     _use_backend(args)
     run_claim(args.out, tuple(t for t in args.tasks.split(",") if t), args.steps, args.r,
               args.alpha, eval_batches=args.eval_batches, eval_examples=args.eval_examples,
@@ -86,7 +110,8 @@ def add_parsers(sub):
               minilora adapter merge runs/milton/adapter.safetensors --out runs/milton-merged.safetensors
               minilora adapter export-peft runs/milton/adapter.safetensors --out runs/milton-peft
               minilora adapter import-peft runs/milton-peft --out runs/milton2.safetensors
-              minilora adapter claim --out results/multi_adapter      # ~10 min on 2 CPU cores
+              minilora adapter claim                  # ~10 min on 2 CPU cores -> runs/multi_adapter
+              minilora adapter claim --out results/multi_adapter   # update the committed claim.json
             """))
     a.set_defaults(func=lambda args: a.print_help())
     asub = a.add_subparsers(dest="adapter_command", metavar="ACTION")
@@ -129,17 +154,20 @@ def add_parsers(sub):
     s = asub.add_parser("claim", help="per-task LoRAs hot-swapped vs one general LoRA",
                         formatter_class=_formatter, epilog=textwrap.dedent("""\
             examples:
-              minilora adapter claim --out results/multi_adapter
+              minilora adapter claim                          # writes runs/multi_adapter/claim.json
               minilora adapter claim --tasks milton,python,sentiment --steps 200 --out /tmp/claim
+              minilora adapter claim --out results/multi_adapter   # update the committed claim.json
             """))
-    s.add_argument("--out", default="results/multi_adapter", help="where claim.json goes")
+    s.add_argument("--out", default="runs/multi_adapter",
+                   help="where claim.json goes (committed copy: results/multi_adapter)")
     s.add_argument("--runs", default="runs/multi_adapter", help="where the adapters go")
     s.add_argument("--tasks", default="milton,python", help="comma-separated, at least two")
-    s.add_argument("--steps", type=int, default=200, help="steps per task (general: steps x tasks)")
-    s.add_argument("--r", type=int, default=8)
-    s.add_argument("--alpha", type=float, default=16.0)
-    s.add_argument("--eval-batches", type=int, default=16)
-    s.add_argument("--eval-examples", type=int, default=None,
+    s.add_argument("--steps", type=POSITIVE, default=200,
+                   help="steps per task (general: steps x tasks)")
+    s.add_argument("--r", type=POSITIVE, default=8, help="LoRA rank")
+    s.add_argument("--alpha", type=float_range(0, lo_open=True), default=16.0, help="lora_alpha")
+    s.add_argument("--eval-batches", type=POSITIVE, default=16, help="fixed scoring windows")
+    s.add_argument("--eval-examples", type=POSITIVE, default=None,
                    help="sentiment: score only the first N test sentences")
     s.add_argument("--no-progress", action="store_true")
     _add_backend(s)
@@ -158,11 +186,13 @@ def add_parsers(sub):
     s.add_argument("--task", choices=["milton", "python", "sentiment", "lexicon"],
                    default="milton")
     s.add_argument("--no-base", action="store_true", help="leave out the base model's row")
-    s.add_argument("--eval-batches", type=int, default=16)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--block-size", type=int, default=128)
-    s.add_argument("--eval-examples", type=int, default=None,
+    s.add_argument("--eval-batches", type=POSITIVE, default=16, help="fixed scoring windows")
+    s.add_argument("--batch-size", type=POSITIVE, default=8, help="windows per batch")
+    s.add_argument("--block-size", type=POSITIVE, default=128,
+                   help="characters per window, at most the base's context")
+    s.add_argument("--eval-examples", type=POSITIVE, default=None,
                    help="sentiment: score only the first N test sentences (default: all)")
     s.add_argument("--ckpt", default=None, help="base checkpoint (default: the shipped one)")
+    _add_allow_nonfinite(s)
     _add_backend(s)
     s.set_defaults(func=cmd_score)

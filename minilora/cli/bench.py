@@ -5,13 +5,17 @@ import textwrap
 
 from minilora.bench import run_bench
 from minilora.cli.common import (
+    POSITIVE,
     _add_backend,
     _formatter,
     _use_backend,
+    check_output_file,
 )
 
 
 def cmd_bench(args):
+    if args.out:
+        check_output_file(args.out, "--out")
     _use_backend(args)
     run_bench(configs=args.configs.split(","), steps=args.steps, threads=args.threads,
               torch_compare=not args.no_torch, out=args.out,
@@ -29,8 +33,8 @@ def add_parsers(sub):
               minilora bench --configs small --only peft_latency   # adapters vs LoRA latency
             """))
     s.add_argument("--configs", default="small,medium", help="comma-separated: small,medium")
-    s.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    s.add_argument("--threads", type=int, default=2, help="BLAS / torch threads (default 2)")
+    s.add_argument("--steps", type=POSITIVE, default=10, help="timed steps per measurement")
+    s.add_argument("--threads", type=POSITIVE, default=2, help="BLAS / torch threads (default 2)")
     s.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     s.add_argument("--only", default=None,
                    help="comma-separated measurements (train_step, memory, lora, multi_adapter, "

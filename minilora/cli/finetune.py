@@ -3,11 +3,21 @@ from __future__ import annotations
 
 import textwrap
 
+from pathlib import Path
+
 from minilora.cli.common import (
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    _add_allow_nonfinite,
     _add_backend,
     _formatter,
     _use_backend,
+    check_input_file,
+    check_output_dir,
+    float_range,
 )
+from minilora.errors import UsageError
 from minilora.config import LoraConfig, QuantConfig
 from minilora.experiments.figures import make_figures
 from minilora.experiments.finetune import finetune, format_result
@@ -19,6 +29,15 @@ from minilora.peft import AdapterConfig, BitFitConfig, PrefixConfig, PromptConfi
 
 def cmd_finetune(args):
 
+    if args.base is not None:
+        check_input_file(args.base, "--base")
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out DIR (the run directory to continue)")
+    if args.eval_examples is not None and args.task not in ("sentiment", "lexicon"):
+        raise UsageError(f"--eval-examples is for the labelled tasks (sentiment, lexicon); "
+                         f"--task {args.task} is scored on --eval-batches windows")
     _use_backend(args)
     method_cfg = None
     if args.method in ("lora", "qlora"):
@@ -43,7 +62,9 @@ def cmd_finetune(args):
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed)
     r = finetune(args.method, args.task, method_cfg, overrides, base_path=args.base,
                  out_dir=args.out, progress=not args.no_progress, eval_batches=args.eval_batches,
-                 eval_examples=args.eval_examples, lm_weight=args.lm_weight)
+                 eval_examples=args.eval_examples, lm_weight=args.lm_weight,
+                 resume=args.resume, save_every=args.save_every,
+                 allow_nonfinite=args.allow_nonfinite)
     print(format_result(r))
     if args.out:
         print(f"written: {args.out}/result.json and {args.out}/{r['weights_file']}")
@@ -51,6 +72,12 @@ def cmd_finetune(args):
 
 def cmd_results(args):
 
+    root = args.root or ("runs/finetune" if args.run else "results/finetune")
+    check_output_dir(root, "--out")
+    if not args.run and not any(Path(root).glob("*/result.json")):
+        raise UsageError(f"no runs under {root}/*/result.json; make them with `minilora results "
+                         "--run` or `minilora finetune --out ...`")
+    args.root = root
     _use_backend(args)
     if args.run:
         run_missing(args.root, args.tasks.split(",") if args.tasks else None,
@@ -63,6 +90,9 @@ def cmd_results(args):
 
 def cmd_figures(args):
 
+    check_output_dir(args.figures, "--figures")
+    if not Path(args.results).is_dir():
+        raise UsageError(f"--results {args.results!r} is not a directory")
     done = make_figures(args.only.split(",") if args.only else None, args.results, args.figures)
     skipped = [n for n, v in done.items() if isinstance(v, str)]
     print(f"{len(done) - len(skipped)} figure(s) written to {args.figures}/"
@@ -91,9 +121,11 @@ def add_parsers(sub):
     s.add_argument("--task", choices=["milton", "python", "sentiment", "lexicon"],
                    default="milton", help="milton / python: held-out loss; sentiment (movie-review "
                    "sentences) / lexicon (VADER words): accuracy (default milton)")
-    s.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    s.add_argument("--alpha", type=float, default=16.0, help="lora_alpha (default 16)")
-    s.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
+    s.add_argument("--r", type=POSITIVE, default=8, help="LoRA rank (default 8)")
+    s.add_argument("--alpha", type=float_range(0, lo_open=True), default=16.0,
+                   help="lora_alpha (default 16)")
+    s.add_argument("--dropout", type=float_range(0, 1, hi_open=True), default=0.0,
+                   help="lora_dropout (default 0)")
     s.add_argument("--targets", default=None,
                    help="comma-separated modules: q,k,v,o,up,down,wte,lm_head (default q,v; "
                         "lora on sentiment: q,k,v,o,up,down,lm_head)")
@@ -104,36 +136,46 @@ def add_parsers(sub):
     s.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
     s.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default="nf4",
                    help="qlora: 4-bit code of the frozen base (default nf4)")
-    s.add_argument("--blocksize", type=int, default=64,
+    s.add_argument("--blocksize", type=POSITIVE, default=64,
                    help="qlora: weights per absmax block (default 64)")
     s.add_argument("--no-double-quant", action="store_true",
                    help="qlora: keep float32 block scales (4.5 instead of 4.127 bits/weight)")
-    s.add_argument("--loftq-iter", type=int, default=5,
+    s.add_argument("--loftq-iter", type=POSITIVE, default=5,
                    help="qlora --init loftq: alternating steps T (default 5; PEFT: 1)")
-    s.add_argument("--bottleneck", type=int, default=16,
+    s.add_argument("--bottleneck", type=POSITIVE, default=16,
                    help="adapter: Houlsby bottleneck width m (default 16)")
-    s.add_argument("--prefix-len", type=int, default=16,
+    s.add_argument("--prefix-len", type=POSITIVE, default=16,
                    help="prefix: keys/values per layer P (default 16)")
-    s.add_argument("--prompt-len", type=int, default=16,
+    s.add_argument("--prompt-len", type=POSITIVE, default=16,
                    help="prompt: soft prompt vectors P (default 16)")
-    s.add_argument("--steps", type=int, default=None,
+    s.add_argument("--steps", type=POSITIVE, default=None,
                    help="training steps (default 200; sentiment: 400)")
-    s.add_argument("--batch-size", type=int, default=None, help="default 8; sentiment: 32")
-    s.add_argument("--block-size", type=int, default=None, help="default 128")
-    s.add_argument("--lr", type=float, default=None,
+    s.add_argument("--batch-size", type=POSITIVE, default=None, help="default 8; sentiment: 32")
+    s.add_argument("--block-size", type=POSITIVE, default=None,
+                   help="default 128, at most the base's context")
+    s.add_argument("--lr", type=float_range(0, lo_open=True), default=None,
                    help="peak learning rate (default: the method's: 1e-3 full, 5e-3 lora / "
                         "adapter, 1e-2 bitfit, 3e-2 prefix, 1e-1 prompt; lora on sentiment: "
                         "3e-3)")
-    s.add_argument("--lm-weight", type=float, default=None,
+    s.add_argument("--lm-weight", type=float_range(0), default=None,
                    help="sentiment: weight of the language-modelling loss on the sentence "
                         "beside the label loss (default 1; 0: the label only)")
-    s.add_argument("--eval-batches", type=int, default=16)
-    s.add_argument("--eval-examples", type=int, default=None,
+    s.add_argument("--eval-batches", type=POSITIVE, default=16,
+                   help="fixed windows for the held-out and Shakespeare losses")
+    s.add_argument("--eval-examples", type=POSITIVE, default=None,
                    help="sentiment: score only the first N test sentences (default: all 2,014)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=SEED, default=0)
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
-    s.add_argument("--out", default=None, help="write result.json and the adapter/model here")
+    s.add_argument("--out", default=None,
+                   help="run directory: result.json, the adapter/model, and (with --save-every) "
+                        "resumable checkpoints; checked before the base is loaded")
+    s.add_argument("--save-every", type=POSITIVE, default=None,
+                   help="with --out: save a resumable checkpoint every N steps (default: every "
+                        "tenth of the run)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (same flags)")
     s.add_argument("--no-progress", action="store_true")
+    _add_allow_nonfinite(s)
     _add_backend(s)
     s.set_defaults(func=cmd_finetune)
 
@@ -142,14 +184,18 @@ def add_parsers(sub):
                        formatter_class=_formatter, epilog=textwrap.dedent("""\
             examples:
               minilora results                 the table of the saved runs in results/finetune/
-              minilora results --run           first run every missing (task, method) pair
+              minilora results --run           run every missing (task, method) pair into
+                                               runs/finetune/ and print their table
               minilora results --run --tasks milton --methods lora,full
+              minilora results --run --out results/finetune   update the committed runs
             """))
     s.add_argument("--run", action="store_true",
                    help="run the missing (task, method) pairs first (harness defaults)")
     s.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
     s.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
-    s.add_argument("--root", default="results/finetune", help="where the runs are saved")
+    s.add_argument("--out", "--root", dest="root", default=None,
+                   help="where the runs are (default: results/finetune to read; runs/finetune "
+                        "with --run, so committed results change only with --out results/...)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_backend(s)
     s.set_defaults(func=cmd_results)
@@ -160,6 +206,8 @@ def add_parsers(sub):
             examples:
               minilora figures                      all figures whose results exist
               minilora figures --only base_pretrain
+            A PNG is rewritten only when its bytes change, so an unchanged figure stays
+            byte-identical in git.
             """))
     s.add_argument("--only", default=None, help="comma-separated figure names (default: all)")
     s.add_argument("--results", default="results", help="where the saved results are")

@@ -5,7 +5,17 @@ import json
 import textwrap
 from pathlib import Path
 
-from minilora.cli.common import _add_backend, _formatter, _load, _use_backend
+from minilora.cli.common import (
+    POSITIVE,
+    _add_backend,
+    _formatter,
+    _load,
+    _use_backend,
+    check_output_dir,
+    check_output_file,
+    float_range,
+    int_list,
+)
 from minilora.config import QuantConfig
 from minilora.data import encode_corpus, load_shakespeare
 from minilora.errors import UsageError
@@ -20,6 +30,13 @@ from minilora.train import evaluate, fixed_batches
 
 def cmd_quantize(args):
 
+    if args.compare:
+        if args.out is not None:
+            raise UsageError("--out is the quantised file; with --compare the JSON goes to "
+                             "--results DIR")
+        check_output_dir(Path(args.results) / "quant", "--results")
+    else:
+        check_output_file(args.out or "runs/quantized.safetensors", "--out")
     _use_backend(args)
     if args.compare:
         run_comparison(args.results, ckpt=args.ckpt)
@@ -47,13 +64,14 @@ def cmd_quantize(args):
 
 def cmd_loftq(args):
 
+    check_output_file(args.out, "--out")
     _use_backend(args)
     model, _, _ = _load(args.ckpt)
-    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    ranks = args.ranks
     quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize,
                         double_quant=not args.no_double_quant)
     study = loftq_residual_study(model, ranks, args.iters, quant)
-    study["command"] = (f"minilora loftq --ranks {args.ranks} --iters {args.iters} --quant-type "
+    study["command"] = (f"minilora loftq --ranks {','.join(map(str, ranks))} --iters {args.iters} --quant-type "
                         f"{args.quant_type} --blocksize {args.blocksize}"
                         + (" --no-double-quant" if args.no_double_quant else ""))
     for r, v in study["ranks"].items():
@@ -68,12 +86,14 @@ def cmd_loftq(args):
 
 def cmd_paged_demo(args):
 
+    spikes = args.spike_steps
+    late = [s for s in spikes if s >= args.steps]
+    if late:
+        raise UsageError(f"--spike-steps {late} lie beyond the run: steps are 0..{args.steps - 1} "
+                         f"(--steps {args.steps})")
+    if args.out:
+        check_output_file(args.out, "--out")
     _use_backend(args)
-    try:
-        spikes = [int(s) for s in args.spike_steps.split(",") if s.strip()]
-    except ValueError:
-        raise UsageError(f"--spike-steps must be comma-separated step numbers, got "
-                         f"{args.spike_steps!r}") from None
     try:
         r = paged_demo(out=args.out or None, steps=args.steps, spike_steps=spikes,
                        batch_size=args.batch_size, block_size=args.block_size,
@@ -103,19 +123,23 @@ def add_parsers(sub):
               minilora quantize                                  # the shipped base model, NF4 + DQ
               minilora quantize --type fp4 --no-double-quant --out runs/fp4.safetensors
               minilora quantize --ckpt runs/base/ckpt.safetensors --blocksize 128
-              minilora quantize --compare     # NF4 vs FP4 vs int4 -> results/quant/*.json
+              minilora quantize --compare     # NF4 vs FP4 vs int4 -> runs/quant/*.json
+              minilora quantize --compare --results results   # update the committed results/quant/
             """))
     s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
     s.add_argument("--out", default=None, help="output file (default runs/quantized.safetensors)")
     s.add_argument("--type", choices=["nf4", "fp4", "int4"], default="nf4")
-    s.add_argument("--blocksize", type=int, default=64)
+    s.add_argument("--blocksize", type=POSITIVE, default=64, help="weights per absmax block")
     s.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32")
-    s.add_argument("--eval-batches", type=int, default=8)
+    s.add_argument("--eval-batches", type=POSITIVE, default=8,
+                   help="validation windows (8 x 128) for the float vs 4-bit loss")
     s.add_argument("--compare", action="store_true",
                    help="instead: compare nf4, fp4 and int4 (error, error vs block size, codes "
                         "used) on N(0,1) data and the checkpoint's weights; write "
                         "RESULTS/quant/*.json")
-    s.add_argument("--results", default="results", help="results folder for --compare")
+    s.add_argument("--results", default="runs",
+                   help="--compare writes RESULTS/quant/*.json (default runs; give --results "
+                        "results to update the committed files)")
     _add_backend(s)
     s.set_defaults(func=cmd_quantize)
 
@@ -123,16 +147,19 @@ def add_parsers(sub):
     s = sub.add_parser("loftq", help="LoftQ residual per iteration on the base model's weights",
                        formatter_class=_formatter, epilog=textwrap.dedent("""\
             examples:
-              minilora loftq                                    # r 4,8,16, 10 steps, NF4 + DQ
+              minilora loftq                   # r 4,8,16, 10 steps, NF4 + DQ -> runs/quant/
               minilora loftq --ranks 8 --iters 5 --out runs/loftq.json
+              minilora loftq --out results/quant/loftq_residuals.json   # update the committed one
             """))
     s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
-    s.add_argument("--ranks", default="4,8,16", help="comma-separated LoRA ranks (default 4,8,16)")
-    s.add_argument("--iters", type=int, default=10, help="alternating steps T (default 10)")
+    s.add_argument("--ranks", type=int_list(1), default=[4, 8, 16],
+                   help="comma-separated LoRA ranks (default 4,8,16)")
+    s.add_argument("--iters", type=POSITIVE, default=10, help="alternating steps T (default 10)")
     s.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default="nf4")
-    s.add_argument("--blocksize", type=int, default=64)
+    s.add_argument("--blocksize", type=POSITIVE, default=64, help="weights per absmax block")
     s.add_argument("--no-double-quant", action="store_true")
-    s.add_argument("--out", default="results/quant/loftq_residuals.json")
+    s.add_argument("--out", default="runs/quant/loftq_residuals.json",
+                   help="the study's JSON (committed copy: results/quant/loftq_residuals.json)")
     _add_backend(s)
     s.set_defaults(func=cmd_loftq)
 
@@ -143,20 +170,25 @@ def add_parsers(sub):
             --spike-block-size tokens. Two runs: a tight budget (a normal step just fits) and a
             roomy one. Prints page events per step and writes the trace.
             examples:
-              minilora paged-demo                                  # writes results/paged/trace.json
+              minilora paged-demo                                  # writes runs/paged/trace.json
               minilora paged-demo --spike-steps 5 --page-kib 64 --bandwidth-gbs 25 --out ''
+              minilora paged-demo --out results/paged/trace.json   # update the committed trace
             """))
-    s.add_argument("--steps", type=int, default=10)
-    s.add_argument("--spike-steps", default="3,7", help="comma-separated 0-based steps (default 3,7)")
-    s.add_argument("--batch-size", type=int, default=2)
-    s.add_argument("--block-size", type=int, default=64, help="tokens per window, normal steps")
-    s.add_argument("--spike-block-size", type=int, default=128, help="tokens per window, spikes")
-    s.add_argument("--page-kib", type=float, default=2048, help="page size in KiB (default 2 MiB)")
-    s.add_argument("--bandwidth-gbs", type=float, default=16.0,
+    s.add_argument("--steps", type=POSITIVE, default=10)
+    s.add_argument("--spike-steps", type=int_list(0, allow_empty=True), default=[3, 7],
+                   help="comma-separated 0-based steps (default 3,7)")
+    s.add_argument("--batch-size", type=POSITIVE, default=2)
+    s.add_argument("--block-size", type=POSITIVE, default=64, help="tokens per window, normal steps")
+    s.add_argument("--spike-block-size", type=POSITIVE, default=128,
+                   help="tokens per window, spikes")
+    s.add_argument("--page-kib", type=float_range(0, lo_open=True), default=2048,
+                   help="page size in KiB (default 2 MiB)")
+    s.add_argument("--bandwidth-gbs", type=float_range(0, lo_open=True), default=16.0,
                    help="host<->device GB/s of the cost model (default 16, PCIe 3.0 x16)")
-    s.add_argument("--budget-mb", type=float, default=None,
+    s.add_argument("--budget-mb", type=float_range(0, lo_open=True), default=None,
                    help="device budget in MiB (default: what a normal step needs)")
     s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
-    s.add_argument("--out", default="results/paged/trace.json", help="trace JSON ('' to skip)")
+    s.add_argument("--out", default="runs/paged/trace.json",
+                   help="trace JSON ('' to skip; committed copy: results/paged/trace.json)")
     _add_backend(s)
     s.set_defaults(func=cmd_paged_demo)

@@ -16,6 +16,7 @@ Chapter: chapters/02-lora-notes.ipynb
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -44,7 +45,7 @@ from minilora.experiments.tasks import (
 from minilora.io import atomic_write_text, ensure_writable_dir
 from minilora.memory import memory_account
 from minilora.quant.linear import quantized_parameter_count
-from minilora.train import evaluate, fixed_batches, train
+from minilora.train import CKPT_NAME, evaluate, fixed_batches, train
 
 # forgetting is measured on the same Shakespeare windows whatever the task's batch shape
 FORGETTING_BATCH, FORGETTING_BLOCK = 8, 128
@@ -74,7 +75,8 @@ def default_train_config(setup: MethodSetup, eval_batches: int = 16, **overrides
 def finetune(method: str = "lora", task: str = "milton", method_config=None, train_config=None,
              base_path=None, out_dir=None, progress: bool = True, eval_batches: int = 16,
              eval_examples: int | None = None, measure_memory: bool = True,
-             lm_weight: float | None = None) -> dict:
+             lm_weight: float | None = None, resume: bool = False,
+             save_every: int | None = None, allow_nonfinite: bool = False) -> dict:
     """Fine-tune the base model with ``method`` on ``task``; returns a result record.
 
     Args:
@@ -90,7 +92,15 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
             None for the default.
         base_path: the base checkpoint (default: the shipped one).
         out_dir: if given, ``result.json`` and the trained weights (``adapter.safetensors`` for
-            LoRA, ``model.safetensors`` for full, ...) are written there (atomically).
+            LoRA, ``model.safetensors`` for full, ...) are written there (atomically), and the
+            run keeps a resumable training checkpoint there (``ckpt.safetensors``: the model
+            with the method's weights, AdamW moments, step and sampler RNG state, as
+            :func:`minilora.train.train` writes them; ``metrics.jsonl``: the losses).
+        resume: continue the run in ``out_dir`` from its checkpoint (same arguments; on NumPy
+            the result equals the uninterrupted run's, loss for loss). The evaluations of the
+            base are recomputed; ``train_seconds`` counts only the resumed part.
+        save_every: with ``out_dir``: steps between checkpoints (default: a tenth of the run).
+        allow_nonfinite: load a base holding NaN/inf anyway (debugging only).
         eval_batches: fixed windows for the language-modelling losses.
         eval_examples: score only the first n test examples of a classification task (quick).
         measure_memory: add ``memory`` (bytes of weights, gradients, optimizer state and
@@ -109,12 +119,22 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
         raise UsageError(f"lm_weight must be >= 0, got {lm_weight}")
     if eval_examples is not None and (isinstance(eval_examples, bool) or eval_examples < 1):
         raise UsageError(f"eval_examples must be >= 1 (or None: all), got {eval_examples!r}")
+    if not isinstance(eval_batches, int) or isinstance(eval_batches, bool) or eval_batches < 1:
+        raise UsageError(f"eval_batches must be an integer >= 1, got {eval_batches!r}")
+    if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, int)
+                                   or save_every < 1):
+        raise UsageError(f"save_every must be an integer >= 1 (or None), got {save_every!r}")
+    if resume and out_dir is None:
+        raise UsageError("resume=True needs out_dir (the run directory to continue)")
+    if resume and not (Path(out_dir) / CKPT_NAME).is_file():
+        raise UsageError(f"cannot resume: {str(Path(out_dir) / CKPT_NAME)!r} does not exist "
+                         "(no checkpoint of an earlier run in out_dir)")
     if out_dir is not None:
         ensure_writable_dir(out_dir)  # fail now, not after the whole run
     if method == "lora" and method_config is None and "lora_targets" in recipe:
         method_config = default_lora_config(task)
     path = base_path or base_model_path()
-    model, tok, _ = load_checkpoint(path)
+    model, tok, _ = load_checkpoint(path, allow_nonfinite=allow_nonfinite)
     setup = setup_fn(model, tok, method_config)
     model = setup.model
     # the base's plus any the method added (as PEFT counts); 4-bit weights are not float params
@@ -126,6 +146,10 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
                                     **({"lr": lr[method]} if method in lr else {}),
                                     **(train_config or {})})
     T, B = train_config.block_size, train_config.batch_size
+    if T > model.config.block_size:  # before any evaluation: windows longer than the context
+        raise UsageError(f"block_size {T} (--block-size) exceeds the base model's context of "
+                         f"{model.config.block_size} characters ({path}); give "
+                         f"{model.config.block_size} or less")
     sh = encode_corpus(load_shakespeare()["val"], tok)
     sh_batches = fixed_batches(sh, eval_batches, FORGETTING_BATCH,
                                min(FORGETTING_BLOCK, model.config.block_size), seed=12345)
@@ -157,8 +181,13 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     task0, sh0 = score(base_model), evaluate(base_model, sh_batches)
     init = {} if base_model is model else {"task_metric_init": score(model),
                                            "shakespeare_loss_init": evaluate(model, sh_batches)}
-    hist = train(model, tok, tr, None, train_config, out_dir=None, progress=progress,
-                 batch_fn=batch_fn, forward_backward=forward_backward)  # evaluated below
+    run_config = train_config  # the same run, plus where and how often to save it
+    if out_dir is not None:
+        run_config = dataclasses.replace(
+            train_config, ckpt_every=save_every or max(1, train_config.max_steps // 10))
+    hist = train(model, tok, tr, None, run_config, out_dir=out_dir, resume=resume,
+                 progress=progress, batch_fn=batch_fn,
+                 forward_backward=forward_backward)  # evaluated below
     task1, sh1 = score(model), evaluate(model, sh_batches)
     memory = None
     if measure_memory:  # one more (lr = 0) step on a training batch, weights left as they are
