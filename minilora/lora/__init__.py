@@ -12,6 +12,7 @@ Four modules, read in this order:
 Chapter: chapters/02-lora-notes.ipynb
 """
 from minilora.config import LORA_TARGETS
+from minilora.lora.dora import DoRALinear
 from minilora.lora.files import (
                                  ADAPTER_FORMAT,
                                  load_adapter,
@@ -39,7 +40,8 @@ from minilora.lora.layers import (
                                  lora_scaling,
 )
 
-__all__ = ["ADAPTER_FORMAT", "LORA_LAYERS", "LORA_TARGETS", "LoRAEmbedding", "LoRAError",
+__all__ = ["ADAPTER_FORMAT", "DoRALinear", "LORA_LAYERS", "LORA_TARGETS", "LoRAEmbedding",
+           "LoRAError",
            "LoRALinear", "LoRALinearCache", "count_lora_parameters", "inject_lora",
            "load_adapter", "load_lora_state_dict", "lora_layers", "lora_scaling",
            "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora", "prepare_for_adapter",

@@ -12,6 +12,7 @@ import math
 
 from minilora import backend
 from minilora.config import ConfigError, LoraConfig
+from minilora.lora.dora import DoRALinear
 from minilora.lora.layers import (
     LORA_LAYERS,
     LoRAEmbedding,
@@ -108,8 +109,9 @@ def inject_lora(model: Module, config: LoraConfig) -> dict:
     for name in targets:
         old = modules[name]
         if isinstance(old, Linear):
-            new = LoRALinear(old, config.r, config.lora_alpha, config.lora_dropout,
-                             config.use_rslora, config.init_lora_weights, rng=rng)
+            cls = DoRALinear if config.use_dora else LoRALinear
+            new = cls(old, config.r, config.lora_alpha, config.lora_dropout,
+                      config.use_rslora, config.init_lora_weights, rng=rng)
         else:
             new = LoRAEmbedding(old, config.r, config.lora_alpha, config.use_rslora,
                                 config.init_lora_weights, rng=rng)
@@ -188,6 +190,9 @@ def prepare_for_adapter(model: Module, config: LoraConfig) -> None:
                         f"{sorted(config.target_modules)}; load into a model without LoRA "
                         "layers to inject the adapter's own config")
     for name, m in layers.items():
+        if isinstance(m, DoRALinear) != config.use_dora:
+            raise LoRAError(f"LoRA layer {name!r} is a {type(m).__name__} but the adapter has "
+                            f"use_dora={config.use_dora}; load into a model without LoRA layers")
         if m.r != config.r or not math.isclose(m.scaling, config.scaling):
             raise LoRAError(f"LoRA layer {name!r} has r={m.r}, scaling={m.scaling:g} but the "
                             f"adapter has r={config.r}, scaling={config.scaling:g}")

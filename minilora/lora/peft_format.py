@@ -5,17 +5,21 @@ A PEFT LoRA adapter is a directory with two files:
 * ``adapter_model.safetensors``: the factors, keyed ``base_model.model.<module path>.<tensor>``
   with no adapter name in the key (PEFT strips ``.default`` on save):
 
-  ============================  =======================================  ===================
-  our tensor                    PEFT key suffix                          shape
-  ============================  =======================================  ===================
-  Linear ``lora_A``             ``.lora_A.weight``                       (r, d_in)
-  Linear ``lora_B``             ``.lora_B.weight``                       (d_out, r)
-  Embedding ``lora_A``          ``.lora_embedding_A`` (no ``.weight``)   (r, V)
-  Embedding ``lora_B``          ``.lora_embedding_B`` (no ``.weight``)   (C, r)
-  bias of an adapted layer      ``.base_layer.bias``                     (d_out,)
-  any other bias (bias="all")   ``.bias``                                (C,)
-  ============================  =======================================  ===================
+  ==============================  =========================================  ==============
+  our tensor                      PEFT key suffix                            shape
+  ==============================  =========================================  ==============
+  Linear ``lora_A``               ``.lora_A.weight``                         (r, d_in)
+  Linear ``lora_B``               ``.lora_B.weight``                         (d_out, r)
+  Embedding ``lora_A``            ``.lora_embedding_A`` (no ``.weight``)     (r, V)
+  Embedding ``lora_B``            ``.lora_embedding_B`` (no ``.weight``)     (C, r)
+  DoRA ``lora_magnitude_vector``  ``.lora_magnitude_vector`` (no ``.weight``)  (d_out,)
+  bias of an adapted layer        ``.base_layer.bias``                       (d_out,)
+  any other bias (bias="all")     ``.bias``                                  (C,)
+  a ``modules_to_save`` module    its own names: ``lm_head`` -> ``.weight``  as in the base
+  ==============================  =========================================  ==============
 
+  (peft 0.21 writes a saved module under its own path and names it in the config's
+  ``modules_to_save``; older PEFT wrote ``.modules_to_save.default.weight``, which is read too.)
   Our layouts are already PEFT's, so no tensor is transposed. A bias of an adapted layer lives
   under ``base_layer`` because inside PEFT the original layer becomes the wrapper's
   ``base_layer`` (read from PEFT's ``get_peft_model_state_dict``, not run here).
@@ -70,8 +74,10 @@ from minilora.config import ConfigError, LoraConfig
 from minilora.errors import MiniloraError
 from minilora.io import atomic_write_bytes, atomic_write_json, first_nonfinite
 from minilora.lora.files import load_lora_state_dict, lora_state_dict
+from minilora.lora.dora import DoRALinear
 from minilora.lora.inject import lora_layers, prepare_for_adapter
 from minilora.lora.layers import LoRAEmbedding, LoRAError, LoRALinear
+from minilora.peft.modules_to_save import add_modules_to_save, modules_to_save_state_dict
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -98,9 +104,11 @@ PEFT_TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                      "lm_head": "lm_head"}
 
 # PEFT config fields that must keep their default for the adapter to mean what we compute.
-_UNSUPPORTED = {"fan_in_fan_out": False, "use_dora": False, "lora_bias": False,
-                "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+_UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False,
+                "rank_pattern": {}, "alpha_pattern": {},
                 "layers_to_transform": None, "layer_replication": None}
+#: the key infix of a saved module in PEFT releases before 0.21 (read, never written)
+_MTS_INFIX = ".modules_to_save.default"
 
 
 class PeftFormatError(MiniloraError, ValueError):
@@ -139,13 +147,17 @@ def from_peft_module(name: str) -> str:
     return _map_name(name, _FROM_PEFT, "minilora")
 
 
-def peft_state_dict(model, bias: str = "none") -> dict:
-    """Our adapter tensors under PEFT's saved key names (see the module docstring's table).
+def peft_state_dict(model, bias: str = "none", modules_to_save=()) -> dict:
+    """Our adapter tensors under PEFT's saved key names (see the module docstring's table);
+    ``modules_to_save``: module paths whose every parameter is saved whole.
 
     Chapter: chapters/02-lora-notes.ipynb
     """
     layers = lora_layers(model)
     out = {}
+    for name, a in modules_to_save_state_dict(model, modules_to_save).items():
+        module, _, tensor = name.rpartition(".")
+        out[f"{KEY_PREFIX}{to_peft_module(module)}.{tensor}"] = a
     for name, a in lora_state_dict(model, bias).items():
         module, _, tensor = name.rpartition(".")
         peft = KEY_PREFIX + to_peft_module(module)
@@ -154,13 +166,16 @@ def peft_state_dict(model, bias: str = "none") -> dict:
             key = f"{peft}.base_layer.bias" if layer is not None else f"{peft}.bias"
         elif isinstance(layer, LoRAEmbedding):
             key = f"{peft}.lora_embedding_{tensor[-1]}"
+        elif tensor == "lora_magnitude_vector":  # DoRA: a Parameter, no ".weight"
+            key = f"{peft}.{tensor}"
         else:
             key = f"{peft}.{tensor}.weight"
         out[key] = a
     return out
 
 
-def peft_config_dict(config: LoraConfig, base_model_name_or_path=None) -> dict:
+def peft_config_dict(config: LoraConfig, base_model_name_or_path=None,
+                     modules_to_save=()) -> dict:
     """The ``adapter_config.json`` object for ``config`` (PEFT field names and defaults).
 
     Chapter: chapters/02-lora-notes.ipynb
@@ -182,8 +197,8 @@ def peft_config_dict(config: LoraConfig, base_model_name_or_path=None) -> dict:
         "init_lora_weights": True if init == "swap" else init,
         "fan_in_fan_out": False,
         "lora_bias": False,
-        "use_dora": False,
-        "modules_to_save": None,
+        "use_dora": config.use_dora,
+        "modules_to_save": [to_peft_module(p) for p in modules_to_save] or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -195,7 +210,8 @@ def peft_config_dict(config: LoraConfig, base_model_name_or_path=None) -> dict:
     }
 
 
-def export_peft(path_dir, model, config: LoraConfig, base_model_name_or_path=None) -> Path:
+def export_peft(path_dir, model, config: LoraConfig, base_model_name_or_path=None,
+                modules_to_save=()) -> Path:
     """Write ``model``'s adapter as a PEFT directory (``adapter_model.safetensors`` +
     ``adapter_config.json``); returns the directory.
 
@@ -204,6 +220,8 @@ def export_peft(path_dir, model, config: LoraConfig, base_model_name_or_path=Non
         model: a model after :func:`minilora.lora.inject_lora`, not merged.
         config: the :class:`LoraConfig` it was injected with.
         base_model_name_or_path: written into the config (PEFT's field; None is PEFT's default).
+        modules_to_save: module paths (``lm_head``, ``ln_f``) saved whole beside the factors
+            (:mod:`minilora.peft.modules_to_save`), named in the config as PEFT does.
 
     Chapter: chapters/02-lora-notes.ipynb
     """
@@ -215,7 +233,8 @@ def export_peft(path_dir, model, config: LoraConfig, base_model_name_or_path=Non
     if {n.rsplit(".", 1)[-1] for n in layers} != set(config.target_modules):
         raise LoRAError(f"export_peft: the model's LoRA layers {list(layers)[:4]} do not match "
                         f"config.target_modules {list(config.target_modules)}")
-    tensors = {k: np.ascontiguousarray(backend.to_numpy(a)) for k, a in peft_state_dict(model, config.bias).items()}
+    tensors = {k: np.ascontiguousarray(backend.to_numpy(a))
+               for k, a in peft_state_dict(model, config.bias, modules_to_save).items()}
     bad = first_nonfinite(tensors)
     if bad is not None:
         raise LoRAError(f"export_peft: refusing to write {bad!r}: it holds NaN or inf")
@@ -223,7 +242,8 @@ def export_peft(path_dir, model, config: LoraConfig, base_model_name_or_path=Non
     path_dir = Path(path_dir)
     data = save(tensors, metadata={"format": "pt", "minilora": json.dumps(ours)})
     atomic_write_bytes(path_dir / WEIGHTS_NAME, data)
-    atomic_write_json(path_dir / CONFIG_NAME, peft_config_dict(config, base_model_name_or_path))
+    atomic_write_json(path_dir / CONFIG_NAME,
+                      peft_config_dict(config, base_model_name_or_path, modules_to_save))
     return path_dir
 
 
@@ -247,7 +267,8 @@ def _config_from_peft(d: dict, ours: dict, where: str) -> LoraConfig:
                           lora_dropout=d.get("lora_dropout", 0.0),
                           target_modules=tuple(targets) if isinstance(targets, list) else targets,
                           use_rslora=d.get("use_rslora", False), init_lora_weights=init,
-                          bias=d.get("bias", "none"), seed=ours.get("seed", 0))
+                          bias=d.get("bias", "none"), seed=ours.get("seed", 0),
+                          use_dora=bool(d.get("use_dora", False)))
     except ConfigError as e:
         raise PeftFormatError(f"{where}: {e}") from None
 
@@ -261,6 +282,7 @@ def _our_name(key: str, where: str) -> tuple[str, str]:
                                  (".lora_B.weight", "lora_B", "linear"),
                                  (".lora_embedding_A", "lora_A", "embedding"),
                                  (".lora_embedding_B", "lora_B", "embedding"),
+                                 (".lora_magnitude_vector", "lora_magnitude_vector", "magnitude"),
                                  (".base_layer.bias", "bias", "bias"),
                                  (".bias", "bias", "bias")):
         if rest.endswith(suffix):
@@ -269,8 +291,8 @@ def _our_name(key: str, where: str) -> tuple[str, str]:
             except PeftFormatError as e:
                 raise PeftFormatError(f"{where}: key {key!r}: {e}") from None
             return f"{module}.{tensor}", kind
-    raise PeftFormatError(f"{where}: key {key!r} is not a LoRA factor or a bias (DoRA, lora_bias "
-                          "and modules_to_save are not supported)")
+    raise PeftFormatError(f"{where}: key {key!r} is not a LoRA factor, a DoRA magnitude, a bias "
+                          "or a module named in modules_to_save (lora_bias is not supported)")
 
 
 def import_peft(path_dir, model) -> LoraConfig:
@@ -305,8 +327,17 @@ def import_peft(path_dir, model) -> LoraConfig:
     except json.JSONDecodeError:
         ours = {}
     config = _config_from_peft(d, ours, str(cfg_path))
-    arrays, kinds = {}, {}
+    saved_names = d.get("modules_to_save") or []
+    if isinstance(saved_names, str) or not isinstance(saved_names, list):
+        raise PeftFormatError(f"{str(cfg_path)!r}: modules_to_save must be a list of module names")
+    arrays, kinds, saved_modules = {}, {}, []
     for key, a in raw.items():
+        module, tensor = _saved_module_key(key, saved_names)
+        if module is not None:
+            if module not in saved_modules:
+                saved_modules.append(module)
+            arrays[f"{module}.{tensor}"] = a
+            continue
         name, kind = _our_name(key, str(w_path))
         arrays[name], kinds[name] = a, kind
     saved_targets = sorted({n.rsplit(".", 2)[-2] for n, k in kinds.items() if k != "bias"})
@@ -317,13 +348,59 @@ def import_peft(path_dir, model) -> LoraConfig:
     layers = lora_layers(model)
     for name, kind in kinds.items():
         layer = layers.get(name.rpartition(".")[0])
-        want = {"linear": LoRALinear, "embedding": LoRAEmbedding}.get(kind)
+        if kind == "magnitude" and not isinstance(layer, DoRALinear):
+            raise PeftFormatError(f"{str(w_path)!r}: {name!r} is a DoRA magnitude but the config "
+                                  "has use_dora=false: not a LoRA factor of this adapter")
+        want = {"linear": LoRALinear, "embedding": LoRAEmbedding,
+                "magnitude": DoRALinear}.get(kind)
         if want is not None and not isinstance(layer, want):
             raise PeftFormatError(f"{str(w_path)!r}: {name!r} is stored as a {kind} factor but "
                                   f"the model's layer there is "
                                   f"{type(layer).__name__ if layer else 'not a LoRA layer'}")
+    missing = [f"{n}.lora_magnitude_vector" for n, m in layers.items()
+               if isinstance(m, DoRALinear) and f"{n}.lora_magnitude_vector" not in arrays]
+    if missing:
+        raise PeftFormatError(f"{str(w_path)!r}: the config has use_dora=true but the file holds "
+                              f"no lora_magnitude_vector for {missing[:4]}")
+    if saved_names and not saved_modules:
+        raise PeftFormatError(f"{str(cfg_path)!r}: modules_to_save names {saved_names} but "
+                              f"{str(w_path)!r} holds none of their tensors")
+    mts = {n: arrays.pop(n) for n in list(arrays) if n.rpartition(".")[0] in saved_modules}
+    if saved_modules:
+        _load_saved_modules(model, saved_modules, mts, str(w_path))
     load_lora_state_dict(model, arrays)
     return config
+
+
+def _saved_module_key(key: str, saved_names: list):
+    """(our module path, tensor) if ``key`` is a tensor of a module named in the config's
+    ``modules_to_save`` (either layout), else (None, None)."""
+    if not saved_names or not key.startswith(KEY_PREFIX):
+        return None, None
+    path, _, tensor = key[len(KEY_PREFIX):].rpartition(".")
+    if path.endswith(_MTS_INFIX):
+        path = path[: -len(_MTS_INFIX)]
+    if not any(path == n or path.endswith("." + n) for n in saved_names):
+        return None, None
+    try:
+        return from_peft_module(path), tensor
+    except PeftFormatError:
+        return None, None
+
+
+def _load_saved_modules(model, paths: list, arrays: dict, where: str) -> None:
+    """Check, then copy the saved modules' tensors into ``model`` and mark them trainable."""
+    wanted = modules_to_save_state_dict(model, paths)
+    if set(arrays) != set(wanted):
+        raise PeftFormatError(f"{where}: modules_to_save tensors {sorted(arrays)} do not match "
+                              f"the model's {sorted(wanted)}")
+    for n, a in arrays.items():
+        if tuple(a.shape) != tuple(wanted[n].shape):
+            raise PeftFormatError(f"{where}: {n!r} has shape {tuple(a.shape)}, the model's is "
+                                  f"{tuple(wanted[n].shape)}")
+    for n, a in arrays.items():
+        wanted[n][...] = backend.asarray(a, dtype=wanted[n].dtype)
+    add_modules_to_save(model, paths)
 
 
 __all__ = ["PEFT_MODULE_MAP", "PEFT_TARGET_NAMES", "PeftFormatError", "export_peft", "import_peft",
