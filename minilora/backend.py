@@ -8,7 +8,9 @@ modules were imported still takes effect everywhere (a plain ``xp = numpy`` bind
 copied into each importer at import time and never change again).
 
 Switch with the environment variable ``MINILORA_BACKEND=cupy`` (read once, at import) or at run
-time with :func:`set_backend`. Arrays made before a switch stay where they are: move them with
+time with :func:`set_backend`. For tests, ``MINILORA_BACKEND=cupy-strict`` (with
+``MINILORA_CUPY_STANDIN`` naming the repository's ``tests/fake_cupy``) runs the CuPy code path on
+a strict NumPy-backed stand-in for CuPy that refuses implicit host/device conversions as CuPy does. Arrays made before a switch stay where they are: move them with
 :func:`asarray` / :func:`to_numpy`.
 
 Weights are always initialised on the CPU from a seeded ``numpy.random.Generator`` and then moved
@@ -18,7 +20,9 @@ Chapter: chapters/01-foundations.ipynb
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from typing import Any
 
 import numpy as _np
@@ -56,12 +60,52 @@ def _load_cupy():
     return cupy
 
 
-def set_backend(name: str) -> None:
-    """Make ``name`` ('numpy' or 'cupy') the array module for all later computation."""
+def load_cupy_standin(directory=None):
+    """Import the strict CuPy stand-in (a NumPy-backed ``cupy`` package kept with the tests).
+
+    ``directory`` (default: the environment variable ``MINILORA_CUPY_STANDIN``) is the folder
+    that holds the stand-in's ``cupy/`` package. It is imported under the name ``cupy_strict``,
+    so it never shadows a real CuPy in the same process. For tests only: the stand-in runs the
+    CuPy code path on the CPU, with CuPy's refusals of implicit host/device conversion.
+    """
+    if "cupy_strict" in sys.modules:
+        return sys.modules["cupy_strict"]
+    directory = directory or os.environ.get("MINILORA_CUPY_STANDIN", "").strip()
+    init = os.path.join(directory, "cupy", "__init__.py") if directory else ""
+    if not init or not os.path.isfile(init):
+        raise BackendError(
+            "backend 'cupy-strict' needs MINILORA_CUPY_STANDIN = the directory that holds the "
+            f"stand-in's cupy/ package (the repository's tests/fake_cupy); got {directory!r}")
+    spec = importlib.util.spec_from_file_location(
+        "cupy_strict", init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cupy_strict"] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules["cupy_strict"]
+        raise
+    return module
+
+
+def set_backend(name: str, module=None) -> None:
+    """Make ``name`` ('numpy' or 'cupy') the array module for all later computation.
+
+    ``module`` (tests only) is an array module to use as 'cupy' instead of importing CuPy: the
+    strict stand-in from :func:`load_cupy_standin`. The name 'cupy-strict' loads that stand-in
+    from ``MINILORA_CUPY_STANDIN``; 'cupy' alone always means the real CuPy and a real GPU.
+    """
+    if isinstance(name, str) and name.lower() == "cupy-strict" and module is None:
+        name, module = "cupy", load_cupy_standin()
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
     name = name.lower()
-    module = _np if name == "numpy" else _load_cupy()
+    if module is not None and name != "cupy":
+        raise BackendError("a substitute array module can only stand in for 'cupy'")
+    if name == "numpy":
+        module = _np
+    elif module is None:
+        module = _load_cupy()
     _state["name"], _state["module"] = name, module
 
 
@@ -99,7 +143,7 @@ def to_numpy(a):
     if isinstance(a, _np.ndarray):
         return a
     get = getattr(a, "get", None)  # cupy.ndarray.get() copies device -> host
-    if callable(get) and type(a).__module__.startswith("cupy"):
+    if callable(get) and type(a).__module__.startswith("cupy"):  # also the stand-in, cupy_strict
         return get()
     return _np.asarray(a)
 
@@ -141,8 +185,9 @@ def managed_zeros(nbytes: int):
         return _np.zeros(nbytes, dtype=_np.uint8)
     cupy = _state["module"]
     pool = _state.get("managed_pool")
-    if pool is None:
+    if pool is None or _state.get("managed_pool_of") is not cupy:  # one pool per array module
         pool = _state["managed_pool"] = cupy.cuda.MemoryPool(cupy.cuda.malloc_managed)
+        _state["managed_pool_of"] = cupy
     a = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=pool.malloc(nbytes))
     a.fill(0)
     return a
