@@ -1,0 +1,295 @@
+"""Figures of one adapter's ΔW analysis (``minilora svd``), drawn from its module records.
+
+Each function takes a list of :class:`~minilora.analysis.ModuleRecord` (from the analysis, or read
+back from ``records.json`` with :func:`minilora.experiments.svd_report.read_records`) and the PNG
+path to write, and returns that path:
+
+* :func:`fig_svd_spectrum`: the singular values σ_i of ΔW = s·B A, one panel per layer, one line
+  per module type (q, v, down_proj, ...);
+* :func:`fig_svd_phi`: φ(1, 1) and φ(r, r') per layer and module type as heat maps, each beside the
+  same map for random subspaces of the same width (E φ = 1/d and max(r, r')/d);
+* :func:`fig_svd_phi_grids`: the LoRA paper's Figure 3 view, φ(i, j) for i <= r, j <= r', one
+  panel per layer for one module type;
+* :func:`fig_svd_intruders`: intruder dimensions per layer and module type;
+* :func:`fig_svd_amplification`: the amplification factor ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F per layer and
+  module type, beside what random directions of the same rank would give.
+
+:func:`svd_figures` draws those that the records allow (φ needs a second adapter, amplification
+and intruders need the base weights).
+
+Chapter: chapters/05-delta-w-analysis.ipynb
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from minilora.experiments.figures.common import pyplot, save_figure
+
+#: file names :func:`svd_figures` writes
+SPECTRUM_PNG, PHI_PNG, INTRUDERS_PNG, AMPLIFICATION_PNG = (
+    "svd_spectrum.png", "svd_phi.png", "svd_intruders.png", "svd_amplification.png")
+MAX_PANELS = 16    # per-layer figures show at most this many layers (evenly spaced)
+
+
+def module_type(name: str) -> str:
+    """The last component of a module path: ``model.layers.3.self_attn.q_proj`` -> ``q_proj``."""
+    return name.rsplit(".", 1)[-1]
+
+
+def _layer_label(layer) -> str:
+    return "no layer" if layer is None else str(layer)
+
+
+def _layers(records) -> list:
+    """Layer indices in order, with None (modules outside the blocks) last."""
+    found = {r.layer for r in records}
+    return sorted(x for x in found if x is not None) + ([None] if None in found else [])
+
+
+def _types(records) -> list[str]:
+    seen = []
+    for r in records:
+        t = module_type(r.module)
+        if t not in seen:
+            seen.append(t)
+    return seen
+
+
+def _spaced(items: list, n: int = MAX_PANELS) -> list:
+    """At most ``n`` of ``items``, evenly spaced, first and last kept."""
+    if len(items) <= n:
+        return items
+    idx = sorted({round(i * (len(items) - 1) / (n - 1)) for i in range(n)})
+    return [items[i] for i in idx]
+
+
+def _grid(plt, n: int, size=(2.6, 2.2), ncols_max: int = 4):
+    ncols = min(n, ncols_max)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols + 0.6, size[1] * nrows + 0.8),
+                             squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _colors(plt, types):
+    cmap = plt.get_cmap("tab10")
+    return {t: cmap(i % 10) for i, t in enumerate(types)}
+
+
+def _matrix(records, field: str):
+    """(layers × types) array of ``field`` (NaN where a module is missing or the field is None)."""
+    layers, types = _layers(records), _types(records)
+    M = np.full((len(layers), len(types)), np.nan)
+    for r in records:
+        v = getattr(r, field)
+        if v is not None:
+            M[layers.index(r.layer), types.index(module_type(r.module))] = v
+    return M, layers, types
+
+
+def fig_svd_spectrum(records, path, title: str = "") -> Path:
+    """Singular values σ_i of ΔW (log scale) against i, one panel per layer, one line per module
+    type. A flat spectrum means ΔW uses all r directions; a steep one means a few dominate."""
+    plt = pyplot()
+    layers, types = _spaced(_layers(records)), _types(records)
+    colors = _colors(plt, types)
+    fig, axes = _grid(plt, len(layers))
+    positive = [s for r in records for s in r.singular_values if s > 0]
+    for ax, layer in zip(axes, layers):
+        for r in (r for r in records if r.layer == layer):
+            s = np.asarray(r.singular_values, float)
+            ax.plot(np.arange(1, s.size + 1), np.where(s > 0, s, np.nan), "o-", ms=3, lw=1.2,
+                    color=colors[module_type(r.module)], label=module_type(r.module))
+        if positive:
+            ax.set_yscale("log")
+        ax.set_title(f"layer {_layer_label(layer)}", fontsize=9)
+        ax.set_xlabel("index i", fontsize=8)
+        ax.set_ylabel("σ_i(ΔW)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[t], marker="o", ms=3, label=t) for t in types]
+    fig.legend(handles=handles, loc="upper right", fontsize=7, title="module", title_fontsize=7)
+    shown = "" if len(layers) == len(_layers(records)) else f" ({len(layers)} layers shown)"
+    fig.suptitle(f"{title + ': ' if title else ''}singular values of ΔW = s·B·A per layer{shown}",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    return save_figure(fig, Path(path))
+
+
+def _heat(ax, M, layers, types, vmax, cmap, annotate: bool, xlabels: bool = True):
+    im = ax.imshow(M, aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(range(len(types)), types if xlabels else [], rotation=45, ha="right",
+                  fontsize=7)
+    step = max(1, len(layers) // 16)
+    ax.set_yticks(range(0, len(layers), step), [_layer_label(layers[i])
+                                                for i in range(0, len(layers), step)], fontsize=7)
+    if xlabels:
+        ax.set_xlabel("module", fontsize=8)
+    ax.set_ylabel("layer", fontsize=8)
+    if annotate:
+        for i in range(M.shape[0]):
+            for j in range(M.shape[1]):
+                if np.isfinite(M[i, j]):
+                    ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if M[i, j] < 0.6 * vmax else "black")
+    return im
+
+
+def fig_svd_phi(records, path, title: str = "") -> Path:
+    """φ per layer (rows) and module type (columns), measured beside random.
+
+    Top row: φ(1, 1) (|cos|² of the two adapters' top directions) and its random expectation 1/d;
+    bottom row: φ(r, r') (the whole subspaces) and max(r, r')/d. One colour scale, [0, 1], for
+    all four panels, so a measured cell is read against the random cell beside it."""
+    plt = pyplot()
+    recs = [r for r in records if r.phi_full is not None]
+    pairs = [("phi_top1", "phi_baseline_top1", "φ(1,1)", "1/d"),
+             ("phi_full", "phi_baseline_full", "φ(r,r')", "max(r,r')/d")]
+    _, layers, types = _matrix(recs, "phi_full")
+    annotate = len(layers) * len(types) <= 48
+    fig, axes = plt.subplots(2, 2, figsize=(2 * (1.6 + 0.55 * len(types)) + 1.2,
+                                            2 * (1.1 + 0.22 * len(layers)) + 1.2),
+                             squeeze=False, layout="constrained")
+    im = None
+    for k, (row, (meas, base, name, formula)) in enumerate(zip(axes, pairs)):
+        for ax, field, label in ((row[0], meas, f"{name}, measured"),
+                                 (row[1], base, f"{name}, random subspaces: {formula}")):
+            M, _, _ = _matrix(recs, field)
+            im = _heat(ax, M, layers, types, 1.0, "viridis", annotate, xlabels=k == 1)
+            ax.set_title(label, fontsize=8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="φ (0: orthogonal, 1: same)")
+    ranks = sorted({(r.r, r.other_r) for r in recs})
+    rank_text = (f" (r={ranks[0][0]}, r'={ranks[0][1]})" if len(ranks) == 1 else "")
+    fig.suptitle(f"{title + ': ' if title else ''}subspace similarity φ of the two adapters' "
+                 f"'{recs[0].phi_subspace}' subspaces{rank_text}", fontsize=9)
+    return save_figure(fig, Path(path))
+
+
+def fig_svd_phi_grids(records, path, mtype: str, title: str = "") -> Path:
+    """The LoRA paper's Figure 3 view for one module type: φ(i, j) between the top-i directions
+    of the first adapter and the top-j of the second, one panel per layer; each panel's title
+    gives the random expectation of φ(r, r') = max(r, r')/d to read it against."""
+    plt = pyplot()
+    recs = {r.layer: r for r in records
+            if module_type(r.module) == mtype and r.phi_grid is not None}
+    layers = _spaced(_layers(list(recs.values())))
+    fig, axes = _grid(plt, len(layers), size=(2.2, 2.1))
+    im = None
+    for ax, layer in zip(axes, layers):
+        r = recs[layer]
+        G = np.asarray(r.phi_grid, float)
+        im = ax.imshow(G, origin="lower", cmap="viridis", vmin=0, vmax=1,
+                       extent=(0.5, G.shape[1] + 0.5, 0.5, G.shape[0] + 0.5))
+        ax.set_title(f"layer {_layer_label(layer)} (random {r.phi_baseline_full:.2g})",
+                     fontsize=8)
+        ax.set_xlabel("j (other adapter)", fontsize=7)
+        ax.set_ylabel("i", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="φ(i, j)")
+    fig.suptitle(f"{title + ': ' if title else ''}φ(i, j) of {mtype}, per layer", fontsize=9)
+    return save_figure(fig, Path(path))
+
+
+def _bars(ax, records, field, colors, types, layers, hatch_field=None):
+    width = 0.8 / len(types)
+    for k, t in enumerate(types):
+        xs, ys, unc = [], [], []
+        for r in records:
+            if module_type(r.module) == t and getattr(r, field) is not None:
+                xs.append(layers.index(r.layer) + (k - (len(types) - 1) / 2) * width)
+                ys.append(getattr(r, field))
+                unc.append(getattr(r, hatch_field) or 0 if hatch_field else 0)
+        ax.bar(xs, ys, width, color=colors[t], label=t)
+        if any(unc):
+            ax.bar(xs, unc, width, bottom=np.asarray(ys) - np.asarray(unc), color="none",
+                   edgecolor="black", hatch="///", lw=0)
+    ax.set_xticks(range(len(layers)), [_layer_label(x) for x in layers], fontsize=7)
+
+
+def fig_svd_intruders(records, path, title: str = "") -> Path:
+    """Intruder dimensions per layer (bars per module type): of the top k singular vectors of
+    W0 + ΔW, how many have max |cos| < ε with every singular vector of W0. Hatched: intruders a
+    randomized SVD of W0 leaves uncertain."""
+    plt = pyplot()
+    recs = [r for r in records if r.intruder_count is not None]
+    layers, types = _layers(recs), _types(recs)
+    colors = _colors(plt, types)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * len(layers) * max(1, len(types) / 2) + 2),
+                                    3.4))
+    _bars(ax, recs, "intruder_count", colors, types, layers, "intruder_uncertain")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"intruder dimensions (of top {recs[0].intruder_k})")
+    ax.set_ylim(0, max(1, max(r.intruder_count for r in recs)) * 1.1)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    handles, _ = ax.get_legend_handles_labels()
+    if any(r.intruder_uncertain for r in recs):
+        handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="none", edgecolor="black",
+                                     hatch="///", lw=0, label="uncertain"))
+    ax.legend(handles=handles, fontsize=7, title="module", title_fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"{title + ': ' if title else ''}intruder dimensions per layer "
+                 f"(k={recs[0].intruder_k}, ε={recs[0].intruder_eps:g})", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
+def fig_svd_amplification(records, path, title: str = "") -> Path:
+    """The LoRA paper's amplification factor ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F per layer (solid, one line
+    per module type, U_r and V_r ΔW's own top-r singular vectors) and the same ratio for random
+    directions of rank r, ‖ΔW‖_F / (r ‖W‖_F / sqrt(d_out d_in)) (dashed): ΔW amplifies directions
+    W already holds when the solid line lies well below the dashed one."""
+    plt = pyplot()
+    recs = [r for r in records if r.amplification is not None]
+    layers, types = _layers(recs), _types(recs)
+    colors = _colors(plt, types)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(layers) + 3), 3.6))
+    for t in types:
+        rs = [r for r in recs if module_type(r.module) == t]
+        x = [layers.index(r.layer) for r in rs]
+        ax.plot(x, [r.amplification for r in rs], "o-", color=colors[t], ms=4, label=t)
+        ax.plot(x, [r.delta_fro / r.w_proj_random if r.w_proj_random else np.nan for r in rs],
+                "--", color=colors[t], alpha=0.7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(layers)), [_layer_label(x) for x in layers], fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("‖ΔW‖F / ‖UᵀWV‖F (ratio)")
+    ax.grid(alpha=0.3)
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [plt.Line2D([], [], color="gray", ls="-", marker="o", ms=4,
+                           label="U, V: ΔW's top-r"),
+                plt.Line2D([], [], color="gray", ls="--", label="U, V: random, rank r")]
+    ax.legend(handles=handles, fontsize=7, title="module", title_fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    ranks = sorted({r.r for r in recs})
+    ax.set_title(f"{title + ': ' if title else ''}amplification factor per layer "
+                 f"(r={'/'.join(str(x) for x in ranks)})", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
+def svd_figures(records, out_dir, title: str = "") -> list[Path]:
+    """Every figure the records allow, written into ``out_dir``: the spectrum always; φ (heat map
+    and one φ(i, j) grid figure per module type, ``svd_phi_<type>.png``) with a second adapter;
+    intruders and amplification with base weights."""
+    out_dir = Path(out_dir)
+    paths = [fig_svd_spectrum(records, out_dir / SPECTRUM_PNG, title)]
+    if any(r.phi_full is not None for r in records):
+        paths.append(fig_svd_phi(records, out_dir / PHI_PNG, title))
+        for t in _types([r for r in records if r.phi_grid is not None]):
+            paths.append(fig_svd_phi_grids(records, out_dir / f"svd_phi_{t}.png", t, title))
+    if any(r.intruder_count is not None for r in records):
+        paths.append(fig_svd_intruders(records, out_dir / INTRUDERS_PNG, title))
+    if any(r.amplification is not None for r in records):
+        paths.append(fig_svd_amplification(records, out_dir / AMPLIFICATION_PNG, title))
+    return paths
+
+
+__all__ = ["fig_svd_amplification", "fig_svd_intruders", "fig_svd_phi", "fig_svd_phi_grids",
+           "fig_svd_spectrum", "module_type", "svd_figures"]
