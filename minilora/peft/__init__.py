@@ -34,6 +34,13 @@ from minilora.peft.houlsby import (
                                  adapter_layers,
                                  inject_adapters,
 )
+from minilora.peft.modules_to_save import (
+                                 SavedModules,
+                                 add_modules_to_save,
+                                 count_modules_to_save,
+                                 modules_to_save_state_dict,
+                                 resolve_modules_to_save,
+)
 from minilora.peft.prefix import (
                                  PrefixConfig,
                                  PrefixTuningModel,
@@ -48,4 +55,5 @@ __all__ = ["ADAPTER_TARGETS", "AdapterConfig", "BitFitConfig", "CONFIGS", "Houls
            "PEFT_FORMAT", "PeftError", "PrefixConfig", "PrefixTuningModel", "PromptConfig",
            "PromptTuningModel", "adapter_layers", "add_prefix", "add_prompt", "apply_bitfit",
            "apply_peft", "base_prefix_kv", "count_peft_parameters", "inject_adapters",
-           "load_peft", "peft_state_dict", "save_peft"]
+           "load_peft", "peft_state_dict", "save_peft", "SavedModules", "add_modules_to_save",
+           "count_modules_to_save", "modules_to_save_state_dict", "resolve_modules_to_save"]

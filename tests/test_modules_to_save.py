@@ -1,0 +1,108 @@
+"""modules_to_save: whole modules trained beside any method, saved in PEFT's layout (both the
+0.21 plain key and the older ``modules_to_save.default`` key), merged and restored; errors."""
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from minilora import backend
+from minilora.config import GPTConfig, LoraConfig
+from minilora.lora import inject_lora, merge_lora, unmerge_lora
+from minilora.lora.peft_format import export_peft, import_peft
+from minilora.model import GPT
+from minilora.optim import AdamW
+from minilora.peft import (AdapterConfig, BitFitConfig, PeftError, PromptConfig,
+                           add_modules_to_save, apply_peft, count_modules_to_save)
+from helpers import batch, np_
+from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
+
+TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=2), AdapterConfig(bottleneck=2),
+                                    BitFitConfig(), PromptConfig(prompt_len=2)])
+def test_any_method_trains_the_saved_module_and_nothing_else_new(config):
+    gpt = GPT(TINY, 0, dtype="float64")
+    model = inject_lora(gpt, config) and gpt if isinstance(config, LoraConfig) \
+        else apply_peft(gpt, config)
+    before = {n for n, _, _ in model.named_trainable()}
+    saved = add_modules_to_save(model, ("lm_head", "ln_f"))
+    after = {n for n, _, _ in model.named_trainable()}
+    saved_names = {"lm_head.weight", "ln_f.weight", "ln_f.bias"}
+    assert saved_names <= after and after - before <= saved_names and "lm_head.weight" not in before
+    assert count_modules_to_save(model, ("lm_head", "ln_f")) == TINY.vocab_size * 8 + 16
+    head0 = np_(gpt.lm_head.params["weight"]).copy()
+    opt = AdamW(model, lr=1e-2)
+    x, y = batch(0, B=2, T=4, V=11)
+    model.forward_backward(x, y)
+    opt.step()
+    assert not np.allclose(np_(gpt.lm_head.params["weight"]), head0)
+    saved.restore()  # the adapter switched off: the base head again
+    np.testing.assert_array_equal(np_(gpt.lm_head.params["weight"]), head0)
+
+
+def test_unknown_or_adapted_module_is_one_clear_error():
+    gpt = GPT(TINY, 0)
+    inject_lora(gpt, LoraConfig(r=2, target_modules=("q", "v", "lm_head")))
+    with pytest.raises(PeftError, match="no module of the model is named 'head'"):
+        add_modules_to_save(gpt, ("head",))
+    with pytest.raises(PeftError, match="already adapted"):
+        add_modules_to_save(gpt, ("lm_head",))
+    with pytest.raises(PeftError, match="list of module names"):
+        add_modules_to_save(gpt, (3,))
+
+
+def test_peft_lora_with_saved_lm_head_reproduces_peft_logits_and_merge():
+    ref = reference("gpt_lora_mts")
+    model = fixture_gpt(ref)
+    config = import_peft(PEFT_DIR / "gpt_lora_mts", model)
+    assert set(config.target_modules) == {"q", "v"}
+    np.testing.assert_allclose(np_(model.lm_head.params["weight"]), ref["merged/lm_head.weight"],
+                               rtol=0, atol=0)
+    assert model.lm_head.trainable == {"weight"}
+    np.testing.assert_allclose(logits_of(model, ref), ref["logits"], rtol=0, atol=1e-8)
+    merge_lora(model)
+    np.testing.assert_allclose(logits_of(model, ref), ref["logits_merged"], rtol=0, atol=1e-8)
+    for name in ("blocks.0.attn.q.weight", "blocks.1.attn.v.weight"):
+        np.testing.assert_allclose(np_(model.state_dict()[name]), ref[f"merged/{name}"],
+                                   rtol=1e-12, atol=1e-14)
+    unmerge_lora(model)
+    np.testing.assert_allclose(logits_of(model, ref), ref["logits"], rtol=0, atol=1e-8)
+
+
+def test_export_writes_peft_021_layout_and_reads_the_old_one(tmp_path):
+    ref = reference("gpt_lora_mts")
+    model = fixture_gpt(ref)
+    config = import_peft(PEFT_DIR / "gpt_lora_mts", model)
+    export_peft(tmp_path / "new", model, config, modules_to_save=("lm_head",))
+    ours = load_file(str(tmp_path / "new" / "adapter_model.safetensors"))
+    theirs = load_file(str(PEFT_DIR / "gpt_lora_mts" / "adapter_model.safetensors"))
+    assert set(ours) == set(theirs) and "base_model.model.lm_head.weight" in ours
+    for k in theirs:
+        np.testing.assert_array_equal(ours[k], theirs[k])
+    d = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert d["modules_to_save"] == ["lm_head"]
+    # the layout of PEFT before 0.21: ...lm_head.modules_to_save.default.weight
+    old = {k.replace("lm_head.weight", "lm_head.modules_to_save.default.weight"): v
+           for k, v in theirs.items()}
+    (tmp_path / "old").mkdir()
+    save_file(old, str(tmp_path / "old" / "adapter_model.safetensors"))
+    (tmp_path / "old" / "adapter_config.json").write_text(
+        (PEFT_DIR / "gpt_lora_mts" / "adapter_config.json").read_text())
+    fresh = fixture_gpt(ref)
+    import_peft(tmp_path / "old", fresh)
+    np.testing.assert_allclose(logits_of(fresh, ref), ref["logits"], rtol=0, atol=1e-8)
+
+
+def test_config_naming_a_module_the_file_lacks(tmp_path):
+    ref = reference("gpt_lora_mts")
+    d = json.loads((PEFT_DIR / "gpt_lora_mts" / "adapter_config.json").read_text())
+    tensors = {k: v for k, v in load_file(str(PEFT_DIR / "gpt_lora_mts" /
+                                               "adapter_model.safetensors")).items()
+               if "lm_head" not in k}
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d))
+    from minilora.lora.peft_format import PeftFormatError
+    with pytest.raises(PeftFormatError, match="modules_to_save names"):
+        import_peft(tmp_path, fixture_gpt(ref))
