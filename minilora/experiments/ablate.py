@@ -1,0 +1,559 @@
+"""Rank ablations as a sweep of cells, one JSON record per cell: ``minilora ablate``.
+
+A **cell** is one fine-tuning run, given in full by a configuration dict (:func:`make_cell`):
+
+    {"task", "method", "r", "lora_alpha", "targets", "seed", "steps", "lr", "batch_size",
+     "block_size", "eval_batches", "base"}
+
+(``r``, ``lora_alpha`` and ``targets`` are None for full fine-tuning; ``lr`` None is the
+method's harness default; ``base`` "shipped" or a checkpoint path). Its **key** is the first 16
+hex digits of the SHA-256 of the canonical JSON (sorted keys, no spaces), so the same
+configuration always lands in the same file ``<out>/cells/<key>.json``. A record holds
+
+* ``config`` and ``key``; ``result``: the :func:`~minilora.experiments.finetune.finetune` record
+  (task metric, forgetting, parameters, ...);
+* ``delta_w``: per adapted matrix (full fine-tuning: the 6 linears of every block), the singular
+  values of ΔW, ||ΔW||_F, the effective and stable ranks, and the max |cos| of the top
+  :data:`INTRUDER_TOP_K` left singular vectors of W_0 + ΔW against those of W_0 (so the intruder
+  count at any threshold ε can be read from the record, see :func:`intruder_count`);
+* ``run``: wall seconds, the BLAS threads it ran with, where (timings are not part of the
+  configuration and differ from run to run).
+
+Records are written atomically by the process that ran the cell, so a killed sweep loses only
+the cells in flight. A re-run reads every record first: a finished one is skipped; an unreadable,
+partial or mismatched one is reported and run again. The weights of each cell stay under
+``<runs>/<key>/`` (git-ignored; the ΔW studies read them) and are not needed for the records.
+
+Execution: through Dask (``dask.distributed``: a ``LocalCluster`` of ``workers`` processes with
+one thread each, or an existing scheduler), or serially in this process (``serial=True``, for
+debugging). One failing cell never stops the others: failures come back with a one-line error.
+Each worker sets its BLAS thread count before NumPy loads (the Nanny's pre-spawn environment),
+so two workers on two cores do not oversubscribe them.
+
+Chapter: chapters/05-delta-w-analysis.ipynb
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+try:  # optional (the ablate extra): reads and limits the BLAS threads of the process a cell runs in
+    import threadpoolctl
+except ImportError:  # then the environment set before the worker started is all there is
+    threadpoolctl = None
+
+from minilora.analysis import effective_rank, lowrank_svd, singular_values, stable_rank, svd
+from minilora.checkpoint import load_checkpoint
+from minilora.config import LoraConfig
+from minilora.errors import MiniloraError, UsageError
+from minilora.experiments.finetune import finetune
+from minilora.experiments.paths import RUNS, base_model_path
+from minilora.experiments.tasks import TASKS
+from minilora.io import atomic_write_json, ensure_writable_dir
+from minilora.lora import lora_scaling, read_adapter
+
+#: bump when the record layout changes (older records are then re-run)
+RECORD_FORMAT = 1
+#: fine-tuned left singular vectors whose max |cos| with W_0's are stored per matrix
+INTRUDER_TOP_K = 20
+#: the linear layers of a block, in the model's order (full fine-tuning's ΔW summary covers these)
+LINEARS = ("q", "k", "v", "o", "up", "down")
+TARGET_NAMES = LINEARS + ("lm_head",)
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+            "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+#: fields of a record that are measurements of time, not results (ignored when comparing runs)
+TIMING_FIELDS = ("train_seconds", "median_step_ms")
+DEFAULT_RUNS = RUNS / "ablate"
+
+
+class SweepError(MiniloraError):
+    """A sweep cannot start (bad cells, no Dask, an unusable output directory)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# cells
+
+
+def make_cell(task: str = "milton", method: str = "lora", r: int | None = 8,
+              targets=("q", "v"), seed: int = 0, steps: int = 200, lr: float | None = None,
+              lora_alpha: float | None = None, batch_size: int = 8, block_size: int = 128,
+              eval_batches: int = 16, base=None) -> dict:
+    """One cell's full configuration (module docstring), validated.
+
+    ``targets`` is a tuple of layer names (:data:`TARGET_NAMES`) or "all-linear" (= the six
+    linears of a block); ``lora_alpha`` None means 2r (so ΔW = 2 · B A at every rank, the recipe
+    of Biderman et al. and Shuttleworth et al.). ``method`` "full" ignores r, targets, alpha.
+    """
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    if method not in ("lora", "full"):
+        raise UsageError(f"method must be 'lora' or 'full', got {method!r}")
+    for name, v, lo in (("seed", seed, 0), ("steps", steps, 1), ("batch_size", batch_size, 1),
+                        ("block_size", block_size, 2), ("eval_batches", eval_batches, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise UsageError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and 0 < lr < 1):
+        raise UsageError(f"lr must be in (0, 1), got {lr!r}")
+    cell = dict(task=task, method=method, seed=int(seed), steps=int(steps),
+                lr=None if lr is None else float(lr), batch_size=int(batch_size),
+                block_size=int(block_size), eval_batches=int(eval_batches),
+                base="shipped" if base is None else str(base),
+                r=None, lora_alpha=None, targets=None)
+    if method == "lora":
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
+            raise UsageError(f"r must be an integer >= 1, got {r!r}")
+        targets = parse_targets(targets) if isinstance(targets, str) else tuple(targets)
+        bad = [t for t in targets if t not in TARGET_NAMES]
+        if not targets or bad:
+            raise UsageError(f"unknown target(s) {', '.join(bad) or '(none)'}; allowed: "
+                             f"{', '.join(TARGET_NAMES)} or all-linear")
+        alpha = 2.0 * r if lora_alpha is None else float(lora_alpha)
+        if not alpha > 0:
+            raise UsageError(f"lora_alpha must be > 0, got {lora_alpha!r}")
+        cell.update(r=int(r), lora_alpha=alpha,
+                    targets=[t for t in TARGET_NAMES if t in targets])  # one order per set
+    return cell
+
+
+def parse_targets(text: str) -> tuple:
+    """``"q,v"`` -> ("q", "v"); ``"all-linear"`` -> the six linears of a block."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["all-linear"]:
+        return LINEARS
+    return tuple(names)
+
+
+def target_label(targets) -> str:
+    """A short name for a target set: "q,v", "all-linear", or "full" (None)."""
+    if targets is None:
+        return "full"
+    return "all-linear" if tuple(targets) == LINEARS else ",".join(targets)
+
+
+def cell_key(cell: dict) -> str:
+    """The first 16 hex digits of SHA-256 of the cell's canonical JSON (sorted keys)."""
+    text = json.dumps(cell, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def grid(tasks, ranks, target_sets, seeds, steps: int, full: bool = False, pairs=(),
+         **fields) -> list[dict]:
+    """The cells of a sweep: every task × seed × (rank × target set, plus the explicit
+    ``pairs`` of (targets, r)), plus one full fine-tuning cell per task × seed if ``full``.
+    ``fields`` go to every :func:`make_cell` (lr, batch_size, base, ...). Duplicates are dropped."""
+    cells, seen = [], set()
+    for task in tasks:
+        for seed in seeds:
+            combos = [(t, r) for t in target_sets for r in ranks] + list(pairs)
+            todo = [make_cell(task, "lora", r, t, seed, steps, **fields) for t, r in combos]
+            if full:
+                todo.append(make_cell(task, "full", None, None, seed, steps,
+                                      **{k: v for k, v in fields.items() if k != "lora_alpha"}))
+            for c in todo:
+                k = cell_key(c)
+                if k not in seen:
+                    seen.add(k)
+                    cells.append(c)
+    return cells
+
+
+def check_cells_fit_base(cells) -> None:
+    """Every rank fits the base it runs on (r <= the smallest side of a targeted matrix), and the
+    base loads: checked once per base before any cell starts."""
+    for base in sorted({c["base"] for c in cells}):
+        model, _, _ = load_checkpoint(base_model_path() if base == "shipped" else base)
+        C = model.config.n_embd
+        too_big = sorted({c["r"] for c in cells if c["base"] == base and c["r"] and c["r"] > C})
+        if too_big:
+            raise UsageError(f"--ranks: r = {too_big} exceed the model width n_embd = {C} of "
+                             f"base {base!r} (r must be <= min(d_in, d_out))")
+        blk = model.config.block_size
+        if any(c["block_size"] > blk for c in cells if c["base"] == base):
+            raise UsageError(f"--block-size: windows must be at most the base's context of "
+                             f"{blk} characters ({base!r})")
+
+
+# ----------------------------------------------------------------------------------------------
+# one cell (runs in a worker)
+
+
+def _summary(W0, W_t, delta_s) -> dict:
+    """The ΔW summary of one matrix: its spectrum, norms, ranks, and the intruder similarities of
+    W_t against W_0 (top :data:`INTRUDER_TOP_K` of W_t)."""
+    s = np.asarray(delta_s, dtype=np.float64)
+    U0, Ut = svd(W0).U, svd(W_t).U
+    k = min(INTRUDER_TOP_K, Ut.shape[1])
+    sims = np.abs(U0.T @ Ut[:, :k]).max(axis=0)
+    return {"singular_values": [float(f"{x:.6g}") for x in s],
+            "fro": float(np.sqrt(np.sum(s ** 2))), "w_fro": float(np.linalg.norm(W0)),
+            "effective_rank": effective_rank(s), "stable_rank": stable_rank(s),
+            "intruder_similarities": [round(float(x), 6) for x in sims]}
+
+
+def delta_w_summary(cell: dict, weights_dir: Path) -> dict:
+    """``{module: summary}`` for the trained weights in ``weights_dir`` (module docstring)."""
+    base = base_model_path() if cell["base"] == "shipped" else cell["base"]
+    model0, _, _ = load_checkpoint(base)
+    W0 = {n: np.asarray(p, dtype=np.float64) for n, p in model0.named_parameters()}
+    out = {}
+    if cell["method"] == "lora":
+        arrays, cfg = read_adapter(weights_dir / "adapter.safetensors")
+        scale = lora_scaling(cfg.r, cfg.lora_alpha, cfg.use_rslora)
+        for name in sorted(n[:-len(".lora_A")] for n in arrays if n.endswith(".lora_A")):
+            A = np.asarray(arrays[name + ".lora_A"], dtype=np.float64)
+            B = np.asarray(arrays[name + ".lora_B"], dtype=np.float64)
+            W = W0[name + ".weight"]
+            if W.shape != (B.shape[0], A.shape[1]):   # an embedding stores ΔW transposed
+                continue
+            s = lowrank_svd(B, A, scale).s
+            out[name] = _summary(W, W + scale * (B @ A), s)
+    else:
+        model1, _, _ = load_checkpoint(weights_dir / "model.safetensors")
+        W1 = {n: np.asarray(p, dtype=np.float64) for n, p in model1.named_parameters()}
+        for n in W0:
+            parts = n.split(".")
+            if len(parts) >= 3 and parts[-2] in LINEARS and parts[-1] == "weight":
+                name = n[:-len(".weight")]
+                out[name] = _summary(W0[n], W1[n], singular_values(W1[n] - W0[n]))
+    return out
+
+
+def _blas_threads() -> int | None:
+    """The BLAS threads of this process (threadpoolctl), or the environment's setting."""
+    if threadpoolctl is None:
+        env = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        return int(env) if env and env.isdigit() else None
+    info = threadpoolctl.threadpool_info()
+    return max((i.get("num_threads", 0) for i in info if i.get("user_api") == "blas"),
+               default=None)
+
+
+def run_cell(cell: dict, out: str, runs: str, blas_threads: int | None = None) -> dict:
+    """Run one cell and write its record ``<out>/cells/<key>.json``; returns
+    ``{"key", "status": "done" | "failed", "error": one line or None, "seconds"}``.
+
+    Never raises for a failing cell (the error comes back as one line); this is the function
+    the Dask workers run. ``blas_threads`` limits BLAS in this process (threadpoolctl, if
+    installed) on top of the environment the worker was started with.
+    """
+    key = cell_key(cell)
+    t0 = time.perf_counter()
+    try:
+        limiter = None
+        if blas_threads is not None and threadpoolctl is not None:
+            limiter = threadpoolctl.threadpool_limits(blas_threads, user_api="blas")
+        try:
+            record = _run(cell, key, Path(out), Path(runs), t0)
+        finally:
+            if limiter is not None:
+                limiter.restore_original_limits()
+        atomic_write_json(Path(out) / "cells" / f"{key}.json", record)
+        return {"key": key, "status": "done", "error": None,
+                "seconds": time.perf_counter() - t0}
+    except Exception as e:  # noqa: BLE001 - one cell's failure must not stop the sweep
+        line = f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, MiniloraError):
+            tb = traceback.extract_tb(e.__traceback__)
+            if tb:
+                line += f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})"
+        return {"key": key, "status": "failed", "error": line,
+                "seconds": time.perf_counter() - t0}
+
+
+def _run(cell, key, out: Path, runs: Path, t0) -> dict:
+    method_cfg = None
+    if cell["method"] == "lora":
+        method_cfg = LoraConfig(r=cell["r"], lora_alpha=cell["lora_alpha"],
+                                target_modules=tuple(cell["targets"]), seed=cell["seed"])
+    train = dict(max_steps=cell["steps"], seed=cell["seed"], batch_size=cell["batch_size"],
+                 block_size=cell["block_size"])
+    if cell["lr"] is not None:
+        train["lr"] = cell["lr"]
+    weights_dir = runs / key
+    result = finetune(cell["method"], cell["task"], method_cfg, train,
+                      base_path=None if cell["base"] == "shipped" else cell["base"],
+                      out_dir=weights_dir, progress=False, eval_batches=cell["eval_batches"],
+                      measure_memory=False)
+    delta = delta_w_summary(cell, weights_dir)
+    (weights_dir / "ckpt.safetensors").unlink(missing_ok=True)  # the resumable state: not needed
+    return {"format": RECORD_FORMAT, "key": key, "config": cell, "status": "done",
+            "result": result, "delta_w": delta,
+            "run": {"seconds": round(time.perf_counter() - t0, 3),
+                    "blas_threads": _blas_threads(), "pid": os.getpid(),
+                    "weights": str(weights_dir)}}
+
+
+# ----------------------------------------------------------------------------------------------
+# records
+
+
+def read_record(path) -> tuple[dict | None, str | None]:
+    """(record, None) for a complete record at ``path``; (None, why) for a missing, unreadable,
+    partial or mismatched one."""
+    path = Path(path)
+    if not path.exists():
+        return None, "missing"
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"unreadable ({type(e).__name__})"
+    if not isinstance(rec, dict):
+        return None, "not a JSON object"
+    missing = [k for k in ("format", "key", "config", "status", "result", "delta_w")
+               if k not in rec]
+    if missing:
+        return None, f"partial (no {', '.join(missing)})"
+    if rec["format"] != RECORD_FORMAT:
+        return None, f"record format {rec['format']} (now {RECORD_FORMAT})"
+    if rec["status"] != "done":
+        return None, f"status {rec['status']!r}"
+    if not isinstance(rec["config"], dict) or cell_key(rec["config"]) != rec["key"] \
+            or path.stem != rec["key"]:
+        return None, "its key does not match its configuration"
+    res = rec["result"]
+    if not isinstance(res, dict) or not all(k in res for k in ("task_metric", "forgetting")):
+        return None, "partial result"
+    return rec, None
+
+
+def load_records(out) -> list[dict]:
+    """Every complete record under ``<out>/cells/`` (sorted by key)."""
+    d = Path(out) / "cells"
+    recs = [read_record(p)[0] for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    return [r for r in recs if r is not None]
+
+
+def comparable(record: dict) -> dict:
+    """``record`` without its timings (``run``, :data:`TIMING_FIELDS`): what must be identical
+    when the same cell runs twice, serially or on Dask."""
+    rec = {k: v for k, v in record.items() if k != "run"}
+    rec["result"] = {k: v for k, v in rec["result"].items() if k not in TIMING_FIELDS}
+    return rec
+
+
+def intruder_count(summary: dict, eps: float, k: int) -> int:
+    """Intruders among the top k of one matrix's ΔW summary at threshold ε:
+    #{j < k : max_i |cos(y_j, x_i)| < ε}."""
+    sims = summary["intruder_similarities"]
+    if k > len(sims):
+        raise UsageError(f"k = {k} exceeds the {len(sims)} similarities stored per matrix")
+    return int(sum(s < eps for s in sims[:k]))
+
+
+# ----------------------------------------------------------------------------------------------
+# the sweep
+
+
+def _dask():
+    try:
+        import dask  # lazy: optional dependency (the ablate extra), only for parallel sweeps
+        import distributed  # lazy: as above
+    except ImportError:
+        raise SweepError("Dask is not installed: pip install 'dask[distributed]' (the ablate "
+                         "extra), or run with --serial") from None
+    return dask, distributed
+
+
+def start_cluster(workers: int = 2, blas_threads: int = 1, scheduler: str | None = None):
+    """A Dask client: on ``scheduler`` (an address) if given, else on a new ``LocalCluster`` of
+    ``workers`` processes × 1 thread whose BLAS thread count is ``blas_threads`` (set in the
+    environment before the worker process starts, so before NumPy loads). Returns (client,
+    cluster or None); close both when done."""
+    dask, distributed = _dask()
+    if scheduler:
+        try:
+            return distributed.Client(scheduler, timeout="20s"), None
+        except (OSError, TimeoutError) as e:
+            raise SweepError(f"--scheduler {scheduler}: cannot connect ({e})") from None
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    env.update({v: str(blas_threads) for v in BLAS_ENV})
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
+                                           processes=True, dashboard_address=None,
+                                           silence_logs=40)  # logging.ERROR
+    return distributed.Client(cluster), cluster
+
+
+def plan(cells, out) -> tuple[list[dict], list[dict], list[str]]:
+    """Split ``cells`` into (finished records, cells to run, notes on records being re-run)."""
+    done, todo, notes = [], [], []
+    for cell in cells:
+        key = cell_key(cell)
+        path = Path(out) / "cells" / f"{key}.json"
+        rec, why = read_record(path)
+        if rec is not None:
+            done.append(rec)
+        else:
+            todo.append(cell)
+            if why != "missing":
+                notes.append(f"cell {key}: {why} record, running it again")
+    return done, todo, notes
+
+
+def run_sweep(cells, out, runs=None, workers: int = 2, blas_threads: int = 1,
+              serial: bool = False, scheduler: str | None = None, progress: bool = True,
+              log=print, rerun_missing_weights: bool = False) -> dict:
+    """Run every cell of ``cells`` that has no complete record under ``<out>/cells/``.
+
+    Args:
+        cells: configurations from :func:`make_cell` / :func:`grid`.
+        out: the records' directory (``cells/`` inside it).
+        runs: where each cell keeps its weights (default ``runs/ablate``, git-ignored).
+        workers, blas_threads: the LocalCluster's worker processes and BLAS threads per worker.
+        serial: run in this process, one cell after another (debugging; no Dask needed).
+        scheduler: the address of a running Dask scheduler instead of a LocalCluster.
+        rerun_missing_weights: also re-run finished cells whose weights are gone from ``runs``
+            (the ΔW studies need them; training is deterministic, so the record is the same).
+
+    Returns ``{"done": [keys run now], "skipped": [keys already done], "failed": {key: error},
+    "seconds": wall time}``. Raises :class:`SweepError` before any work if the output directory
+    is unusable or Dask is needed but missing.
+    """
+    cells = list({cell_key(c): c for c in cells}.values())   # the same cell once
+    if not cells:
+        raise SweepError("no cells to run")
+    if serial and scheduler:
+        raise UsageError("--serial and --scheduler exclude each other")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"--workers must be an integer >= 1, got {workers!r}")
+    if isinstance(blas_threads, bool) or not isinstance(blas_threads, int) or blas_threads < 1:
+        raise UsageError(f"--blas-threads must be an integer >= 1, got {blas_threads!r}")
+    out, runs = Path(out), Path(runs) if runs is not None else DEFAULT_RUNS
+    ensure_writable_dir(out / "cells")
+    ensure_writable_dir(runs)
+    if not serial:
+        _dask()
+    check_cells_fit_base(cells)
+    done, todo, notes = plan(cells, out)
+    if rerun_missing_weights:
+        keep = []
+        for rec in done:
+            wfile = "adapter.safetensors" if rec["config"]["method"] == "lora" \
+                else "model.safetensors"
+            if (runs / rec["key"] / wfile).exists():
+                keep.append(rec)
+            else:
+                todo.append(rec["config"])
+                notes.append(f"cell {rec['key']}: weights missing under {runs}, running it again")
+        done = keep
+    for n in notes:
+        log(n)
+    log(f"{len(cells)} cells: {len(done)} already done, {len(todo)} to run"
+        + ("" if not todo else " serially" if serial else
+           f" on {scheduler}" if scheduler else
+           f" on {workers} Dask worker(s) x {blas_threads} BLAS thread(s)"))
+    t0 = time.perf_counter()
+    results = []
+    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress or not todo)
+    if todo and serial:
+        for cell in todo:
+            results.append(run_cell(cell, str(out), str(runs), blas_threads))
+            _tick(bar, results)
+    elif todo:
+        client, cluster = start_cluster(workers, blas_threads, scheduler)
+        _, distributed = _dask()
+        try:
+            futures = {client.submit(run_cell, c, str(out.resolve()), str(runs.resolve()),
+                                     blas_threads, key=f"cell-{cell_key(c)}", pure=False,
+                                     retries=0): cell_key(c) for c in todo}
+            for fut in distributed.as_completed(futures):
+                try:
+                    res = fut.result()
+                except Exception as e:  # noqa: BLE001 - a lost worker fails only its cell
+                    res = {"key": futures[fut], "status": "failed",
+                           "error": f"{type(e).__name__}: {e}".splitlines()[0], "seconds": None}
+                results.append(res)
+                _tick(bar, results)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    bar.close()
+    failed = {r["key"]: r["error"] for r in results if r["status"] == "failed"}
+    summary = {"done": [r["key"] for r in results if r["status"] == "done"],
+               "skipped": [r["key"] for r in done], "failed": failed,
+               "seconds": time.perf_counter() - t0}
+    if failed:
+        by_key = {cell_key(c): c for c in todo}
+        log(f"{len(failed)} cell(s) failed (the others are saved):")
+        for k, err in failed.items():
+            log(f"  {k} {describe(by_key[k])}: {err}")
+    return summary
+
+
+def _tick(bar, results):
+    bar.update(1)
+    n_failed = sum(r["status"] == "failed" for r in results)
+    if n_failed:
+        bar.set_postfix(failed=n_failed)
+
+
+def describe(cell: dict) -> str:
+    """One line naming a cell: ``milton lora r=8 q,v seed 0 (100 steps)``."""
+    what = "full" if cell["method"] == "full" else \
+        f"lora r={cell['r']} {target_label(cell['targets'])}"
+    return f"{cell['task']} {what} seed {cell['seed']} ({cell['steps']} steps)"
+
+
+# ----------------------------------------------------------------------------------------------
+# the table
+
+
+def group_records(records) -> dict:
+    """``{(task, method, targets label, r, steps): [records over seeds]}``."""
+    groups = {}
+    for rec in records:
+        c = rec["config"]
+        groups.setdefault((c["task"], c["method"], target_label(c["targets"]), c["r"],
+                           c["steps"]), []).append(rec)
+    return groups
+
+
+def _mean_std(xs):
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summary_rows(records) -> list[dict]:
+    """One row per (task, method, targets, r, steps), means and sample std over seeds of the
+    task metric and forgetting, the trainable parameters and the mean effective rank of ΔW."""
+    rows = []
+    for (task, method, tl, r, steps), recs in sorted(
+            group_records(records).items(),
+            key=lambda kv: (kv[0][0], kv[0][1] != "full", kv[0][2], kv[0][3] or 0, kv[0][4])):
+        m, ms = _mean_std([x["result"]["task_metric"] for x in recs])
+        f, fs = _mean_std([x["result"]["forgetting"] for x in recs])
+        er = statistics.fmean(statistics.fmean(v["effective_rank"] for v in x["delta_w"].values())
+                              for x in recs)
+        rows.append(dict(task=task, method=method, targets=tl, r=r, steps=steps,
+                         seeds=len(recs), metric=recs[0]["result"]["metric"],
+                         task_metric=m, task_metric_std=ms, forgetting=f, forgetting_std=fs,
+                         trainable_params=recs[0]["result"]["trainable_params"],
+                         effective_rank=er))
+    return rows
+
+
+def summary_table(records) -> str:
+    """:func:`summary_rows` as a Markdown table."""
+    lines = ["| task | method | targets | r | steps | seeds | task metric | forgetting | "
+             "trainable | mean eff. rank of ΔW |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in summary_rows(records):
+        lines.append(f"| {x['task']} | {x['method']} | {x['targets']} | {x['r'] or '-'} | "
+                     f"{x['steps']} | {x['seeds']} | {x['task_metric']:.4f} ± "
+                     f"{x['task_metric_std']:.4f} | {x['forgetting']:+.4f} ± "
+                     f"{x['forgetting_std']:.4f} | {x['trainable_params']:,} | "
+                     f"{x['effective_rank']:.1f} |")
+    return "\n".join(lines)
+
+
+def temporary_runs_dir() -> Path:
+    """A fresh scratch directory for cell weights (tests, benchmarks)."""
+    return Path(tempfile.mkdtemp(prefix="minilora-ablate-"))
