@@ -8,6 +8,7 @@ backward pass is written by hand and gradchecked::
     prefix tuning    per layer, P trainable keys and values prepended to the         (new inputs
                      attention's keys and values: 2 L P C numbers                     to attention)
     prompt tuning    P trainable vectors prepended to the token embeddings: P C      (new input)
+    (IA)³            vectors rescaling keys, values and the MLP's inner activation   (rescaling)
     BitFit           only the existing biases train                                  (selective)
 
 Modules: :mod:`~minilora.peft.houlsby`, :mod:`~minilora.peft.prefix` (prefix + prompt),
@@ -34,6 +35,19 @@ from minilora.peft.houlsby import (
                                  adapter_layers,
                                  inject_adapters,
 )
+from minilora.peft.ia3 import (
+                                 IA3Config,
+                                 IA3Linear,
+                                 count_ia3_parameters,
+                                 export_ia3_peft,
+                                 ia3_layers,
+                                 import_ia3_peft,
+                                 inject_ia3,
+                                 load_ia3,
+                                 merge_ia3,
+                                 save_ia3,
+                                 unmerge_ia3,
+)
 from minilora.peft.modules_to_save import (
                                  SavedModules,
                                  add_modules_to_save,
@@ -56,4 +70,6 @@ __all__ = ["ADAPTER_TARGETS", "AdapterConfig", "BitFitConfig", "CONFIGS", "Houls
            "PromptTuningModel", "adapter_layers", "add_prefix", "add_prompt", "apply_bitfit",
            "apply_peft", "base_prefix_kv", "count_peft_parameters", "inject_adapters",
            "load_peft", "peft_state_dict", "save_peft", "SavedModules", "add_modules_to_save",
-           "count_modules_to_save", "modules_to_save_state_dict", "resolve_modules_to_save"]
+           "count_modules_to_save", "modules_to_save_state_dict", "resolve_modules_to_save",
+           "IA3Config", "IA3Linear", "count_ia3_parameters", "export_ia3_peft", "ia3_layers",
+           "import_ia3_peft", "inject_ia3", "load_ia3", "merge_ia3", "save_ia3", "unmerge_ia3"]

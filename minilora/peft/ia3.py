@@ -1,0 +1,393 @@
+"""(IA)³: learned vectors that rescale the keys, the values and the MLP's inner activation.
+
+(IA)³ ("Infused Adapter by Inhibiting and Amplifying Inner Activations", Liu et al. 2022, the
+T-Few paper) trains one vector per adapted layer and multiplies it in elementwise::
+
+    k   = l_k ⊙ (x @ W_k.T + b_k)               l_k (C,)    the keys
+    v   = l_v ⊙ (x @ W_v.T + b_v)               l_v (C,)    the values
+    out = (l_ff ⊙ gelu(up(x))) @ W_down.T + b   l_ff (4C,)  the MLP's inner activation
+
+so a layer gets d_out numbers (d_in for the feed-forward one): 2 C + 4 C = 6 C per block, 0.05 %
+of the shipped model. At ``l = 1`` every layer is exactly the base (the default start).
+
+Layouts follow Hugging Face PEFT (``tuners/ia3/layer.py``) so the files load there: the vector is
+``ia3_l``, shaped (d_out, 1) for a layer whose *output* is scaled and (1, d_in) for a
+"feed-forward" layer whose *input* is scaled; an output-scaled layer scales its bias too. PEFT's
+default for LLaMA names is exactly ours: targets k_proj, v_proj, down_proj, feed-forward
+down_proj.
+
+Backward (y = x @ W0.T + b the base output, g = dout)::
+
+    output-scaled:  dl = Σ_batch g ⊙ y         dx = (g ⊙ l) @ W0
+    input-scaled:   dl = Σ_batch (g @ W0) ⊙ x   dx = (g @ W0) ⊙ l
+
+Merge folds the vector into the weight: rows of W0 (and b) times l for output scaling, columns of
+W0 times l for input scaling; unmerge divides again (refused if some l is 0).
+
+Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save
+
+from minilora import backend
+from minilora.backend import xp
+from minilora.config import ConfigError, JsonConfig, LORA_TARGET_ALIASES
+from minilora.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_same_base,
+    config_from_meta,
+    read_typed,
+    write_typed,
+)
+from minilora.lora.peft_format import KEY_PREFIX, from_peft_module, to_peft_module
+from minilora.nn import ops
+from minilora.nn.layers import Linear, Module
+from minilora.peft.common import PeftError
+
+IA3_TARGETS = ("q", "k", "v", "o", "up", "down")
+IA3_FORMAT = "minilora-ia3-v1"
+_PEFT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "up_proj",
+               "down": "down_proj"}
+
+
+def _names(value, what: str) -> tuple:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (tuple, list)):
+        raise ConfigError(f"{what} must be a list of layer names, got {value!r}")
+    out = []
+    for t in value:
+        t = LORA_TARGET_ALIASES.get(t, t)
+        if t not in IA3_TARGETS:
+            raise ConfigError(f"unknown {what} entry {t!r}; allowed: {', '.join(IA3_TARGETS)} "
+                              "(or their PEFT names q_proj ... down_proj)")
+        if t not in out:
+            out.append(t)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class IA3Config(JsonConfig):
+    """Which Linears get an (IA)³ vector, and which of them scale their input.
+
+    Attributes:
+        target_modules: layer names (last name component) to rescale; default k, v, down
+            (the paper's keys, values and feed-forward activation; PEFT's LLaMA default).
+        feedforward_modules: the targets whose *input* is scaled (default down: its input is the
+            MLP's inner GELU activation); the others scale their output. Must be targets.
+        init_ia3_weights: start every vector at 1 (the identity, PEFT's default); False draws
+            1 + N(0, 0.1^2) (tests only).
+        seed: for ``init_ia3_weights=False``.
+    """
+
+    target_modules: tuple = field(default=("k", "v", "down"),
+                                  metadata={"help": "layers to rescale"})
+    feedforward_modules: tuple = field(default=("down",),
+                                       metadata={"help": "targets whose input is scaled"})
+    init_ia3_weights: bool = field(default=True, metadata={"help": "start at 1 (identity)"})
+    seed: int = field(default=0, metadata={"help": "seed of a random start"})
+
+    def __post_init__(self):
+        targets = _names(self.target_modules, "target_modules")
+        if not targets:
+            raise ConfigError("target_modules must name at least one layer")
+        ff = _names(self.feedforward_modules, "feedforward_modules")
+        if not set(ff) <= set(targets):
+            raise ConfigError(f"feedforward_modules {list(ff)} must be among target_modules "
+                              f"{list(targets)} (PEFT's rule)")
+        object.__setattr__(self, "target_modules", targets)
+        object.__setattr__(self, "feedforward_modules", ff)
+        if not isinstance(self.init_ia3_weights, bool):
+            raise ConfigError(f"init_ia3_weights must be true or false, got "
+                              f"{self.init_ia3_weights!r}")
+
+
+class IA3Linear(Module):
+    """A frozen :class:`~minilora.nn.layers.Linear` whose output (or input) is rescaled by a
+    trainable vector ``ia3_l``: (d_out, 1) output scaling, (1, d_in) input scaling (PEFT's
+    shapes). Adopts the base's ``weight`` and ``bias`` arrays. See the module docstring.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+
+    def __init__(self, base: Linear, feedforward: bool, l0=None):
+        super().__init__()
+        if not isinstance(base, Linear):
+            raise TypeError(f"IA3Linear wraps a minilora Linear, got {type(base).__name__}")
+        w = base.params["weight"]
+        self.params["weight"] = w
+        if "bias" in base.params:
+            self.params["bias"] = base.params["bias"]
+        self.feedforward = bool(feedforward)
+        shape = (1, w.shape[1]) if self.feedforward else (w.shape[0], 1)
+        self.params["ia3_l"] = (xp.ones(shape, dtype=w.dtype) if l0 is None
+                                else backend.asarray(l0, dtype=w.dtype).reshape(shape))
+        self.trainable = {"ia3_l"}
+        self.merged = False
+
+    def forward(self, x):
+        """x (..., d_in) -> out (..., d_out), cache."""
+        l = self.params["ia3_l"].reshape(-1)
+        if self.merged:
+            return ops.linear_forward(x, self.params["weight"], self.params.get("bias"),
+                                      keep_x=self.needs_grad("weight"))
+        if self.feedforward:
+            out, c = ops.linear_forward(x * l, self.params["weight"], self.params.get("bias"),
+                                        keep_x=self.needs_grad("weight"))
+            return out, (c, x)
+        y, c = ops.linear_forward(x, self.params["weight"], self.params.get("bias"),
+                                  keep_x=self.needs_grad("weight"))
+        return y * l, (c, y)
+
+    def backward(self, dout, cache, need_dx: bool = True):
+        """dout (..., d_out) -> dx (..., d_in) or None; accumulates d ia3_l (formulas above)."""
+        if self.merged:
+            if self.needs_grad("ia3_l"):
+                raise PeftError("this (IA)³ layer is merged, so ia3_l gets no gradient; unmerge "
+                                "before training")
+            dx, dw, db = ops.linear_backward(dout, cache, need_dx=need_dx,
+                                             need_dw=self.needs_grad("weight"),
+                                             need_db=self.needs_grad("bias"))
+            self._accumulate("weight", dw)
+            self._accumulate("bias", db)
+            return dx
+        c, saved = cache
+        l = self.params["ia3_l"].reshape(-1)
+        axes = tuple(range(dout.ndim - 1))
+        if self.feedforward:
+            need_l = self.needs_grad("ia3_l")
+            dxs, dw, db = ops.linear_backward(dout, c, need_dx=need_dx or need_l,
+                                              need_dw=self.needs_grad("weight"),
+                                              need_db=self.needs_grad("bias"))
+            self._accumulate("weight", dw)
+            self._accumulate("bias", db)
+            if need_l:
+                self._accumulate("ia3_l", xp.sum(dxs * saved, axis=axes).reshape(1, -1))
+            return dxs * l if need_dx else None
+        if self.needs_grad("ia3_l"):
+            self._accumulate("ia3_l", xp.sum(dout * saved, axis=axes).reshape(-1, 1))
+        dx, dw, db = ops.linear_backward(dout * l, c, need_dx=need_dx,
+                                         need_dw=self.needs_grad("weight"),
+                                         need_db=self.needs_grad("bias"))
+        self._accumulate("weight", dw)
+        self._accumulate("bias", db)
+        return dx
+
+    def merge(self) -> None:
+        """Fold ia3_l into W0 (rows and bias for output scaling, columns for input scaling)."""
+        if self.merged:
+            raise PeftError("this (IA)³ layer is already merged; unmerge() first")
+        l = self.params["ia3_l"]
+        self.params["weight"] *= l  # (d_out, 1) scales rows, (1, d_in) scales columns
+        if not self.feedforward and "bias" in self.params:
+            self.params["bias"] *= l.reshape(-1)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Divide the vector out again (exact up to rounding); refused if some entry is 0."""
+        if not self.merged:
+            warnings.warn("unmerge(): this (IA)³ layer is not merged; nothing to do", UserWarning,
+                          stacklevel=2)
+            return
+        l = self.params["ia3_l"]
+        if not bool((l != 0).all()):
+            raise PeftError("cannot unmerge: an ia3_l entry is 0, so the base weight it scaled "
+                            "is lost; reload the base model")
+        self.params["weight"] /= l
+        if not self.feedforward and "bias" in self.params:
+            self.params["bias"] /= l.reshape(-1)
+        self.merged = False
+
+
+def ia3_layers(model: Module) -> dict:
+    """``{module name: IA3Linear}`` in tree order.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
+
+
+def inject_ia3(model: Module, config: IA3Config) -> dict:
+    """Wrap every targeted Linear of ``model`` in an :class:`IA3Linear`, freeze everything else;
+    returns ``{"trainable", "total", "percent", "targets"}``.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    if not isinstance(config, IA3Config):
+        raise TypeError(f"config must be an IA3Config, got {type(config).__name__}")
+    if ia3_layers(model):
+        raise PeftError("the model already has (IA)³ layers; inject once per model")
+    modules = dict(model.named_modules())
+    targets = [n for n, m in modules.items()
+               if n and n.rsplit(".", 1)[-1] in config.target_modules and isinstance(m, Linear)]
+    if not targets:
+        raise PeftError(f"no Linear of the model matches target_modules "
+                        f"{list(config.target_modules)}")
+    rng = backend.cpu_rng(config.seed)
+    for name in targets:
+        old = modules[name]
+        ff = name.rsplit(".", 1)[-1] in config.feedforward_modules
+        n = old.params["weight"].shape[1 if ff else 0]
+        l0 = None if config.init_ia3_weights else 1.0 + 0.1 * rng.standard_normal(n)
+        parent, _, child = name.rpartition(".")
+        modules[parent].replace(child, IA3Linear(old, ff, l0))
+    model.set_trainable(lambda p: p.rsplit(".", 1)[-1] == "ia3_l")
+    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total,
+            "targets": targets}
+
+
+def merge_ia3(model: Module) -> list:
+    """Merge every (IA)³ layer; returns their names.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    layers = ia3_layers(model)
+    for m in layers.values():
+        m.merge()
+    return list(layers)
+
+
+def unmerge_ia3(model: Module) -> list:
+    """Unmerge every merged (IA)³ layer; returns their names.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    names = [n for n, m in ia3_layers(model).items() if m.merged]
+    for n in names:
+        ia3_layers(model)[n].unmerge()
+    return names
+
+
+def count_ia3_parameters(config: IA3Config, model_config) -> int:
+    """Closed form: per block C for each of q, k, v, o, down (output-scaled; 4C for up) or,
+    input-scaled, C (q, k, v, o, up) / 4C (down). Default k, v, down-input: L (C + C + 4C).
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    C, L = model_config.n_embd, model_config.n_layer
+    d_in = {"q": C, "k": C, "v": C, "o": C, "up": C, "down": 4 * C}
+    d_out = {"q": C, "k": C, "v": C, "o": C, "up": 4 * C, "down": C}
+    return L * sum(d_in[t] if t in config.feedforward_modules else d_out[t]
+                   for t in config.target_modules)
+
+
+# ----------------------------------------------------------------------------------------------
+# files: ours (typed safetensors) and PEFT's (adapter_model.safetensors + adapter_config.json)
+# ----------------------------------------------------------------------------------------------
+def ia3_state_dict(model: Module) -> dict:
+    """``{name: ia3_l}`` of every (IA)³ layer."""
+    return {f"{n}.ia3_l": m.params["ia3_l"] for n, m in ia3_layers(model).items()}
+
+
+def _check_unmerged(model, what):
+    if any(m.merged for m in ia3_layers(model).values()):
+        raise PeftError(f"{what}: (IA)³ layers are merged; unmerge_ia3(model) first")
+
+
+def save_ia3(path, model: Module, config: IA3Config, extra: dict | None = None) -> None:
+    """Write the vectors (and ``extra`` tensors, e.g. modules_to_save) with the config and the
+    base's shape; atomic.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    _check_unmerged(model, "save_ia3")
+    arrays = ia3_state_dict(model)
+    if not arrays:
+        raise PeftError("save_ia3: the model has no (IA)³ layers")
+    meta = {"ia3_config": config.to_dict(), "model_config": model.config.to_dict()}
+    write_typed(path, IA3_FORMAT, {**arrays, **(extra or {})}, meta)
+
+
+def load_ia3(path, model: Module) -> IA3Config:
+    """Inject a file from :func:`save_ia3` into a fresh base GPT; returns its config. Tensors
+    that are not (IA)³ vectors (modules_to_save) are copied into the model by name.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    arrays, meta = read_typed(path, IA3_FORMAT, "(IA)³ file")
+    config = config_from_meta(path, meta, "ia3_config", IA3Config, "(IA)³ file")
+    check_same_base(path, meta.get("model_config"), model.config, error=PeftError)
+    inject_ia3(model, config)
+    _load_arrays(model, arrays, str(path))
+    return config
+
+
+def _load_arrays(model, arrays, where):
+    slots = {n: (m, k) for n, m, k in model._slots()}
+    for n, a in arrays.items():
+        if n not in slots or tuple(a.shape) != tuple(slots[n][0].params[slots[n][1]].shape):
+            raise PeftError(f"{where}: tensor {n!r} {tuple(a.shape)} matches no parameter of "
+                            "this model (another base or other targets?)")
+    for n, a in arrays.items():
+        m, k = slots[n]
+        m.params[k] = backend.asarray(backend.to_numpy(a), dtype=m.params[k].dtype)
+
+
+def export_ia3_peft(path_dir, model: Module, config: IA3Config) -> Path:
+    """Write PEFT's IA3 adapter directory: keys ``base_model.model.<path>.ia3_l`` (no
+    ``.weight``) and a config with ``peft_type "IA3"``.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    _check_unmerged(model, "export_ia3_peft")
+    tensors = {f"{KEY_PREFIX}{to_peft_module(n.rpartition('.')[0])}.ia3_l":
+               np.ascontiguousarray(backend.to_numpy(a)) for n, a in ia3_state_dict(model).items()}
+    path_dir = Path(path_dir)
+    atomic_write_bytes(path_dir / "adapter_model.safetensors", save(tensors,
+                                                                   metadata={"format": "pt"}))
+    atomic_write_json(path_dir / "adapter_config.json", {
+        "peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+        "revision": None, "inference_mode": True, "fan_in_fan_out": False,
+        "target_modules": [_PEFT_NAMES[t] for t in config.target_modules],
+        "feedforward_modules": [_PEFT_NAMES[t] for t in config.feedforward_modules],
+        "init_ia3_weights": config.init_ia3_weights, "modules_to_save": None,
+        "exclude_modules": None})
+    return path_dir
+
+
+def import_ia3_peft(path_dir, model: Module) -> IA3Config:
+    """Load PEFT's IA3 adapter directory into a fresh base GPT; returns the config.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    path_dir = Path(path_dir)
+    cfg_path, w_path = path_dir / "adapter_config.json", path_dir / "adapter_model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise PeftError(f"{str(p)!r} does not exist: not a PEFT adapter directory")
+    d = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if d.get("peft_type") != "IA3":
+        raise PeftError(f"{str(cfg_path)!r}: peft_type is {d.get('peft_type')!r}, not 'IA3'")
+    if d.get("fan_in_fan_out") or d.get("modules_to_save"):
+        raise PeftError(f"{str(cfg_path)!r}: fan_in_fan_out / modules_to_save are not supported "
+                        "for (IA)³ files")
+    config = IA3Config(target_modules=tuple(d.get("target_modules") or ()),
+                       feedforward_modules=tuple(d.get("feedforward_modules") or ()))
+    with safe_open(str(w_path), framework="numpy") as f:
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    arrays = {}
+    for key, a in raw.items():
+        if not (key.startswith(KEY_PREFIX) and key.endswith(".ia3_l")):
+            raise PeftError(f"{str(w_path)!r}: key {key!r} is not an (IA)³ vector")
+        arrays[from_peft_module(key[len(KEY_PREFIX):-len(".ia3_l")]) + ".ia3_l"] = a
+    inject_ia3(model, config)
+    missing = sorted(set(ia3_state_dict(model)) - set(arrays))
+    if missing:
+        raise PeftError(f"{str(w_path)!r} lacks (IA)³ vectors {missing[:4]}")
+    _load_arrays(model, arrays, str(w_path))
+    return config
+
+
+__all__ = ["IA3Config", "IA3Linear", "IA3_FORMAT", "IA3_TARGETS", "count_ia3_parameters",
+           "export_ia3_peft", "ia3_layers", "ia3_state_dict", "import_ia3_peft", "inject_ia3",
+           "load_ia3", "merge_ia3", "save_ia3", "unmerge_ia3"]
