@@ -19,6 +19,7 @@ from minilora.gradcheck import check, format_table, model_check
 from minilora.model import GPT, InputError
 from minilora.nn.layers import Linear
 from minilora.optim import AdamW
+from minilora.peft.prefix import PrefixKV
 from minilora.peft import (AdapterConfig, BitFitConfig, HoulsbyAdapter, PeftError,
                                    PrefixConfig, PrefixTuningModel, PromptConfig,
                                    PromptTuningModel, adapter_layers, add_prefix, add_prompt,
@@ -96,19 +97,23 @@ def test_houlsby_adapter_formula(rng):
 
 
 def test_prefix_attention_layer_gradcheck(xpb, rng):
-    """The prefix's own layer: attention over [prefix; x] keys and values, d(prefix) returned."""
+    """The prefix's own layer: attention over [prefix; x] keys and values; the layer returns dx
+    and hands d(prefix) to the PrefixKV, which sums it over the batch."""
     model = tiny_model()
     attn = model.blocks[0].attn
     x = randn(rng, 2, 4, 8)
-    pk, pv = randn(rng, 2, 3, 8), randn(rng, 2, 3, 8)
+    pk, pv = randn(rng, 3, 8), randn(rng, 3, 8)
     dout = randn(rng, 2, 4, 8)
 
     def f():
-        return xp.sum(attn.forward(x, (pk, pv))[0] * dout)
+        return xp.sum(attn.forward(x, PrefixKV(pk, pv))[0] * dout)
 
-    out, cache = attn.forward(x, (pk, pv))
-    dx, (dpk, dpv) = attn.backward(dout, cache)
-    rows = [check("dx", dx, f, x), check("dprefix_k", dpk, f, pk), check("dprefix_v", dpv, f, pv)]
+    past = PrefixKV(pk, pv)
+    out, cache = attn.forward(x, past)
+    dx = attn.backward(dout, cache)
+    assert backend.is_array(dx) and dx.shape == x.shape  # the type a backward returns
+    rows = [check("dx", dx, f, x), check("dprefix_k", past.dkey, f, pk),
+            check("dprefix_v", past.dvalue, f, pv)]
     assert all(r["ok"] for r in rows), format_table(rows)
 
 

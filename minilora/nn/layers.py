@@ -16,7 +16,7 @@ Chapter: chapters/01-foundations.ipynb
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from minilora.backend import xp
 from minilora.errors import UsageError
@@ -220,6 +220,40 @@ class LayerNorm(Module):
         return dx
 
 
+class PastKV:
+    """Keys and values of positions *before* an attention call's own tokens, which every one of
+    its queries also sees. Two kinds exist, and attention treats them alike:
+
+    * a generation's KV cache (:class:`minilora.model.KVCache`): the keys of the tokens already
+      decoded, so a decoding step computes keys for its new token only;
+    * prefix tuning's trainable prefix (:class:`minilora.peft.prefix.PrefixKV`).
+
+    The attention layer calls::
+
+        k_all, v_all = past.extend(k, v)     # k, v (B, T, C) -> (B, Tp + T, C): earlier first
+        past.backward(dk_past, dv_past)      # in its backward: (B, Tp, C) each
+
+    so the gradient of the earlier keys goes back to whatever produced them, and the layer's
+    backward returns dx as always.
+    """
+
+    def extend(self, k, v):
+        raise NotImplementedError
+
+    def backward(self, dk, dv) -> None:
+        raise NotImplementedError
+
+
+class AttentionLayerCache(NamedTuple):
+    """What :meth:`CausalSelfAttention.backward` needs from the forward pass."""
+    q: tuple  # the q, k, v, o projections' caches
+    k: tuple
+    v: tuple
+    attn: ops.AttentionCache
+    o: tuple
+    past: PastKV | None  # the earlier keys/values (their gradient goes back there), or None
+
+
 class CausalSelfAttention(Module):
     """Multi-head causal self-attention with separate q, k, v and o projections.
 
@@ -233,35 +267,41 @@ class CausalSelfAttention(Module):
         self.q, self.k, self.v, self.o = (self.add(n, m) for n, m in zip("qkvo", (q, k, v, o)))
         self.n_head = n_head
 
-    def forward(self, x, prefix_kv=None):
-        """x (B, T, C) -> (B, T, C). ``prefix_kv``: optional (pk, pv), each (B, P, C), keys and
-        values prepended for every query (prefix tuning)."""
+    def forward(self, x, past: PastKV | None = None):
+        """x (B, T, C) -> (B, T, C), cache.
+
+        ``past``: optional :class:`PastKV`, keys and values of earlier positions (a KV cache, a
+        prefix) that every query of x sees before its own causal past:
+        K = [K_past; x W_k^T + b_k], V = [V_past; x W_v^T + b_v], each (B, Tp + T, C).
+        """
         q, cq = self.q.forward(x)
         k, ck = self.k.forward(x)
         v, cv = self.v.forward(x)
-        if prefix_kv is not None:
-            k = xp.concatenate([prefix_kv[0], k], axis=1)  # (B, P + T, C)
-            v = xp.concatenate([prefix_kv[1], v], axis=1)
+        if past is not None:
+            k, v = past.extend(k, v)  # (B, Tp + T, C)
         y, ca = ops.attention_forward(q, k, v, self.n_head)
         out, co = self.o.forward(y)
-        return out, (cq, ck, cv, ca, co, 0 if prefix_kv is None else prefix_kv[0].shape[1])
+        return out, AttentionLayerCache(cq, ck, cv, ca, co, past)
 
-    def backward(self, dout, cache, need_dx: bool = True):
-        """Returns dx, or (dx, (dpk, dpv)) when the forward pass had a prefix."""
-        cq, ck, cv, ca, co, P = cache
-        dy = self.o.backward(dout, co)
-        dq, dk, dv = ops.attention_backward(dy, ca)
-        dprefix = None
-        if P:
-            dprefix = (dk[:, :P], dv[:, :P])
-            dk, dv = dk[:, P:], dv[:, P:]
-        dx = self.q.backward(dq, cq, need_dx)
-        dxk = self.k.backward(dk, ck, need_dx)
-        dxv = self.v.backward(dv, cv, need_dx)
+    def backward(self, dout, cache: AttentionLayerCache, need_dx: bool = True):
+        """dout (B, T, C) -> dx (B, T, C), or None without ``need_dx``.
+
+        forward: K = [K_past; k]  ->  dK_past = dK[:, :Tp] goes to ``past.backward``,
+        dk = dK[:, Tp:] to the k projection (likewise V).
+        """
+        dy = self.o.backward(dout, cache.o)
+        dq, dk, dv = ops.attention_backward(dy, cache.attn)
+        if cache.past is not None:
+            Tp = dk.shape[1] - dq.shape[1]
+            cache.past.backward(dk[:, :Tp], dv[:, :Tp])
+            dk, dv = dk[:, Tp:], dv[:, Tp:]
+        dx = self.q.backward(dq, cache.q, need_dx)
+        dxk = self.k.backward(dk, cache.k, need_dx)
+        dxv = self.v.backward(dv, cache.v, need_dx)
         if need_dx:
             dx += dxk
             dx += dxv
-        return dx if not P else (dx, dprefix)
+        return dx
 
 
 class MLP(Module):
@@ -284,6 +324,14 @@ class MLP(Module):
         return self.up.backward(dh, cu, need_dx)
 
 
+class BlockCache(NamedTuple):
+    """What :meth:`Block.backward` needs from the forward pass."""
+    ln_1: tuple
+    attn: AttentionLayerCache
+    ln_2: tuple
+    mlp: tuple
+
+
 class Block(Module):
     """Pre-LayerNorm transformer block: ``h = x + attn(ln_1(x)); out = h + mlp(ln_2(h))``."""
 
@@ -292,32 +340,28 @@ class Block(Module):
         self.ln_1, self.attn = self.add("ln_1", ln_1), self.add("attn", attn)
         self.ln_2, self.mlp = self.add("ln_2", ln_2), self.add("mlp", mlp)
 
-    def forward(self, x, prefix_kv=None):
+    def forward(self, x, past: PastKV | None = None):
+        """x (B, T, C) -> (B, T, C), cache; ``past`` goes to the attention (:class:`PastKV`)."""
         a, c1 = self.ln_1.forward(x)
-        a, ca = self.attn.forward(a, prefix_kv)
+        a, ca = self.attn.forward(a, past)
         h = x + a  # residual
         m, c2 = self.ln_2.forward(h)
         m, cm = self.mlp.forward(m)
         out = h + m  # residual
-        return out, (c1, ca, c2, cm)
+        return out, BlockCache(c1, ca, c2, cm)
 
-    def backward(self, dout, cache, need_dx: bool = True):
-        """Returns dx (None when ``need_dx`` is False: nothing below trains), or (dx, dprefix)
-        when the forward pass had a prefix."""
-        c1, ca, c2, cm = cache
+    def backward(self, dout, cache: BlockCache, need_dx: bool = True):
+        """Returns dx (None when ``need_dx`` is False: nothing below trains)."""
         # out = h + mlp(ln_2(h)): both paths reach h
-        dh = self.ln_2.backward(self.mlp.backward(dout, cm), c2)
+        dh = self.ln_2.backward(self.mlp.backward(dout, cache.mlp), cache.ln_2)
         dh += dout
         # h = x + attn(ln_1(x)); without need_dx, attention's input gradient (three GEMMs) is
         # only computed when ln_1 itself trains
         need_da = need_dx or bool(self.ln_1.trainable)
-        da = self.attn.backward(dh, ca, need_dx=need_da)
-        dprefix = None
-        if isinstance(da, tuple):
-            da, dprefix = da
+        da = self.attn.backward(dh, cache.attn, need_dx=need_da)
         dx = None
         if need_da:
-            dx = self.ln_1.backward(da, c1, need_dx=need_dx)
+            dx = self.ln_1.backward(da, cache.ln_1, need_dx=need_dx)
         if need_dx:
             dx += dh
-        return dx if dprefix is None else (dx, dprefix)
+        return dx

@@ -10,6 +10,7 @@ Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from minilora import backend
 from minilora.backend import xp
@@ -61,6 +62,14 @@ class AdapterConfig(JsonConfig):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         _check_int("seed", self.seed, lo=0)
 
+class AdapterCache(NamedTuple):
+    """What :meth:`HoulsbyAdapter.backward` needs from the forward pass."""
+    base: tuple  # the wrapped linear's cache
+    down: tuple  # adapter_down's
+    gelu: tuple
+    up: tuple  # adapter_up's
+
+
 class HoulsbyAdapter(Module):
     """A frozen :class:`~minilora.nn.layers.Linear` followed by a bottleneck adapter.
 
@@ -110,14 +119,14 @@ class HoulsbyAdapter(Module):
         self.trainable = set()  # the wrapped W0, b are frozen; the children train
 
     def forward(self, x):
-        """x (..., d_in) -> out (..., d), cache (base cache, down cache, gelu cache, up cache)."""
+        """x (..., d_in) -> out (..., d), cache (:class:`AdapterCache`)."""
         y, c_base = ops.linear_forward(x, self.params["weight"], self.params.get("bias"),
                                        keep_x=self.needs_grad("weight"))
         h, c_down = self.adapter_down.forward(y)  # (..., m)
         g, c_gelu = ops.gelu_forward(h)
         out, c_up = self.adapter_up.forward(g)  # (..., d), a fresh array
         out += y  # the adapter's skip connection
-        return out, (c_base, c_down, c_gelu, c_up)
+        return out, AdapterCache(c_base, c_down, c_gelu, c_up)
 
     def backward(self, dout, cache, need_dx: bool = True):
         """dout (..., d) -> dx (..., d_in) or None; adds into the trainable parameters' grads.
@@ -125,12 +134,11 @@ class HoulsbyAdapter(Module):
         forward: out = y + up(g)   -> dy = dout + d(up(g))/dy,  g = gelu(h),  h = down(y)
         dg = dout @ W_up;  dh = gelu'(h) * dg;  dy = dout + dh @ W_down;  dx = dy @ W0
         """
-        c_base, c_down, c_gelu, c_up = cache
-        dg = self.adapter_up.backward(dout, c_up)  # (..., m)
-        dh = ops.gelu_backward(dg, c_gelu)
-        dy = self.adapter_down.backward(dh, c_down)  # (..., d)
+        dg = self.adapter_up.backward(dout, cache.up)  # (..., m)
+        dh = ops.gelu_backward(dg, cache.gelu)
+        dy = self.adapter_down.backward(dh, cache.down)  # (..., d)
         dy += dout  # skip connection
-        dx, dw, db = ops.linear_backward(dy, c_base, need_dx=need_dx,
+        dx, dw, db = ops.linear_backward(dy, cache.base, need_dx=need_dx,
                                          need_dw=self.needs_grad("weight"),
                                          need_db=self.needs_grad("bias"))
         self._accumulate("weight", dw)

@@ -4,8 +4,9 @@
                     and values: 2 L P C numbers
     prompt tuning   P trainable vectors prepended to the token embeddings: P C numbers
 
-The GPT already accepts ``prefix_kv`` and ``input_embeds`` and returns their gradients from
-``backward``. A thin wrapper module (:class:`PrefixTuningModel`, :class:`PromptTuningModel`)
+The GPT already accepts earlier keys and values (``past_kv``, each layer's a
+:class:`~minilora.nn.layers.PastKV`: here a :class:`PrefixKV`, which receives its own gradient)
+and ``input_embeds`` (whose gradient ``backward`` returns). A thin wrapper module (:class:`PrefixTuningModel`, :class:`PromptTuningModel`)
 holds the new parameters in one child (``prefix`` / ``prompt``) and *shares* the GPT's children,
 so every base parameter keeps its name (``blocks.0.attn.q.weight``), ``forward_backward(x, y)``
 and ``AdamW(model)`` work unchanged, and the logits cover exactly the T real tokens.
@@ -20,8 +21,8 @@ from dataclasses import dataclass, field
 from minilora import backend
 from minilora.backend import xp
 from minilora.config import ConfigError, JsonConfig, _check_float, _check_int
-from minilora.model import GPT, LanguageModelMixin
-from minilora.nn.layers import Module
+from minilora.model import GPT, KVCache, LanguageModelMixin
+from minilora.nn.layers import Module, PastKV
 from minilora.peft.common import PeftError, _check_gpt
 
 PROMPT_INITS = ("vocab", "random")
@@ -112,6 +113,32 @@ class _GPTWrapper(LanguageModelMixin, Module):
     def check_input(self, idx) -> None:
         self.gpt.check_input(idx)
 
+    def forward_incremental(self, idx, kv: KVCache, check: bool = True):
+        """Generation: the GPT's, on a cache from this wrapper's :meth:`kv_cache` (whose fixed
+        slots hold the prefix / the soft prompt's keys)."""
+        return self.gpt.forward_incremental(idx, kv, check=check)
+
+
+class PrefixKV(PastKV):
+    """One layer's prefix for one forward pass: P keys and values (P, C) in front of the
+    layer's own, the same for every row (a :class:`~minilora.nn.layers.PastKV`).
+
+    extend:    K = [broadcast(key, B); k]           (B, P + T, C), likewise V
+    backward:  dkey = sum over b of dK[b, :P]       (P, C), kept in ``dkey`` / ``dvalue``
+    """
+
+    def __init__(self, key, value):
+        self.key, self.value = key, value
+        self.dkey = self.dvalue = None
+
+    def extend(self, k, v):
+        B, (P, C) = k.shape[0], self.key.shape
+        return (xp.concatenate([xp.broadcast_to(self.key, (B, P, C)), k], axis=1),
+                xp.concatenate([xp.broadcast_to(self.value, (B, P, C)), v], axis=1))
+
+    def backward(self, dk, dv) -> None:
+        self.dkey, self.dvalue = dk.sum(axis=0), dv.sum(axis=0)
+
 
 class PrefixTuningModel(_GPTWrapper):
     """A frozen GPT whose every attention layer also attends to P trainable keys and values.
@@ -119,8 +146,9 @@ class PrefixTuningModel(_GPTWrapper):
     For layer l:  K_l = [prefix.key[l]; x W_k^T + b_k]   V_l = [prefix.value[l]; x W_v^T + b_v]
     (each (B, P + T, C), the prefix broadcast over the batch), so every query attends to the P
     prefix slots plus the causal past. Parameters: ``prefix.key``, ``prefix.value`` (L, P, C).
-    Gradients: ``GPT.backward`` returns d(prefix_kv) per layer, (B, P, C); the prefix gets their
-    sum over the batch.
+    Gradients: each layer's :class:`PrefixKV` receives dK[:, :P], dV[:, :P] from its attention
+    and sums them over the batch. Generation: :meth:`kv_cache` puts the prefix in the cache's
+    first P (fixed) slots, so a decoding step attends over [prefix; cached tokens; new token].
 
     No prefix leaves the model exactly unchanged: the prefix slots always take some of the
     softmax mass, so unlike a zero-initialised LoRA or adapter the logits differ from the base's
@@ -147,28 +175,33 @@ class PrefixTuningModel(_GPTWrapper):
         self.prefix_len = key.shape[1]
 
     def forward(self, idx, check: bool = True):
-        """idx (B, T) -> logits (B, T, V), cache (the GPT's)."""
-        B = idx.shape[0]
+        """idx (B, T) -> logits (B, T, V), cache = (the GPT's cache, the L :class:`PrefixKV`)."""
         p = self.children["prefix"].params
-        P, C = self.prefix_len, self.config.n_embd
-        prefix_kv = [(xp.broadcast_to(p["key"][i], (B, P, C)),
-                      xp.broadcast_to(p["value"][i], (B, P, C)))
-                     for i in range(self.config.n_layer)]
-        return self.gpt.forward(idx, prefix_kv=prefix_kv, check=check)
+        past = [PrefixKV(p["key"][i], p["value"][i]) for i in range(self.config.n_layer)]
+        logits, cache = self.gpt.forward(idx, past_kv=past, check=check)
+        return logits, (cache, past)
 
     def backward(self, dlogits, cache):
         """Backpropagate into the GPT's trainable parameters and into the prefix.
 
-        forward: pk_l = broadcast(key[l], B)  ->  dkey[l] = sum over b of dpk_l[b]   (P, C)
+        forward: K_l = [broadcast(key[l], B); k_l]  ->  dkey[l] = sum over b of dK_l[b, :P]
+        (each layer's :class:`PrefixKV` has summed it; here they are stacked to (L, P, C)).
         """
-        extra = self.gpt.backward(dlogits, cache)
+        gpt_cache, past = cache
+        extra = self.gpt.backward(dlogits, gpt_cache)
         prefix = self.children["prefix"]
-        dkv = extra["prefix_kv"]
         if prefix.needs_grad("key"):
-            prefix._accumulate("key", xp.stack([dk.sum(axis=0) for dk, _ in dkv]))
+            prefix._accumulate("key", xp.stack([pk.dkey for pk in past]))
         if prefix.needs_grad("value"):
-            prefix._accumulate("value", xp.stack([dv.sum(axis=0) for _, dv in dkv]))
+            prefix._accumulate("value", xp.stack([pk.dvalue for pk in past]))
         return extra
+
+    def kv_cache(self, batch_size: int, keep: int | None = None) -> KVCache:
+        """A generation cache whose first P slots (never re-encoded) hold the prefix."""
+        p = self.children["prefix"].params
+        kv = self.gpt.kv_cache(batch_size, keep, n_fixed=self.prefix_len)
+        kv.set_fixed(p["key"], p["value"])
+        return kv
 
 
 class PromptTuningModel(_GPTWrapper):
@@ -228,9 +261,33 @@ class PromptTuningModel(_GPTWrapper):
             prompt._accumulate("weight", extra["input_embeds"].sum(axis=0))
         return extra
 
+    def kv_cache(self, batch_size: int, keep: int | None = None) -> KVCache:
+        """A generation cache whose first P slots (never re-encoded) hold the keys and values
+        every layer computes for the soft prompt at positions 0 .. P-1; the tokens follow from
+        position P on."""
+        P = self.prompt_len
+        w = self.children["prompt"].params["weight"]
+        x = w[None] + self.gpt.wpe.params["weight"][None, :P]  # (1, P, C)
+        key, value = _keys_values(self.gpt, x)
+        kv = self.gpt.kv_cache(batch_size, keep, n_fixed=P, first_position=P)
+        kv.set_fixed(key, value)
+        return kv
+
 
 def _vocab_ids(gpt, n: int, rng):
     return backend.asarray(rng.integers(0, gpt.config.vocab_size, size=(1, n)))
+
+
+def _keys_values(gpt, x):
+    """The keys and values every attention layer of ``gpt`` computes for the inputs ``x``
+    (1, P, C) (embeddings, positions included): (key, value), each (n_layer, P, C)."""
+    keys, values = [], []
+    for blk in gpt.blocks:
+        a = blk.ln_1.forward(x)[0]
+        keys.append(blk.attn.k.forward(a)[0][0])  # (P, C)
+        values.append(blk.attn.v.forward(a)[0][0])
+        x = blk.forward(x)[0]
+    return xp.stack(keys), xp.stack(values)
 
 
 def base_prefix_kv(gpt, idx):
@@ -242,13 +299,7 @@ def base_prefix_kv(gpt, idx):
                           f"block_size {gpt.config.block_size}; use init='random' or a shorter "
                           "prefix")
     x = gpt.wte.forward(idx)[0] + gpt.wpe.forward(xp.arange(P)[None, :])[0]  # (1, P, C)
-    keys, values = [], []
-    for blk in gpt.blocks:
-        a = blk.ln_1.forward(x)[0]
-        keys.append(blk.attn.k.forward(a)[0][0])  # (P, C)
-        values.append(blk.attn.v.forward(a)[0][0])
-        x = blk.forward(x)[0]
-    return xp.stack(keys), xp.stack(values)
+    return _keys_values(gpt, x)
 
 
 def add_prefix(gpt, config: PrefixConfig) -> PrefixTuningModel:
