@@ -191,7 +191,7 @@ def test_cli_compare(tmp_path, capsys):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1001])
 def test_pack_nibbles_equals_the_strided_definition(rng, n):
-    from minilora.quant.blockwise import pack_nibbles
+    from minilora.quant.packing import pack_nibbles
 
     q = rng.integers(0, 16, n).astype(np.uint8)
     ref = np.left_shift(q[0::2], 4)

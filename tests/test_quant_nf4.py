@@ -20,6 +20,8 @@ from hypothesis.extra import numpy as hnp
 
 from minilora import backend
 from minilora.quant import blockwise as B
+from minilora.quant import checks as QC
+from minilora.quant import packing as QP
 from minilora.quant import nf4 as N
 from minilora.quant.state import QuantState
 
@@ -89,7 +91,7 @@ def test_create_normal_map_bad_offset():
 
 def test_linspace_float32_matches_numpy_within_one_ulp():
     for num in (2, 8, 9, 17, 65):
-        np.testing.assert_array_max_ulp(B.linspace_float32(0.1, 1.0, num),
+        np.testing.assert_array_max_ulp(QC.linspace_float32(0.1, 1.0, num),
                                         np.linspace(0.1, 1.0, num, dtype=np.float32), maxulp=1)
 
 
@@ -111,7 +113,7 @@ def test_int4_symmetric_code():
     assert usable.size == 15, "15 symmetric levels -7..7; -8/7 is outside [-1, 1]"
     x = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
     packed, state = N.quantize_int4(x)
-    q = B.unpack_nibbles(packed, x.size)
+    q = QP.unpack_nibbles(packed, x.size)
     assert q.min() >= 1, "index 0 (-8/7) is never chosen"
     assert np.all(np.bincount(q, minlength=16)[1:] > 0)
     # a block of multiples of absmax/7 comes back exactly (up to float32 rounding)
@@ -165,17 +167,17 @@ def test_nearest_code_counting_equals_searchsorted(rng):
 # ------------------------------------------------------------------------------------------
 
 def test_pack_high_nibble_first():
-    np.testing.assert_array_equal(B.pack_nibbles(np.uint8([1, 2, 15, 0])), np.uint8([0x12, 0xF0]))
-    np.testing.assert_array_equal(B.pack_nibbles(np.uint8([3, 4, 5]), pad=7),
+    np.testing.assert_array_equal(QP.pack_nibbles(np.uint8([1, 2, 15, 0])), np.uint8([0x12, 0xF0]))
+    np.testing.assert_array_equal(QP.pack_nibbles(np.uint8([3, 4, 5]), pad=7),
                                   np.uint8([0x34, 0x57]))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 63, 64, 65, 1001])
 def test_pack_unpack_round_trip(rng, n):
     q = rng.integers(0, 16, n).astype(np.uint8)
-    packed = B.pack_nibbles(q, pad=7)
+    packed = QP.pack_nibbles(q, pad=7)
     assert packed.shape == ((n + 1) // 2,) and packed.dtype == np.uint8
-    np.testing.assert_array_equal(B.unpack_nibbles(packed, n), q)
+    np.testing.assert_array_equal(QP.unpack_nibbles(packed, n), q)
     if n % 2:
         assert packed[-1] & 0xF == 7
 
@@ -193,11 +195,11 @@ def test_bnb_examples_first_byte_and_odd_padding():
 
 def test_unpack_bad_input():
     with pytest.raises(ValueError, match="ceil"):
-        B.unpack_nibbles(np.zeros(3, np.uint8), 8)
+        QP.unpack_nibbles(np.zeros(3, np.uint8), 8)
     with pytest.raises(TypeError, match="uint8"):
-        B.unpack_nibbles(np.zeros(4, np.int32), 8)
+        QP.unpack_nibbles(np.zeros(4, np.int32), 8)
     with pytest.raises(ValueError, match="0..15"):
-        B.pack_nibbles(np.uint8([16]))
+        QP.pack_nibbles(np.uint8([16]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -236,8 +238,8 @@ def test_slicing_is_invisible(monkeypatch, rng, blocksize):
 def test_dequantize_packed_equals_unpack_then_lookup(rng, blocksize, n):
     x = rng.standard_normal(n).astype(np.float32)
     q, absmax = B.quantize_blockwise(x, N.NF4_CODE, blocksize)
-    packed = B.pack_nibbles(q, pad=7)
-    two_steps = B.dequantize_blockwise(B.unpack_nibbles(packed, n), absmax, N.NF4_CODE, blocksize)
+    packed = QP.pack_nibbles(q, pad=7)
+    two_steps = B.dequantize_blockwise(QP.unpack_nibbles(packed, n), absmax, N.NF4_CODE, blocksize)
     one_step = B.dequantize_packed(packed, absmax, N.NF4_CODE, blocksize, n)
     np.testing.assert_array_equal(one_step, two_steps)
     assert one_step.shape == (n,) and one_step.dtype == np.float32
@@ -253,7 +255,7 @@ def test_dequantize_bad_input():
         B.dequantize_blockwise(q, absmax, N.NF4_CODE[:4], 4)
     with pytest.raises(TypeError, match="integer"):
         B.dequantize_blockwise(q.astype(np.float32), absmax, N.NF4_CODE, 4)
-    packed = B.pack_nibbles(q)
+    packed = QP.pack_nibbles(q)
     with pytest.raises(ValueError, match="ceil"):
         B.dequantize_packed(packed, absmax, N.NF4_CODE, 4, 12)
 
@@ -275,7 +277,7 @@ def test_all_zero_blocks_give_exact_zeros(blocksize):
     zero_blocks = state.absmax == 0
     assert zero_blocks.any()
     assert np.all(y[np.repeat(zero_blocks, blocksize)[:200]] == 0)
-    assert np.all(B.unpack_nibbles(packed, 200)[:96] == 7), "zero -> NF4 code 7 (bnb: 0x77)"
+    assert np.all(QP.unpack_nibbles(packed, 200)[:96] == 7), "zero -> NF4 code 7 (bnb: 0x77)"
     packed, state = N.quantize_nf4(np.zeros((3, 5), np.float32))
     np.testing.assert_array_equal(N.dequantize_nf4(packed, state), np.zeros((3, 5)))
 

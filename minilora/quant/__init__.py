@@ -4,7 +4,9 @@ Read in this order:
 
 * :mod:`minilora.quant.nf4`       - the code tables (NF4, FP4, int4) and whole-tensor
                                     ``quantize_nf4`` / ``dequantize_nf4`` (and fp4, int4);
-* :mod:`minilora.quant.blockwise` - the steps: absmax per block, scale, nearest code,
+* :mod:`minilora.quant.checks`    - input checks (block size, code table, float32 input);
+* :mod:`minilora.quant.blockwise` - the steps: absmax per block, scale, nearest code;
+* :mod:`minilora.quant.packing`   - two 4-bit codes per byte, and back;
                                     pack two codes per byte;
 * :mod:`minilora.quant.double`    - double quantisation of the absmax values, bits per parameter;
 * :mod:`minilora.quant.state`     - ``QuantState`` and its safetensors + JSON file format.
@@ -12,17 +14,15 @@ Read in this order:
 Chapter: chapters/03-nf4-step-by-step.ipynb
 """
 from minilora.quant.blockwise import (
-                                      QuantError,
                                       absmax_per_block,
                                       dequantize_blockwise,
                                       dequantize_packed,
                                       midpoints,
                                       nearest_code,
-                                      pack_nibbles,
                                       quantize_blockwise,
                                       scale_to_unit,
-                                      unpack_nibbles,
 )
+from minilora.quant.checks import QuantError
 from minilora.quant.double import (
                                       DOUBLE_QUANT_BLOCKSIZE,
                                       DYNAMIC_MAP,
@@ -48,6 +48,7 @@ from minilora.quant.nf4 import (
                                       quantize_int4,
                                       quantize_nf4,
 )
+from minilora.quant.packing import pack_nibbles, unpack_nibbles
 from minilora.quant.state import QuantState
 
 __all__ = [

@@ -26,10 +26,11 @@ import math
 import numpy as np
 
 from minilora import backend
-from minilora.quant.blockwise import QuantError, check_blocksize, unpack_nibbles
+from minilora.quant.checks import QuantError, check_blocksize
 from minilora.quant.double import bits_per_param
 from minilora.quant.model_quant import is_quant_target
 from minilora.quant.nf4 import QUANT_TYPES, dequantize_4bit, get_code, quantize_4bit
+from minilora.quant.packing import unpack_nibbles
 
 #: Block sizes compared by default; None = the whole tensor is one block.
 BLOCKSIZES = (16, 32, 64, 128, 256, 1024, 4096, None)

@@ -27,13 +27,12 @@ import math
 import numbers
 
 from minilora.backend import cpu_module, xp
-from minilora.quant.blockwise import (
+from minilora.quant.blockwise import dequantize_blockwise, quantize_blockwise
+from minilora.quant.checks import (
     QuantError,
     check_blocksize,
-    dequantize_blockwise,
     linspace_float32,
     n_blocks,
-    quantize_blockwise,
 )
 
 _np = cpu_module()  # CPU-side table building only

@@ -29,7 +29,8 @@ from minilora import backend
 from minilora.backend import xp
 from minilora.nn import ops
 from minilora.nn.layers import Linear, Module
-from minilora.quant.blockwise import QuantError, dequantize_packed
+from minilora.quant.blockwise import dequantize_packed
+from minilora.quant.checks import QuantError
 from minilora.quant.double import measured_bits_per_param
 from minilora.quant.nf4 import check_packed_matches, get_code, quantize_4bit
 from minilora.quant.state import QuantState

@@ -26,7 +26,7 @@ from minilora.io import (
     write_typed,
 )
 from minilora.model import GPT
-from minilora.quant.blockwise import QuantError
+from minilora.quant.checks import QuantError
 from minilora.quant.double import bits_per_param, measured_bits_per_param
 from minilora.quant.nf4 import dequantize_4bit, get_code, quantize_4bit
 from minilora.quant.state import QuantState

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 from minilora.backend import cpu_module, xp
 from minilora.config import QUANT_TYPES
-from minilora.quant.blockwise import (
+from minilora.quant.blockwise import dequantize_packed, midpoints, quantize_blockwise
+from minilora.quant.checks import (
     QuantError,
     as_float32_flat,
     check_blocksize,
     check_code,
-    dequantize_packed,
     linspace_float32,
-    midpoints,
-    pack_nibbles,
-    quantize_blockwise,
 )
 from minilora.quant.double import DOUBLE_QUANT_BLOCKSIZE, double_quantize
+from minilora.quant.packing import pack_nibbles
 from minilora.quant.state import QuantState
 
 _np = cpu_module()  # CPU-side constants only; all array maths below goes through xp
@@ -107,7 +105,9 @@ def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True):
 
     Chapter: chapters/03-nf4-step-by-step.ipynb
     """
-    from scipy.stats import norm  # lazy: scipy.stats takes ~0.3 s to import; only table building needs it
+    from scipy.stats import (
+        norm,  # lazy: scipy.stats takes ~0.3 s to import; only table building needs it
+    )
 
     if not 0.5 < float(offset) < 1.0:
         raise QuantError(f"offset must be a probability in (0.5, 1); got {offset!r}")

@@ -24,7 +24,7 @@ from safetensors.numpy import save as safetensors_bytes
 from minilora.backend import asarray, cpu_module, to_numpy, xp
 from minilora.config import QUANT_TYPES
 from minilora.io import atomic_write_bytes, atomic_write_text
-from minilora.quant.blockwise import QuantError, n_blocks
+from minilora.quant.checks import QuantError, n_blocks
 from minilora.quant.double import DOUBLE_QUANT_BLOCKSIZE, DYNAMIC_MAP, double_dequantize
 
 FORMAT = "minilora.QuantState"
