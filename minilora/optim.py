@@ -60,6 +60,30 @@ class NonFiniteError(MiniloraError, FloatingPointError):
     """The loss or the gradients became NaN/inf; training stops and keeps the last good checkpoint."""
 
 
+def loraplus_lr_scale(ratio: float):
+    """LoRA+ (Hayou, Ghosh & Yu 2024): ``name -> lr multiplier``, ``ratio`` for every LoRA ``B``
+    factor (``...lora_B``) and 1 for everything else, so that eta_B = ratio * eta_A.
+
+    The paper's argument: with B = 0 at the start and A random, equal learning rates leave the
+    feature update B A x learning too slowly in wide layers; a larger step for B fixes that
+    (the paper suggests ratio ~ 16, PEFT's helper ``create_loraplus_optimizer`` takes
+    ``loraplus_lr_ratio``). PEFT's helper also puts every 1-D parameter (biases, LayerNorm,
+    DoRA's magnitude) in B's group; here only the B factors get the ratio.
+
+    Raises :class:`UsageError` unless ``ratio`` is a finite number > 0 (1 is plain LoRA).
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
+            or ratio <= 0:
+        raise UsageError(f"loraplus ratio must be a finite number > 0 (B's learning rate = ratio "
+                         f"x A's; 1 is plain LoRA, the LoRA+ paper uses ~16); got {ratio!r}")
+    ratio = float(ratio)
+
+    def lr_scale(name: str) -> float:
+        return ratio if name.rsplit(".", 1)[-1] == "lora_B" else 1.0
+    lr_scale.ratio = ratio
+    return lr_scale
+
+
 class AdamW:
     """AdamW over a model's trainable parameters, keyed by name.
 
@@ -67,10 +91,21 @@ class AdamW:
         model: a :class:`minilora.nn.layers.Module`; its ``named_trainable()`` is read each step,
             so freezing/unfreezing between steps is honoured.
         lr, betas, eps, weight_decay: as in the formula above (``lr`` may be changed per step).
+        lr_scale: optional ``f(name) -> multiplier``: parameter ``name`` is updated with
+            ``lr * f(name)`` in both the Adam step and the decoupled decay (parameter groups;
+            :func:`loraplus_lr_scale` gives LoRA+'s). None: the model's own ``lr_scale``
+            attribute if it has one (a fine-tuning method can set it), else 1 for every
+            parameter, which leaves every update bit-identical to the plain optimizer.
+
+    After each update, a model with an ``after_optimizer_step(t)`` method (AdaLoRA's rank
+    allocator) has it called with the 1-based step count: the place where PEFT's training loop
+    calls ``update_and_allocate``, with the parameters updated and the gradients still present.
     """
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1):
+    def __init__(self, model, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
+                 lr_scale=None):
         self.model = model
+        self.lr_scale = lr_scale if lr_scale is not None else getattr(model, "lr_scale", None)
         self.lr = lr
         self.beta1, self.beta2 = betas
         self.eps = eps
@@ -99,6 +134,7 @@ class AdamW:
         step_size = self.lr / bc1
         self._ensure_state(items)
         for name, p, g in items:
+            scale = 1.0 if self.lr_scale is None else self.lr_scale(name)
             self._before_update(name)
             m, v = self.m[name], self.v[name]
             tmp = g * (1.0 - b1)  # the one scratch buffer of this parameter's update
@@ -109,13 +145,16 @@ class AdamW:
             v *= b2
             v += tmp
             if self.weight_decay and p.ndim >= 2:
-                p *= 1.0 - self.lr * self.weight_decay  # decoupled: not scaled by 1/sqrt(v)
+                p *= 1.0 - self.lr * scale * self.weight_decay  # decoupled: no 1/sqrt(v)
             xp.sqrt(v, out=tmp)  # denom = sqrt(v) / sqrt(bc2) + eps (as torch computes it)
             tmp *= 1.0 / math.sqrt(bc2)
             tmp += self.eps
             xp.divide(m, tmp, out=tmp)
-            tmp *= step_size
+            tmp *= step_size * scale  # scale 1.0: the same float as step_size
             p -= tmp
+        after = getattr(self.model, "after_optimizer_step", None)
+        if after is not None:
+            after(self.t)
         return norm
 
     # -- where the state lives (overridden by minilora.paged.PagedAdamW) --------------------------
