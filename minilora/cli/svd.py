@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from minilora.analysis import SUBSPACES
-from minilora.cli.common import _formatter
+from minilora.cli.common import POSITIVE, _formatter, check_output_dir, float_range
 from minilora.errors import MiniloraError, UsageError
 from minilora.experiments.figures.svd import svd_figures
 from minilora.experiments.paths import RUNS, base_model_path
@@ -59,21 +59,8 @@ def _check_matplotlib() -> None:
                          "pass --no-figures for the tables alone") from None
 
 
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
-
-
 def cmd_svd(args):
-    # -- every check before any work ------------------------------------------------------------
-    if args.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
-    if not 0.0 < args.eps <= 1.0:
-        raise UsageError(f"--eps must be in (0, 1] (a cosine threshold), got {args.eps}")
-    if args.full_svd_max_dim < 1 or args.base_rank < 1:
-        raise UsageError("--full-svd-max-dim and --base-rank must be >= 1")
+    # -- every check before any work (nothing is written until the analysis is done) ----------
     if args.modules is not None:
         try:
             re.compile(args.modules)
@@ -82,6 +69,8 @@ def cmd_svd(args):
                 from None
     if args.base is not None and args.no_base:
         raise UsageError("--base and --no-base exclude each other")
+    out = check_output_dir(Path(args.out) if args.out else
+                           RUNS / "svd" / adapter_label(args.path), "--out")
     adapter = _flag("PATH", open_adapter, _existing("PATH", args.path))
     names = _flag("--modules", select_modules, adapter, args.modules)
     other = None
@@ -96,10 +85,6 @@ def cmd_svd(args):
         base = _flag("--base", open_base, adapter, _existing("--base", base_path))
     if not args.no_figures:
         _check_matplotlib()
-    out = Path(args.out) if args.out else RUNS / "svd" / adapter_label(args.path)
-    created = not out.exists()
-    _flag("--out", ensure_writable_dir, out)
-
     # -- the analysis ---------------------------------------------------------------------------
     bar = tqdm(total=len(names), desc="svd", unit="module", file=sys.stderr, leave=False,
                dynamic_ncols=True, disable=args.no_progress or not sys.stderr.isatty())
@@ -112,9 +97,7 @@ def cmd_svd(args):
         records = analyze(adapter, other, base, names=names, top_k=args.top_k, eps=args.eps,
                           subspace=args.subspace, full_svd_max_dim=args.full_svd_max_dim,
                           base_rank=args.base_rank, progress=progress)
-    except MiniloraError as e:
-        if created:
-            _remove_if_empty(out)        # a check inside the analysis failed: leave nothing
+    except MiniloraError as e:     # a check inside the analysis (base weights of a module)
         raise UsageError(f"{'--base: ' if base is not None else ''}{e}") from None
     finally:
         bar.close()
@@ -128,6 +111,7 @@ def cmd_svd(args):
             "options": {"modules": args.modules, "top_k": args.top_k, "eps": args.eps,
                         "subspace": args.subspace, "full_svd_max_dim": args.full_svd_max_dim,
                         "base_rank": args.base_rank}}
+    _flag("--out", ensure_writable_dir, out)
     paths = write_report(out, records, meta, f"ΔW analysis of {title}")
     if not args.no_figures:
         paths += svd_figures(records, out, title)
@@ -167,16 +151,16 @@ def add_parsers(sub):
                    help="analyse only module paths where this regular expression is found")
     s.add_argument("--out", metavar="DIR", default=None,
                    help="output directory (default: runs/svd/<adapter name>)")
-    s.add_argument("--top-k", type=int, default=10,
+    s.add_argument("--top-k", type=POSITIVE, default=10, metavar="K",
                    help="intruders: examine the top k singular vectors of W0 + ΔW")
-    s.add_argument("--eps", type=float, default=0.5,
-                   help="intruders: cosine threshold ε in (0, 1]")
+    s.add_argument("--eps", type=float_range(0, 1, lo_open=True), default=0.5, metavar="E",
+                   help="intruders: cosine threshold ε")
     s.add_argument("--subspace", choices=SUBSPACES, default="A",
                    help="φ compares: A = right singular vectors of A (the LoRA paper), B = left "
                         "of B, delta_in / delta_out = right / left of ΔW")
-    s.add_argument("--full-svd-max-dim", type=int, default=1024,
+    s.add_argument("--full-svd-max-dim", type=POSITIVE, default=1024, metavar="N",
                    help="base matrices wider than this use a randomized SVD")
-    s.add_argument("--base-rank", type=int, default=64,
+    s.add_argument("--base-rank", type=POSITIVE, default=64, metavar="M",
                    help="randomized SVD: top singular vectors of W0 kept")
     s.add_argument("--no-figures", action="store_true", help="write the tables only")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
