@@ -174,6 +174,9 @@ def check_output_file(path, flag: str) -> Path:
     path = Path(path)
     if not path.name or path.is_dir():
         raise UsageError(f"{flag} {str(path)!r} is a directory; give a file name")
+    anchor = _first_existing(path.parent)
+    if not anchor.is_dir():
+        raise UsageError(f"{flag} {str(path)!r} lies under {str(anchor)!r}, which is a file")
     check_output_dir(path.parent, flag)
     return path
 

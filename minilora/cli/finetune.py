@@ -19,7 +19,7 @@ from minilora.cli.common import (
 )
 from minilora.errors import UsageError
 from minilora.config import LoraConfig, QuantConfig
-from minilora.experiments.figures import make_figures
+from minilora.experiments.figures import FIGURES, make_figures
 from minilora.experiments.finetune import finetune, format_result
 from minilora.experiments.methods import METHODS
 from minilora.experiments.results_table import run_missing, write_table
@@ -90,6 +90,10 @@ def cmd_results(args):
 
 def cmd_figures(args):
 
+    unknown = [n for n in (args.only or "").split(",") if n and n not in FIGURES]
+    if unknown:
+        raise UsageError(f"--only: unknown figure(s) {', '.join(unknown)}; allowed: "
+                         f"{', '.join(FIGURES)}")
     check_output_dir(args.figures, "--figures")
     if not Path(args.results).is_dir():
         raise UsageError(f"--results {args.results!r} is not a directory")

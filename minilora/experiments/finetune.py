@@ -129,8 +129,6 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     if resume and not (Path(out_dir) / CKPT_NAME).is_file():
         raise UsageError(f"cannot resume: {str(Path(out_dir) / CKPT_NAME)!r} does not exist "
                          "(no checkpoint of an earlier run in out_dir)")
-    if out_dir is not None:
-        ensure_writable_dir(out_dir)  # fail now, not after the whole run
     if method == "lora" and method_config is None and "lora_targets" in recipe:
         method_config = default_lora_config(task)
     path = base_path or base_model_path()
@@ -150,6 +148,8 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
         raise UsageError(f"block_size {T} (--block-size) exceeds the base model's context of "
                          f"{model.config.block_size} characters ({path}); give "
                          f"{model.config.block_size} or less")
+    if out_dir is not None:  # fail now, not after the whole run (and not before the checks)
+        ensure_writable_dir(out_dir)
     sh = encode_corpus(load_shakespeare()["val"], tok)
     sh_batches = fixed_batches(sh, eval_batches, FORGETTING_BATCH,
                                min(FORGETTING_BLOCK, model.config.block_size), seed=12345)

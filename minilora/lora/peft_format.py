@@ -57,6 +57,15 @@ importing it into a minilora model recomputes that residual from the same W0.
 Each file is written atomically (temp file + ``os.replace``); the weights are written before the
 config, so a crash never leaves a new config describing old weights.
 
+Importing also accepts what PEFT adds with its default ``save_embedding_layers="auto"`` when an
+embedding layer (``embed_tokens``, ``lm_head``) is a target: a full copy of that layer's base
+weight, ``...embed_tokens.base_layer.weight``. It carries nothing new when it equals the base's
+weight, so it is checked and dropped: compared in float64, every element must satisfy
+``|saved - W| <= 2^-8 |W| + 1e-8`` (:data:`BASE_COPY_RTOL`: the rounding of a bfloat16 copy; a
+float32 copy of our weights is exact). A copy that differs (a resized or trained embedding) is
+refused, saying so: a trained full layer is imported only when the config names it in
+``modules_to_save``.
+
 Chapter: chapters/02-lora-notes.ipynb
 """
 from __future__ import annotations
@@ -109,6 +118,11 @@ _UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False,
                 "layers_to_transform": None, "layer_replication": None}
 #: the key infix of a saved module in PEFT releases before 0.21 (read, never written)
 _MTS_INFIX = ".modules_to_save.default"
+
+
+#: relative tolerance of a saved base-layer copy vs the model's weight (bfloat16 rounding, 2^-8)
+BASE_COPY_RTOL = 2.0 ** -8
+BASE_COPY_ATOL = 1e-8
 
 
 class PeftFormatError(MiniloraError, ValueError):
@@ -274,7 +288,9 @@ def _config_from_peft(d: dict, ours: dict, where: str) -> LoraConfig:
 
 
 def _our_name(key: str, where: str) -> tuple[str, str]:
-    """PEFT key -> (our parameter name, kind), kind in {'linear', 'embedding', 'bias'}."""
+    """PEFT key -> (our parameter name, kind), kind in {'linear', 'embedding', 'bias',
+    'base_copy'} ('base_copy': a full copy of an adapted layer's base weight, written by PEFT's
+    ``save_embedding_layers``)."""
     if not key.startswith(KEY_PREFIX):
         raise PeftFormatError(f"{where}: key {key!r} does not start with {KEY_PREFIX!r}")
     rest = key[len(KEY_PREFIX):]
@@ -284,6 +300,7 @@ def _our_name(key: str, where: str) -> tuple[str, str]:
                                  (".lora_embedding_B", "lora_B", "embedding"),
                                  (".lora_magnitude_vector", "lora_magnitude_vector", "magnitude"),
                                  (".base_layer.bias", "bias", "bias"),
+                                 (".base_layer.weight", "weight", "base_copy"),
                                  (".bias", "bias", "bias")):
         if rest.endswith(suffix):
             try:
@@ -293,6 +310,28 @@ def _our_name(key: str, where: str) -> tuple[str, str]:
             return f"{module}.{tensor}", kind
     raise PeftFormatError(f"{where}: key {key!r} is not a LoRA factor, a DoRA magnitude, a bias "
                           "or a module named in modules_to_save (lora_bias is not supported)")
+
+
+def _check_base_copy(name: str, saved, model, where: str) -> None:
+    """Accept a saved copy of the base weight ``name`` (PEFT's ``save_embedding_layers``) only if
+    it equals the model's within :data:`BASE_COPY_RTOL` (see the module docstring)."""
+    ours = dict(model.named_parameters()).get(name)
+    what = (f"{where}: {name!r} is a full copy of the base layer's weight (PEFT writes one with "
+            "save_embedding_layers when an embedding layer is a LoRA target)")
+    if ours is None:
+        raise PeftFormatError(f"{what}, but this model has no parameter {name!r}")
+    ours = np.asarray(backend.to_numpy(ours), dtype=np.float64)
+    saved = np.asarray(saved, dtype=np.float64)
+    if saved.shape != ours.shape:
+        raise PeftFormatError(f"{what} of shape {saved.shape}, but this base's is {ours.shape} "
+                              "(a resized embedding: added tokens are not supported)")
+    excess = np.abs(saved - ours) - (BASE_COPY_RTOL * np.abs(ours) + BASE_COPY_ATOL)
+    if (excess > 0).any():
+        i = tuple(int(j) for j in np.unravel_index(int(np.argmax(excess)), excess.shape))
+        raise PeftFormatError(f"{what}, and it differs from this base's weight (at {i}: "
+                              f"{saved[i]:.6g} vs {ours[i]:.6g}, beyond bfloat16 rounding): the "
+                              "adapter belongs to another base or changed the embedding itself; "
+                              "a trained full layer is imported only under modules_to_save")
 
 
 def import_peft(path_dir, model) -> LoraConfig:
@@ -326,6 +365,9 @@ def import_peft(path_dir, model) -> LoraConfig:
         ours = json.loads(meta.get("minilora", "{}"))
     except json.JSONDecodeError:
         ours = {}
+    bad = first_nonfinite(raw)
+    if bad is not None:
+        raise PeftFormatError(f"{str(w_path)!r}: tensor {bad!r} holds NaN or inf")
     config = _config_from_peft(d, ours, str(cfg_path))
     saved_names = d.get("modules_to_save") or []
     if isinstance(saved_names, str) or not isinstance(saved_names, list):
@@ -339,6 +381,9 @@ def import_peft(path_dir, model) -> LoraConfig:
             arrays[f"{module}.{tensor}"] = a
             continue
         name, kind = _our_name(key, str(w_path))
+        if kind == "base_copy":  # equal to the base (checked) or refused; nothing to load
+            _check_base_copy(name, a, model, str(w_path))
+            continue
         arrays[name], kinds[name] = a, kind
     saved_targets = sorted({n.rsplit(".", 2)[-2] for n, k in kinds.items() if k != "bias"})
     if saved_targets != sorted(config.target_modules):
