@@ -150,7 +150,7 @@ def double_dequantize(q8, absmax2, offset, blocksize: int = DOUBLE_QUANT_BLOCKSI
     Chapter: chapters/03-nf4-step-by-step.ipynb
     """
     out = dequantize_blockwise(q8, absmax2, DYNAMIC_MAP if code is None else code, blocksize)
-    out += xp.float32(offset)
+    out += xp.asarray(offset, dtype=xp.float32)  # a 0-d device array on CuPy: no float32() of it
     return out.reshape(-1)
 
 
