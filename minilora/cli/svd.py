@@ -77,9 +77,10 @@ def cmd_svd(args):
     if args.other is not None:
         other = _flag("--other", open_adapter, _existing("--other", args.other))
         _flag("--other", check_pair, adapter, other, names)
-    base_path = args.base
+    base_path, base_name = args.base, args.base
     if base_path is None and not args.no_base and not is_peft(adapter):
         base_path = _flag("--base", base_model_path)       # minilora adapters: the shipped base
+        base_name = "shipped"
     base = None
     if base_path is not None:
         base = _flag("--base", open_base, adapter, _existing("--base", base_path))
@@ -106,7 +107,7 @@ def cmd_svd(args):
     print(summary_table(records))
     title = adapter_label(args.path) + (f" vs {adapter_label(args.other)}" if other else "")
     meta = {"adapter": str(args.path), "other": None if other is None else str(args.other),
-            "base": None if base_path is None else str(base_path),
+            "base": None if base_name is None else str(base_name),
             "adapter_kind": "peft" if is_peft(adapter) else "minilora",
             "options": {"modules": args.modules, "top_k": args.top_k, "eps": args.eps,
                         "subspace": args.subspace, "full_svd_max_dim": args.full_svd_max_dim,

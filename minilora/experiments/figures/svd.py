@@ -66,11 +66,11 @@ def _spaced(items: list, n: int = MAX_PANELS) -> list:
     return [items[i] for i in idx]
 
 
-def _grid(plt, n: int, size=(2.6, 2.2), ncols_max: int = 4):
-    ncols = min(n, ncols_max)
+def _grid(plt, n: int, size=(2.6, 2.2), sharey: bool = False):
+    ncols = n if n <= 4 else 3 if n in (5, 6, 9) else 4
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols + 0.6, size[1] * nrows + 0.8),
-                             squeeze=False)
+                             squeeze=False, sharey=sharey)
     flat = list(axes.ravel())
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -99,7 +99,7 @@ def fig_svd_spectrum(records, path, title: str = "") -> Path:
     plt = pyplot()
     layers, types = _spaced(_layers(records)), _types(records)
     colors = _colors(plt, types)
-    fig, axes = _grid(plt, len(layers))
+    fig, axes = _grid(plt, len(layers), sharey=True)
     positive = [s for r in records for s in r.singular_values if s > 0]
     for ax, layer in zip(axes, layers):
         for r in (r for r in records if r.layer == layer):
@@ -108,9 +108,11 @@ def fig_svd_spectrum(records, path, title: str = "") -> Path:
                     color=colors[module_type(r.module)], label=module_type(r.module))
         if positive:
             ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_title(f"layer {_layer_label(layer)}", fontsize=9)
         ax.set_xlabel("index i", fontsize=8)
-        ax.set_ylabel("σ_i(ΔW)", fontsize=8)
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("σ_i(ΔW) (log scale)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[t], marker="o", ms=3, label=t) for t in types]
