@@ -307,14 +307,26 @@ class AdapterRegistry:
                              f"registered ({', '.join(names) or 'none'}); -1 is the base")
         return ids
 
-    def forward(self, idx, adapter_ids=None, check: bool = True):
+    def forward(self, idx, adapter_ids=None, check: bool = True, kv=None):
         """Logits (B, T, V) for ``idx`` (B, T); row b uses adapter ``adapter_ids[b]``.
 
         Without ``adapter_ids``: the model as it is now (active adapter or base). With them: the
         mixed-batch path described in the module docstring; it needs the unmerged base (W0 must
         not hold another adapter's ΔW) and leaves the registry's mode as it was.
+
+        ``kv``: a :class:`minilora.model.KVCache` from ``model.kv_cache(B)``: ``idx`` are then
+        the new tokens of a generation (``model.forward_incremental``). With ``adapter_ids`` the
+        cache holds the rows grouped by adapter; use it with the same ids on every call
+        (:class:`MixedBatchModel` does).
         """
+        def run(x):
+            if kv is None:
+                return self.model.forward(x, check=False)[0]
+            return self.model.forward_incremental(x, kv, check=False)
+
         if adapter_ids is None:
+            if kv is not None:
+                return self.model.forward_incremental(idx, kv, check=check)
             return self.model.forward(idx, check=check)[0]
         if self.merged:
             raise LoRAError(f"a mixed-adapter batch needs the unmerged base, but {self.active!r} "
@@ -322,14 +334,16 @@ class AdapterRegistry:
                             "set_adapter(name) (unmerged) first")
         if check:
             self.model.check_input(idx)
+            if kv is not None:
+                kv.check_chunk(idx)
         ids = self.adapter_index(adapter_ids, idx.shape[0])
         if not self._wrappers or (ids == -1).all():
             if self.active is None:
-                return self.model.forward(idx, check=False)[0]
+                return run(idx)
             saved = self._installed()
             self._install(self._plain)
             try:
-                return self.model.forward(idx, check=False)[0]
+                return run(idx)
             finally:
                 self._install(saved)
         order = np.argsort(ids, kind="stable")  # rows grouped by adapter, base rows first
@@ -347,7 +361,7 @@ class AdapterRegistry:
         self._install(self._mixed)
         try:
             x = idx[backend.asarray(order)] if permuted else idx
-            logits, _ = self.model.forward(x, check=False)
+            logits = run(x)
         finally:
             self._install(saved)
             for mixed in self._mixed.values():
@@ -362,9 +376,10 @@ class AdapterRegistry:
 
 
 class MixedBatchModel:
-    """Looks like a GPT for inference (``config``, ``forward(idx, check)``); every row b of a
-    forward call runs adapter ``adapter_ids[b]``. Lets :func:`minilora.sample.generate` and
-    :func:`minilora.train.evaluate` serve several adapters in one batch."""
+    """Looks like a GPT for inference (``config``, ``forward(idx, check)``, ``kv_cache(B)``,
+    ``forward_incremental(idx, kv)``); every row b runs adapter ``adapter_ids[b]``. Lets
+    :func:`minilora.sample.generate` (with its KV cache) and :func:`minilora.train.evaluate`
+    serve several adapters in one batch."""
 
     def __init__(self, registry: AdapterRegistry, adapter_ids):
         self.registry = registry
@@ -377,21 +392,32 @@ class MixedBatchModel:
     def forward(self, idx, check: bool = True):
         return self.registry.forward(idx, self.adapter_ids, check=check), None
 
+    def kv_cache(self, batch_size: int, keep: int | None = None):
+        """A generation cache for this batch (its rows are kept grouped by adapter)."""
+        return self.registry.model.kv_cache(batch_size, keep)
+
+    def forward_incremental(self, idx, kv, check: bool = True):
+        """Logits (B, T, V) of the new tokens ``idx``, each row with its own adapter, through
+        the mixed layers (the base GEMM shared, each adapter's thin GEMMs on its rows)."""
+        return self.registry.forward(idx, self.adapter_ids, check=check, kv=kv)
+
 
 # ----------------------------------------------------------------------------------------------
 # generation and scoring with several adapters in one batch
 # ----------------------------------------------------------------------------------------------
 def generate_mixed(registry: AdapterRegistry, tokenizer, prompt: str, adapters: list,
                    max_new_tokens: int = 200, temperature: float = 0.8, top_k=None,
-                   seed: int = 0) -> list:
+                   seed: int = 0, *, use_cache: bool = True, progress=None) -> list:
     """Continue ``prompt`` once per entry of ``adapters`` (names or None for the base), all rows
-    in one batch; returns the texts (prompt + continuation) in the same order."""
+    in one batch (one KV cache for the batch, unless ``use_cache=False``); returns the texts
+    (prompt + continuation) in the same order."""
 
     if not prompt:
         raise UsageError("prompt must contain at least one character (try '\\n')")
     ids = tokenizer.encode(prompt)
     idx = backend.asarray(np.repeat(ids[None, :].astype("int64"), len(adapters), axis=0))
-    out = generate(registry.view(adapters), idx, max_new_tokens, temperature, top_k, rng=seed)
+    out = generate(registry.view(adapters), idx, max_new_tokens, temperature, top_k, rng=seed,
+                   use_cache=use_cache, progress=progress)
     return [tokenizer.decode(row) for row in backend.to_numpy(out)]
 
 
