@@ -1,8 +1,17 @@
-"""Shared fixtures: a seeded Generator, and the backends to run on (CuPy only where usable)."""
+"""Shared fixtures: a seeded Generator, and the backends to run on.
+
+``xpb`` runs a test on NumPy, on the strict CuPy stand-in (``tests/fake_cupy``: NumPy underneath,
+CuPy's refusals of implicit host/device conversion on top) and, where CuPy and a GPU are usable,
+on the real CuPy. ``python -m pytest -q -k cupy_strict`` runs only the stand-in cases.
+"""
+import pathlib
+
 import numpy as np
 import pytest
 
 from minilora import backend
+
+STANDIN_DIR = pathlib.Path(__file__).parent / "fake_cupy"
 
 
 def _cupy_usable() -> bool:
@@ -16,7 +25,16 @@ def _cupy_usable() -> bool:
 
 
 CUPY = _cupy_usable()
-BACKENDS = ["numpy"] + (["cupy"] if CUPY else [])
+STANDIN = backend.load_cupy_standin(str(STANDIN_DIR))
+BACKENDS = ["numpy", "cupy_strict"] + (["cupy"] if CUPY else [])
+
+
+def use_backend(name: str) -> None:
+    """Switch to 'numpy', 'cupy' (real) or 'cupy_strict' (the stand-in)."""
+    if name == "cupy_strict":
+        backend.set_backend("cupy", module=STANDIN)
+    else:
+        backend.set_backend(name)
 
 
 @pytest.fixture
@@ -27,7 +45,7 @@ def rng():
 @pytest.fixture(params=BACKENDS)
 def xpb(request):
     """Run the test on each available backend; yields the backend name and restores NumPy."""
-    backend.set_backend(request.param)
+    use_backend(request.param)
     try:
         yield request.param
     finally:

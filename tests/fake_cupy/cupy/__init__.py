@@ -35,8 +35,10 @@ directory that holds this package.
 """
 from __future__ import annotations
 
+import builtins as _builtins
 import copy as _copy
 import numbers as _numbers
+import sys as _sys
 
 import numpy as _np
 
@@ -135,7 +137,7 @@ def _index(key):
 
 def _is_advanced(key) -> bool:
     keys = key if isinstance(key, tuple) else (key,)
-    return any(isinstance(k, (ndarray, _np.ndarray, list)) or isinstance(k, (bool, _np.bool_))
+    return _builtins.any(isinstance(k, (ndarray, _np.ndarray, list)) or isinstance(k, (bool, _np.bool_))
                for k in keys)
 
 
@@ -432,7 +434,7 @@ class ndarray:
         return _wrap(+self._a)
 
     def __abs__(self):
-        return _wrap(abs(self._a))
+        return _wrap(_np.absolute(self._a))
 
     def __invert__(self):
         return _wrap(~self._a)
@@ -497,7 +499,7 @@ def asnumpy(a, stream=None, order="C", out=None, blocking=True):
 
 
 def get_array_module(*args):
-    return __import__(__name__) if any(isinstance(a, ndarray) for a in args) else _np
+    return _sys.modules[__name__] if _builtins.any(isinstance(a, ndarray) for a in args) else _np
 
 
 def isscalar(x):
@@ -524,6 +526,8 @@ def fuse(*args, **kwargs):
     raise NotImplementedError("cupy.fuse is not available in the strict CuPy stand-in")
 
 
+# (The loops below define module-level names such as abs, any, max, round and sum, which hide
+# the builtins inside this module: code above reaches the builtins through _builtins.)
 # Types, constants and functions CuPy exposes under the same names as NumPy. A name missing
 # here is an AttributeError, so code cannot lean on a NumPy-only function by accident.
 _PASSTHROUGH = """

@@ -109,7 +109,8 @@ class ManagedMemory(_Memory):
     def __init__(self, size: int):
         super().__init__(size)
         _MANAGED[self.ptr] = self.size
-        weakref.finalize(self, _MANAGED.pop, self.ptr, None)
+        # forgotten when the buffer dies (arrays made on it keep the buffer, not this object)
+        weakref.finalize(self.buffer, _MANAGED.pop, self.ptr, None)
 
 
 class MemoryPointer:
