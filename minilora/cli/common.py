@@ -55,8 +55,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         allowed = getattr(action.type, "range", None)
         if allowed and allowed not in text:
             text = f"{text} [{allowed}]" if text else f"[{allowed}]"
-        if (action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
-                and "default" not in text and not isinstance(action.default, list)):
+        d = action.default
+        if (d is not None and d is not False and d is not argparse.SUPPRESS
+                and action.option_strings and "default" not in text
+                and not isinstance(d, list)):
             text += f" (default: {action.default})"
         return text
 

@@ -168,11 +168,11 @@ def add_parsers(sub):
                    help="fixed windows for the held-out and Shakespeare losses")
     s.add_argument("--eval-examples", type=POSITIVE, default=None,
                    help="sentiment: score only the first N test sentences (default: all 2,014)")
-    s.add_argument("--seed", type=SEED, default=0)
+    s.add_argument("--seed", type=SEED, default=0, help="batches, dropout and initial factors")
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
     s.add_argument("--out", default=None,
-                   help="run directory: result.json, the adapter/model, and (with --save-every) "
-                        "resumable checkpoints; checked before the base is loaded")
+                   help="run directory: result.json, the adapter/model, metrics.jsonl and a "
+                        "resumable ckpt.safetensors; checked before the base is loaded")
     s.add_argument("--save-every", type=POSITIVE, default=None,
                    help="with --out: save a resumable checkpoint every N steps (default: every "
                         "tenth of the run)")

@@ -165,12 +165,13 @@ def add_parsers(sub):
             """))
     s.add_argument("--ckpt", default=None, help="checkpoint file (default: the shipped base model)")
     s.add_argument("--prompt", default="\n", help="start text; '\\n' is a newline (default: newline)")
-    s.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=300)
+    s.add_argument("--max-new-tokens", type=NON_NEGATIVE, default=300,
+                   help="characters to generate")
     s.add_argument("--temperature", type=float_range(0, lo_open=True), default=0.8,
                    help="divide the logits by this (lower: more conservative)")
     s.add_argument("--top-k", type=POSITIVE, default=None,
                    help="sample only among the k likeliest characters (default: all)")
-    s.add_argument("--seed", type=SEED, default=0)
+    s.add_argument("--seed", type=SEED, default=0, help="the sampler's random draws")
     s.add_argument("--adapter", action="append", default=[],
                    help="LoRA adapter file on the base; repeat to sample several in one batch")
     _add_allow_nonfinite(s)

@@ -174,10 +174,10 @@ def add_parsers(sub):
               minilora paged-demo --spike-steps 5 --page-kib 64 --bandwidth-gbs 25 --out ''
               minilora paged-demo --out results/paged/trace.json   # update the committed trace
             """))
-    s.add_argument("--steps", type=POSITIVE, default=10)
+    s.add_argument("--steps", type=POSITIVE, default=10, help="training steps of each run")
     s.add_argument("--spike-steps", type=int_list(0, allow_empty=True), default=[3, 7],
                    help="comma-separated 0-based steps (default 3,7)")
-    s.add_argument("--batch-size", type=POSITIVE, default=2)
+    s.add_argument("--batch-size", type=POSITIVE, default=2, help="windows per step")
     s.add_argument("--block-size", type=POSITIVE, default=64, help="tokens per window, normal steps")
     s.add_argument("--spike-block-size", type=POSITIVE, default=128,
                    help="tokens per window, spikes")
