@@ -7,7 +7,7 @@ path to write, and returns that path:
 * :func:`fig_svd_spectrum`: the singular values σ_i of ΔW = s·B A, one panel per layer, one line
   per module type (q, v, down_proj, ...);
 * :func:`fig_svd_phi`: φ(1, 1) and φ(r, r') per layer and module type as heat maps, each beside the
-  same map for random subspaces of the same width (E φ = 1/d and max(r, r')/d);
+  same map for random subspaces of the same width (E φ = 1/d and max(r, r')/d) and their ratio;
 * :func:`fig_svd_phi_grids`: the LoRA paper's Figure 3 view, φ(i, j) for i <= r, j <= r', one
   panel per layer for one module type;
 * :func:`fig_svd_intruders`: intruder dimensions per layer and module type;
@@ -66,11 +66,11 @@ def _spaced(items: list, n: int = MAX_PANELS) -> list:
     return [items[i] for i in idx]
 
 
-def _grid(plt, n: int, size=(2.6, 2.2), sharey: bool = False):
+def _grid(plt, n: int, size=(2.6, 2.2), sharey: bool = False, layout=None):
     ncols = n if n <= 4 else 3 if n in (5, 6, 9) else 4
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols + 0.6, size[1] * nrows + 0.8),
-                             squeeze=False, sharey=sharey)
+                             squeeze=False, sharey=sharey, layout=layout)
     flat = list(axes.ravel())
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -117,7 +117,8 @@ def fig_svd_spectrum(records, path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[t], marker="o", ms=3, label=t) for t in types]
     fig.legend(handles=handles, loc="upper right", fontsize=7, title="module", title_fontsize=7)
-    shown = "" if len(layers) == len(_layers(records)) else f" ({len(layers)} layers shown)"
+    total = len(_layers(records))
+    shown = "" if len(layers) == total else f" ({len(layers)} of {total} layers shown)"
     fig.suptitle(f"{title + ': ' if title else ''}singular values of ΔW = s·B·A per layer{shown}",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.9, 1))
@@ -144,28 +145,39 @@ def _heat(ax, M, layers, types, vmax, cmap, annotate: bool, xlabels: bool = True
 
 
 def fig_svd_phi(records, path, title: str = "") -> Path:
-    """φ per layer (rows) and module type (columns), measured beside random.
+    """φ per layer (rows) and module type (columns): measured, random, and their ratio.
 
     Top row: φ(1, 1) (|cos|² of the two adapters' top directions) and its random expectation 1/d;
-    bottom row: φ(r, r') (the whole subspaces) and max(r, r')/d. One colour scale, [0, 1], for
-    all four panels, so a measured cell is read against the random cell beside it."""
+    bottom row: φ(r, r') (the whole subspaces) and max(r, r')/d. The first two columns share one
+    colour scale, [0, 1], so a measured cell is read against the random cell beside it; the third
+    column is measured / random (1: no more alike than random subspaces), which stays readable
+    at large d where both φ values are small."""
     plt = pyplot()
     recs = [r for r in records if r.phi_full is not None]
     pairs = [("phi_top1", "phi_baseline_top1", "φ(1,1)", "1/d"),
              ("phi_full", "phi_baseline_full", "φ(r,r')", "max(r,r')/d")]
     _, layers, types = _matrix(recs, "phi_full")
     annotate = len(layers) * len(types) <= 48
-    fig, axes = plt.subplots(2, 2, figsize=(2 * (1.6 + 0.55 * len(types)) + 1.2,
-                                            2 * (1.1 + 0.22 * len(layers)) + 1.2),
+    per_layer = 0.22 if len(layers) <= 16 else 0.12
+    fig, axes = plt.subplots(2, 3, figsize=(3 * (1.3 + 0.5 * len(types)) + 2.4,
+                                            2 * (1.1 + per_layer * len(layers)) + 1.2),
                              squeeze=False, layout="constrained")
-    im = None
+    ratios = [_matrix(recs, m)[0] / _matrix(recs, b)[0] for m, b, _, _ in pairs]
+    rmax = max(2.0, float(np.nanmax([np.nanmax(x) for x in ratios])))
+    im = im_ratio = None
     for k, (row, (meas, base, name, formula)) in enumerate(zip(axes, pairs)):
         for ax, field, label in ((row[0], meas, f"{name}, measured"),
                                  (row[1], base, f"{name}, random subspaces: {formula}")):
             M, _, _ = _matrix(recs, field)
             im = _heat(ax, M, layers, types, 1.0, "viridis", annotate, xlabels=k == 1)
             ax.set_title(label, fontsize=8)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="φ (0: orthogonal, 1: same)")
+        im_ratio = _heat(row[2], ratios[k], layers, types, rmax, "magma", annotate,
+                         xlabels=k == 1)
+        row[2].set_title(f"{name}, measured / random", fontsize=8)
+    fig.colorbar(im, ax=axes[:, :2].ravel().tolist(), shrink=0.8,
+                 label="φ (0: orthogonal, 1: same)")
+    fig.colorbar(im_ratio, ax=axes[:, 2].tolist(), shrink=0.8,
+                 label="φ / random φ (1: as random)")
     ranks = sorted({(r.r, r.other_r) for r in recs})
     rank_text = (f" (r={ranks[0][0]}, r'={ranks[0][1]})" if len(ranks) == 1 else "")
     fig.suptitle(f"{title + ': ' if title else ''}subspace similarity φ of the two adapters' "
@@ -181,7 +193,7 @@ def fig_svd_phi_grids(records, path, mtype: str, title: str = "") -> Path:
     recs = {r.layer: r for r in records
             if module_type(r.module) == mtype and r.phi_grid is not None}
     layers = _spaced(_layers(list(recs.values())))
-    fig, axes = _grid(plt, len(layers), size=(2.2, 2.1))
+    fig, axes = _grid(plt, len(layers), size=(2.2, 2.1), layout="constrained")
     im = None
     for ax, layer in zip(axes, layers):
         r = recs[layer]
@@ -190,11 +202,18 @@ def fig_svd_phi_grids(records, path, mtype: str, title: str = "") -> Path:
                        extent=(0.5, G.shape[1] + 0.5, 0.5, G.shape[0] + 0.5))
         ax.set_title(f"layer {_layer_label(layer)} (random {r.phi_baseline_full:.2g})",
                      fontsize=8)
-        ax.set_xlabel("j (other adapter)", fontsize=7)
-        ax.set_ylabel("i", fontsize=7)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        if ax.get_subplotspec().is_last_row():
+            ax.set_xlabel("j (other adapter)", fontsize=7)
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("i (this adapter)", fontsize=7)
         ax.tick_params(labelsize=6)
     fig.colorbar(im, ax=axes, shrink=0.8, label="φ(i, j)")
-    fig.suptitle(f"{title + ': ' if title else ''}φ(i, j) of {mtype}, per layer", fontsize=9)
+    total = len(_layers(list(recs.values())))
+    shown = "" if len(layers) == total else f" ({len(layers)} of {total} layers shown)"
+    fig.suptitle(f"{title + ': ' if title else ''}φ(i, j) of {mtype}, per layer{shown}",
+                 fontsize=9)
     return save_figure(fig, Path(path))
 
 
