@@ -174,6 +174,6 @@ def test_imports_sit_at_the_top_of_the_file():
                 where = f"{path.relative_to(PKG.parent)}:{n.lineno}"
                 if not all(m.startswith(LAZY_OK) for m in mods):
                     bad.append(f"{where}: {mods} imported inside a function")
-                elif not any("#" in line for line in lines[max(0, n.lineno - 4):n.lineno]):
+                elif not any("#" in line for line in lines[max(0, n.lineno - 4):n.end_lineno]):
                     bad.append(f"{where}: lazy import of {mods} without a one-line reason")
     assert not bad, "\n".join(bad)

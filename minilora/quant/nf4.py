@@ -105,9 +105,8 @@ def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True):
 
     Chapter: chapters/03-nf4-step-by-step.ipynb
     """
-    from scipy.stats import (
-        norm,  # lazy: scipy.stats takes ~0.3 s to import; only table building needs it
-    )
+    # lazy: scipy.stats takes ~0.3 s to import, and only building the table needs it
+    from scipy.stats import norm
 
     if not 0.5 < float(offset) < 1.0:
         raise QuantError(f"offset must be a probability in (0.5, 1); got {offset!r}")
