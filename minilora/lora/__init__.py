@@ -9,9 +9,23 @@ Four modules, read in this order:
 * :mod:`minilora.lora.peft_format`  Hugging Face PEFT's ``adapter_model.safetensors`` +
                                     ``adapter_config.json``, both ways
 
+Variants: :mod:`minilora.lora.dora` (DoRA, ``LoraConfig(use_dora=True)``) and
+:mod:`minilora.lora.adalora` (AdaLoRA: SVD form, importance-scored rank budget).
+
 Chapter: chapters/02-lora-notes.ipynb
 """
 from minilora.config import LORA_TARGETS
+from minilora.lora.adalora import (
+                                 AdaLoRALinear,
+                                 AdaLoraConfig,
+                                 AdaLoraModel,
+                                 RankAllocator,
+                                 adalora_layers,
+                                 export_adalora_peft,
+                                 import_adalora_peft,
+                                 inject_adalora,
+                                 orth_regularizer,
+)
 from minilora.lora.dora import DoRALinear
 from minilora.lora.files import (
                                  ADAPTER_FORMAT,
@@ -40,7 +54,9 @@ from minilora.lora.layers import (
                                  lora_scaling,
 )
 
-__all__ = ["ADAPTER_FORMAT", "DoRALinear", "LORA_LAYERS", "LORA_TARGETS", "LoRAEmbedding",
+__all__ = ["ADAPTER_FORMAT", "AdaLoRALinear", "AdaLoraConfig", "AdaLoraModel", "RankAllocator",
+           "adalora_layers", "export_adalora_peft", "import_adalora_peft", "inject_adalora",
+           "orth_regularizer", "DoRALinear", "LORA_LAYERS", "LORA_TARGETS", "LoRAEmbedding",
            "LoRAError",
            "LoRALinear", "LoRALinearCache", "count_lora_parameters", "inject_lora",
            "load_adapter", "load_lora_state_dict", "lora_layers", "lora_scaling",

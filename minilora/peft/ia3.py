@@ -48,7 +48,9 @@ from minilora.io import (
     read_typed,
     write_typed,
 )
-from minilora.lora.peft_format import KEY_PREFIX, from_peft_module, to_peft_module
+# the module, not its names: lora.peft_format imports minilora.peft (modules_to_save), so when
+# it is imported first this package is loaded while peft_format is still half-initialised
+from minilora.lora import peft_format
 from minilora.nn import ops
 from minilora.nn.layers import Linear, Module
 from minilora.peft.common import PeftError
@@ -340,7 +342,8 @@ def export_ia3_peft(path_dir, model: Module, config: IA3Config) -> Path:
     Chapter: chapters/02-lora-notes.ipynb
     """
     _check_unmerged(model, "export_ia3_peft")
-    tensors = {f"{KEY_PREFIX}{to_peft_module(n.rpartition('.')[0])}.ia3_l":
+    prefix = peft_format.KEY_PREFIX
+    tensors = {f"{prefix}{peft_format.to_peft_module(n.rpartition('.')[0])}.ia3_l":
                np.ascontiguousarray(backend.to_numpy(a)) for n, a in ia3_state_dict(model).items()}
     path_dir = Path(path_dir)
     atomic_write_bytes(path_dir / "adapter_model.safetensors", save(tensors,
@@ -377,9 +380,10 @@ def import_ia3_peft(path_dir, model: Module) -> IA3Config:
         raw = {k: f.get_tensor(k) for k in f.keys()}
     arrays = {}
     for key, a in raw.items():
-        if not (key.startswith(KEY_PREFIX) and key.endswith(".ia3_l")):
+        if not (key.startswith(peft_format.KEY_PREFIX) and key.endswith(".ia3_l")):
             raise PeftError(f"{str(w_path)!r}: key {key!r} is not an (IA)³ vector")
-        arrays[from_peft_module(key[len(KEY_PREFIX):-len(".ia3_l")]) + ".ia3_l"] = a
+        module = peft_format.from_peft_module(key[len(peft_format.KEY_PREFIX):-len(".ia3_l")])
+        arrays[module + ".ia3_l"] = a
     inject_ia3(model, config)
     missing = sorted(set(ia3_state_dict(model)) - set(arrays))
     if missing:
