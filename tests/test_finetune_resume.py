@@ -99,3 +99,26 @@ def test_nan_base_is_named_at_load_and_blamed_when_allowed(tiny_base, tmp_path):
     with pytest.raises(NonFiniteError, match=r"starting weights .*blocks\.0\.attn\.q\.weight"
                                              r".*no checkpoint was saved yet"):
         _run("lora", bad, tmp_path / "b", allow_nonfinite=True)
+
+
+def test_a_diverged_step_is_blamed_and_the_last_checkpoint_named(tmp_path):
+    from minilora.config import TrainConfig
+    from minilora.train import train
+
+    tok = CharTokenizer.default()
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2,
+                          n_embd=16), rng=0)
+    cfg = TrainConfig(max_steps=5, batch_size=2, block_size=8, warmup_steps=0, eval_every=100,
+                      eval_batches=1, ckpt_every=2, lr=1e-3, min_lr=1e-4)
+    ids = np.random.default_rng(0).integers(0, tok.vocab_size, 500)
+    calls = []
+
+    def fb(x, y):  # the fourth step's loss overflows; weights and batch stay finite
+        calls.append(1)
+        loss = model.forward_backward(x, y)
+        return float("inf") if len(calls) == 4 else loss
+
+    with pytest.raises(NonFiniteError, match=r"loss is inf at step 3: the step diverged at "
+                       r"learning rate .*last good checkpoint is .*ckpt\.safetensors \(after 2 "
+                       r"steps"):
+        train(model, tok, ids, None, cfg, out_dir=tmp_path, progress=False, forward_backward=fb)
