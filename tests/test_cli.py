@@ -74,6 +74,25 @@ def test_gradcheck_command_passes():
     assert " 0 failed" in r.stdout
 
 
+def test_gradcheck_table_shows_both_errors_and_the_rule_each_row_passed():
+    """A row passing on the absolute test says so (its relative error may exceed tol), and the
+    footer counts rows per rule with the same thresholds."""
+    from minilora.gradcheck import format_table
+
+    rows = [{"name": "a", "shape": (2,), "rel_error": 3e-8, "abs_error": 2e-11, "tol": 1e-6,
+             "atol": 1e-9, "rule": "rel", "ok": True},
+            {"name": "k bias", "shape": (8,), "rel_error": 5.6e-6, "abs_error": 5.6e-18,
+             "tol": 1e-6, "atol": 1e-9, "rule": "abs", "ok": True},
+            {"name": "bad", "shape": (3,), "rel_error": 0.5, "abs_error": 0.1, "tol": 1e-6,
+             "atol": 1e-9, "rule": None, "ok": False}]
+    lines = format_table(rows).splitlines()
+    assert "rel. error" in lines[0] and "abs. error" in lines[0] and "passed by" in lines[0]
+    assert lines[2].endswith("rel < 1e-06") and "3.00e-08" in lines[2]
+    assert lines[3].endswith("abs < 1e-09") and "5.60e-06" in lines[3] and "5.60e-18" in lines[3]
+    assert lines[4].endswith("NO: failed both")
+    assert lines[5] == "2 passed (1 by abs < 1e-09; 1 by rel < 1e-06), 1 failed"
+
+
 @pytest.mark.slow  # ~11 s: draws every figure three times
 def test_figures_are_byte_stable_and_unchanged_files_are_not_rewritten(tmp_path):
     """Every registered figure drawn twice from the committed results/ gives the same bytes, and
