@@ -185,6 +185,15 @@ def test_base_amplification_and_intruders_equal_dense(base, tmp_path, capsys):
     assert not list(out.glob("*.png"))
 
 
+def test_dora_adapter_is_marked_and_explained(tmp_path, capsys):
+    rc, stdout, stderr = run(["svd", str(DATA / "gpt_dora"), "--no-figures", "--out",
+                              str(tmp_path / "dora")], capsys)
+    assert rc == 0, stderr
+    assert "DoRA modules" in stdout
+    rows = csv_rows(tmp_path / "dora")
+    assert rows and all(row["dora"] == "True" for row in rows.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # minilora's own adapter files
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +293,8 @@ BAD = {
     "minilora base of another shape": (lambda t, k: [str(k / "ad1.safetensors"), "--base",
                                                      str(k / "narrow.safetensors")], "n_embd"),
     "pissa adapter": (lambda t, k: [str(k / "pissa.safetensors")], "pissa"),
+    "adapter name on a minilora file": (lambda t, k: [str(k / "ad1.safetensors"),
+                                                      "--adapter-name", "x"], "PATH"),
     "top-k 0": (lambda t, k: [str(DATA / "llama_lora"), "--top-k", "0"], "--top-k"),
     "eps 0": (lambda t, k: [str(DATA / "llama_lora"), "--eps", "0"], "--eps"),
 }

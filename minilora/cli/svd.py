@@ -71,11 +71,12 @@ def cmd_svd(args):
         raise UsageError("--base and --no-base exclude each other")
     out = check_output_dir(Path(args.out) if args.out else
                            RUNS / "svd" / adapter_label(args.path), "--out")
-    adapter = _flag("PATH", open_adapter, _existing("PATH", args.path))
+    adapter = _flag("PATH", open_adapter, _existing("PATH", args.path), args.adapter_name)
     names = _flag("--modules", select_modules, adapter, args.modules)
     other = None
     if args.other is not None:
-        other = _flag("--other", open_adapter, _existing("--other", args.other))
+        other = _flag("--other", open_adapter, _existing("--other", args.other),
+                      args.adapter_name)
         _flag("--other", check_pair, adapter, other, names)
     base_path, base_name = args.base, args.base
     if base_path is None and not args.no_base and not is_peft(adapter):
@@ -109,7 +110,7 @@ def cmd_svd(args):
     meta = {"adapter": str(args.path), "other": None if other is None else str(args.other),
             "base": None if base_name is None else str(base_name),
             "adapter_kind": "peft" if is_peft(adapter) else "minilora",
-            "options": {"modules": args.modules, "top_k": args.top_k, "eps": args.eps,
+            "options": {"adapter_name": args.adapter_name, "modules": args.modules, "top_k": args.top_k, "eps": args.eps,
                         "subspace": args.subspace, "full_svd_max_dim": args.full_svd_max_dim,
                         "base_rank": args.base_rank}}
     _flag("--out", ensure_writable_dir, out)
@@ -148,6 +149,8 @@ def add_parsers(sub):
                         "checkpoint (default for minilora adapters: the shipped base)")
     s.add_argument("--no-base", action="store_true",
                    help="minilora adapters: skip the base (no amplification, no intruders)")
+    s.add_argument("--adapter-name", metavar="NAME", default=None,
+                   help="PEFT files holding several adapters: the one to analyse (both PATHs)")
     s.add_argument("--modules", metavar="REGEX", default=None,
                    help="analyse only module paths where this regular expression is found")
     s.add_argument("--out", metavar="DIR", default=None,

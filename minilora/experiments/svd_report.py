@@ -149,12 +149,16 @@ def is_peft(adapter) -> bool:
     return isinstance(adapter, PeftAdapter)
 
 
-def open_adapter(path):
-    """A PEFT adapter directory (or its ``adapter_model.safetensors``) -> :class:`PeftAdapter`;
-    any other file -> :class:`MiniloraAdapter` (refused unless minilora wrote it)."""
+def open_adapter(path, adapter_name: str | None = None):
+    """A PEFT adapter directory (or its ``adapter_model.safetensors``) -> :class:`PeftAdapter`
+    (``adapter_name`` picks one adapter in a file holding several); any other file ->
+    :class:`MiniloraAdapter` (refused unless minilora wrote it)."""
     path = Path(path)
     if path.is_dir() or path.name == WEIGHTS_NAME:
-        return read_peft_adapter(path)
+        return read_peft_adapter(path, adapter_name)
+    if adapter_name is not None:
+        raise SvdInputError("an adapter name picks one adapter in a PEFT file holding several; "
+                            f"{path} is a minilora adapter file (one adapter)")
     return MiniloraAdapter(path)
 
 
@@ -324,6 +328,9 @@ def _notes(records) -> list[str]:
     if _has(records, "other"):
         notes.append(f"φ compares the {records[0].phi_subspace!r} subspaces; random subspaces of "
                      f"R^d give E φ(1,1) = 1/d and E φ(r,r') = max(r,r')/d (the 'random' columns)")
+    if any(r.dora for r in records):
+        notes.append("DoRA modules: the ΔW columns describe the directional update s·B·A; the "
+                     "intruders use the merged DoRA weight m·(W0 + ΔW)/‖W0 + ΔW‖_row")
     if _has(records, "base"):
         r0 = next(r for r in records if r.intruder_k is not None)
         notes.append(f"amplification = ‖ΔW‖F / ‖U_rᵀ W V_r‖F (U_r, V_r: ΔW's top-r singular "
