@@ -19,6 +19,8 @@ from minilora import cli
 from minilora.checkpoint import load_checkpoint, save_checkpoint
 from minilora.config import GPTConfig, LoraConfig
 from minilora.data import CharTokenizer
+from minilora.experiments.figures.common import MissingResults
+from minilora.experiments.figures.svd import fig_svd_milton
 from minilora.experiments.paths import base_model_path
 from minilora.experiments.svd_report import read_records, summary_table
 from minilora.io import CheckpointError
@@ -334,3 +336,42 @@ def test_summary_table_is_aligned(tmp_path, capsys):
     assert all(len(line) == len(header) for line in body)      # numbers right-aligned, no gaps
     emb = next(r for r in records if r.module == "model.embed_tokens")
     assert emb.kind == "embedding" and (emb.d_out, emb.d_in) == (32, 80)
+
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def _milton_run_dir() -> Path:
+    run_dir = RESULTS / "svd" / "milton-lora"
+    if not (run_dir / "records.json").exists():
+        pytest.skip("results/svd/milton-lora is not here")
+    return run_dir
+
+
+def test_committed_milton_records_match_their_csv():
+    """``results/svd/milton-lora``: records.json reads back into the numbers of summary.csv."""
+    run_dir = _milton_run_dir()
+    records, meta = read_records(run_dir / "records.json")
+    rows = csv_rows(run_dir)
+    assert meta["base"] == "shipped" and [r.module for r in records] == list(rows)
+    for r in records:
+        for f in ("delta_fro", "amplification", "w_proj_delta"):
+            assert float(rows[r.module][f]) == getattr(r, f)
+        assert int(rows[r.module]["intruder_count"]) == r.intruder_count == len(r.intruder_indices)
+        np.testing.assert_allclose(np.sqrt(np.sum(r.singular_values ** 2)), r.delta_fro,
+                                   rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_committed_milton_records_redraw(tmp_path):
+    """The ``minilora figures`` entry redraws the Milton figures from records.json alone, byte
+    for byte the committed ones; without the records it names the command that makes them."""
+    run_dir = _milton_run_dir()
+    paths = fig_svd_milton(RESULTS, tmp_path)
+    names = ("amplification", "intruders", "spectrum")
+    assert sorted(p.name for p in paths) == [f"svd_milton_lora_{n}.png" for n in names]
+    for n in names:
+        assert (tmp_path / f"svd_milton_lora_{n}.png").read_bytes() == \
+            (run_dir / f"svd_{n}.png").read_bytes(), n
+    with pytest.raises(MissingResults, match="minilora svd"):
+        fig_svd_milton(tmp_path / "empty", tmp_path)

@@ -15,7 +15,8 @@ path to write, and returns that path:
   module type, beside what random directions of the same rank would give.
 
 :func:`svd_figures` draws those that the records allow (φ needs a second adapter, amplification
-and intruders need the base weights).
+and intruders need the base weights); :func:`fig_svd_milton` is the ``minilora figures`` entry
+that redraws the committed Milton run from ``results/svd/milton-lora/records.json``.
 
 Chapter: chapters/05-delta-w-analysis.ipynb
 """
@@ -26,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from minilora.experiments.figures.common import pyplot, save_figure
+from minilora.experiments.figures.common import MissingResults, pyplot, save_figure
+from minilora.experiments.svd_report import RECORDS_JSON, read_records
 
-#: file names :func:`svd_figures` writes
-SPECTRUM_PNG, PHI_PNG, INTRUDERS_PNG, AMPLIFICATION_PNG = (
-    "svd_spectrum.png", "svd_phi.png", "svd_intruders.png", "svd_amplification.png")
+SVD_MILTON_COMMAND = ("minilora svd chapters/assets/milton-lora/adapter.safetensors "
+                      "--out results/svd/milton-lora")
 MAX_PANELS = 16    # per-layer figures show at most this many layers (evenly spaced)
 
 
@@ -295,22 +296,34 @@ def fig_svd_amplification(records, path, title: str = "") -> Path:
     return save_figure(fig, Path(path))
 
 
-def svd_figures(records, out_dir, title: str = "") -> list[Path]:
-    """Every figure the records allow, written into ``out_dir``: the spectrum always; φ (heat map
-    and one φ(i, j) grid figure per module type, ``svd_phi_<type>.png``) with a second adapter;
-    intruders and amplification with base weights."""
+def svd_figures(records, out_dir, title: str = "", prefix: str = "svd") -> list[Path]:
+    """Every figure the records allow, written into ``out_dir`` as ``<prefix>_<name>.png``: the
+    spectrum always; φ (heat map, and one φ(i, j) grid figure per module type,
+    ``<prefix>_phi_<type>.png``) with a second adapter; intruders and amplification with base
+    weights."""
     out_dir = Path(out_dir)
-    paths = [fig_svd_spectrum(records, out_dir / SPECTRUM_PNG, title)]
+    paths = [fig_svd_spectrum(records, out_dir / f"{prefix}_spectrum.png", title)]
     if any(r.phi_full is not None for r in records):
-        paths.append(fig_svd_phi(records, out_dir / PHI_PNG, title))
+        paths.append(fig_svd_phi(records, out_dir / f"{prefix}_phi.png", title))
         for t in _types([r for r in records if r.phi_grid is not None]):
-            paths.append(fig_svd_phi_grids(records, out_dir / f"svd_phi_{t}.png", t, title))
+            paths.append(fig_svd_phi_grids(records, out_dir / f"{prefix}_phi_{t}.png", t, title))
     if any(r.intruder_count is not None for r in records):
-        paths.append(fig_svd_intruders(records, out_dir / INTRUDERS_PNG, title))
+        paths.append(fig_svd_intruders(records, out_dir / f"{prefix}_intruders.png", title))
     if any(r.amplification is not None for r in records):
-        paths.append(fig_svd_amplification(records, out_dir / AMPLIFICATION_PNG, title))
+        paths.append(fig_svd_amplification(records, out_dir / f"{prefix}_amplification.png",
+                                           title))
     return paths
 
 
-__all__ = ["fig_svd_amplification", "fig_svd_intruders", "fig_svd_phi", "fig_svd_phi_grids",
-           "fig_svd_spectrum", "module_type", "svd_figures"]
+def fig_svd_milton(results: Path, figures: Path) -> list:
+    """The figures of ``results/svd/milton-lora/records.json`` (the Milton LoRA against the
+    shipped base) as ``figures/svd_milton_lora_*.png``: a ``minilora figures`` entry."""
+    path = Path(results) / "svd" / "milton-lora" / RECORDS_JSON
+    if not path.exists():
+        raise MissingResults(f"{path} not found; make it with: {SVD_MILTON_COMMAND}")
+    records, _ = read_records(path)
+    return svd_figures(records, Path(figures), "milton-lora", prefix="svd_milton_lora")
+
+
+__all__ = ["SVD_MILTON_COMMAND", "fig_svd_amplification", "fig_svd_intruders", "fig_svd_milton",
+           "fig_svd_phi", "fig_svd_phi_grids", "fig_svd_spectrum", "module_type", "svd_figures"]
