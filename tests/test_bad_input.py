@@ -121,6 +121,9 @@ ROWS = [
     (["finetune", "--task", "milton", "--eval-examples", "5"], "--eval-examples is for the "
                                                                 "labelled tasks"),
     (["finetune", "--seed", "-1"], "--seed must be >= 0"),
+    (["finetune", "--method", "full", "--r", "4"], "--r does not apply to --method full"),
+    (["finetune", "--method", "lora", "--bottleneck", "8", "--quant-type", "fp4"],
+     "--quant-type, --bottleneck do not apply to --method lora"),
     # -- results, figures ----------------------------------------------------------------------
     (["results", "--out", "DIR"], "no runs under DIR"),
     (["results", "--run", "--tasks", "nope", "--out", "newrun"], "unknown task/method nope"),
@@ -255,6 +258,15 @@ def test_bad_environment_is_one_line_exit_2(env, argv, fragment, workdir):
     r = subprocess.run([sys.executable, "-m", "minilora.cli", *argv], capture_output=True,
                        text=True, timeout=120, env={**os.environ, **env})
     _check_one_line(r.returncode, r.stderr, fragment)
+
+
+def test_method_flag_defaults_match_the_parser():
+    """finetune refuses a method flag changed from its default for another method: the table of
+    defaults it compares with must be the parser's."""
+    from minilora.cli.finetune import METHOD_FLAGS
+
+    args = cli.build_parser().parse_args(["finetune"])
+    assert {n: d for n, d, _ in METHOD_FLAGS} == {n: getattr(args, n) for n, _, _ in METHOD_FLAGS}
 
 
 def test_help_shows_the_ranges(capsys):

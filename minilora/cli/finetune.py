@@ -21,14 +21,33 @@ from minilora.errors import UsageError
 from minilora.config import LoraConfig, QuantConfig
 from minilora.experiments.figures import FIGURES, make_figures
 from minilora.experiments.finetune import finetune, format_result
-from minilora.experiments.methods import METHODS
+from minilora.experiments.methods import METHODS, Extras
+from minilora.lora import AdaLoraConfig
 from minilora.experiments.results_table import run_missing, write_table
 from minilora.experiments.tasks import task_recipe
-from minilora.peft import AdapterConfig, BitFitConfig, PrefixConfig, PromptConfig
+from minilora.peft import AdapterConfig, BitFitConfig, IA3Config, PrefixConfig, PromptConfig
+
+
+#: method-specific flags: (attribute, its default, the methods that read it). A flag changed from
+#: its default for a method that ignores it is refused rather than silently dropped.
+METHOD_FLAGS = (
+    ("r", 8, ("lora", "qlora")), ("alpha", 16.0, ("lora", "qlora")),
+    ("dropout", 0.0, ("lora", "qlora")), ("targets", None, ("lora", "qlora")),
+    ("init", "true", ("lora", "qlora")), ("rslora", False, ("lora", "qlora")),
+    ("bias", "none", ("lora", "qlora")), ("quant_type", "nf4", ("qlora",)),
+    ("blocksize", 64, ("qlora",)), ("no_double_quant", False, ("qlora",)),
+    ("loftq_iter", 5, ("qlora",)), ("bottleneck", 16, ("adapter",)),
+    ("prefix_len", 16, ("prefix",)), ("prompt_len", 16, ("prompt",)),
+)
 
 
 def cmd_finetune(args):
 
+    unused = [f"--{name.replace('_', '-')}" for name, default, methods in METHOD_FLAGS
+              if args.method not in methods and getattr(args, name) != default]
+    if unused:
+        raise UsageError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply "
+                         f"to --method {args.method}")
     if args.base is not None:
         check_input_file(args.base, "--base")
     if args.out is not None:
@@ -40,13 +59,14 @@ def cmd_finetune(args):
                          f"--task {args.task} is scored on --eval-batches windows")
     _use_backend(args)
     method_cfg = None
-    if args.method in ("lora", "qlora"):
+    if args.method in ("lora", "qlora", "dora"):
         init = {"true": True, "false": False}.get(args.init.lower(), args.init)
         targets = args.targets or ",".join(task_recipe(args.task).get("lora_targets", ("q", "v"))
                                            if args.method == "lora" else ("q", "v"))
         method_cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                                 target_modules=tuple(t for t in targets.split(",") if t),
-                                use_rslora=args.rslora, init_lora_weights=init, bias=args.bias)
+                                use_rslora=args.rslora, init_lora_weights=init, bias=args.bias,
+                                use_dora=args.method == "dora")
         if args.method == "qlora":  # the 4-bit base: NF4 (+ double quant), LoftQ steps
             quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize,
                                 double_quant=not args.no_double_quant,
@@ -57,6 +77,18 @@ def cmd_finetune(args):
                       "prefix": lambda: PrefixConfig(prefix_len=args.prefix_len),
                       "prompt": lambda: PromptConfig(prompt_len=args.prompt_len),
                       "bitfit": BitFitConfig}[args.method]()
+    elif args.method == "ia3":
+        method_cfg = IA3Config()
+    elif args.method == "adalora":  # the schedule needs the number of steps
+        steps = args.steps or task_recipe(args.task).get("train", {}).get("max_steps", 200)
+        method_cfg = AdaLoraConfig(
+            init_r=args.init_r, target_r=args.target_r, lora_alpha=args.alpha / args.r
+            * args.init_r, target_modules=tuple(t for t in (args.targets or "q,v").split(",")
+                                                if t),
+            tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 40), total_step=steps)
+    mts = tuple(m for m in (args.modules_to_save or "").split(",") if m)
+    if mts or args.loraplus_ratio is not None:
+        method_cfg = Extras(method_cfg, mts, args.loraplus_ratio)
     given = dict(max_steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
                  lr=args.lr)  # None: the task recipe's, else the harness default
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed)
@@ -120,6 +152,11 @@ def add_parsers(sub):
               minilora finetune --method prefix --prefix-len 16       # prefix tuning
               minilora finetune --method prompt --prompt-len 16       # prompt tuning
               minilora finetune --method bitfit                       # biases only
+              minilora finetune --method dora --task milton           # DoRA (use_dora)
+              minilora finetune --method adalora --init-r 12 --target-r 8   # AdaLoRA budget
+              minilora finetune --method ia3                          # (IA)³ vectors
+              minilora finetune --method lora --loraplus-ratio 16     # LoRA+
+              minilora finetune --method bitfit --task lexicon --modules-to-save lm_head
             """))
     s.add_argument("--method", choices=list(METHODS), default="lora")
     s.add_argument("--task", choices=["milton", "python", "sentiment", "lexicon"],
@@ -146,6 +183,16 @@ def add_parsers(sub):
                    help="qlora: keep float32 block scales (4.5 instead of 4.127 bits/weight)")
     s.add_argument("--loftq-iter", type=POSITIVE, default=5,
                    help="qlora --init loftq: alternating steps T (default 5; PEFT: 1)")
+    s.add_argument("--init-r", type=POSITIVE, default=12,
+                   help="adalora: triplets per layer at the start (default 12)")
+    s.add_argument("--target-r", type=POSITIVE, default=8,
+                   help="adalora: average triplets per layer at the end, <= --init-r (default 8)")
+    s.add_argument("--loraplus-ratio", type=float_range(0, lo_open=True), default=None,
+                   help="LoRA+: learning rate of the B factors = ratio x A's (> 0; the paper "
+                        "uses ~16; lora, qlora, dora, adalora)")
+    s.add_argument("--modules-to-save", default=None,
+                   help="comma-separated modules trained whole beside the method and saved "
+                        "with it (PEFT's modules_to_save), e.g. lm_head or lm_head,ln_f")
     s.add_argument("--bottleneck", type=POSITIVE, default=16,
                    help="adapter: Houlsby bottleneck width m (default 16)")
     s.add_argument("--prefix-len", type=POSITIVE, default=16,
