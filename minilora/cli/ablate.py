@@ -24,6 +24,8 @@ from minilora.experiments.ablate import (
     run_sweep,
     summary_table,
 )
+from minilora.experiments.studies.delta_w import OUT as DELTA_W_OUT
+from minilora.experiments.studies.delta_w import STUDIES, run_delta_w_study
 from minilora.experiments.tasks import TASKS
 from minilora.io import atomic_write_text
 
@@ -99,6 +101,22 @@ def cmd_ablate(args):
         raise SystemExit(1)
 
 
+def cmd_delta_w(args):
+    only = [s for s in args.only.split(",") if s] if args.only else None
+    bad = [s for s in only or [] if s not in STUDIES]
+    if bad:
+        raise UsageError(f"--only: unknown study {', '.join(bad)}; allowed: {', '.join(STUDIES)}")
+    if not (Path(args.sweep) / "cells").is_dir():
+        raise UsageError(f"--sweep {args.sweep!r} has no cells/ directory (make it with "
+                         "minilora ablate --out ...)")
+    if len(args.phi_ranks) != 2 or args.phi_ranks[0] >= args.phi_ranks[1]:
+        raise UsageError(f"--phi-ranks takes two ranks, smaller first (e.g. 8,64), got "
+                         f"{','.join(map(str, args.phi_ranks))}")
+    out = check_output_dir(args.out, "--out")
+    run_delta_w_study(args.sweep, out, args.runs, only=only, steps=args.steps,
+                      phi_ranks=tuple(args.phi_ranks))
+
+
 def add_parsers(sub):
     """Add this group's subcommands to the ``minilora`` parser."""
     s = sub.add_parser("ablate", help="rank / target-set / seed sweeps of the fine-tuning "
@@ -156,3 +174,27 @@ def add_parsers(sub):
                         "LocalCluster")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_ablate)
+
+    s = sub.add_parser("delta-w", help="the ΔW studies on a sweep's cells: φ, amplification, "
+                       "full FT vs LoRA, intruder dimensions, fixed budget (JSON for figures)",
+                       formatter_class=_formatter, epilog=textwrap.dedent(f"""\
+            Reads <sweep>/cells/*.json and the weights the cells kept under --runs; writes one
+            JSON per study into --out; `minilora figures` draws them.
+
+            examples:
+              minilora delta-w --sweep results/ablate --out results/delta_w
+              minilora delta-w --only phi,intruders
+
+            studies: {', '.join(STUDIES)}
+            """))
+    s.add_argument("--sweep", default="results/ablate", help="the sweep's records (default "
+                   "results/ablate)")
+    s.add_argument("--runs", default=str(DEFAULT_RUNS),
+                   help=f"the cells' weights (default {DEFAULT_RUNS})")
+    s.add_argument("--out", default=str(DELTA_W_OUT), help=f"default {DELTA_W_OUT}")
+    s.add_argument("--only", default=None, help="comma-separated studies (default: all)")
+    s.add_argument("--steps", type=POSITIVE, default=None,
+                   help="use the cells of this step count (needed if the sweep mixes several)")
+    s.add_argument("--phi-ranks", type=int_list(1), default=[8, 64],
+                   help="the two ranks φ compares (default 8,64)")
+    s.set_defaults(func=cmd_delta_w)

@@ -378,7 +378,7 @@ def start_cluster(workers: int = 2, blas_threads: int = 1, scheduler: str | None
     env.update({v: str(blas_threads) for v in BLAS_ENV})
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
-                                           processes=True, dashboard_address=None,
+                                           processes=True, dashboard_address=":0",
                                            silence_logs=40)  # logging.ERROR
     return distributed.Client(cluster), cluster
 

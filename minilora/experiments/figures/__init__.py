@@ -12,6 +12,17 @@ from pathlib import Path
 from minilora.errors import UsageError
 from minilora.experiments.figures.adapters import fig_claim
 from minilora.experiments.figures.common import MissingResults
+from minilora.experiments.figures.delta_w import (
+    fig_amplification,
+    fig_budget,
+    fig_full_vs_lora,
+    fig_intruders,
+    fig_intruders_forgetting,
+    fig_pareto,
+    fig_phi,
+    fig_pretrained_spectra,
+    fig_rank,
+)
 from minilora.experiments.figures.paged import fig_paged
 from minilora.experiments.figures.pretrain import fig_base_pretrain
 from minilora.experiments.figures.quant import (
@@ -30,6 +41,15 @@ FIGURES = {
     "multi_adapter_claim": fig_claim,
     "loftq_residuals": fig_loftq_residuals,
     "qlora_compare": fig_qlora_compare,
+    "ablate_pareto": fig_pareto,
+    "ablate_rank": fig_rank,
+    "ablate_budget": fig_budget,
+    "delta_w_pretrained_spectra": fig_pretrained_spectra,
+    "delta_w_phi": fig_phi,
+    "delta_w_amplification": fig_amplification,
+    "delta_w_full_vs_lora": fig_full_vs_lora,
+    "delta_w_intruders": fig_intruders,
+    "delta_w_intruders_forgetting": fig_intruders_forgetting,
 }
 
 
