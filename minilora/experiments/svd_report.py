@@ -355,17 +355,37 @@ def markdown_table(records, title: str = "") -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
+#: ModuleRecord fields kept out of the CSV (arrays; records.json has them)
+_ARRAYS = ("singular_values", "phi_grid", "intruder_indices", "intruder_similarities")
+
+
+def csv_columns() -> list[str]:
+    """The CSV's columns: every :class:`ModuleRecord` field but the arrays, then
+    ``intruder_indices`` as a space-separated string (as :meth:`ModuleRecord.row` gives it)."""
+    return [f.name for f in dataclasses.fields(ModuleRecord) if f.name not in _ARRAYS] + [
+        "intruder_indices"]
+
+
+def _csv_cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))          # repr: the shortest text that reads back exactly
+    if isinstance(v, (np.integer, np.bool_)):
+        return str(v.item())
+    return str(v)
+
+
 def csv_text(records) -> str:
-    """Every scalar field (:meth:`ModuleRecord.row`) of every record as CSV, one row a module;
+    """Every scalar field of every record as CSV (:func:`csv_columns`), one row a module;
     floats written with ``repr`` (they read back exactly), None as an empty cell."""
-    fields = list(records[0].row())
+    fields = csv_columns()
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(fields)
     for r in records:
         row = r.row()
-        w.writerow(["" if row[f] is None else repr(row[f]) if isinstance(row[f], float)
-                    else row[f] for f in fields])
+        w.writerow([_csv_cell(row.get(f)) for f in fields])
     return buf.getvalue()
 
 
@@ -390,9 +410,6 @@ def records_json(records, meta: dict | None = None) -> dict:
     out["records"] = [{f.name: _jsonable(getattr(r, f.name)) for f in dataclasses.fields(r)}
                       for r in records]
     return out
-
-
-_ARRAYS = {"singular_values", "phi_grid", "intruder_indices", "intruder_similarities"}
 
 
 def read_records(path) -> tuple[list[ModuleRecord], dict]:
@@ -424,6 +441,6 @@ def write_report(out_dir, records, meta: dict | None = None, title: str = "") ->
 
 
 __all__ = ["RECORDS_FORMAT", "SUMMARY_COLUMNS", "MiniloraAdapter", "SvdInputError",
-           "adapter_label", "analyze", "check_pair", "csv_text", "format_value", "is_peft",
+           "adapter_label", "analyze", "check_pair", "csv_columns", "csv_text", "format_value", "is_peft",
            "markdown_table", "module_shapes", "open_adapter", "open_base", "read_records",
            "records_json", "select_modules", "summary_columns", "summary_table", "write_report"]
