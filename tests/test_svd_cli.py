@@ -279,6 +279,17 @@ def _bin_dir(tmp_path):
     return str(d)
 
 
+def _pissa_peft_dir(tmp_path):
+    d = tmp_path / "pissa_peft"
+    d.mkdir()
+    (d / "adapter_model.safetensors").write_bytes(
+        (DATA / "llama_lora" / "adapter_model.safetensors").read_bytes())
+    config = json.loads((DATA / "llama_lora" / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**config,
+                                                       "init_lora_weights": "pissa_niter_4"}))
+    return str(d)
+
+
 BAD = {
     "missing path": (lambda t, k: [str(t / "nope")], "PATH"),
     "pickled .bin": (lambda t, k: [_bin_dir(t)], "adapter_model.bin"),
@@ -295,6 +306,7 @@ BAD = {
     "minilora base of another shape": (lambda t, k: [str(k / "ad1.safetensors"), "--base",
                                                      str(k / "narrow.safetensors")], "n_embd"),
     "pissa adapter": (lambda t, k: [str(k / "pissa.safetensors")], "pissa"),
+    "unconverted PEFT pissa": (lambda t, k: [_pissa_peft_dir(t)], "pissa_niter_4"),
     "adapter name on a minilora file": (lambda t, k: [str(k / "ad1.safetensors"),
                                                       "--adapter-name", "x"], "PATH"),
     "top-k 0": (lambda t, k: [str(DATA / "llama_lora"), "--top-k", "0"], "--top-k"),

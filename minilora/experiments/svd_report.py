@@ -70,6 +70,29 @@ class SvdInputError(MiniloraError, ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
+# which adapters have a ΔW to analyse
+# ----------------------------------------------------------------------------------------------
+#: inits that move s·B0·A0 out of W0 (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ): the trained base is a
+#: residual, and s·B·A is not the update to the pretrained weights
+RESIDUAL_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+
+
+def check_init(path, init) -> None:
+    """Refuse an adapter whose ``init_lora_weights`` is one of :data:`RESIDUAL_INITS` (PEFT's
+    "pissa_niter_16" style names included). PEFT saves such an adapter as a plain LoRA (init
+    True, rank doubled) when ``save_pretrained`` is given
+    ``path_initial_model_for_weight_conversion``; that converted adapter is analysed."""
+    name = str(init).lower()
+    if any(name.startswith(p) for p in RESIDUAL_INITS):
+        raise SvdInputError(
+            f"{path} was initialised with {init!r}: training started from a base with "
+            f"s·B0·A0 moved out of W0, so its s·B·A is not the update to the pretrained "
+            f"weights, and its spectrum, φ, amplification and intruders would describe something "
+            f"else. Only adapters whose ΔW starts at 0 are analysed (PEFT converts one on save: "
+            f"save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+
+
+# ----------------------------------------------------------------------------------------------
 # minilora's own adapter files
 # ----------------------------------------------------------------------------------------------
 class MiniloraAdapter:
@@ -82,18 +105,10 @@ class MiniloraAdapter:
     Trained biases (``bias="all"`` / ``"lora_only"``) are not part of ΔW and are not analysed.
     """
 
-    kind = "minilora"
-
     def __init__(self, path):
         self.path = Path(path)
         arrays, self.config = read_adapter(self.path)
-        if self.config.init_lora_weights in ("pissa", "loftq"):
-            raise SvdInputError(
-                f"{self.path} was initialised with {self.config.init_lora_weights!r}: training "
-                f"started from a base with s·B0·A0 moved out of W0, so its s·B·A is not the "
-                f"update to the pretrained weights, and its spectrum, φ, amplification and "
-                f"intruders would describe something else; only adapters whose ΔW starts at 0 "
-                f"are analysed")
+        check_init(self.path, self.config.init_lora_weights)
         self.scale = float(lora_scaling(self.config.r, self.config.lora_alpha,
                                         self.config.use_rslora))
         self._arrays = {}
@@ -107,6 +122,9 @@ class MiniloraAdapter:
                 raise SvdInputError(f"{self.path}: module {name!r} has no matching lora_B "
                                     f"(lora_A {A.shape}, lora_B "
                                     f"{None if B is None else B.shape})")
+            if A.shape[0] != self.config.r:
+                raise SvdInputError(f"{self.path}: module {name!r} has rank {A.shape[0]} but "
+                                    f"the adapter's config says r={self.config.r}")
             self._arrays[name] = (B, A)
             self.modules[name] = (B.shape[0], A.shape[1], A.shape[0])
         if not self.modules:
@@ -155,7 +173,9 @@ def open_adapter(path, adapter_name: str | None = None):
     :class:`MiniloraAdapter` (refused unless minilora wrote it)."""
     path = Path(path)
     if path.is_dir() or path.name == WEIGHTS_NAME:
-        return read_peft_adapter(path, adapter_name)
+        adapter = read_peft_adapter(path, adapter_name)
+        check_init(adapter.path, adapter.config.get("init_lora_weights", True))
+        return adapter
     if adapter_name is not None:
         raise SvdInputError("an adapter name picks one adapter in a PEFT file holding several; "
                             f"{path} is a minilora adapter file (one adapter)")
@@ -440,7 +460,8 @@ def write_report(out_dir, records, meta: dict | None = None, title: str = "") ->
     return paths
 
 
-__all__ = ["RECORDS_FORMAT", "SUMMARY_COLUMNS", "MiniloraAdapter", "SvdInputError",
-           "adapter_label", "analyze", "check_pair", "csv_columns", "csv_text", "format_value", "is_peft",
-           "markdown_table", "module_shapes", "open_adapter", "open_base", "read_records",
-           "records_json", "select_modules", "summary_columns", "summary_table", "write_report"]
+__all__ = ["RECORDS_FORMAT", "RESIDUAL_INITS", "SUMMARY_COLUMNS", "MiniloraAdapter",
+           "SvdInputError", "adapter_label", "analyze", "check_init", "check_pair",
+           "csv_columns", "csv_text", "format_value", "is_peft", "markdown_table",
+           "module_shapes", "open_adapter", "open_base", "read_records", "records_json",
+           "select_modules", "summary_columns", "summary_table", "write_report"]
