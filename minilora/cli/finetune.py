@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import textwrap
-
 from pathlib import Path
 
 from minilora.cli.common import (
-    NON_NEGATIVE,
     POSITIVE,
     SEED,
     _add_allow_nonfinite,
@@ -15,18 +13,25 @@ from minilora.cli.common import (
     _use_backend,
     check_input_file,
     check_output_dir,
+    flag_hint,
     float_range,
 )
-from minilora.errors import UsageError
 from minilora.config import LoraConfig, QuantConfig
+from minilora.errors import UsageError
 from minilora.experiments.figures import FIGURES, make_figures
 from minilora.experiments.finetune import finetune, format_result
 from minilora.experiments.methods import METHODS, Extras
-from minilora.lora import AdaLoraConfig
 from minilora.experiments.results_table import run_missing, write_table
 from minilora.experiments.tasks import task_recipe
-from minilora.peft import AdapterConfig, BitFitConfig, IA3Config, PrefixConfig, PromptConfig
-
+from minilora.io import CheckpointError
+from minilora.lora import AdaLoraConfig
+from minilora.peft import (
+    AdapterConfig,
+    BitFitConfig,
+    IA3Config,
+    PrefixConfig,
+    PromptConfig,
+)
 
 #: method-specific flags: (attribute, its default, the methods that read it). A flag changed from
 #: its default for a method that ignores it is refused rather than silently dropped.
@@ -88,15 +93,20 @@ def cmd_finetune(args):
             tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 40), total_step=steps)
     mts = tuple(m for m in (args.modules_to_save or "").split(",") if m)
     if mts or args.loraplus_ratio is not None:
-        method_cfg = Extras(method_cfg, mts, args.loraplus_ratio)
+        method_lr = args.lr or task_recipe(args.task).get("lr", {}).get(args.method)
+        method_cfg = Extras(method_cfg, mts, args.loraplus_ratio, args.modules_to_save_lr,
+                            method_lr)
     given = dict(max_steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
                  lr=args.lr)  # None: the task recipe's, else the harness default
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed)
-    r = finetune(args.method, args.task, method_cfg, overrides, base_path=args.base,
-                 out_dir=args.out, progress=not args.no_progress, eval_batches=args.eval_batches,
-                 eval_examples=args.eval_examples, lm_weight=args.lm_weight,
-                 resume=args.resume, save_every=args.save_every,
-                 allow_nonfinite=args.allow_nonfinite)
+    try:
+        r = finetune(args.method, args.task, method_cfg, overrides, base_path=args.base,
+                     out_dir=args.out, progress=not args.no_progress,
+                     eval_batches=args.eval_batches, eval_examples=args.eval_examples,
+                     lm_weight=args.lm_weight, resume=args.resume, save_every=args.save_every,
+                     allow_nonfinite=args.allow_nonfinite)
+    except CheckpointError as e:
+        raise flag_hint(e) from None
     print(format_result(r))
     if args.out:
         print(f"written: {args.out}/result.json and {args.out}/{r['weights_file']}")
@@ -193,6 +203,9 @@ def add_parsers(sub):
     s.add_argument("--modules-to-save", default=None,
                    help="comma-separated modules trained whole beside the method and saved "
                         "with it (PEFT's modules_to_save), e.g. lm_head or lm_head,ln_f")
+    s.add_argument("--modules-to-save-lr", type=float_range(0, lo_open=True), default=None,
+                   help="peak learning rate of the --modules-to-save modules (default: the "
+                        "method's, as in PEFT; full fine-tuning uses 1e-3)")
     s.add_argument("--bottleneck", type=POSITIVE, default=16,
                    help="adapter: Houlsby bottleneck width m (default 16)")
     s.add_argument("--prefix-len", type=POSITIVE, default=16,

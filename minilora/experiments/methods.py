@@ -9,14 +9,32 @@ and at which learning rates it trains by default. Adding a method = one function
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 from minilora.checkpoint import save_checkpoint
 from minilora.config import LoraConfig, QuantConfig
 from minilora.errors import UsageError
-from minilora.lora import inject_lora, save_adapter
-from minilora.peft import CONFIGS, apply_peft, save_peft
+from minilora.io import atomic_write_text, write_typed
+from minilora.lora import (
+    AdaLoraConfig,
+    AdaLoraModel,
+    export_adalora_peft,
+    inject_lora,
+    save_adapter,
+)
+from minilora.optim import loraplus_lr_scale
+from minilora.peft import (
+    CONFIGS,
+    IA3Config,
+    add_modules_to_save,
+    apply_peft,
+    inject_ia3,
+    modules_to_save_state_dict,
+    save_ia3,
+    save_peft,
+)
 from minilora.peft.prefix import _GPTWrapper
 from minilora.qlora import inject_qlora, save_qlora_adapter
 
@@ -69,6 +87,56 @@ def _setup_lora(model, tok, config) -> MethodSetup:
     return MethodSetup(model, config.to_dict(), save, 5e-3, 5e-4)
 
 
+def setup_dora(model, tok, config):
+    """``finetune`` method "dora": LoRA with ``use_dora=True`` (default r=8, alpha 16 on q, v, as
+    method "lora"); the magnitude vectors are saved in the adapter file with the factors."""
+    config = config or LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"), use_dora=True)
+    if not isinstance(config, LoraConfig) or not config.use_dora:
+        raise UsageError("method 'dora' needs a LoraConfig with use_dora=True")
+    return _setup_lora(model, tok, config)
+
+
+def setup_adalora(model, tok, config):
+    """``finetune`` method "adalora": AdaLoRA on q, v; default init_r 12 -> target_r 8 (the
+    average rank of method "lora"), lora_alpha 24 (c = 24/12 = 2 = LoRA's 16/8), warm-up 20 steps
+    (tinit), final 40 steps at a fixed allocation (tfinal), pruning every 5 steps, total_step
+    200 (the harness default; ``minilora finetune`` sets it to --steps). Saves the adapter in
+    PEFT's AdaLoRA layout (``adalora/``: the kept triplets, ``rank_pattern`` in its config) and
+    the final rank per layer in ``adalora_ranks.json`` and in the result's method_config."""
+    config = config or AdaLoraConfig(init_r=12, target_r=8, lora_alpha=24,
+                                     target_modules=("q", "v"), tinit=20, tfinal=40, deltaT=5,
+                                     total_step=200)
+    if not isinstance(config, AdaLoraConfig):
+        raise UsageError(f"method 'adalora' needs an AdaLoraConfig, got {type(config).__name__}")
+    wrapped = AdaLoraModel(model, config)
+    summary = config.to_dict()
+
+    def save(out: Path) -> str:
+        alloc = wrapped.allocator
+        summary["final_ranks"] = alloc.ranks()
+        summary["rank_history"] = [list(h) for h in alloc.history]
+        export_adalora_peft(Path(out) / "adalora", wrapped, config, alloc.rank_pattern)
+        atomic_write_text(Path(out) / "adalora_ranks.json",
+                          json.dumps({"final_ranks": alloc.ranks(),
+                                      "history": summary["rank_history"]}, indent=1) + "\n")
+        return "adalora/adapter_model.safetensors"
+    return MethodSetup(wrapped, summary, save, 5e-3, 5e-4)
+
+
+def setup_ia3(model, tok, config):
+    """``finetune`` method "ia3": (IA)³ vectors on k, v and the MLP's inner activation (PEFT's
+    default); learning rate 1e-2 like BitFit (no sweep)."""
+    config = config or IA3Config()
+    if not isinstance(config, IA3Config):
+        raise UsageError(f"method 'ia3' needs an IA3Config, got {type(config).__name__}")
+    inject_ia3(model, config)
+
+    def save(out: Path) -> str:
+        save_ia3(Path(out) / "ia3.safetensors", model, config)
+        return "ia3.safetensors"
+    return MethodSetup(model, config.to_dict(), save, 1e-2, 1e-3)
+
+
 def setup_qlora(model, tok, config):
     """``finetune`` method "qlora": the float base quantised to 4 bits, LoRA around it.
 
@@ -81,6 +149,9 @@ def setup_qlora(model, tok, config):
     lora_cfg, quant = config if isinstance(config, tuple) else (config, None)
     lora_cfg = lora_cfg or LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"))
     quant = quant or QuantConfig()
+    if isinstance(lora_cfg, LoraConfig) and lora_cfg.use_dora:
+        raise UsageError("method 'qlora' does not combine with use_dora (DoRA needs the float W0 "
+                         "to normalise); use method 'dora' on the float base")
     if not isinstance(lora_cfg, LoraConfig) or not isinstance(quant, QuantConfig):
         raise UsageError("method 'qlora' needs a LoraConfig or a (LoraConfig, QuantConfig) pair; "
                         f"got {type(config).__name__}")
@@ -155,17 +226,93 @@ def setup_bitfit(model, tok, config):
 
 
 
-#: method name -> setup function ``f(model, tokenizer, config or None) -> MethodSetup``.
-METHODS = {
+class Extras(NamedTuple):
+    """What can be added to any method: ``finetune(method, task, Extras(config, ...))``.
+
+    Attributes:
+        config: the method's own config (or None for its default).
+        modules_to_save: module names trained whole beside the method (PEFT's
+            ``modules_to_save``, e.g. ``("lm_head",)``); saved in ``modules_to_save.safetensors``
+            next to the method's file.
+        loraplus_ratio: LoRA+: the B factors' learning rate is ratio x A's (methods with LoRA
+            factors: lora, qlora, dora, adalora).
+        modules_to_save_lr: peak learning rate of the saved modules (None: the method's, as in
+            PEFT, where one optimizer trains everything); the schedule scales it like the rest.
+        method_lr: the run's peak learning rate when it is not the method's default (a task
+            recipe's or ``--lr``), so that ``modules_to_save_lr`` comes out right.
+    """
+    config: object = None
+    modules_to_save: tuple = ()
+    loraplus_ratio: float | None = None
+    modules_to_save_lr: float | None = None
+    method_lr: float | None = None
+
+
+MODULES_TO_SAVE_FORMAT = "minilora-modules-to-save-v1"
+
+
+def _with_extras(setup_fn: Callable) -> Callable:
+    """``setup_fn`` that also accepts an :class:`Extras` in place of its config."""
+
+    def setup(model, tok, config):
+        if not isinstance(config, Extras):
+            return setup_fn(model, tok, config)
+        extras = config
+        lora_scale = (loraplus_lr_scale(extras.loraplus_ratio)  # checks the ratio first
+                      if extras.loraplus_ratio is not None else None)
+        for name in ("modules_to_save_lr", "method_lr"):
+            v = getattr(extras, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+                raise UsageError(f"{name} must be a finite number > 0, got {v!r}")
+        if extras.modules_to_save and setup_fn is _setup_full:
+            raise UsageError("method 'full' trains every module already; modules_to_save is "
+                             "for the parameter-efficient methods")
+        s = setup_fn(model, tok, extras.config)
+        summary = dict(s.config or {})
+        save = s.save
+        if lora_scale is not None:
+            if not any(n.endswith(".lora_B") for n, _, _ in s.model.named_trainable()):
+                raise UsageError("loraplus_ratio sets the learning rate of LoRA B factors; this "
+                                 "method has none (use lora, qlora, dora or adalora)")
+            s.model.lr_scale = lora_scale
+            summary["loraplus_ratio"] = float(extras.loraplus_ratio)
+        if extras.modules_to_save:
+            saved = add_modules_to_save(s.model, extras.modules_to_save)
+            summary["modules_to_save"] = saved.paths
+            if extras.modules_to_save_lr is not None:
+                ratio = extras.modules_to_save_lr / (extras.method_lr or s.lr)
+                names = set(saved.param_names)
+
+                def lr_scale(name, _lora=lora_scale):
+                    return (ratio if name in names else 1.0) * (_lora(name) if _lora else 1.0)
+                s.model.lr_scale = lr_scale
+                summary["modules_to_save_lr"] = float(extras.modules_to_save_lr)
+
+            def save(out: Path, _inner=s.save) -> str:
+                name = _inner(out)
+                write_typed(Path(out) / "modules_to_save.safetensors", MODULES_TO_SAVE_FORMAT,
+                            modules_to_save_state_dict(s.model, saved.paths),
+                            {"modules": saved.paths})
+                return f"{name} + modules_to_save.safetensors"
+        return s._replace(config=summary, save=save)
+    setup.__doc__ = setup_fn.__doc__
+    return setup
+
+
+#: method name -> setup function ``f(model, tokenizer, config or Extras or None) -> MethodSetup``.
+METHODS = {name: _with_extras(fn) for name, fn in {
     "full": _setup_full,
     "lora": _setup_lora,
     "qlora": setup_qlora,  # LoRA around a 4-bit (NF4) base; --init loftq
+    "dora": setup_dora,  # LoRA with a magnitude per output unit (use_dora)
+    "adalora": setup_adalora,  # SVD-form LoRA with an importance-scored rank budget
     # the other PEFT methods of the taxonomy (minilora.peft)
     "adapter": setup_adapter,
     "prefix": setup_prefix,
     "prompt": setup_prompt,
     "bitfit": setup_bitfit,
-}
+    "ia3": setup_ia3,  # rescaling vectors on k, v and the MLP's inner activation
+}.items()}
 
 
 def method_setup(method: str) -> Callable:
