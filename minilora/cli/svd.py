@@ -110,9 +110,9 @@ def cmd_svd(args):
     meta = {"adapter": str(args.path), "other": None if other is None else str(args.other),
             "base": None if base_name is None else str(base_name),
             "adapter_kind": "peft" if is_peft(adapter) else "minilora",
-            "options": {"adapter_name": args.adapter_name, "modules": args.modules, "top_k": args.top_k, "eps": args.eps,
-                        "subspace": args.subspace, "full_svd_max_dim": args.full_svd_max_dim,
-                        "base_rank": args.base_rank}}
+            "options": {"adapter_name": args.adapter_name, "modules": args.modules,
+                        "top_k": args.top_k, "eps": args.eps, "subspace": args.subspace,
+                        "full_svd_max_dim": args.full_svd_max_dim, "base_rank": args.base_rank}}
     _flag("--out", ensure_writable_dir, out)
     paths = write_report(out, records, meta, f"ΔW analysis of {title}")
     if not args.no_figures:
