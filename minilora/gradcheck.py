@@ -216,7 +216,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'gradient':<{w}}  {'shape':<16} {'rel. error':>10} {'abs. error':>10}  passed by",
              "-" * (w + 50)]
     for r in rows:
-        lines.append(f"{r['name']:<{w}}  {str(r['shape']):<16} {r['rel_error']:>10.2e} "
+        lines.append(f"{r['name']:<{w}}  {r['shape']!s:<16} {r['rel_error']:>10.2e} "
                      f"{r.get('abs_error', float('nan')):>10.2e}  {_rule_text(r)}")
     n_bad = sum(not r["ok"] for r in rows)
     by_rule = {}

@@ -24,6 +24,7 @@ from minilora.adapters import AdapterRegistry
 from minilora.checkpoint import load_checkpoint
 from minilora.errors import UsageError
 from minilora.experiments.paths import base_model_path
+from minilora.io import CheckpointError
 
 
 class MiniloraParser(argparse.ArgumentParser):
@@ -217,8 +218,22 @@ def _use_backend(args):
         backend.set_backend(args.backend)
 
 
-def _load(path, allow_nonfinite: bool = False):
-    return load_checkpoint(path or base_model_path(), allow_nonfinite=allow_nonfinite)
+def flag_hint(error: CheckpointError) -> CheckpointError:
+    """The same error with the library's ``allow_nonfinite=True`` hint named as the flag."""
+    text = str(error).replace("allow_nonfinite=True loads it anyway", "--allow-nonfinite loads "
+                              "it anyway")
+    return CheckpointError(text)
+
+
+def _load(path, allow_nonfinite: bool | None = None):
+    """Load a checkpoint (default: the shipped base). ``allow_nonfinite``: None for a command
+    without ``--allow-nonfinite``, else the flag's value (and errors name the flag)."""
+    try:
+        return load_checkpoint(path or base_model_path(), allow_nonfinite=bool(allow_nonfinite))
+    except CheckpointError as e:
+        if allow_nonfinite is None:
+            raise
+        raise flag_hint(e) from None
 
 
 def _adapter_registry(model, paths):
