@@ -211,7 +211,8 @@ def _rule_text(r: dict) -> str:
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of :func:`check` rows: name, shape, relative and absolute error, and
     the rule each row passed, ``rel < tol`` or (a gradient so small that its relative error is
-    rounding noise) ``abs < atol``; the footer counts the rows per rule with the thresholds."""
+    rounding noise) ``abs < atol``; the footer states the rule, and its last line counts the rows
+    passed by each test with the thresholds."""
     w = max(len(r["name"]) for r in rows)
     lines = [f"{'gradient':<{w}}  {'shape':<16} {'rel. error':>10} {'abs. error':>10}  passed by",
              "-" * (w + 50)]
@@ -225,7 +226,7 @@ def format_table(rows: list[dict]) -> str:
             key = _rule_text(r)
             by_rule[key] = by_rule.get(key, 0) + 1
     detail = "; ".join(f"{n} by {k}" for k, n in sorted(by_rule.items()))
-    lines.append(f"{len(rows) - n_bad} passed ({detail or 'no rule recorded'}), {n_bad} failed")
     lines.append("a row passes when its largest relative error is below tol, or else (a gradient "
                  "that is ~0 in theory) its largest absolute error is below atol")
+    lines.append(f"{len(rows) - n_bad} passed ({detail or 'no rule recorded'}), {n_bad} failed")
     return "\n".join(lines)
