@@ -1,6 +1,7 @@
 """modules_to_save: whole modules trained beside any method, saved in PEFT's layout (both the
 0.21 plain key and the older ``modules_to_save.default`` key), merged and restored; errors."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -106,3 +107,44 @@ def test_config_naming_a_module_the_file_lacks(tmp_path):
     from minilora.lora.peft_format import PeftFormatError
     with pytest.raises(PeftFormatError, match="modules_to_save names"):
         import_peft(tmp_path, fixture_gpt(ref))
+
+
+def test_saved_modules_file_round_trip(tmp_path):
+    from minilora.peft import load_modules_to_save, save_modules_to_save
+    gpt = GPT(TINY, 0, dtype="float64")
+    gpt.lm_head.params["weight"] += 0.5
+    save_modules_to_save(tmp_path / "m.safetensors", gpt, ["lm_head", "ln_f"])
+    fresh = GPT(TINY, 0, dtype="float64")
+    fresh.freeze()
+    saved = load_modules_to_save(tmp_path / "m.safetensors", fresh)
+    np.testing.assert_array_equal(np_(fresh.lm_head.params["weight"]),
+                                  np_(gpt.lm_head.params["weight"]))
+    assert {n for n, _, _ in fresh.named_trainable()} == set(saved.param_names)
+    other = GPT(GPTConfig(vocab_size=13, block_size=6, n_layer=2, n_head=2, n_embd=8), 0)
+    with pytest.raises(PeftError, match="do not match"):
+        load_modules_to_save(tmp_path / "m.safetensors", other)
+
+
+def test_harness_extras_for_any_method(tmp_path):
+    """The fine-tuning harness's wrapper: modules_to_save at its own peak lr, LoRA+ scale, the
+    sidecar file, and one clear error for combinations that mean nothing."""
+    from minilora.errors import UsageError
+    from minilora.experiments.methods import METHODS, Extras
+    gpt = GPT(TINY, 0, dtype="float64")
+    s = METHODS["bitfit"](gpt, None, Extras(None, ("lm_head",), None, 1e-3, 1e-2))
+    assert s.config["modules_to_save"] == ["lm_head"]
+    assert math.isclose(s.model.lr_scale("lm_head.weight"), 0.1)
+    assert s.model.lr_scale("blocks.0.attn.q.bias") == 1.0
+    assert s.save(tmp_path) == "bitfit.safetensors + modules_to_save.safetensors"
+    assert (tmp_path / "modules_to_save.safetensors").is_file()
+    s = METHODS["lora"](GPT(TINY, 0), None, Extras(LoraConfig(r=2), ("lm_head",), 4.0, 1e-3,
+                                                   2e-3))
+    assert s.model.lr_scale("blocks.0.attn.q.lora_B") == 4.0
+    assert math.isclose(s.model.lr_scale("lm_head.weight"), 0.5)
+    with pytest.raises(UsageError, match="has none"):
+        METHODS["bitfit"](GPT(TINY, 0), None, Extras(None, (), 4.0))
+    with pytest.raises(UsageError, match="trains every module already"):
+        METHODS["full"](GPT(TINY, 0), None, Extras(None, ("lm_head",)))
+    with pytest.raises(UsageError, match="loraplus ratio"):
+        METHODS["lora"](GPT(TINY, 0), None, Extras(None, (), -2.0))
+    assert {"dora", "adalora", "ia3"} <= set(METHODS)

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 from minilora.checkpoint import save_checkpoint
 from minilora.config import LoraConfig, QuantConfig
 from minilora.errors import UsageError
-from minilora.io import atomic_write_text, write_typed
+from minilora.io import atomic_write_text
 from minilora.lora import (
     AdaLoraConfig,
     AdaLoraModel,
@@ -31,8 +31,8 @@ from minilora.peft import (
     add_modules_to_save,
     apply_peft,
     inject_ia3,
-    modules_to_save_state_dict,
     save_ia3,
+    save_modules_to_save,
     save_peft,
 )
 from minilora.peft.prefix import _GPTWrapper
@@ -248,9 +248,6 @@ class Extras(NamedTuple):
     method_lr: float | None = None
 
 
-MODULES_TO_SAVE_FORMAT = "minilora-modules-to-save-v1"
-
-
 def _with_extras(setup_fn: Callable) -> Callable:
     """``setup_fn`` that also accepts an :class:`Extras` in place of its config."""
 
@@ -290,9 +287,8 @@ def _with_extras(setup_fn: Callable) -> Callable:
 
             def save(out: Path, _inner=s.save) -> str:
                 name = _inner(out)
-                write_typed(Path(out) / "modules_to_save.safetensors", MODULES_TO_SAVE_FORMAT,
-                            modules_to_save_state_dict(s.model, saved.paths),
-                            {"modules": saved.paths})
+                save_modules_to_save(Path(out) / "modules_to_save.safetensors", s.model,
+                                     saved.paths)
                 return f"{name} + modules_to_save.safetensors"
         return s._replace(config=summary, save=save)
     setup.__doc__ = setup_fn.__doc__

@@ -52,6 +52,8 @@ from minilora.peft.modules_to_save import (
                                  SavedModules,
                                  add_modules_to_save,
                                  count_modules_to_save,
+                                 load_modules_to_save,
+                                 save_modules_to_save,
                                  modules_to_save_state_dict,
                                  resolve_modules_to_save,
 )
@@ -71,5 +73,6 @@ __all__ = ["ADAPTER_TARGETS", "AdapterConfig", "BitFitConfig", "CONFIGS", "Houls
            "apply_peft", "base_prefix_kv", "count_peft_parameters", "inject_adapters",
            "load_peft", "peft_state_dict", "save_peft", "SavedModules", "add_modules_to_save",
            "count_modules_to_save", "modules_to_save_state_dict", "resolve_modules_to_save",
+           "load_modules_to_save", "save_modules_to_save",
            "IA3Config", "IA3Linear", "count_ia3_parameters", "export_ia3_peft", "ia3_layers",
            "import_ia3_peft", "inject_ia3", "load_ia3", "merge_ia3", "save_ia3", "unmerge_ia3"]

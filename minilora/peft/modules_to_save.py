@@ -30,8 +30,12 @@ Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
 """
 from __future__ import annotations
 
+from minilora import backend
+from minilora.io import read_typed, write_typed
 from minilora.nn.layers import Module
 from minilora.peft.common import PeftError
+
+MODULES_TO_SAVE_FORMAT = "minilora-modules-to-save-v1"
 
 
 def _module_paths(model: Module) -> dict:
@@ -126,5 +130,37 @@ def count_modules_to_save(model: Module, names) -> int:
                for a in modules[p].params.values())
 
 
-__all__ = ["SavedModules", "add_modules_to_save", "count_modules_to_save",
+def save_modules_to_save(path, model: Module, paths) -> None:
+    """Write the saved modules' tensors (a typed safetensors file, atomic) with their paths.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    write_typed(path, MODULES_TO_SAVE_FORMAT, modules_to_save_state_dict(model, paths),
+                {"modules": list(paths)})
+
+
+def load_modules_to_save(path, model: Module) -> SavedModules:
+    """Copy a :func:`save_modules_to_save` file into ``model`` (names and shapes checked first)
+    and mark those modules trainable; returns the :class:`SavedModules` (its ``restore()`` gives
+    the model's previous arrays back).
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    arrays, meta = read_typed(path, MODULES_TO_SAVE_FORMAT, "modules_to_save file")
+    paths = meta.get("modules")
+    if not isinstance(paths, list):
+        raise PeftError(f"{str(path)!r}: no module list in the file's metadata")
+    wanted = modules_to_save_state_dict(model, paths)
+    if set(arrays) != set(wanted) or any(tuple(a.shape) != tuple(wanted[n].shape)
+                                         for n, a in arrays.items()):
+        raise PeftError(f"{str(path)!r} holds {sorted(arrays)[:4]} which do not match this "
+                        f"model's modules {paths} (another base shape?)")
+    saved = add_modules_to_save(model, paths)
+    for n, a in arrays.items():
+        wanted[n][...] = backend.asarray(backend.to_numpy(a), dtype=wanted[n].dtype)
+    return saved
+
+
+__all__ = ["MODULES_TO_SAVE_FORMAT", "load_modules_to_save", "save_modules_to_save",
+           "SavedModules", "add_modules_to_save", "count_modules_to_save",
            "modules_to_save_state_dict", "resolve_modules_to_save"]
