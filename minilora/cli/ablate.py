@@ -46,7 +46,7 @@ def _target_sets(text: str, flag: str = "--targets") -> list[tuple]:
     return sets
 
 
-def _pairs(text: str) -> list[tuple]:
+def _pairs(text: str, flag: str = "--pairs") -> list[tuple]:
     """``"q:8;q,v:4;q,k,v,o:2"`` -> [(("q",), 8), (("q", "v"), 4), ...]."""
     out = []
     for part in text.split(";"):
@@ -54,9 +54,9 @@ def _pairs(text: str) -> list[tuple]:
             continue
         targets, sep, r = part.rpartition(":")
         if not sep or not r.strip().isdigit() or int(r) < 1:
-            raise UsageError(f"--pairs {text!r}: each item is TARGETS:R with R an integer >= 1 "
+            raise UsageError(f"{flag} {text!r}: each item is TARGETS:R with R an integer >= 1 "
                              f"(e.g. 'q:8;q,v:4'), got {part!r}")
-        out.append((_target_sets(targets, "--pairs")[0], int(r)))
+        out.append((_target_sets(targets, flag)[0], int(r)))
     return out
 
 
@@ -113,8 +113,11 @@ def cmd_delta_w(args):
         raise UsageError(f"--phi-ranks takes two ranks, smaller first (e.g. 8,64), got "
                          f"{','.join(map(str, args.phi_ranks))}")
     out = check_output_dir(args.out, "--out")
+    budget = _pairs(args.budget, "--budget")
+    if len(budget) != 1:
+        raise UsageError(f"--budget takes one TARGETS:R (e.g. q:8), got {args.budget!r}")
     run_delta_w_study(args.sweep, out, args.runs, only=only, steps=args.steps,
-                      phi_ranks=tuple(args.phi_ranks))
+                      phi_ranks=tuple(args.phi_ranks), budget=budget[0])
 
 
 def add_parsers(sub):
@@ -197,4 +200,6 @@ def add_parsers(sub):
                    help="use the cells of this step count (needed if the sweep mixes several)")
     s.add_argument("--phi-ranks", type=int_list(1), default=[8, 64],
                    help="the two ranks φ compares (default 8,64)")
+    s.add_argument("--budget", default="q:8",
+                   help="TARGETS:R whose trainable parameters are the fixed budget (default q:8)")
     s.set_defaults(func=cmd_delta_w)

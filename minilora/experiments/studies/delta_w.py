@@ -604,10 +604,11 @@ def sweep_setting(records, steps=None) -> tuple[list[dict], dict]:
 
 
 def run_delta_w_study(sweep="results/ablate", out=OUT, runs=DEFAULT_RUNS, only=None, steps=None,
-                      phi_ranks=(8, 64), log=print) -> dict:
+                      phi_ranks=(8, 64), budget=(("q",), 8), log=print) -> dict:
     """Run the studies named in ``only`` (default: all of :data:`STUDIES`), each written to
     ``<out>/<name>.json``, on the Milton cells of ``sweep`` (one step count: ``steps``).
-    ``phi_ranks``: the (small, large) ranks φ compares. Returns ``{name: path}``."""
+    ``phi_ranks``: the (small, large) ranks φ compares; ``budget``: (targets, r) whose trainable
+    parameters are the fixed budget of the budget table. Returns ``{name: path}``."""
     only = list(STUDIES) if not only else list(only)
     bad = [s for s in only if s not in STUDIES]
     if bad:
@@ -632,7 +633,7 @@ def run_delta_w_study(sweep="results/ablate", out=OUT, runs=DEFAULT_RUNS, only=N
                     "truncation": truncation_study(records, runs, st["ranks"], ev=ev)}
             path = out / "full_vs_lora.json"
         elif name == "budget":
-            data, path = budget_table(records), out / "budget.json"
+            data, path = budget_table(records, *budget), out / "budget.json"
         else:
             ev = ev or Evaluator(base, **st["eval"])
             null = intruder_null(records, base=base)
