@@ -59,6 +59,9 @@ def cmd_finetune(args):
         check_output_dir(args.out, "--out")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR (the run directory to continue)")
+    if args.resume and args.method == "adalora":
+        raise UsageError("--resume is not supported for adalora: the checkpoint does not hold "
+                         "the rank allocator's importance scores; start the run again")
     if args.eval_examples is not None and args.task not in ("sentiment", "lexicon"):
         raise UsageError(f"--eval-examples is for the labelled tasks (sentiment, lexicon); "
                          f"--task {args.task} is scored on --eval-batches windows")
