@@ -485,5 +485,8 @@ def test_cli_finetune_with_the_method_options(tmp_path, capsys):
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["method_config"]["prompt_len"] == 4 and r["trainable_params"] == 4 * 160
     assert (tmp_path / "prompt.safetensors").exists()
-    assert main(["finetune", "--method", "adapter", "--bottleneck", "0", "--steps", "1"]) == 2
-    assert "bottleneck must be an integer >= 1" in capsys.readouterr().err
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # the parser's range check, before any work
+        main(["finetune", "--method", "adapter", "--bottleneck", "0", "--steps", "1"])
+    assert refused.value.code == 2
+    assert "--bottleneck must be >= 1 (got 0)" in capsys.readouterr().err
