@@ -25,6 +25,7 @@ from minilora.experiments.figures.delta_w import (
 )
 from minilora.experiments.figures.paged import fig_paged
 from minilora.experiments.figures.pretrain import fig_base_pretrain
+from minilora.experiments.figures.svd import fig_svd_milton
 from minilora.experiments.figures.quant import (
     fig_code_histogram,
     fig_error_vs_blocksize,
@@ -50,6 +51,7 @@ FIGURES = {
     "delta_w_full_vs_lora": fig_full_vs_lora,
     "delta_w_intruders": fig_intruders,
     "delta_w_intruders_forgetting": fig_intruders_forgetting,
+    "svd_milton_lora": fig_svd_milton,  # `minilora svd` on the Milton LoRA (results/svd/)
 }
 
 
