@@ -21,6 +21,11 @@ Command line (``python -m minilora.experiments.notebooks``)::
     --execute --quick chapters/*.ipynb         # quick mode (also when MINILORA_QUICK=1), in memory
     --execute --full --write chapters/02-...   # full mode, outputs and code hash written in place
     --check chapters/*.ipynb                   # outputs present and code hash matches
+    --book                                     # the static HTML book, chapters/_build/html
+
+The book: jupyter-book 1.x (the ``book`` extra) builds ``chapters/`` with the configuration in
+``chapters/_book/`` from the committed outputs, never re-executing a chapter
+(:func:`book_command`).
 
 Kernels run with ``TQDM_DISABLE=1`` (no progress-bar fragments in outputs) and the notebook's own
 folder as the working directory.
@@ -32,6 +37,8 @@ import copy
 import hashlib
 import inspect
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -222,11 +229,35 @@ def freshness_problems(nb, name: str = "notebook") -> list[str]:
     return problems
 
 
+def book_command(out=None) -> list[str]:
+    """The jupyter-book 1.x command that builds ``chapters/`` as configured in
+    ``chapters/_book/`` (warnings are errors); output in ``<out or chapters>/_build/html``."""
+    chapters = REPO / "chapters"
+    exe = shutil.which("jupyter-book") or str(Path(sys.executable).parent / "jupyter-book")
+    # absolute --config/--toc: jupyter-book 1.0 resolves a relative --toc against the source folder
+    cmd = [exe, "build", str(chapters), "--config", str(chapters / "_book" / "_config.yml"),
+           "--toc", str(chapters / "_book" / "_toc.yml"), "--warningiserror", "--keep-going"]
+    return cmd + (["--path-output", str(Path(out).resolve())] if out is not None else [])
+
+
+def build_book(out=None) -> Path:
+    """Build the book (see :func:`book_command`); returns the folder with ``index.html``."""
+    cmd = book_command(out)
+    if not Path(cmd[0]).exists():
+        raise UsageError("jupyter-book is not installed: pip install -e '.[book]' "
+                         "(jupyter-book 1.x; 2.x needs the network to build)")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise UsageError(f"the book did not build (exit {done.returncode}):\n"
+                         f"{(done.stdout + done.stderr)[-4000:]}")
+    return Path(out if out is not None else REPO / "chapters").resolve() / "_build" / "html"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m minilora.experiments.notebooks",
         description="Execute chapters in quick or full mode, write full-mode outputs, check them.")
-    ap.add_argument("notebooks", nargs="+", metavar="NOTEBOOK")
+    ap.add_argument("notebooks", nargs="*", metavar="NOTEBOOK")
     ap.add_argument("--execute", action="store_true", help="execute the notebooks")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
@@ -237,10 +268,19 @@ def main(argv=None) -> None:
                     help="write the executed notebook in place with its code hash (full mode only)")
     ap.add_argument("--check", action="store_true",
                     help="check that every code cell has an output and the code hash is current")
+    ap.add_argument("--book", action="store_true",
+                    help="build the HTML book from the committed outputs (chapters/_build/html)")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per cell")
     args = ap.parse_args(argv)
+    if args.book:
+        if args.notebooks or args.execute or args.check:
+            ap.error("--book takes no notebooks and no other action")
+        print(f"book: {build_book() / 'index.html'}")
+        return
     if not (args.execute or args.check):
-        ap.error("give --execute and/or --check")
+        ap.error("give --execute and/or --check (or --book)")
+    if not args.notebooks:
+        ap.error("name at least one notebook")
     missing = [p for p in args.notebooks if not Path(p).is_file()]
     if missing:
         ap.error(f"no such notebook: {', '.join(missing)}")
