@@ -116,6 +116,23 @@ def nonfinite_cause(model, y, step: int, start: int, lr: float) -> str:
             "try a lower learning rate or stronger gradient clipping")
 
 
+def read_resumable(out_dir, cfg: TrainConfig) -> tuple[dict, dict]:
+    """``(arrays, meta)`` of ``out_dir/ckpt.safetensors`` after checking that a run with ``cfg``
+    can continue from it (same training config, optimizer and RNG state saved); callers check
+    this before spending time on anything else (the fine-tuning harness: before its baseline
+    evaluations)."""
+    path = Path(out_dir) / CKPT_NAME
+    arrays, meta = read_typed(path, CKPT_FORMAT, "checkpoint")
+    saved_cfg = meta.get("train_config")
+    if saved_cfg is not None and TrainConfig.from_dict(saved_cfg) != cfg:
+        diff = {k: (saved_cfg[k], v) for k, v in cfg.to_dict().items() if saved_cfg.get(k) != v}
+        raise CheckpointError(f"cannot resume: the training config differs from the "
+                              f"checkpoint's (field: (saved, given)) {diff}")
+    if "rng_state" not in meta or "optimizer" not in meta:
+        raise CheckpointError(f"{path} is not a resumable checkpoint (no optimizer/RNG state)")
+    return arrays, meta
+
+
 def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, resume=False,
           progress=True, step_callback=None, batch_fn=None, forward_backward=None) -> History:
     """Train ``model`` in place; returns a :class:`History`.
@@ -148,15 +165,7 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
     if resume:
         if out is None:
             raise UsageError("resume=True needs out_dir (where the checkpoint is)")
-        arrays, meta = read_typed(out / CKPT_NAME, CKPT_FORMAT, "checkpoint")
-        saved_cfg = meta.get("train_config")
-        if saved_cfg is not None and TrainConfig.from_dict(saved_cfg) != cfg:
-            diff = {k: (saved_cfg[k], v) for k, v in cfg.to_dict().items() if saved_cfg.get(k) != v}
-            raise CheckpointError(f"cannot resume: the training config differs from the "
-                                  f"checkpoint's (field: (saved, given)) {diff}")
-        if "rng_state" not in meta or "optimizer" not in meta:
-            raise CheckpointError(f"{out / CKPT_NAME} is not a resumable checkpoint "
-                                  "(no optimizer/RNG state)")
+        arrays, meta = read_resumable(out, cfg)
         model.load_state_dict(strip_prefix(arrays, "model."))
         opt.load_state(strip_prefix(arrays, "optim."), meta["optimizer"])
         rng.bit_generator.state = meta["rng_state"]

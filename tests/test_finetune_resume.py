@@ -88,6 +88,20 @@ def test_cli_resume_and_its_mistakes(tiny_base, tmp_path):
     assert cli.main(argv + ["--resume", "--lr", "0.5"]) == 2  # another config: refused
 
 
+def test_resuming_another_run_is_refused_before_any_evaluation(tiny_base, tmp_path, monkeypatch):
+    from minilora.io import CheckpointError
+
+    _run("lora", tiny_base, tmp_path)
+
+    def no_evaluation(*a, **kw):
+        raise AssertionError("evaluated before the checkpoint was checked")
+
+    monkeypatch.setattr(ft, "evaluate", no_evaluation)
+    with pytest.raises(CheckpointError, match=r"training config differs .*'lr'"):
+        ft.finetune("lora", "milton", None, {**TRAIN, "lr": 0.5}, base_path=tiny_base,
+                    out_dir=tmp_path, progress=False, eval_batches=1, save_every=2, resume=True)
+
+
 def test_nan_base_is_named_at_load_and_blamed_when_allowed(tiny_base, tmp_path):
     arrays, meta = read_typed(tiny_base, None)
     arrays["model.blocks.0.attn.q.weight"][0, 0] = np.nan

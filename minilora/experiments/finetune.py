@@ -45,7 +45,7 @@ from minilora.experiments.tasks import (
 from minilora.io import atomic_write_text, ensure_writable_dir
 from minilora.memory import memory_account
 from minilora.quant.linear import quantized_parameter_count
-from minilora.train import CKPT_NAME, evaluate, fixed_batches, train
+from minilora.train import CKPT_NAME, evaluate, fixed_batches, read_resumable, train
 
 # forgetting is measured on the same Shakespeare windows whatever the task's batch shape
 FORGETTING_BATCH, FORGETTING_BLOCK = 8, 128
@@ -148,6 +148,12 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
         raise UsageError(f"block_size {T} (--block-size) exceeds the base model's context of "
                          f"{model.config.block_size} characters ({path}); give "
                          f"{model.config.block_size} or less")
+    run_config = train_config  # the same run, plus where and how often to save it
+    if out_dir is not None:
+        run_config = dataclasses.replace(
+            train_config, ckpt_every=save_every or max(1, train_config.max_steps // 10))
+    if resume:  # a checkpoint of another run is refused now, not after the evaluations
+        read_resumable(out_dir, run_config)
     if out_dir is not None:  # fail now, not after the whole run (and not before the checks)
         ensure_writable_dir(out_dir)
     sh = encode_corpus(load_shakespeare()["val"], tok)
@@ -181,10 +187,6 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     task0, sh0 = score(base_model), evaluate(base_model, sh_batches)
     init = {} if base_model is model else {"task_metric_init": score(model),
                                            "shakespeare_loss_init": evaluate(model, sh_batches)}
-    run_config = train_config  # the same run, plus where and how often to save it
-    if out_dir is not None:
-        run_config = dataclasses.replace(
-            train_config, ckpt_every=save_every or max(1, train_config.max_steps // 10))
     hist = train(model, tok, tr, None, run_config, out_dir=out_dir, resume=resume,
                  progress=progress, batch_fn=batch_fn,
                  forward_backward=forward_backward)  # evaluated below
