@@ -39,7 +39,7 @@ def test_full_and_lora_share_the_harness(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(method="ia3"), "unknown method"),
+    (dict(method="vera"), "unknown method"),
     (dict(task="chess"), "unknown task"),
 ])
 def test_bad_method_or_task(kw, match):

@@ -148,3 +148,26 @@ def test_harness_extras_for_any_method(tmp_path):
     with pytest.raises(UsageError, match="loraplus ratio"):
         METHODS["lora"](GPT(TINY, 0), None, Extras(None, (), -2.0))
     assert {"dora", "adalora", "ia3"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("method,config,extra_params", [
+    ("ia3", None, 0),
+    ("dora", LoraConfig(r=2, lora_alpha=4, target_modules=("q", "v"), use_dora=True), 0),
+    ("bitfit", "mts", 1),
+])
+def test_new_methods_run_in_the_harness(tmp_path, method, config, extra_params):
+    from minilora.config import TrainConfig
+    from minilora.experiments.finetune import finetune
+    from minilora.experiments.methods import Extras
+    cfg = TrainConfig(max_steps=2, batch_size=2, block_size=32, lr=5e-3, min_lr=5e-4,
+                      warmup_steps=1, eval_every=2, eval_batches=1, ckpt_every=10**9)
+    if config == "mts":
+        config = Extras(None, ("lm_head",), None, 1e-3)
+    r = finetune(method, "milton", config, cfg, out_dir=tmp_path, progress=False, eval_batches=1,
+                 measure_memory=False)
+    L, C, V = 6, 160, 97
+    want = {"ia3": L * (C + C + 4 * C), "dora": L * 2 * (2 * C * 2 + C),
+            "bitfit": L * (9 * C + 2 * C) + C + V * C}[method]
+    assert r["trainable_params"] == want
+    assert r["task_loss"] != r["task_loss_base"]
+    assert (tmp_path / r["weights_file"].split(" + ")[0]).is_file()
