@@ -73,6 +73,42 @@ def test_killed_then_resumed_equals_the_uninterrupted_run(tiny_base, tmp_path, m
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+KILLED_CHILD = """
+import os, signal, sys
+from minilora.experiments import finetune as ft
+real = ft.train
+def kill(step, rec):
+    if step + 1 == {k}:
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally, no flush: a real kill
+ft.train = lambda *a, **kw: real(*a, step_callback=kill, **kw)
+from minilora import cli
+sys.exit(cli.main({argv!r}))
+"""
+
+
+def test_cli_run_killed_by_sigkill_resumes_to_the_same_losses(tiny_base, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    argv = ["finetune", "--method", "lora", "--base", str(tiny_base), "--steps", str(STEPS),
+            "--batch-size", "2", "--block-size", "16", "--eval-batches", "1", "--no-progress",
+            "--save-every", "2"]
+    assert cli.main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "killed"
+    code = KILLED_CHILD.format(k=KILL_AFTER, argv=argv + ["--out", str(out)])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert (out / CKPT_NAME).exists() and not (out / "result.json").exists()
+    assert cli.main(argv + ["--out", str(out), "--resume"]) == 0
+    assert _losses(out) == _losses(tmp_path / "whole")
+    a = read_typed(out / "adapter.safetensors", None)[0]
+    b = read_typed(tmp_path / "whole" / "adapter.safetensors", None)[0]
+    assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
 def test_cli_resume_and_its_mistakes(tiny_base, tmp_path):
     out = tmp_path / "run"
     argv = ["finetune", "--method", "lora", "--base", str(tiny_base), "--steps", "4",
