@@ -238,3 +238,21 @@ def test_no_gradient_through_a_generation_cache():
     logits, cache = model.forward(stream(B=1, n=3), past_kv=kv.layers)
     with pytest.raises(KVCacheError, match="generation only and has no gradient"):
         model.backward(backend.xp.ones_like(logits), cache)
+
+
+def test_the_torch_reference_cache_gives_our_logits():
+    """The bench's PyTorch decode (its hand-written KV cache) computes what ours does."""
+    torch = pytest.importorskip("torch")
+    from minilora.bench.torch_reference import reference
+    tg = reference(torch)
+    cfg = GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
+    model = tiny(config=cfg)
+    ids = np.random.default_rng(0).integers(0, 11, size=(3, 16))
+    ours, _ = cached_logits(model, backend.asarray(ids), 4)
+    for sdpa in (False, True):
+        tmodel = tg.from_minilora(model, use_sdpa=sdpa)
+        kv = tg.KVCache(tmodel, 3)
+        with torch.no_grad():
+            parts = [tmodel(torch.from_numpy(ids[:, :4]), kv)]
+            parts += [tmodel(torch.from_numpy(ids[:, t:t + 1]), kv) for t in range(4, 16)]
+        np.testing.assert_allclose(torch.cat(parts, 1).numpy(), ours, rtol=0, atol=1e-12)

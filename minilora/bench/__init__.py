@@ -61,6 +61,7 @@ from minilora.bench.core import (
     measure_sgemm,
     train_step_flops,
 )
+from minilora.bench.decode import measure_decode
 from minilora.bench.train import measure_memory, measure_train_step
 from minilora.config import GPTConfig
 from minilora.errors import UsageError
@@ -76,6 +77,7 @@ MEASUREMENTS: list[tuple[str, Measurement]] = [
     ("multi_adapter", measure_multi_adapter),  # adapter switch time, mixed-adapter batches
     ("peft_latency", measure_peft_latency),  # Houlsby adapters vs LoRA at inference
     ("qlora", measure_qlora),  # 4-bit base + LoRA vs LoRA: step time, peak memory
+    ("decode", measure_decode),  # generation chars/s: KV cache, no cache, PyTorch's cache
 ]
 
 

@@ -7,12 +7,18 @@ when it is installed and passes the module in::
     tmodel = tg.from_minilora(model)                 # same weights, copied by name
     opt = tg.make_optimizer(tmodel, lr=1e-3)         # AdamW (0.9, 0.99), eps 1e-8, wd 0.1 on 2-D
     loss = tg.train_step(tmodel, opt, x, y)          # zero_grad, forward, CE, backward, clip, step
+    out = tg.generate(tmodel, idx, 200)              # sampling with a KV cache written by hand
 
 The work matches ours op for op: separate q, k, v, o projections with biases, attention computed
 explicitly (``q @ k^T / sqrt(hs)`` + causal mask, softmax, ``@ v``) over the full T x T square,
 GELU with the tanh approximation, untied ``lm_head`` without bias. ``use_sdpa=True`` swaps the
 explicit attention for ``F.scaled_dot_product_attention`` (a fused kernel: timed separately,
 since it does less work than ours).
+
+Generation: ``TorchGPT.forward(idx, kv)`` with a :class:`KVCache` (keys and values (L, B, S, C)
+preallocated to ``block_size``, as ours) encodes only the new tokens, each layer attending over
+the cached keys plus its own; ``generate`` samples with it (or, ``use_cache=False``, re-runs the
+whole context). It stays within ``block_size`` (the bench's generations do).
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ from minilora.backend import to_numpy
 
 def reference(torch) -> SimpleNamespace:
     """Build the reference on the given ``torch`` module; returns a namespace with
-    ``TorchGPT``, ``from_minilora``, ``make_optimizer`` and ``train_step``."""
+    ``TorchGPT``, ``KVCache``, ``from_minilora``, ``make_optimizer``, ``train_step`` and
+    ``generate``."""
     nn, F = torch.nn, torch.nn.functional
 
     class CausalSelfAttention(nn.Module):
@@ -43,17 +50,29 @@ def reference(torch) -> SimpleNamespace:
             self.register_buffer("mask_bias", torch.zeros(block_size, block_size).masked_fill(
                 ~allowed, float("-inf")), persistent=False)
 
-        def forward(self, x):
+        def forward(self, x, kv=None, layer: int = 0):
+            """x (B, T, C); with ``kv`` the keys/values of the kv.n earlier tokens come first."""
             B, T, C = x.shape
             NH, hs = self.n_head, C // self.n_head
+            k, v = self.k(x), self.v(x)  # (B, T, C)
+            n = 0
+            if kv is not None:  # write the new keys after the cached ones, attend over all
+                n = kv.n
+                kv.k[layer, :, n:n + T] = k
+                kv.v[layer, :, n:n + T] = v
+                k, v = kv.k[layer, :, :n + T], kv.v[layer, :, :n + T]
+            Tk = n + T
             q = self.q(x).view(B, T, NH, hs).transpose(1, 2)  # (B, NH, T, hs)
-            k = self.k(x).view(B, T, NH, hs).transpose(1, 2)
-            v = self.v(x).view(B, T, NH, hs).transpose(1, 2)
+            k = k.view(B, Tk, NH, hs).transpose(1, 2)  # (B, NH, Tk, hs)
+            v = v.view(B, Tk, NH, hs).transpose(1, 2)
             if self.use_sdpa:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True) if n == 0 else \
+                    F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=self.mask_bias[n:Tk, :Tk].to(q.dtype))
             else:
-                att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, NH, T, T)
-                att = att + self.mask_bias[:T, :T].to(att.dtype)
+                att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, NH, T, Tk)
+                if T > 1:  # queries at positions n .. n+T-1 see keys 0 .. their own position
+                    att = att + self.mask_bias[n:Tk, :Tk].to(att.dtype)
                 att = F.softmax(att, dim=-1)
                 y = att @ v  # (B, NH, T, hs)
             y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -78,8 +97,8 @@ def reference(torch) -> SimpleNamespace:
             self.ln_2 = nn.LayerNorm(n_embd, eps=1e-5)
             self.mlp = MLP(n_embd, bias)
 
-        def forward(self, x):
-            x = x + self.attn(self.ln_1(x))
+        def forward(self, x, kv=None, layer: int = 0):
+            x = x + self.attn(self.ln_1(x), kv, layer)
             return x + self.mlp(self.ln_2(x))
 
 
@@ -96,12 +115,29 @@ def reference(torch) -> SimpleNamespace:
             self.ln_f = nn.LayerNorm(n_embd, eps=1e-5)
             self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
 
-        def forward(self, idx):
+        def forward(self, idx, kv=None):
+            """idx (B, T) -> logits (B, T, V); with ``kv`` (a :class:`KVCache`) idx are the
+            new tokens after the kv.n cached ones, and their keys/values are appended."""
             T = idx.shape[1]
-            x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))[None]  # (B, T, C)
-            for blk in self.blocks:
-                x = blk(x)
+            n = 0 if kv is None else kv.n
+            pos = torch.arange(n, n + T, device=idx.device)
+            x = self.wte(idx) + self.wpe(pos)[None]  # (B, T, C)
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, kv, i)
+            if kv is not None:
+                kv.n += T
             return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+
+    class KVCache:
+        """Keys and values of every layer, (L, B, block_size, C) each, filled up to ``n``."""
+
+        def __init__(self, tmodel, batch_size: int):
+            L, S = len(tmodel.blocks), tmodel.wpe.weight.shape[0]
+            C, dtype = tmodel.wpe.weight.shape[1], tmodel.wpe.weight.dtype
+            self.k = torch.zeros(L, batch_size, S, C, dtype=dtype)
+            self.v = torch.zeros(L, batch_size, S, C, dtype=dtype)
+            self.n = 0
 
 
     def from_minilora(model, use_sdpa: bool = False) -> TorchGPT:
@@ -149,5 +185,33 @@ def reference(torch) -> SimpleNamespace:
         opt.step()
         return loss.item()
 
-    return SimpleNamespace(TorchGPT=TorchGPT, from_minilora=from_minilora,
-                           make_optimizer=make_optimizer, train_step=train_step)
+    def generate(tmodel, idx, max_new_tokens: int, temperature: float = 1.0,
+                 use_cache: bool = True, seed: int = 0):
+        """Sample ``max_new_tokens`` after ``idx`` (B, T) int64; returns (B, T + new).
+
+        softmax(logits / temperature) and one ``torch.multinomial`` draw per row and step, with
+        the cache (one new token per forward) or without it (the whole context every step).
+        Raises if the result would be longer than block_size (no sliding window here).
+        """
+        B, T0 = idx.shape
+        if T0 + max_new_tokens > tmodel.wpe.weight.shape[0]:
+            raise ValueError(f"{T0} + {max_new_tokens} tokens exceed block_size "
+                             f"{tmodel.wpe.weight.shape[0]}: this reference does not slide")
+        gen = torch.Generator().manual_seed(seed)
+        out = torch.empty(B, T0 + max_new_tokens, dtype=torch.int64)
+        out[:, :T0] = idx
+        with torch.inference_mode():
+            kv = KVCache(tmodel, B) if use_cache else None
+            logits = tmodel(idx, kv)[:, -1]
+            for i in range(max_new_tokens):
+                p = F.softmax(logits / temperature, dim=-1)
+                out[:, T0 + i] = torch.multinomial(p, 1, generator=gen)[:, 0]
+                if i + 1 < max_new_tokens:
+                    t = T0 + i + 1
+                    logits = (tmodel(out[:, t - 1:t], kv) if use_cache
+                              else tmodel(out[:, :t]))[:, -1]
+        return out
+
+    return SimpleNamespace(TorchGPT=TorchGPT, KVCache=KVCache, from_minilora=from_minilora,
+                           make_optimizer=make_optimizer, train_step=train_step,
+                           generate=generate)
