@@ -51,10 +51,17 @@ def run_tour(fast: bool = False) -> None:
               f"({v / 0.693147:.3f} bits/char)")
 
     _h("2. Sampling")
-    _say("""Text is generated one character at a time: the model gives a probability for each of
-        the 97 symbols, we sharpen it with a temperature of 0.8 and draw one (seeded).""")
+    _say(f"""Text is generated one character at a time: the model gives a probability for each of
+        the 97 symbols, we sharpen it with a temperature of 0.8 and draw one (seeded). A KV cache
+        keeps every layer's keys and values, so each new character runs the model on that one
+        position only; past {cfg.block_size} characters the window is re-encoded (the position
+        embeddings are absolute).""")
     n_new = 160 if fast else 300
-    print(textwrap.indent(sample_text(model, tok, "ROMEO:\n", n_new, 0.8, None, seed=1), "   | "))
+    t0 = time.perf_counter()
+    text = sample_text(model, tok, "ROMEO:\n", n_new, 0.8, None, seed=1)
+    dt = time.perf_counter() - t0
+    print(textwrap.indent(text, "   | "))
+    print(f"   ({n_new} characters in {dt:.2f} s, {n_new / dt:,.0f} characters/s)")
 
     _h("3. Checking every gradient")
     _say("""Each backward pass is compared with centred finite differences
