@@ -7,18 +7,25 @@ The reference never touches the cache: ``model.forward`` on the whole context (c
 """
 import numpy as np
 import pytest
+from helpers import np_
 
 from minilora import backend
 from minilora.adapters import AdapterRegistry, generate_mixed
 from minilora.config import GPTConfig, LoraConfig, QuantConfig
 from minilora.data import CharTokenizer
 from minilora.lora import inject_lora, lora_state_dict, merge_lora
-from minilora.model import GPT, KVCache, KVCacheError
-from minilora.peft import (AdapterConfig, PrefixConfig, PromptConfig, add_prefix, add_prompt,
-                           inject_adapters)
+from minilora.model import GPT
+from minilora.nn.kv_cache import KVCache, KVCacheError
+from minilora.peft import (
+    AdapterConfig,
+    PrefixConfig,
+    PromptConfig,
+    add_prefix,
+    add_prompt,
+    inject_adapters,
+)
 from minilora.qlora import inject_qlora
 from minilora.sample import generate
-from helpers import np_
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 TOL = 1e-12

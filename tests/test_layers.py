@@ -10,6 +10,7 @@ attention through a PastKV and their gradient goes back to it, while backward re
 """
 import numpy as np
 import pytest
+from helpers import np_, randn
 
 from minilora import backend
 from minilora.backend import xp
@@ -18,9 +19,16 @@ from minilora.errors import UsageError
 from minilora.gradcheck import check, format_table
 from minilora.model import GPT
 from minilora.nn import ops
-from minilora.nn.layers import (MLP, Block, CausalSelfAttention, Embedding, LayerNorm, Linear,
-                                Module, PastKV)
-from helpers import np_, randn
+from minilora.nn.layers import (
+    MLP,
+    Block,
+    CausalSelfAttention,
+    Embedding,
+    LayerNorm,
+    Linear,
+    Module,
+    PastKV,
+)
 
 C = 6
 
@@ -58,7 +66,7 @@ def grads_of(layer):
 
 
 def run(layer, x, dout):
-    out, cache = layer.forward(x)
+    _, cache = layer.forward(x)
     return layer.backward(dout, cache)
 
 
@@ -106,7 +114,7 @@ def test_no_hidden_state_between_forward_and_backward(kind, rng):
 
     layer.zero_grad()
     _, c1 = layer.forward(x1)
-    _, c2 = layer.forward(x2)
+    layer.forward(x2)  # a second forward in between: the layer must not keep it
     dx = layer.backward(dout, c1)
     assert {n: (type(v), id(v)) for n, v in vars(layer).items()} == before  # nothing kept
     for n, g in grads_of(layer).items():
@@ -121,7 +129,7 @@ def test_linear_frozen_weight_keeps_no_input_and_costs_no_dw(rng):
     lin = Linear(randn(rng, 4, C), randn(rng, 4))
     lin.trainable = {"bias"}
     x = randn(rng, 2, 3, C)
-    out, cache = lin.forward(x)
+    _, cache = lin.forward(x)
     assert cache[0] is None  # x not kept: only dW needs it
     dx = lin.backward(randn(rng, 2, 3, 4), cache)
     assert dx.shape == x.shape and set(lin.grads) == {"bias"}
@@ -134,7 +142,7 @@ def test_block_without_need_dx_returns_none_and_still_fills_grads(rng):
     blk, x, dout = make("block", rng)
     blk.set_trainable(lambda n: "mlp" in n)
     blk.zero_grad()
-    out, cache = blk.forward(x)
+    _, cache = blk.forward(x)
     assert blk.backward(dout, cache, need_dx=False) is None
     assert {n for n, _, g in blk.named_trainable() if g is not None} == {
         "mlp.up.weight", "mlp.up.bias", "mlp.down.weight", "mlp.down.bias"}
@@ -161,7 +169,7 @@ def test_attention_hands_the_earlier_keys_gradient_to_the_past_and_returns_dx(rn
         return xp.sum(attn.forward(x, RecordingPast(pk, pv))[0] * dout)
 
     past = RecordingPast(pk, pv)
-    out, cache = attn.forward(x, past)
+    _, cache = attn.forward(x, past)
     attn.zero_grad()
     dx = attn.backward(dout, cache)
     assert backend.is_array(dx) and dx.shape == x.shape

@@ -2,15 +2,20 @@
 without the KV cache, the progress bar, and clear errors for bad arguments."""
 import numpy as np
 import pytest
+from helpers import np_
 
 from minilora import backend
 from minilora.config import GPTConfig
 from minilora.data import CharTokenizer
 from minilora.errors import MiniloraError, UsageError
 from minilora.model import GPT
-from minilora.sample import (_draw, generate, next_token_probs, probs_from_logits,
-                             sample_text)
-from helpers import np_
+from minilora.sample import (
+    _draw,
+    generate,
+    next_token_probs,
+    probs_from_logits,
+    sample_text,
+)
 
 TOK = CharTokenizer.default()
 CFG = GPTConfig(vocab_size=TOK.vocab_size, block_size=12, n_layer=2, n_head=2, n_embd=16,

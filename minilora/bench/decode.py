@@ -72,10 +72,12 @@ def measure_decode(ctx: BenchContext) -> Section:
         for B in BATCHES:
             idx_np = np.repeat(prompt, B, axis=0)
             idx = backend.asarray(idx_np)
-            cached = {"ours": lambda: generate(model, idx, n_new, TEMPERATURE, progress=False)}
+            cached = {"ours": lambda idx=idx: generate(model, idx, n_new, TEMPERATURE,
+                                                       progress=False)}
             if tmodel is not None:
                 tidx = ctx.torch.from_numpy(idx_np)
-                cached["torch"] = lambda: ctx.torch_gpt.generate(tmodel, tidx, n_new, TEMPERATURE)
+                cached["torch"] = lambda tidx=tidx: ctx.torch_gpt.generate(tmodel, tidx, n_new,
+                                                                           TEMPERATURE)
             for fn in cached.values():  # warm-up: thread pools, first-call allocations
                 fn()
             times = {n: [] for n in cached}
@@ -87,8 +89,8 @@ def measure_decode(ctx: BenchContext) -> Section:
                     times[n].append(_timed(cached[n]))
                     bar.update(1)
             n_plain = n_new if B == 1 else min(n_new, NO_CACHE_TOKENS_AT_16)
-            t_plain = _timed(lambda: generate(model, idx, n_plain, TEMPERATURE, use_cache=False,
-                                              progress=False))
+            t_plain = _timed(lambda idx=idx, n=n_plain: generate(
+                model, idx, n, TEMPERATURE, use_cache=False, progress=False))
             bar.update(1 + (reps if tmodel is None else 0))
             med = {n: statistics.median(t) for n, t in times.items()}
             cps = {n: B * n_new / s for n, s in med.items()}

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from minilora import backend
 from minilora.backend import xp
 from minilora.config import ConfigError, JsonConfig, _check_float, _check_int
-from minilora.model import GPT, KVCache, LanguageModelMixin
+from minilora.model import GPT, LanguageModelMixin
+from minilora.nn.kv_cache import KVCache
 from minilora.nn.layers import Module, PastKV
 from minilora.peft.common import PeftError, _check_gpt
 
