@@ -314,20 +314,17 @@ class AdapterRegistry:
         mixed-batch path described in the module docstring; it needs the unmerged base (W0 must
         not hold another adapter's ΔW) and leaves the registry's mode as it was.
 
-        ``kv``: a :class:`minilora.model.KVCache` from ``model.kv_cache(B)``: ``idx`` are then
-        the new tokens of a generation (``model.forward_incremental``). With ``adapter_ids`` the
-        cache holds the rows grouped by adapter; use it with the same ids on every call
-        (:class:`MixedBatchModel` does).
+        ``kv``: a generation's KV cache (``model.kv_cache(B)``); ``idx`` are then its new tokens
+        (``model.forward_incremental``). The cache keeps the rows grouped by adapter: use it with
+        the same ids on every call (:class:`MixedBatchModel` does).
         """
-        def run(x):
+        def run(x, check=False):
             if kv is None:
-                return self.model.forward(x, check=False)[0]
-            return self.model.forward_incremental(x, kv, check=False)
+                return self.model.forward(x, check=check)[0]
+            return self.model.forward_incremental(x, kv, check=check)
 
         if adapter_ids is None:
-            if kv is not None:
-                return self.model.forward_incremental(idx, kv, check=check)
-            return self.model.forward(idx, check=check)[0]
+            return run(idx, check)
         if self.merged:
             raise LoRAError(f"a mixed-adapter batch needs the unmerged base, but {self.active!r} "
                             "is merged into W0; call disable_adapters() or "
