@@ -94,12 +94,12 @@ def cmd_sample(args):
     prompt = args.prompt.replace("\\n", "\n")
     if not args.adapter:
         print(sample_text(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                          args.seed))
+                          args.seed, use_cache=not args.no_cache))
         return
 
     reg, labels = _adapter_registry(model, args.adapter)
     texts = generate_mixed(reg, tok, prompt, labels, args.max_new_tokens, args.temperature,
-                           args.top_k, args.seed)
+                           args.top_k, args.seed, use_cache=not args.no_cache)
     if len(texts) == 1:
         print(texts[0])
         return
@@ -174,6 +174,9 @@ def add_parsers(sub):
     s.add_argument("--seed", type=SEED, default=0, help="the sampler's random draws")
     s.add_argument("--adapter", action="append", default=[],
                    help="LoRA adapter file on the base; repeat to sample several in one batch")
+    s.add_argument("--no-cache", action="store_true",
+                   help="re-run the whole context for every character instead of using the KV "
+                        "cache (slower; the same text)")
     _add_allow_nonfinite(s)
     _add_backend(s)
     s.set_defaults(func=cmd_sample)
