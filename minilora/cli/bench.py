@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import textwrap
 
-from minilora.bench import run_bench
+from minilora.bench import MEASUREMENTS, run_bench
 from minilora.cli.common import (
     POSITIVE,
     _add_backend,
@@ -37,8 +37,8 @@ def add_parsers(sub):
     s.add_argument("--threads", type=POSITIVE, default=2, help="BLAS / torch threads (default 2)")
     s.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     s.add_argument("--only", default=None,
-                   help="comma-separated measurements (train_step, memory, lora, multi_adapter, "
-                        "peft_latency, qlora; default: all)")
+                   help=f"comma-separated measurements ({', '.join(n for n, _ in MEASUREMENTS)};"
+                        " default: all)")
     s.add_argument("--out", default=None, help="also write the results as JSON here")
     _add_backend(s)
     s.set_defaults(func=cmd_bench)
