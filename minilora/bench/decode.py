@@ -14,7 +14,9 @@ A generation starts from an 8-token prompt and fills the window: ``block_size - 
 batch size x new tokens / seconds, prompt encoding and sampling included. The cached variants
 are timed ``min(steps, 3)`` times each, alternating; the no-cache variant once, and at batch 16
 only over the first 64 new tokens (its cost grows with the context, so that figure is an upper
-bound on its speed over the whole window and the speed-up shown a lower bound).
+bound on its speed over the whole window and the speed-up shown a lower bound). Beside the
+wall-clock figures, characters per CPU-second of the process (``time.process_time``): on a
+shared machine, with one thread, the better guess of what a quiet core would do.
 
 Targets (the speed issue): ours / PyTorch >= 1.0 (chars/s, both cached) at each batch size, and
 >= 1,000 chars/s at batch 1. The load average before and after is recorded: on a shared machine
@@ -81,12 +83,15 @@ def measure_decode(ctx: BenchContext) -> Section:
             for fn in cached.values():  # warm-up: thread pools, first-call allocations
                 fn()
             times = {n: [] for n in cached}
+            cpu = {n: [] for n in cached}
             names = list(cached)
             for r in range(reps):
                 for n in (names if r % 2 == 0 else names[::-1]):
                     if len(names) > 1:
                         time.sleep(ctx.pause_s)
+                    c0 = time.process_time()
                     times[n].append(_timed(cached[n]))
+                    cpu[n].append(time.process_time() - c0)
                     bar.update(1)
             n_plain = n_new if B == 1 else min(n_new, NO_CACHE_TOKENS_AT_16)
             t_plain = _timed(lambda idx=idx, n=n_plain: generate(
@@ -96,12 +101,16 @@ def measure_decode(ctx: BenchContext) -> Section:
             cps = {n: B * n_new / s for n, s in med.items()}
             cps["ours_no_cache"] = B * n_plain / t_plain
             ratio = cps["ours"] / cps["torch"] if "torch" in cps else None
-            data["batches"][str(B)] = {"median_s": med, "times_s": times,
+            cpu_med = {n: statistics.median(t) for n, t in cpu.items()}
+            data["batches"][str(B)] = {"median_s": med, "times_s": times, "cpu_s": cpu,
+                                       "chars_per_cpu_s": {n: B * n_new / s
+                                                           for n, s in cpu_med.items()},
                                        "no_cache_s": t_plain, "no_cache_new_tokens": n_plain,
                                        "chars_per_s": cps, "ratio_ours_over_torch": ratio,
                                        "cache_speedup": cps["ours"] / cps["ours_no_cache"]}
             rows.append((f"decode B={B}, ours with KV cache", f"{cps['ours']:,.0f} chars/s",
-                         f"{n_new} new tokens, {med['ours'] * 1e3:.0f} ms"))
+                         f"{n_new} new tokens, {med['ours'] * 1e3:.0f} ms "
+                         f"({B * n_new / cpu_med['ours']:,.0f} per CPU-second)"))
             rows.append((f"decode B={B}, ours without cache", f"{cps['ours_no_cache']:,.0f} chars/s",
                          f"{n_plain} new tokens; cache x{cps['ours'] / cps['ours_no_cache']:.1f}"))
             if ratio is not None:
@@ -109,6 +118,7 @@ def measure_decode(ctx: BenchContext) -> Section:
                           ">=", 1.0)
                 checks.append(c)
                 rows.append((f"decode B={B}, torch with KV cache", f"{cps['torch']:,.0f} chars/s",
+                             f"({B * n_new / cpu_med['torch']:,.0f} per CPU-second); "
                              f"ours/torch {ratio:.2f} (>= 1.0  {c.status()})"))
             if B == 1:
                 c = Check(ctx.name, "decode chars/s at batch 1 (KV cache)", cps["ours"], ">=",
