@@ -302,13 +302,16 @@ def test_mixed_adapter_batch_and_generation(name):
     assert_same(ref, host(on(name, _mixed_batch)), **tol(name))
 
 
+@pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("name", STRICT)
-def test_checkpoint_saved_on_the_device_loads_anywhere(name, tmp_path):
+def test_checkpoint_saved_on_the_device_loads_anywhere(name, paged, tmp_path):
     from minilora.checkpoint import load_checkpoint, save_checkpoint
+    from minilora.paged import PagedAdamW
+    Opt = PagedAdamW if paged else AdamW  # paged: the loaded moments move into managed memory
 
     def train_and_save():
         model = GPT(CFG, rng=0, dtype="float64")
-        opt = AdamW(model, lr=1e-2)
+        opt = Opt(model, lr=1e-2)
         _steps(model, opt, _batches(n=1))
         save_checkpoint(tmp_path / "dev.safetensors", model, TOK, optimizer=opt, step=1)
         return dict(model.named_parameters()), opt.state_arrays()
@@ -320,14 +323,16 @@ def test_checkpoint_saved_on_the_device_loads_anywhere(name, tmp_path):
 
     def load_and_step():  # ... and back onto the device, resuming the optimizer there
         m, _, inf = load_checkpoint(tmp_path / "dev.safetensors")
-        opt = AdamW(m, lr=1e-2)
+        opt = Opt(m, lr=1e-2)
         opt.load_state(inf["optim_arrays"], inf["optimizer"])
+        if paged:
+            assert all(backend.is_managed(a) for a, _ in opt.arenas) == backend.is_cupy()
         losses = _steps(m, opt, _batches(n=1, seed=11))
         return losses, dict(m.named_parameters())
 
     m2 = GPT(CFG, rng=0, dtype="float64")
     m2.load_state_dict(params)
-    opt2 = AdamW(m2, lr=1e-2)
+    opt2 = Opt(m2, lr=1e-2)
     opt2.load_state(info["optim_arrays"], info["optimizer"])
     ref = host((_steps(m2, opt2, _batches(n=1, seed=11)), dict(m2.named_parameters())))
     assert_same(ref, host(on(name, load_and_step)), **tol(name))
