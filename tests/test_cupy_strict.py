@@ -390,3 +390,59 @@ def test_nf4_cupy_branches_equal_numpy_branches(name, double_quant):
     mode): the codes and the dequantised weights must be the NumPy ones exactly."""
     ref = host(_nf4_round_trip(double_quant))
     assert_same(ref, host(on(name, lambda: _nf4_round_trip(double_quant))))
+
+
+# ------------------------------------------------------------------------------------------
+# the GPU path's own kernel (fused scale + nearest code in quant/blockwise.py)
+# ------------------------------------------------------------------------------------------
+
+def _quant_inputs():
+    """Random blocks, exact ties on midpoints, an all-zero block, +-absmax, a partial tail."""
+    from minilora.quant.blockwise import midpoints
+    from minilora.quant.double import DYNAMIC_MAP
+    from minilora.quant.nf4 import INT4_CODE, NF4_CODE
+    rng = np.random.default_rng(0)
+    cases = []
+    for code in (NF4_CODE, INT4_CODE, DYNAMIC_MAP):
+        mids = backend.to_numpy(midpoints(np.asarray(code, dtype=np.float32)))
+        ties = np.zeros(64 * -(-(mids.size + 1) // 64), dtype=np.float32)
+        ties[0] = 1.0                                   # absmax 1: scaled == value exactly
+        ties[1:1 + mids.size] = mids                    # every value sits on a midpoint
+        x = np.concatenate([rng.standard_normal(64 * 300).astype(np.float32) * 3.0, ties,
+                            np.zeros(64, np.float32), np.float32([-2.5, 2.5] * 32),
+                            rng.standard_normal(37).astype(np.float32)])
+        cases.append((x, np.asarray(code, dtype=np.float32)))
+    return cases
+
+
+def _quantize_all(cases):
+    from minilora.quant.blockwise import quantize_blockwise
+    return [quantize_blockwise(backend.asarray(x), backend.asarray(code), 64)
+            for x, code in cases]
+
+
+def test_nf4_kernel_falls_back_on_the_standin():
+    from minilora.quant import blockwise
+    cases = _quant_inputs()
+    ref = host(_quantize_all(cases))
+    use_backend("cupy_strict")
+    assert blockwise._nearest_kernel() is None  # the stand-in builds no kernel ...
+    assert_same(ref, host(_quantize_all(cases)))  # ... and the fallback gives NumPy's codes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUPY, reason="needs CuPy and a CUDA device (the kernel is compiled)")
+def test_nf4_kernel_equals_numpy_path_on_real_cupy(monkeypatch):
+    from minilora.quant import blockwise
+    cases = _quant_inputs()
+    ref = host(_quantize_all(cases))
+    use_backend("cupy")
+    try:
+        assert blockwise._nearest_kernel() is not None
+        fused = host(_quantize_all(cases))
+        monkeypatch.setattr(blockwise, "USE_NEAREST_KERNEL", False)
+        plain = host(_quantize_all(cases))
+    finally:
+        backend.set_backend("numpy")
+    assert_same(ref, fused)   # codes and scales bit-identical to the NumPy path
+    assert_same(ref, plain)
