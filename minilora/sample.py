@@ -127,15 +127,16 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
 
 def sample_text(model, tokenizer, prompt: str = "\n", max_new_tokens: int = 200,
                 temperature: float = 0.8, top_k: int | None = None, seed: int = 0, *,
-                use_cache: bool = True, progress=None) -> str:
+                use_cache: bool = True, keep: int | None = None, progress=None) -> str:
     """Continue ``prompt`` (a string) and return prompt + continuation as a string.
 
     Characters outside the tokenizer's vocabulary raise one clear error before any work.
+    ``use_cache``, ``keep``, ``progress``: as for :func:`generate`.
     """
     if not prompt:
         raise UsageError("prompt must contain at least one character (try '\\n')")
     ids = tokenizer.encode(prompt)
     idx = backend.asarray(ids[None, :].astype("int64"))
     out = generate(model, idx, max_new_tokens, temperature, top_k, rng=seed,
-                   use_cache=use_cache, progress=progress)
+                   use_cache=use_cache, keep=keep, progress=progress)
     return tokenizer.decode(backend.to_numpy(out[0]))

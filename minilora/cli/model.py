@@ -94,12 +94,12 @@ def cmd_sample(args):
     prompt = args.prompt.replace("\\n", "\n")
     if not args.adapter:
         print(sample_text(model, tok, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                          args.seed, use_cache=not args.no_cache))
+                          args.seed, use_cache=not args.no_cache, keep=args.keep))
         return
 
     reg, labels = _adapter_registry(model, args.adapter)
     texts = generate_mixed(reg, tok, prompt, labels, args.max_new_tokens, args.temperature,
-                           args.top_k, args.seed, use_cache=not args.no_cache)
+                           args.top_k, args.seed, use_cache=not args.no_cache, keep=args.keep)
     if len(texts) == 1:
         print(texts[0])
         return
@@ -177,6 +177,11 @@ def add_parsers(sub):
     s.add_argument("--no-cache", action="store_true",
                    help="re-run the whole context for every character instead of using the KV "
                         "cache (slower; the same text)")
+    s.add_argument("--keep", type=NON_NEGATIVE, default=None,
+                   help="past the context window, re-encode only the last KEEP characters, "
+                        "once every (context - KEEP) characters (default: context - 1, the "
+                        "exact sliding window, one full pass per character; e.g. 128: ~5x "
+                        "faster past the window, shorter contexts just after each re-encoding)")
     _add_allow_nonfinite(s)
     _add_backend(s)
     s.set_defaults(func=cmd_sample)
