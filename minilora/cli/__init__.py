@@ -5,6 +5,7 @@
 * :mod:`~minilora.cli.quant`     quantize, loftq, paged-demo
 * :mod:`~minilora.cli.adapters`  adapter (merge | export-peft | import-peft | claim), score
 * :mod:`~minilora.cli.bench`     bench
+* :mod:`~minilora.cli.course`    grade (homework without nbgrader)
 * :mod:`~minilora.cli.svd`       svd (the ΔW analysis of any LoRA adapter)
 
 One error policy: a :class:`~minilora.errors.MiniloraError` (a user mistake: a bad flag, a broken
@@ -20,11 +21,11 @@ import sys
 import textwrap
 
 from minilora import backend
-from minilora.cli import ablate, adapters, bench, finetune, model, quant, svd
+from minilora.cli import ablate, adapters, bench, course, finetune, model, quant, svd
 from minilora.cli.common import MiniloraParser, _formatter
 from minilora.errors import MiniloraError
 
-GROUPS = (model, finetune, quant, adapters, bench, ablate, svd)
+GROUPS = (model, finetune, quant, adapters, bench, ablate, svd, course)
 
 
 def build_parser() -> argparse.ArgumentParser:
