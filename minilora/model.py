@@ -107,6 +107,17 @@ class LanguageModelMixin:
         return backend.to_scalar(loss)
 
 
+class GPTCache(NamedTuple):
+    """What :meth:`GPT.backward` needs from the forward pass."""
+    tok: tuple  # token embedding cache
+    pos: tuple  # position embedding cache
+    blocks: list  # one :class:`~minilora.nn.layers.BlockCache` per block
+    ln_f: tuple
+    head: tuple
+    n_prompt: int  # P soft-prompt vectors before the tokens (0 without)
+    has_past: bool  # past_kv was given (its gradient flows through every block)
+
+
 class GPT(LanguageModelMixin, Module):
     """A decoder-only transformer with hand-written backward passes.
 
@@ -172,7 +183,7 @@ class GPT(LanguageModelMixin, Module):
         """
         if check:
             self.check_input(idx)
-        B, T = idx.shape
+        T = idx.shape[1]
         tok, c_tok = self.wte.forward(idx)  # (B, T, C)
         P = 0
         if input_embeds is not None:
@@ -193,7 +204,7 @@ class GPT(LanguageModelMixin, Module):
         logits, c_head = self.lm_head.forward(x)  # (B, P+T, V)
         return logits, GPTCache(c_tok, c_pos, block_caches, c_ln, c_head, P, past_kv is not None)
 
-    def backward(self, dlogits, cache: "GPTCache"):
+    def backward(self, dlogits, cache: GPTCache):
         """Backpropagate ``dlogits`` (B, T, V); adds into ``grads`` of trainable parameters.
 
         The gradient of ``past_kv`` goes to each layer's ``past.backward`` (the attention calls
@@ -253,14 +264,3 @@ class GPT(LanguageModelMixin, Module):
         logits, _ = self.forward(run, past_kv=kv.layers, check=False, start_pos=kv.next_position)
         kv.advance(run)
         return logits[:, -T:]
-
-
-class GPTCache(NamedTuple):
-    """What :meth:`GPT.backward` needs from the forward pass."""
-    tok: tuple  # token embedding cache
-    pos: tuple  # position embedding cache
-    blocks: list  # one :class:`~minilora.nn.layers.BlockCache` per block
-    ln_f: tuple
-    head: tuple
-    n_prompt: int  # P soft-prompt vectors before the tokens (0 without)
-    has_past: bool  # past_kv was given (its gradient flows through every block)
