@@ -4,9 +4,9 @@ For each new token: take the logits of the last position, divide by the temperat
 ``top_k`` largest (others get probability 0), softmax, and draw from that distribution with a
 seeded CPU Generator (so NumPy and CuPy draw the same text from the same logits).
 
-The logits come from a KV cache (:class:`minilora.model.KVCache`): the prompt is encoded once,
-then each step feeds only the new token, whose queries attend over the keys and values every
-layer kept. A step costs O(context) instead of a forward pass over the whole context. Past
+The logits come from a KV cache (:class:`minilora.nn.kv_cache.KVCache`): the prompt is encoded
+once, then each step feeds only the new token, whose queries attend over the keys and values
+every layer kept. A step costs O(context) instead of a forward pass over the whole context. Past
 ``block_size`` the cache re-encodes the last ``keep`` tokens (position embeddings are absolute);
 with the default ``keep = block_size - 1`` every token is predicted from the last ``block_size``
 tokens, exactly as ``use_cache=False`` (re-running the model on the cropped context each step)
@@ -81,8 +81,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
         rng: int seed or NumPy Generator for the draws (one uniform per row and step).
         use_cache: decode with a KV cache (default); False re-runs the model over the context
             (cropped to ``block_size``) for every token, the plain definition.
-        keep: tokens the cache re-encodes when its window is full (:class:`minilora.model.KVCache`;
-            default ``block_size - 1``: the same text as ``use_cache=False``). Cache only.
+        keep: tokens the cache re-encodes when its window is full
+            (:class:`minilora.nn.kv_cache.KVCache`; default ``block_size - 1``: the same text as
+            ``use_cache=False``). Cache only.
         progress: a tqdm bar on stderr; None (default) shows it only when stderr is a terminal
             and the generation takes more than half a second; False never, True always.
     """

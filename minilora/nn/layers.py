@@ -224,8 +224,8 @@ class PastKV:
     """Keys and values of positions *before* an attention call's own tokens, which every one of
     its queries also sees. Two kinds exist, and attention treats them alike:
 
-    * a generation's KV cache (:class:`minilora.model.KVCache`): the keys of the tokens already
-      decoded, so a decoding step computes keys for its new token only;
+    * a generation's KV cache (:class:`minilora.nn.kv_cache.KVCache`): the keys of the tokens
+      already decoded, so a decoding step computes keys for its new token only;
     * prefix tuning's trainable prefix (:class:`minilora.peft.prefix.PrefixKV`).
 
     The attention layer calls::
