@@ -20,6 +20,7 @@ Chapter: chapters/01-foundations.ipynb
 """
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import os
 import sys
@@ -241,6 +242,72 @@ def cpu_rng(seed_or_rng=None):
 def cpu_module():
     """NumPy, for CPU-side work that is not the compute path (I/O, analysis, plots)."""
     return _np
+
+
+# -- CPU threads for element-wise work ----------------------------------------------------------
+def cpu_threads() -> int:
+    """How many threads element-wise NumPy work may be split over (1 on CuPy).
+
+    ``MINILORA_THREADS`` if set, else the BLAS thread count (``OPENBLAS_NUM_THREADS``, then
+    ``OMP_NUM_THREADS``), else the cores this process may run on: element-wise passes use
+    the same cores the GEMMs do.
+    """
+    if is_cupy():
+        return 1
+    for var in ("MINILORA_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                raise BackendError(f"{var}={value!r} is not a whole number of threads") from None
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_pool: dict[str, Any] = {"executor": None, "size": 0}
+
+
+def parallel_chunks(n: int, fn, threads: int | None = None, min_per_thread: int = 1) -> None:
+    """Call ``fn(i0, i1)`` on contiguous chunks that cover ``range(n)``, one chunk per thread.
+
+        chunks: [0, n/t), [n/t, 2n/t), ...   with t = min(threads, n)
+
+    NumPy releases the GIL inside ufuncs on large arrays, so chunks of element-wise work run on
+    separate cores. ``fn`` must write only its own part of any shared output and keep its own
+    scratch buffers. One plain call ``fn(0, n)`` on CuPy (the GPU is already parallel), with one
+    thread, or for n < 2. The first exception raised in a chunk is raised here.
+
+    Args:
+        n: number of items (e.g. cache-sized slices of a tensor).
+        fn: ``fn(i0, i1)`` processes items i0 .. i1-1.
+        threads: default :func:`cpu_threads`.
+        min_per_thread: fewer threads when there are fewer items than this per thread (a thread
+            costs a hand-off; small tensors are done in one call).
+    """
+    t = min(cpu_threads() if threads is None else max(1, int(threads)),
+            n // max(1, int(min_per_thread)))
+    if t <= 1:
+        if n > 0:
+            fn(0, n)
+        return
+    if _pool["size"] < t:
+        if _pool["executor"] is not None:
+            _pool["executor"].shutdown(wait=True)
+        _pool["executor"] = concurrent.futures.ThreadPoolExecutor(
+            max_workers=t, thread_name_prefix="minilora")
+        _pool["size"] = t
+    bounds = [n * k // t for k in range(t + 1)]
+    futures = [_pool["executor"].submit(fn, bounds[k], bounds[k + 1]) for k in range(1, t)]
+    try:
+        fn(bounds[0], bounds[1])                      # the calling thread does the first chunk
+    finally:
+        done = [f.exception() for f in futures]       # wait for all before raising anything
+    for e in done:
+        if e is not None:
+            raise e
 
 
 class _Unusable:
