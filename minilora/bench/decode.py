@@ -94,6 +94,7 @@ def measure_decode(ctx: BenchContext) -> Section:
                     cpu[n].append(time.process_time() - c0)
                     bar.update(1)
             n_plain = n_new if B == 1 else min(n_new, NO_CACHE_TOKENS_AT_16)
+            time.sleep(ctx.pause_s)  # let torch's worker threads stop spinning first
             t_plain = _timed(lambda idx=idx, n=n_plain: generate(
                 model, idx, n, TEMPERATURE, use_cache=False, progress=False))
             bar.update(1 + (reps if tmodel is None else 0))
