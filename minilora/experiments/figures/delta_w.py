@@ -39,6 +39,13 @@ def _cells(results: Path) -> list[dict]:
     return recs
 
 
+def _integer_ticks(ax):
+    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib is optional, needed only to draw
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+    ax.tick_params(labelsize=6)
+
+
 def _color(label: str) -> str:
     return _TARGET_COLORS.get(label, "#555555")
 
@@ -174,8 +181,8 @@ def fig_phi(results: Path, figures: Path) -> list:
         layers = sorted({m["layer"] for m in comp["modules"]})
         kinds = sorted({m["kind"] for m in comp["modules"]}, key=_KINDS.index)
         fig, axes = plt.subplots(len(kinds), len(layers) + 1,
-                                 figsize=(1.9 * (len(layers) + 1), 2.1 * len(kinds) + 0.8),
-                                 squeeze=False)
+                                 figsize=(2.1 * (len(layers) + 1) + 1, 2.7 * len(kinds) + 0.6),
+                                 squeeze=False, constrained_layout=True)
         ia, jb = comp["grid_shape"]
         ext = (0.5, jb + 0.5, ia + 0.5, 0.5)
         im = None
@@ -186,7 +193,7 @@ def fig_phi(results: Path, figures: Path) -> list:
                 im = ax.imshow(np.asarray(m["grid"]), vmin=0, vmax=1, cmap="magma",
                                aspect="auto", extent=ext, interpolation="nearest")
                 ax.set_title(f"ΔW_{kind}, layer {layer}\nφ(1,1)={m['phi_11']:.2f}", fontsize=7)
-                ax.tick_params(labelsize=6)
+                _integer_ticks(ax)
                 if col == 0:
                     ax.set_ylabel(f"i (r={comp['a']['r']}, seed {comp['a']['seed']})", fontsize=7)
                 ax.set_xlabel(f"j (r={comp['b']['r']}, seed {comp['b']['seed']})", fontsize=7)
@@ -195,7 +202,7 @@ def fig_phi(results: Path, figures: Path) -> list:
                       aspect="auto", extent=ext, interpolation="nearest")
             ax.set_title(f"random subspaces\n(mean of {comp['n_samples']}; E φ = max(i,j)/"
                          f"{comp['d']})", fontsize=7)
-            ax.tick_params(labelsize=6)
+            _integer_ticks(ax)
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="φ(i, j) ∈ [0, 1]")
         fig.suptitle(f"Normalised subspace similarity of the A subspaces: {label.replace('_', ' ')}"
                      f" (random baseline at right)", fontsize=9)

@@ -69,8 +69,9 @@ from minilora.io import atomic_write_json
 from minilora.lora import lora_scaling, read_adapter
 from minilora.train import evaluate, fixed_batches
 
-SWEEP_COMMAND = ("minilora ablate --ranks 1,2,4,8,16,64 --targets 'q,v;all-linear' --seeds 0,1 "
-                 "--full --steps 100 --out results/ablate")
+SWEEP_COMMAND = ("minilora ablate --ranks 1,2,4,8,16,64 --targets 'q,v;all-linear' --seeds 0 "
+                 "--full --steps 100 --out results/ablate && minilora ablate --ranks 8,64 "
+                 "--targets q,v --seeds 1 --full --steps 100 --out results/ablate")
 BUDGET_COMMAND = ("minilora ablate --pairs 'q:8;k:8;v:8;o:8;q,k:4;q,v:4;q,k,v,o:2' --seeds 0 "
                   "--steps 100 --out results/ablate")
 STUDY_COMMAND = "minilora delta-w --sweep results/ablate --out results/delta_w"
