@@ -151,3 +151,20 @@ def test_every_figure_builds_from_the_records(study, tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert "delta_w_phi_r2_vs_r8.png" in pngs and "ablate_pareto.png" in pngs
     assert all((tmp_path / p).stat().st_size > 10_000 for p in pngs)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--only", "nope"], "--only"),
+    (["--phi-ranks", "64,8"], "--phi-ranks"),
+    (["--budget", "q"], "--budget"),
+    (["--sweep", "/nonexistent/sweep"], "--sweep"),
+])
+def test_cli_delta_w_refuses_bad_flags(argv, flag, capsys, tmp_path):
+    from minilora.cli import main
+    sweep = tmp_path / "sweep"
+    (sweep / "cells").mkdir(parents=True)
+    args = ["delta-w", "--sweep", str(sweep), "--out", str(tmp_path / "o"), *argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert flag in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
