@@ -22,7 +22,7 @@ from minilora.data import CharTokenizer
 from minilora.experiments.figures.common import MissingResults
 from minilora.experiments.figures.svd import fig_svd_milton
 from minilora.experiments.paths import base_model_path
-from minilora.experiments.svd_report import read_records, summary_table
+from minilora.experiments.svd_tables import read_records, summary_table
 from minilora.io import CheckpointError
 from minilora.lora import inject_lora, save_adapter
 from minilora.model import GPT

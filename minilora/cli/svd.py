@@ -27,9 +27,8 @@ from minilora.experiments.svd_report import (
     open_adapter,
     open_base,
     select_modules,
-    summary_table,
-    write_report,
 )
+from minilora.experiments.svd_tables import summary_table, write_report
 from minilora.io import ensure_writable_dir
 
 

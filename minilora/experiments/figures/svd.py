@@ -1,7 +1,7 @@
 """Figures of one adapter's ΔW analysis (``minilora svd``), drawn from its module records.
 
 Each function takes a list of :class:`~minilora.analysis.ModuleRecord` (from the analysis, or read
-back from ``records.json`` with :func:`minilora.experiments.svd_report.read_records`) and the PNG
+back from ``records.json`` with :func:`minilora.experiments.svd_tables.read_records`) and the PNG
 path to write, and returns that path:
 
 * :func:`fig_svd_spectrum`: the singular values σ_i of ΔW = s·B A, one panel per layer, one line
@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from minilora.experiments.figures.common import MissingResults, pyplot, save_figure
-from minilora.experiments.svd_report import RECORDS_JSON, read_records
+from minilora.experiments.svd_report import RECORDS_JSON
+from minilora.experiments.svd_tables import read_records
 
 SVD_MILTON_COMMAND = ("minilora svd chapters/assets/milton-lora/adapter.safetensors "
                       "--out results/svd/milton-lora")
