@@ -63,45 +63,41 @@ def _unsupported(v):
 
 def _wrap(r):
     """NumPy results -> stand-in arrays (scalars become 0-d arrays, as CuPy returns them)."""
-    if isinstance(r, _np.ndarray):
-        out = ndarray.__new__(ndarray)
+    t = type(r)
+    if t is _np.ndarray:
+        out = _new(ndarray)
         out._a = r
         return out
     if isinstance(r, _np.generic) and not isinstance(r, (_np.str_, _np.bytes_, _np.void)):
         return _wrap(_np.asarray(r))
-    if isinstance(r, tuple):
-        return tuple(_wrap(x) for x in r)
-    if isinstance(r, list):
-        return [_wrap(x) for x in r]
+    if t is tuple or t is list:
+        return t([_wrap(x) for x in r])
+    if isinstance(r, _np.ndarray):  # a NumPy subclass (np.matrix, masked arrays): not in CuPy
+        raise TypeError(f"the strict CuPy stand-in got a {t} from NumPy")
     return r
+
+
+_new = object.__new__
 
 
 def _is_scalar(v) -> bool:
     return isinstance(v, (_numbers.Number, _np.generic)) and not isinstance(v, _np.ndarray)
 
 
-def _arg(v):
-    """A kernel argument: a stand-in array or a scalar; NumPy arrays are refused."""
-    if isinstance(v, ndarray):
-        return v._a
-    if isinstance(v, _np.ndarray):
-        raise _unsupported(v)
-    return v
-
-
 def _deep(v):
     """Arguments of functions: sequences of arrays are unwrapped too; NumPy arrays refused."""
-    if isinstance(v, ndarray):
+    t = type(v)
+    if t is ndarray:
         return v._a
+    if t is tuple or t is list:
+        return t([_deep(x) for x in v])
     if isinstance(v, _np.ndarray):
         raise _unsupported(v)
-    if isinstance(v, (list, tuple)):
-        return type(v)(_deep(x) for x in v)
     return v
 
 
 def _ufunc_arg(v):
-    if isinstance(v, ndarray):
+    if type(v) is ndarray:
         return v._a
     if v is None or _is_scalar(v):
         return v
@@ -157,7 +153,7 @@ class ufunc:
         return f"<ufunc 'cupy.{self.__name__}' (strict stand-in)>"
 
     def __call__(self, *args, **kw):
-        return _wrap(self._u(*(_ufunc_arg(a) for a in args), **_ufunc_kwargs(kw)))
+        return _wrap(self._u(*[_ufunc_arg(a) for a in args], **(_ufunc_kwargs(kw) if kw else kw)))
 
     def _method(self, name, *args, **kw):
         return _wrap(getattr(self._u, name)(*(_ufunc_arg(a) for a in args),
@@ -192,11 +188,14 @@ def _binary(name, reflected=False):
     u = getattr(_np, name)
 
     def op(self, other):
-        if isinstance(other, _np.ndarray) or not (isinstance(other, ndarray) or _is_scalar(other)):
-            if isinstance(other, (list, tuple, _np.ndarray)):
-                raise _unsupported(other)
+        if type(other) is ndarray:
+            o = other._a
+        elif _is_scalar(other):
+            o = other
+        elif isinstance(other, (list, tuple, _np.ndarray)):
+            raise _unsupported(other)
+        else:
             return NotImplemented
-        o = _arg(other)
         return _wrap(u(o, self._a) if reflected else u(self._a, o))
     return op
 
@@ -398,7 +397,9 @@ class ndarray:
         meth = getattr(self._a, name)
 
         def call(*args, **kw):
-            return _wrap(meth(*_deep(args), **{k: _deep(v) for k, v in kw.items()}))
+            if kw:
+                kw = {k: _deep(v) for k, v in kw.items()}
+            return _wrap(meth(*_deep(args), **kw))
         call.__name__ = name
         return call
 
@@ -569,7 +570,9 @@ def _function(name):
     f = getattr(_np, name)
 
     def call(*args, **kw):
-        return _wrap(f(*_deep(args), **{k: _deep(v) for k, v in kw.items()}))
+        if kw:
+            kw = {k: _deep(v) for k, v in kw.items()}
+        return _wrap(f(*_deep(args), **kw))
     call.__name__ = call.__qualname__ = name
     call.__doc__ = f"cupy.{name} (strict stand-in: numpy.{name} on the wrapped arrays)"
     return call
