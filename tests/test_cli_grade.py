@@ -3,7 +3,7 @@ the report, an ungradable input one line and exit 2."""
 import pytest
 
 from minilora import cli
-from minilora.course.grade import reference_solution
+from minilora.course.assignments import reference_solution
 
 
 def test_reference_scores_full_marks(tmp_path, capsys):

@@ -22,8 +22,14 @@ import numpy as np
 import pytest
 
 from minilora.course import checks
-from minilora.course.grade import (SOURCE_DIR, GradeError, assignment_names, format_report,
-                                   grade, main, read_assignment, reference_solution)
+from minilora.course.assignments import (
+    SOURCE_DIR,
+    GradeError,
+    assignment_names,
+    read_assignment,
+    reference_solution,
+)
+from minilora.course.grade import format_report, grade, main
 
 ASSIGNMENTS = ["layernorm_backward", "lora_linear", "lora_merge", "nf4_block",
                "subspace_similarity"]

@@ -8,16 +8,8 @@ This is the experiments floor: it uses the library, and nothing in the library i
 * :mod:`minilora.course.checks` - the checks the test cells call, each failing with one sentence
   (``dx differs from finite differences: rel error 3.2e-01 (allowed 1e-06)``).
 """
-from minilora.course.grade import (
-                                   GradeError,
-                                   Report,
-                                   TestResult,
-                                   assignment_names,
-                                   format_report,
-                                   grade,
-                                   main,
-                                   reference_solution,
-)
+from minilora.course.assignments import GradeError, assignment_names, reference_solution
+from minilora.course.grade import Report, TestResult, format_report, grade, main
 
 __all__ = ["GradeError", "Report", "TestResult", "assignment_names", "format_report", "grade",
            "main", "reference_solution"]

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -41,10 +40,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from minilora.errors import MiniloraError
+from minilora.course.assignments import (
+    GradeError,
+    assignment_names,
+    cell_kind,
+    cell_source,
+    find_assignment,
+    nbgrader_meta,
+    read_assignment,
+    read_notebook,
+    strip_magics,
+)
 
-#: Where the assignments live: ``<repository>/chapters/homework/source/<name>/<name>.ipynb``.
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "chapters" / "homework" / "source"
 #: The directory that holds the ``minilora`` package (put on the child's PYTHONPATH).
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
@@ -52,12 +59,7 @@ DEFAULT_TIMEOUT = 10.0  # seconds per step (setup cell, student code, one test)
 DEFAULT_MAX_OUTPUT = 2000  # characters of printed output kept per step
 STARTUP_ALLOWANCE = 30.0  # seconds for the child to start (imports numpy, scipy, minilora)
 
-_MAGIC = re.compile(r"^\s*[%!]")  # IPython magics and shell escapes: not Python
-_MARKER = re.compile(r"^\s*### (BEGIN|END) SOLUTION\s*$")
 
-
-class GradeError(MiniloraError, ValueError):
-    """The assignment or the student file cannot be graded as asked (unknown name, no file)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,101 +105,6 @@ class Report:
         return d
 
 
-# ----------------------------------------------------------------------------------------------
-# reading notebooks
-# ----------------------------------------------------------------------------------------------
-def assignment_names() -> list[str]:
-    """The assignments shipped with minilora, by name (sorted)."""
-    if not SOURCE_DIR.is_dir():
-        return []
-    return sorted(p.name for p in SOURCE_DIR.iterdir() if (p / f"{p.name}.ipynb").is_file())
-
-
-def find_assignment(assignment) -> Path:
-    """The source notebook of ``assignment``: a name (``layernorm_backward``) or a path to an
-    nbgrader source ``.ipynb`` (or to the folder holding ``<folder name>.ipynb``)."""
-    path = Path(assignment)
-    if path.is_dir() and (path / f"{path.name}.ipynb").is_file():
-        return path / f"{path.name}.ipynb"
-    if path.suffix == ".ipynb":
-        if not path.is_file():
-            raise GradeError(f"assignment notebook {str(path)!r} does not exist")
-        return path
-    candidate = SOURCE_DIR / str(assignment) / f"{assignment}.ipynb"
-    if candidate.is_file():
-        return candidate
-    names = ", ".join(assignment_names()) or f"none found under {SOURCE_DIR}"
-    raise GradeError(f"unknown assignment {str(assignment)!r}: give one of {names}, or the path "
-                     "of an nbgrader source notebook")
-
-
-def _read_notebook(path: Path, what: str) -> dict:
-    try:
-        nb = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GradeError(f"{what} {str(path)!r} is not a readable notebook (.ipynb JSON): "
-                         f"{e}") from None
-    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
-        raise GradeError(f"{what} {str(path)!r} is not a Jupyter notebook (no 'cells' list)")
-    return nb
-
-
-def _source(cell: dict) -> str:
-    src = cell.get("source", "")
-    return "".join(src) if isinstance(src, list) else str(src)
-
-
-def _nbgrader(cell: dict) -> dict:
-    meta = cell.get("metadata", {}).get("nbgrader", {})
-    return meta if isinstance(meta, dict) else {}
-
-
-def _kind(cell: dict) -> str:
-    """'test', 'solution', 'setup' (any other code cell) or 'markdown'."""
-    if cell.get("cell_type") != "code":
-        return "markdown"
-    meta = _nbgrader(cell)
-    if meta.get("grade") and not meta.get("solution"):
-        return "test"
-    if meta.get("solution"):
-        return "solution"
-    return "setup"
-
-
-def read_assignment(assignment) -> list[dict]:
-    """The code cells of an assignment as ``{"kind", "grade_id", "source", "points"}`` dicts,
-    in notebook order (kind: 'setup', 'solution' or 'test'). Raises :class:`GradeError` if the
-    notebook has no test cell with points."""
-    path = find_assignment(assignment)
-    cells = []
-    for i, cell in enumerate(_read_notebook(path, "assignment")["cells"]):
-        kind = _kind(cell)
-        if kind == "markdown":
-            continue
-        meta = _nbgrader(cell)
-        cells.append({"kind": kind, "grade_id": str(meta.get("grade_id", f"cell-{i}")),
-                      "source": _source(cell), "points": float(meta.get("points", 0))})
-    if not any(c["kind"] == "test" for c in cells):
-        raise GradeError(f"{str(path)!r} has no autograded test cell (nbgrader metadata "
-                         "grade: true with points); it is not an assignment")
-    return cells
-
-
-def reference_solution(assignment) -> str:
-    """The solution cells of an assignment with the BEGIN/END SOLUTION marker lines removed:
-    the reference answer, as the text of a ``.py`` file."""
-    parts = []
-    for c in read_assignment(assignment):
-        if c["kind"] == "solution":
-            lines = [ln for ln in c["source"].splitlines() if not _MARKER.match(ln)]
-            parts.append("\n".join(lines))
-    return "\n\n\n".join(parts) + "\n"
-
-
-def _strip_magics(source: str) -> str:
-    """Blank out IPython magic and shell lines (keeps the line numbers of everything else)."""
-    return "\n".join("" if _MAGIC.match(ln) else ln for ln in source.splitlines())
-
 
 # ----------------------------------------------------------------------------------------------
 # the steps the child runs
@@ -215,9 +122,9 @@ def _steps(cells: list[dict], student_path: Path) -> list[dict]:
         return step(c["kind"], c["grade_id"], c["source"])
 
     if student_path.suffix == ".ipynb":
-        nb = _read_notebook(student_path, "student notebook")
+        nb = read_notebook(student_path, "student notebook")
         student_cells = [c for c in nb["cells"] if c.get("cell_type") == "code"]
-        ids = [str(_nbgrader(c).get("grade_id", "")) for c in student_cells]
+        ids = [str(nbgrader_meta(c).get("grade_id", "")) for c in student_cells]
         if any(i in setup_ids or i in test_ids for i in ids):
             # a filled-in copy of the released notebook: keep its order, use our setup and tests
             steps, seen = [], set()
@@ -226,9 +133,9 @@ def _steps(cells: list[dict], student_path: Path) -> list[dict]:
                     if gid not in seen:
                         steps.append(own(by_id[gid]))
                         seen.add(gid)
-                elif _kind(c) in ("solution", "setup"):  # the student's answer or own cells
+                elif cell_kind(c) in ("solution", "setup"):  # the student's answer or own cells
                     steps.append(step("student", f"{student_path.name}, code cell {n}",
-                                      _strip_magics(_source(c))))
+                                      strip_magics(cell_source(c))))
             missing_setup = [own(c) for c in cells if c["kind"] == "setup" and c["grade_id"]
                              not in seen]
             missing_tests = [own(c) for c in cells if c["kind"] == "test" and c["grade_id"]
@@ -236,8 +143,8 @@ def _steps(cells: list[dict], student_path: Path) -> list[dict]:
             return missing_setup + steps + missing_tests
         # a notebook without nbgrader's metadata: all of its code is the student's answer
         student = [step("student", f"{student_path.name}, code cell {n}",
-                        _strip_magics(_source(c)))
-                   for n, c in enumerate(student_cells, start=1) if _kind(c) != "test"]
+                        strip_magics(cell_source(c)))
+                   for n, c in enumerate(student_cells, start=1) if cell_kind(c) != "test"]
     else:
         try:
             text = student_path.read_text(encoding="utf-8")
