@@ -135,6 +135,10 @@ def test_standin_results_stay_on_the_device():
         x.tostring  # noqa: B018  (a NumPy-only method)
     with pytest.raises(AttributeError):
         cp.nanquantile  # noqa: B018  (not modelled: a clear AttributeError, not a silent NumPy)
+    with pytest.raises(TypeError, match="'mode'"):
+        cp.take(x, cp.asarray(np.array([0, 1])), mode="wrap")  # CuPy's take has no mode
+    with pytest.raises(TypeError, match="'where'"):
+        x.sum(where=x > 1)
 
 
 def test_standin_has_no_kernels():

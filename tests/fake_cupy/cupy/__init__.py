@@ -27,7 +27,9 @@ host/device boundary, so that code which would fail on a real GPU fails here too
   ``runtime.memPrefetchAsync`` that refuses memory that is not managed).
 * ``ElementwiseKernel``, ``RawKernel``, ``RawModule``, ``ReductionKernel`` and ``fuse`` raise
   NotImplementedError, so code with a kernel of its own must have (and exercise) a fallback.
-* Only names that CuPy has are exposed (``FUNCTIONS`` below); anything else is an AttributeError.
+* Only names that CuPy has are exposed (``_FUNCTIONS`` below); anything else is an
+  AttributeError, and a few keyword arguments only NumPy has (``take(mode=...)``,
+  ``sum(where=...)``) are a TypeError.
 
 Load it with ``minilora.backend.set_backend("cupy", module=...)`` (the tests' fixture) or the
 environment variable ``MINILORA_BACKEND=cupy-strict`` with ``MINILORA_CUPY_STANDIN`` naming the
@@ -398,6 +400,7 @@ class ndarray:
 
         def call(*args, **kw):
             if kw:
+                _check_kwargs(name, kw)
                 kw = {k: _deep(v) for k, v in kw.items()}
             return _wrap(meth(*_deep(args), **kw))
         call.__name__ = name
@@ -566,11 +569,27 @@ result_type size ndim shape
 """.split()
 
 
+# Keyword arguments NumPy takes and CuPy's function of the same name does not.
+_NUMPY_ONLY_KWARGS = {
+    "take": ("mode",),
+    **{r: ("where", "initial") for r in ("sum", "prod", "max", "min", "amax", "amin", "mean",
+                                         "all", "any")},
+}
+
+
+def _check_kwargs(name, kw):
+    bad = [k for k in _NUMPY_ONLY_KWARGS.get(name, ()) if k in kw]
+    if bad:
+        raise TypeError(f"cupy.{name}() got an unexpected keyword argument {bad[0]!r} "
+                        "(NumPy has it, CuPy does not)")
+
+
 def _function(name):
     f = getattr(_np, name)
 
     def call(*args, **kw):
         if kw:
+            _check_kwargs(name, kw)
             kw = {k: _deep(v) for k, v in kw.items()}
         return _wrap(f(*_deep(args), **kw))
     call.__name__ = call.__qualname__ = name
