@@ -3,13 +3,16 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import use_backend
 
 from minilora import backend
-from minilora.quant.blockwise import dequantize_blockwise, dequantize_packed, quantize_blockwise
+from minilora.quant.blockwise import (
+    dequantize_blockwise,
+    dequantize_packed,
+    quantize_blockwise,
+)
 from minilora.quant.nf4 import NF4_CODE
 from minilora.quant.packing import pack_nibbles
-
-from conftest import use_backend
 
 
 @pytest.mark.parametrize("n,threads", [(0, 3), (1, 3), (7, 3), (10, 4), (5, 1), (3, 8)])

@@ -8,6 +8,7 @@ cudaErrorInvalidValue there). Prefetch calls are recorded in ``runtime.PREFETCHE
 from __future__ import annotations
 
 import weakref
+from typing import ClassVar
 
 import numpy as _np
 
@@ -60,7 +61,7 @@ class Device:
 class Stream:
     """A stream: ``ptr`` (0 = the legacy default stream), context manager, synchronize."""
 
-    _next = [1]
+    _next: ClassVar[list] = [1]
     null = None  # set below
 
     def __init__(self, null=False, non_blocking=False, ptds=False):
@@ -177,13 +178,13 @@ def get_allocator():
     return _allocator[0]
 
 
-class runtime:  # noqa: N801  (a module in CuPy; a namespace here)
+class runtime:
     """``cupy.cuda.runtime``: the calls minilora uses."""
 
     CUDARuntimeError = CUDARuntimeError
     memoryTypeHost, memoryTypeDevice, memoryTypeManaged = 1, 2, 3
     cudaCpuDeviceId = -1
-    PREFETCHES: list = []  # (ptr, nbytes, device, stream_ptr) of every accepted prefetch
+    PREFETCHES: ClassVar[list] = []  # (ptr, nbytes, device, stream_ptr) of every accepted prefetch
 
     @staticmethod
     def getDeviceCount() -> int:
