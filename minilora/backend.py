@@ -8,10 +8,10 @@ modules were imported still takes effect everywhere (a plain ``xp = numpy`` bind
 copied into each importer at import time and never change again).
 
 Switch with the environment variable ``MINILORA_BACKEND=cupy`` (read once, at import) or at run
-time with :func:`set_backend`. For tests, ``MINILORA_BACKEND=cupy-strict`` (with
+time with :func:`set_backend`. Arrays made before a switch stay where they are: move them with
+:func:`asarray` / :func:`to_numpy`. For tests, ``MINILORA_BACKEND=cupy-strict`` (with
 ``MINILORA_CUPY_STANDIN`` naming the repository's ``tests/fake_cupy``) runs the CuPy code path on
-a strict NumPy-backed stand-in for CuPy that refuses implicit host/device conversions as CuPy does. Arrays made before a switch stay where they are: move them with
-:func:`asarray` / :func:`to_numpy`.
+a strict NumPy-backed stand-in for CuPy that refuses implicit host/device conversions as CuPy does.
 
 Weights are always initialised on the CPU from a seeded ``numpy.random.Generator`` and then moved
 with :func:`asarray`, so a NumPy run and a CuPy run start from bit-identical weights.

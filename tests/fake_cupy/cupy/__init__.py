@@ -445,7 +445,11 @@ class ndarray:
 
 
 # Methods of cupy.ndarray (those NumPy also has, with the same meaning) that the stand-in forwards.
-_METHODS = frozenset(["all", "any", "argmax", "argmin", "argpartition", "argsort", "clip", "compress", "conj", "conjugate", "cumprod", "cumsum", "diagonal", "dot", "flatten", "max", "mean", "min", "nonzero", "partition", "prod", "ptp", "put", "ravel", "repeat", "round", "sort", "squeeze", "std", "sum", "swapaxes", "take", "tobytes", "trace", "transpose", "var", "choose"])
+_METHODS = frozenset("""
+all any argmax argmin argpartition argsort clip compress conj conjugate cumprod cumsum diagonal
+dot flatten max mean min nonzero partition prod ptp put ravel repeat round sort squeeze std sum
+swapaxes take tobytes trace transpose var choose
+""".split())  # noqa: SIM905
 
 
 # ------------------------------------------------------------------------------------------
@@ -530,11 +534,37 @@ def fuse(*args, **kwargs):
 # the builtins inside this module: code above reaches the builtins through _builtins.)
 # Types, constants and functions CuPy exposes under the same names as NumPy. A name missing
 # here is an AttributeError, so code cannot lean on a NumPy-only function by accident.
-_PASSTHROUGH = ["bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64", "complex64", "complex128", "intp", "uintp", "byte", "ubyte", "short", "ushort", "intc", "uintc", "longlong", "ulonglong", "half", "single", "double", "dtype", "finfo", "iinfo", "integer", "floating", "number", "generic", "signedinteger", "unsignedinteger", "inexact", "complexfloating", "issubdtype", "can_cast", "result_type", "promote_types", "min_scalar_type", "common_type", "newaxis", "inf", "nan", "pi", "e", "euler_gamma", "little_endian"]
+_PASSTHROUGH = """
+bool_ int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64 complex64
+complex128 intp uintp byte ubyte short ushort intc uintc longlong ulonglong half single double
+dtype finfo iinfo integer floating number generic signedinteger unsignedinteger inexact
+complexfloating issubdtype can_cast result_type promote_types min_scalar_type common_type
+newaxis inf nan pi e euler_gamma little_endian
+""".split()  # noqa: SIM905
 
-_UFUNCS = ["add", "subtract", "multiply", "divide", "true_divide", "floor_divide", "power", "negative", "positive", "remainder", "mod", "fmod", "absolute", "abs", "fabs", "sign", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "square", "cbrt", "reciprocal", "sin", "cos", "tan", "arcsin", "arccos", "arctan", "arctan2", "sinh", "cosh", "tanh", "arcsinh", "arccosh", "arctanh", "hypot", "deg2rad", "rad2deg", "degrees", "radians", "maximum", "minimum", "fmax", "fmin", "greater", "greater_equal", "less", "less_equal", "equal", "not_equal", "logical_and", "logical_or", "logical_xor", "logical_not", "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not", "invert", "left_shift", "right_shift", "isfinite", "isinf", "isnan", "signbit", "copysign", "nextafter", "floor", "ceil", "trunc", "rint", "heaviside", "logaddexp", "logaddexp2", "clip", "conj", "conjugate"]
+_UFUNCS = """
+add subtract multiply divide true_divide floor_divide power negative positive remainder mod
+fmod absolute abs fabs sign exp exp2 expm1 log log2 log10 log1p sqrt square cbrt reciprocal sin
+cos tan arcsin arccos arctan arctan2 sinh cosh tanh arcsinh arccosh arctanh hypot deg2rad
+rad2deg degrees radians maximum minimum fmax fmin greater greater_equal less less_equal equal
+not_equal logical_and logical_or logical_xor logical_not bitwise_and bitwise_or bitwise_xor
+bitwise_not invert left_shift right_shift isfinite isinf isnan signbit copysign nextafter floor
+ceil trunc rint heaviside logaddexp logaddexp2 clip conj conjugate
+""".split()  # noqa: SIM905
 
-_FUNCTIONS = ["empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "arange", "linspace", "logspace", "eye", "identity", "diag", "diagflat", "tri", "tril", "triu", "meshgrid", "reshape", "ravel", "transpose", "swapaxes", "moveaxis", "rollaxis", "squeeze", "expand_dims", "broadcast_to", "broadcast_arrays", "atleast_1d", "atleast_2d", "atleast_3d", "concatenate", "stack", "vstack", "hstack", "dstack", "column_stack", "split", "array_split", "hsplit", "vsplit", "tile", "repeat", "flip", "fliplr", "flipud", "roll", "rot90", "pad", "copyto", "copy", "take", "take_along_axis", "put", "put_along_axis", "choose", "compress", "diagonal", "where", "nonzero", "flatnonzero", "argwhere", "searchsorted", "sort", "argsort", "lexsort", "partition", "argpartition", "unique", "sum", "prod", "cumsum", "cumprod", "mean", "std", "var", "average", "median", "max", "min", "amax", "amin", "argmax", "argmin", "ptp", "nansum", "nanmean", "nanmax", "nanmin", "nanargmax", "nanargmin", "all", "any", "count_nonzero", "allclose", "isclose", "array_equal", "matmul", "dot", "vdot", "inner", "outer", "tensordot", "einsum", "kron", "trace", "around", "round", "clip", "nan_to_num", "interp", "bincount", "histogram", "diff", "cross", "convolve", "sign", "isfinite", "isinf", "isnan", "real", "imag", "angle", "cov", "corrcoef", "may_share_memory", "shares_memory", "result_type", "size", "ndim", "shape"]
+_FUNCTIONS = """
+empty empty_like zeros zeros_like ones ones_like full full_like arange linspace logspace eye
+identity diag diagflat tri tril triu meshgrid reshape ravel transpose swapaxes moveaxis
+rollaxis squeeze expand_dims broadcast_to broadcast_arrays atleast_1d atleast_2d atleast_3d
+concatenate stack vstack hstack dstack column_stack split array_split hsplit vsplit tile repeat
+flip fliplr flipud roll rot90 pad copyto copy take take_along_axis put put_along_axis choose
+compress diagonal where nonzero flatnonzero argwhere searchsorted sort argsort lexsort
+partition argpartition unique sum prod cumsum cumprod mean std var average median max min amax
+amin argmax argmin ptp nansum nanmean nanmax nanmin nanargmax nanargmin all any count_nonzero
+allclose isclose array_equal matmul dot vdot inner outer tensordot einsum kron trace around
+round clip nan_to_num interp bincount histogram diff cross convolve sign isfinite isinf isnan
+real imag angle cov corrcoef may_share_memory shares_memory result_type size ndim shape
+""".split()  # noqa: SIM905
 
 
 # Keyword arguments NumPy takes and CuPy's function of the same name does not.
