@@ -140,6 +140,18 @@ def test_standin_results_stay_on_the_device():
         x.sum(where=x > 1)
 
 
+def test_standin_views_name_their_owner_as_base():
+    """CuPy: a view's ``base`` is the one array that owns the memory (memory accounting relies
+    on it to count each buffer once)."""
+    from minilora.memory import tree_bytes
+    a = cp.zeros((10, 4), dtype=np.float32)  # 160 bytes
+    b = cp.ones(5)                            # 40 bytes
+    assert a.base is None and a[2:].base is a and a.T.base is a and a[2:].T.base is a
+    use_backend("cupy_strict")
+    tree = (a, [a[2:], {"k": a.T, "b": b}], None, 3)
+    assert tree_bytes(tree) == 200 and tree_bytes(tree, exclude=[a]) == 40
+
+
 def test_standin_has_no_kernels():
     for kind in ("ElementwiseKernel", "RawKernel", "RawModule", "ReductionKernel"):
         with pytest.raises(NotImplementedError, match="fall back"):

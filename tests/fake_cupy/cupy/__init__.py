@@ -41,6 +41,7 @@ import builtins as _builtins
 import copy as _copy
 import numbers as _numbers
 import sys as _sys
+import weakref as _weakref
 
 import numpy as _np
 
@@ -69,6 +70,8 @@ def _wrap(r):
     if t is _np.ndarray:
         out = _new(ndarray)
         out._a = r
+        if r.base is None:               # owns its memory: views will name it as their base
+            _owners[id(r)] = out
         return out
     if isinstance(r, _np.generic) and not isinstance(r, (_np.str_, _np.bytes_, _np.void)):
         return _wrap(_np.asarray(r))
@@ -80,6 +83,7 @@ def _wrap(r):
 
 
 _new = object.__new__
+_owners: _weakref.WeakValueDictionary = _weakref.WeakValueDictionary()  # id(owner) -> wrapper
 
 
 def _is_scalar(v) -> bool:
@@ -221,7 +225,7 @@ class _Borrowed:
 class ndarray:
     """A device array, in the stand-in: a NumPy array that refuses implicit host conversion."""
 
-    __slots__ = ("__weakref__", "_a")
+    __slots__ = ("__weakref__", "_a", "_owner")
     __hash__ = None  # type: ignore[assignment]
 
     def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
@@ -231,6 +235,7 @@ class ndarray:
         dtype = _np.dtype(dtype)
         if memptr is None:
             self._a = _np.empty(shape, dtype=dtype, order=order)
+            _owners[id(self._a)] = self
             return
         count = int(_np.prod(shape, dtype=_np.int64))
         buf = memptr.mem.buffer
@@ -291,7 +296,18 @@ class ndarray:
 
     @property
     def base(self):
-        return None if self._a.base is None else _wrap(self._a.base)
+        """The array that owns the memory (one stable object, as in CuPy), or None."""
+        root = self._a
+        while isinstance(root.base, _np.ndarray):
+            root = root.base
+        if root is self._a:
+            return None
+        owner = _owners.get(id(root))
+        if owner is None or owner._a is not root:
+            owner = _wrap(root)
+            _owners[id(root)] = owner
+        self._owner = owner          # keeps it alive as long as this view
+        return owner
 
     @property
     def data(self):
