@@ -90,9 +90,9 @@ def cmd_finetune(args):
     elif args.method == "adalora":  # the schedule needs the number of steps
         steps = args.steps or task_recipe(args.task).get("train", {}).get("max_steps", 200)
         method_cfg = AdaLoraConfig(
-            init_r=args.init_r, target_r=args.target_r, lora_alpha=args.alpha / args.r
-            * args.init_r, target_modules=tuple(t for t in (args.targets or "q,v").split(",")
-                                                if t),
+            init_r=args.init_r, target_r=args.target_r, lora_dropout=args.dropout,
+            lora_alpha=args.alpha / args.r * args.init_r,  # c = alpha / r, LoRA's scale
+            target_modules=tuple(t for t in (args.targets or "q,v").split(",") if t),
             tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 40), total_step=steps)
     mts = tuple(m for m in (args.modules_to_save or "").split(",") if m)
     if mts or args.loraplus_ratio is not None:
@@ -197,7 +197,8 @@ def add_parsers(sub):
     s.add_argument("--loftq-iter", type=POSITIVE, default=5,
                    help="qlora --init loftq: alternating steps T (default 5; PEFT: 1)")
     s.add_argument("--init-r", type=POSITIVE, default=12,
-                   help="adalora: triplets per layer at the start (default 12)")
+                   help="adalora: triplets per layer at the start (default 12); its lora_alpha "
+                        "is --alpha / --r x --init-r, so its scale matches LoRA's alpha / r")
     s.add_argument("--target-r", type=POSITIVE, default=8,
                    help="adalora: average triplets per layer at the end, <= --init-r (default 8)")
     s.add_argument("--loraplus-ratio", type=float_range(0, lo_open=True), default=None,
