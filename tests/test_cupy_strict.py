@@ -462,3 +462,37 @@ def test_nf4_kernel_equals_numpy_path_on_real_cupy(monkeypatch):
         backend.set_backend("numpy")
     assert_same(ref, fused)   # codes and scales bit-identical to the NumPy path
     assert_same(ref, plain)
+
+
+# ------------------------------------------------------------------------------------------
+# the command line on the stand-in (MINILORA_BACKEND=cupy-strict), against the same on NumPy
+# ------------------------------------------------------------------------------------------
+
+def _cli(args, cwd, strict):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               MINILORA_BACKEND="cupy-strict" if strict else "numpy",
+               MINILORA_CUPY_STANDIN=str(STANDIN_DIR))
+    r = subprocess.run([sys.executable, "-m", "minilora.cli", *args], env=env, cwd=cwd,
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_cli_finetune_and_sample_on_the_standin_equal_numpy(tmp_path):
+    import json
+    keys = ("task_loss", "shakespeare_loss", "forgetting", "task_metric_init",
+            "optimizer_state_bytes")
+    results = {}
+    for strict in (False, True):
+        got = []
+        for method in ("qlora", "lora"):
+            out = tmp_path / f"{method}-{strict}"
+            _cli(["finetune", "--method", method, "--steps", "2", "--batch-size", "2",
+                  "--eval-batches", "1", "--no-progress", "--out", str(out)], tmp_path, strict)
+            r = json.loads((out / "result.json").read_text())
+            got.append({k: r.get(k) for k in keys})
+        got.append(_cli(["sample", "--adapter", str(out / "adapter.safetensors"), "--prompt",
+                         "ROMEO:", "--max-new-tokens", "40", "--seed", "3"], tmp_path, strict))
+        results[strict] = got
+    assert results[True] == results[False]   # the stand-in computes with NumPy: identical
