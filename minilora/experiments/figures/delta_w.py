@@ -418,20 +418,25 @@ def fig_intruders_forgetting(results: Path, figures: Path) -> list:
     ax.legend(fontsize=6)
     for ax, key, lab in ((axes[1], "forgetting", "forgetting (nats/char)"),
                          (axes[2], "task_loss", "Milton test loss (nats/char)")):
-        names, width = [], 0.25
+        names, width, labelled = [], 0.25, set()
+
+        def once(text):
+            if text in labelled:
+                return None
+            labelled.add(text)
+            return text
         for i, row in enumerate(sc):
             names.append(f"{row['targets']} r={row['r']}\n({row['matrices_with_intruders']} "
                          "matrices)")
             ax.bar(i - width, row["unchanged"][key], width, color="#999999",
-                   label="λ = 1 (as trained)" if i == 0 else None)
+                   label=once("λ = 1 (as trained)"))
             for s_i, s in enumerate(row["scaled"]):
                 ax.bar(i + s_i * width, s["intruder"][key], width * 0.5,
                        color=("C3", "C1")[s_i % 2],
-                       label=f"top intruder × {s['lambda']:g}" if i == 0 else None)
+                       label=once(f"top intruder × {s['lambda']:g}"))
                 ax.bar(i + s_i * width + width * 0.5, s["control"][key], width * 0.5,
                        color=("C0", "C9")[s_i % 2],
-                       label=f"control (nearest non-intruder) × {s['lambda']:g}" if i == 0
-                       else None)
+                       label=once(f"control (nearest non-intruder) × {s['lambda']:g}"))
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, fontsize=7)
         ax.set_ylabel(lab)

@@ -497,7 +497,7 @@ def intruder_scaling(records, eps: float, k: int, runs=DEFAULT_RUNS, cells=None,
     measure task loss and forgetting; control: the same for the nearest-ranked non-intruder
     direction of each of those matrices."""
     ev = ev or Evaluator()
-    cells = cells or [("q,v", 1), ("q,v", 8), ("all-linear", 8)]
+    cells = cells or [("q,v", 1), ("q,v", 8), ("q,v", 64), ("all-linear", 8), ("k", 8)]
     out = []
     for tl, r in cells:
         found = find_cells(records, targets=tl, r=r, seed=0, steps=steps)
