@@ -86,8 +86,9 @@ def test_records_hold_the_result_and_a_correct_delta_w_summary(tiny_base, tmp_pa
             arrays, cfg = read_adapter(wdir / "adapter.safetensors")
             assert set(rec["delta_w"]) == {n[:-7] for n in arrays if n.endswith(".lora_A")}
             name = "blocks.1.attn.v"
-            dW = lora_scaling(cfg.r, cfg.lora_alpha) * (np.asarray(arrays[name + ".lora_B"], np.float64)
-                                                        @ np.asarray(arrays[name + ".lora_A"], np.float64))
+            B = np.asarray(arrays[name + ".lora_B"], np.float64)
+            dW = lora_scaling(cfg.r, cfg.lora_alpha) * (B @ np.asarray(arrays[name + ".lora_A"],
+                                                                       np.float64))
         else:
             assert len(rec["delta_w"]) == 2 * len(LINEARS)
             name = "blocks.1.mlp.up"
@@ -154,20 +155,20 @@ def test_serial_and_dask_give_identical_records(tiny_base, tmp_path):
     pytest.importorskip("distributed")
     cells = _cells(tiny_base)
     _sweep(cells, tmp_path, "serial")
-    res, logs = _sweep(cells, tmp_path, "dask", serial=False, workers=2, blas_threads=1)
+    res, _ = _sweep(cells, tmp_path, "dask", serial=False, workers=2, blas_threads=1)
     assert len(res["done"]) == len(cells) and not res["failed"]
     a = {r["key"]: r for r in load_records(tmp_path / "serial")}
     b = {r["key"]: r for r in load_records(tmp_path / "dask")}
     assert a.keys() == b.keys() == {cell_key(c) for c in cells}
-    for k in a:
-        assert comparable(a[k]) == comparable(b[k])
+    for k, rec in a.items():
+        assert comparable(rec) == comparable(b[k])
         assert b[k]["run"]["blas_threads"] == 1 and b[k]["run"]["pid"] != os.getpid()
 
 
 def test_killed_sweep_resumes_to_the_same_records(tiny_base, tmp_path):
     cells = _cells(tiny_base, steps=25, seeds=(0, 1))
     script = tmp_path / "sweep.py"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(textwrap.dedent("""\
         import json, sys
         from minilora.experiments.ablate import run_sweep
         if __name__ == "__main__":

@@ -10,8 +10,8 @@ from minilora.cli.common import (
     check_input_file,
     check_output_dir,
     float_range,
-    int_range,
     int_list,
+    int_range,
 )
 from minilora.errors import UsageError
 from minilora.experiments.ablate import (

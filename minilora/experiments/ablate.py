@@ -51,7 +51,13 @@ try:  # optional (the ablate extra): reads and limits the BLAS threads of the pr
 except ImportError:  # then the environment set before the worker started is all there is
     threadpoolctl = None
 
-from minilora.analysis import effective_rank, lowrank_svd, singular_values, stable_rank, svd
+from minilora.analysis import (
+    effective_rank,
+    lowrank_svd,
+    singular_values,
+    stable_rank,
+    svd,
+)
 from minilora.checkpoint import load_checkpoint
 from minilora.config import LoraConfig
 from minilora.errors import MiniloraError, UsageError
@@ -219,11 +225,10 @@ def delta_w_summary(cell: dict, weights_dir: Path) -> dict:
     else:
         model1, _, _ = load_checkpoint(weights_dir / "model.safetensors")
         W1 = {n: np.asarray(p, dtype=np.float64) for n, p in model1.named_parameters()}
-        for n in W0:
+        for n, w0 in W0.items():
             parts = n.split(".")
             if len(parts) >= 3 and parts[-2] in LINEARS and parts[-1] == "weight":
-                name = n[:-len(".weight")]
-                out[name] = _summary(W0[n], W1[n], singular_values(W1[n] - W0[n]))
+                out[n[:-len(".weight")]] = _summary(w0, W1[n], singular_values(W1[n] - w0))
     return out
 
 
@@ -543,8 +548,8 @@ def summary_rows(records) -> list[dict]:
 
 def summary_table(records) -> str:
     """:func:`summary_rows` as a Markdown table."""
-    lines = ["| task | method | targets | r | steps | seeds | task metric | forgetting | "
-             "trainable | mean eff. rank of ΔW |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| task | method | targets | r | steps | seeds | task metric | forgetting | "
+              "trainable | mean eff. rank of ΔW |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for x in summary_rows(records):
         lines.append(f"| {x['task']} | {x['method']} | {x['targets']} | {x['r'] or '-'} | "
                      f"{x['steps']} | {x['seeds']} | {x['task_metric']:.4f} ± "

@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from minilora.experiments.ablate import load_records, summary_rows
-from minilora.experiments.figures.common import MissingResults, pyplot, read_json, save_figure
+from minilora.experiments.figures.common import (
+    MissingResults,
+    pyplot,
+    read_json,
+    save_figure,
+)
 from minilora.experiments.studies.delta_w import (
     BUDGET_COMMAND,
     STUDY_COMMAND,
@@ -40,10 +45,25 @@ def _cells(results: Path) -> list[dict]:
 
 
 def _integer_ticks(ax):
-    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib is optional, needed only to draw
+    from matplotlib.ticker import (
+        MaxNLocator,  # lazy: matplotlib is optional, needed only to draw
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
     ax.tick_params(labelsize=6)
+
+
+def _first_label():
+    """``once(text)``: ``text`` the first time it is called with it, None after (one legend
+    entry per kind of bar)."""
+    seen = set()
+
+    def once(text):
+        if text in seen:
+            return None
+        seen.add(text)
+        return text
+    return once
 
 
 def _color(label: str) -> str:
@@ -418,13 +438,8 @@ def fig_intruders_forgetting(results: Path, figures: Path) -> list:
     ax.legend(fontsize=6)
     for ax, key, lab in ((axes[1], "forgetting", "forgetting (nats/char)"),
                          (axes[2], "task_loss", "Milton test loss (nats/char)")):
-        names, width, labelled = [], 0.25, set()
-
-        def once(text):
-            if text in labelled:
-                return None
-            labelled.add(text)
-            return text
+        names, width = [], 0.25
+        once = _first_label()
         for i, row in enumerate(sc):
             names.append(f"{row['targets']} r={row['r']}\n({row['matrices_with_intruders']} "
                          "matrices)")

@@ -215,7 +215,7 @@ def pretrained_spectra(base=None, seed: int = 0) -> dict:
                     "gaussian_rank_90": rank_for_energy(g, 0.9),
                     "gaussian_singular_values": _r(g, 4)})
     return {"matrices": out, "note": "gaussian_*: one N(0,1) matrix of the same shape scaled to "
-            "||W||_F (seed %d)" % seed}
+            f"||W||_F (seed {seed})"}
 
 
 # ----------------------------------------------------------------------------------------------
