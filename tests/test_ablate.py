@@ -235,3 +235,14 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_time_modes_runs_each_mode_into_a_fresh_directory(tiny_base, tmp_path):
+    from minilora.experiments.ablate import SweepError, time_modes
+    cells = _cells(tiny_base, full=False)[:2]
+    res = time_modes(cells, tmp_path / "t", {"serial": {"serial": True}}, log=lambda *_: None)
+    assert res["cells"] == 2 and res["serial"]["failed"] == 0
+    assert res["serial"]["cells_per_hour"] == pytest.approx(2 * 3600 / res["serial"]["seconds"])
+    assert len(load_records(tmp_path / "t" / "0" / "out")) == 2
+    with pytest.raises(SweepError, match="not empty"):
+        time_modes(cells, tmp_path / "t", {"serial": {"serial": True}}, log=lambda *_: None)

@@ -1,6 +1,7 @@
 """``minilora ablate``: rank × target-set × seed sweeps of the fine-tuning harness, on Dask."""
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -17,12 +18,14 @@ from minilora.errors import UsageError
 from minilora.experiments.ablate import (
     DEFAULT_RUNS,
     LINEARS,
+    MODES,
     TARGET_NAMES,
     grid,
     load_records,
     parse_targets,
     run_sweep,
     summary_table,
+    time_modes,
 )
 from minilora.experiments.studies.delta_w import OUT as DELTA_W_OUT
 from minilora.experiments.studies.delta_w import STUDIES, run_delta_w_study
@@ -84,6 +87,14 @@ def cmd_ablate(args):
                   batch_size=args.batch_size, block_size=args.block_size, base=args.base)
     cells = grid(tasks, args.ranks or [], target_sets, args.seeds, args.steps, full=args.full,
                  pairs=pairs, **fields)
+    if args.time_modes:
+        bench_dir = check_output_dir(args.time_modes, "--time-modes")
+        if bench_dir.exists() and any(bench_dir.iterdir()):
+            raise UsageError(f"--time-modes {str(bench_dir)!r} must be a new or empty directory")
+        res = time_modes(cells, bench_dir)
+        atomic_write_text(bench_dir / "time_modes.json", json.dumps(res, indent=2) + "\n")
+        print(f"written: {bench_dir / 'time_modes.json'}")
+        return
     res = run_sweep(cells, out, runs, workers=args.workers, blas_threads=args.blas_threads,
                     serial=args.serial, scheduler=args.scheduler,
                     progress=not args.no_progress)
@@ -176,6 +187,9 @@ def add_parsers(sub):
                    help="use a running Dask scheduler (e.g. tcp://host:8786) instead of a "
                         "LocalCluster")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--time-modes", default=None, metavar="DIR",
+                   help="benchmark: run the cells once per mode (" + "; ".join(MODES) + ") into "
+                        "the new directory DIR and report cells per hour (--out is not touched)")
     s.set_defaults(func=cmd_ablate)
 
     s = sub.add_parser("delta-w", help="the ΔW studies on a sweep's cells: φ, amplification, "

@@ -559,6 +559,33 @@ def summary_table(records) -> str:
     return "\n".join(lines)
 
 
+#: the execution modes :func:`time_modes` compares: label -> run_sweep keyword arguments
+MODES = {"serial": {"serial": True},
+         "dask 2 workers x 1 BLAS thread": {"workers": 2, "blas_threads": 1},
+         "dask 1 worker x 2 BLAS threads": {"workers": 1, "blas_threads": 2}}
+
+
+def time_modes(cells, root, modes=None, log=print) -> dict:
+    """Run the same ``cells`` once per execution mode (:data:`MODES`), each into a fresh
+    ``<root>/<n>/``, and time them: ``{label: {"seconds", "cells_per_hour", "failed"}}`` plus
+    ``"load_average"`` (1-minute, before and after: a shared machine skews every number)."""
+    root = Path(root)
+    out = {"cells": len(cells), "load_average_before": os.getloadavg()[0]}
+    for i, (label, kw) in enumerate((modes or MODES).items()):
+        d = root / str(i)
+        if d.exists() and any(d.iterdir()):
+            raise SweepError(f"{d} is not empty: time_modes needs fresh directories")
+        t = time.perf_counter()
+        res = run_sweep(cells, d / "out", d / "runs", progress=False, log=lambda *_: None, **kw)
+        s = time.perf_counter() - t
+        out[label] = {"seconds": s, "cells_per_hour": len(res["done"]) * 3600 / s,
+                      "failed": len(res["failed"])}
+        log(f"{label}: {len(res['done'])} cells in {s:.1f} s = {out[label]['cells_per_hour']:.0f} "
+            "cells/hour")
+    out["load_average_after"] = os.getloadavg()[0]
+    return out
+
+
 def temporary_runs_dir() -> Path:
     """A fresh scratch directory for cell weights (tests, benchmarks)."""
     return Path(tempfile.mkdtemp(prefix="minilora-ablate-"))
