@@ -66,6 +66,13 @@ def _first_label():
     return once
 
 
+def _seeds(rows) -> str:
+    """'1 seed', '2 seeds' or '1-2 seeds' for rows carrying a ``seeds`` count."""
+    n = sorted({x["seeds"] for x in rows})
+    text = str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}"
+    return f"{text} seed{'s' if n[-1] > 1 else ''}"
+
+
 def _color(label: str) -> str:
     return _TARGET_COLORS.get(label, "#555555")
 
@@ -117,13 +124,13 @@ def fig_rank(results: Path, figures: Path) -> list:
             if sel:
                 ax.errorbar([x["r"] for x in sel], [x[key] for x in sel],
                             yerr=[x[key + "_std"] for x in sel], marker="o", capsize=3,
-                            color=_color(tl), label=f"LoRA {tl} (n={sel[0]['seeds']} seeds)")
+                            color=_color(tl), label=f"LoRA {tl} ({_seeds(sel)})")
         for x in rows:
             if x["targets"] == "full":
                 ax.axhspan(x[key] - x[key + "_std"], x[key] + x[key + "_std"], color=_color("full"),
                            alpha=0.15)
                 ax.axhline(x[key], color=_color("full"), ls="--",
-                           label=f"full fine-tuning (n={x['seeds']})")
+                           label=f"full fine-tuning ({_seeds([x])})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("LoRA rank r (lora_alpha = 2r)")
         ax.set_ylabel(lab)
@@ -153,7 +160,8 @@ def fig_budget(results: Path, figures: Path) -> list:
         ax.set_ylabel(lab)
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(f"Same budget, different targets: {d['budget']:,} trainable parameters "
-                 f"(± {100 * d['tolerance']:.0f} %), mean ± std over seeds", fontsize=10)
+                 f"(± {100 * d['tolerance']:.0f} %); {_seeds(rows)}, std as error bars",
+                 fontsize=10)
     fig.tight_layout()
     return [save_figure(fig, Path(figures) / "ablate_budget.png")]
 
