@@ -209,6 +209,7 @@ def measure_peft_latency(ctx: BenchContext) -> Section:
     inject_lora(models["lora_merged"], lora_cfg)
     merge_lora(models["lora_merged"])
     models["base_copy"] = GPT(ctx.config, rng=0, dtype="float32")
+    adapter_params = models["adapter"].num_parameters(trainable_only=True)  # before freezing
     for m in models.values():
         m.astype("float32")  # fresh copies of every array, allocated together
         m.freeze()  # inference: no layer keeps its input for a weight gradient (the base neither)
@@ -231,7 +232,7 @@ def measure_peft_latency(ctx: BenchContext) -> Section:
             rows.append((f"  {what} / base", f"{ratios[name]:.3f}",
                          "LoRA paper Table 1 (GPU, B=1): Adapter^H +30%" if
                          (name == "adapter" and B == 1) else ""))
-    data["adapter_params"] = models["adapter"].num_parameters(trainable_only=True)
+    data["adapter_params"] = adapter_params
     data["lora_params"] = models["lora_unmerged"].num_parameters(trainable_only=True)
     return Section(data, rows, [])
 
