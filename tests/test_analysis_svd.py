@@ -116,6 +116,7 @@ def test_lowrank_svd_shape_mismatch(rng):
         lowrank_svd(rng.standard_normal((5, 3)), rng.standard_normal((4, 6)))
 
 
+@pytest.mark.slow  # an end-to-end run (seconds to tens of seconds); CI runs -m slow
 def test_randomized_svd_error_on_a_slowly_decaying_spectrum(rng):
     # the matrix of the module docstring: 1000 x 600, σ_i = 1/i, no gap
     m, n, k = 1000, 600, 10

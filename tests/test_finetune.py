@@ -32,6 +32,7 @@ def test_lora_finetune_trains_only_the_factors_and_saves_a_small_adapter(tmp_pat
     assert np.isfinite(tuned).all() and not np.allclose(tuned, plain)  # the adapter acts
 
 
+@pytest.mark.slow  # an end-to-end run (seconds to tens of seconds); CI runs -m slow
 def test_full_and_lora_share_the_harness(tmp_path):
     full = finetune("full", "python", None, CFG, progress=False, eval_batches=2)
     assert full["trainable_params"] == full["total_params"] == 1_928_000
@@ -57,6 +58,7 @@ def test_encode_classification_scores_only_the_label_position():
     assert (Y[:, :-1] == -1).all() and tok.decode(Y[:, -1]) == "+-"
 
 
+@pytest.mark.slow  # an end-to-end run (seconds to tens of seconds); CI runs -m slow
 def test_sentiment_task_reports_accuracy_and_forgetting():
     cfg = TrainConfig(max_steps=2, batch_size=2, block_size=32, lr=1e-3, min_lr=1e-4,
                       warmup_steps=1, eval_every=2, eval_batches=2, ckpt_every=10**9)
@@ -133,6 +135,7 @@ def test_label_lm_loss_gradient_matches_finite_differences():
         assert r["ok"], r
 
 
+@pytest.mark.slow  # an end-to-end run (seconds to tens of seconds); CI runs -m slow
 def test_sentiment_recipe_is_the_default_and_the_label_only_loss_stays_available():
     from minilora.experiments.finetune import default_lora_config
     from minilora.experiments.tasks import TASKS

@@ -408,6 +408,7 @@ SMALL = {"adapter": AdapterConfig(bottleneck=4), "prefix": PrefixConfig(prefix_l
          "prompt": PromptConfig(prompt_len=4), "bitfit": BitFitConfig()}
 
 
+@pytest.mark.slow  # an end-to-end run (seconds to tens of seconds); CI runs -m slow
 @pytest.mark.parametrize("method", list(SMALL))
 def test_finetune_each_method_on_milton(tmp_path, method):
     from minilora.experiments.finetune import finetune
@@ -437,6 +438,7 @@ def test_finetune_each_method_on_milton(tmp_path, method):
     assert not np.allclose(model.forward(idx)[0], plain.forward(idx)[0])  # the method acts
 
 
+@pytest.mark.slow  # an end-to-end run (seconds to tens of seconds); CI runs -m slow
 def test_prompt_tuning_on_the_classification_task():
     """The harness's accuracy reads ``logits[:, -1]``: with a prompt, still the label position."""
     from minilora.experiments.finetune import finetune
@@ -475,6 +477,7 @@ def test_bench_peft_latency_section_on_micro():
         bench.run_bench(["micro"], steps=1, threads=1, torch_compare=False, only=["nope"])
 
 
+@pytest.mark.slow  # an end-to-end run (seconds to tens of seconds); CI runs -m slow
 def test_cli_finetune_with_the_method_options(tmp_path, capsys):
     from minilora.cli import main
 

@@ -177,6 +177,7 @@ def test_figures_without_results_name_the_command(tmp_path):
         out["quant_code_histogram"]
 
 
+@pytest.mark.slow  # an end-to-end run (seconds to tens of seconds); CI runs -m slow
 def test_cli_compare(tmp_path, capsys):
     from minilora.cli import main
 
