@@ -9,15 +9,14 @@ from minilora.checkpoint import load_checkpoint, save_checkpoint
 from minilora.config import GPTConfig
 from minilora.data import CharTokenizer
 from minilora.experiments.ablate import grid, load_records, run_sweep
-from minilora.experiments.studies.delta_w import (
-    STUDIES,
+from minilora.experiments.studies.delta_w import STUDIES, run_delta_w_study
+from minilora.experiments.studies.delta_w_common import (
     Evaluator,
     StudyError,
     adapter_factors,
-    budget_table,
     find_cells,
-    run_delta_w_study,
 )
+from minilora.experiments.studies.delta_w_fullft import budget_table
 from minilora.model import GPT
 
 TINY = dict(batch_size=2, block_size=32, eval_batches=2)

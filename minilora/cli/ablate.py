@@ -27,8 +27,8 @@ from minilora.experiments.ablate import (
     summary_table,
     time_modes,
 )
-from minilora.experiments.studies.delta_w import OUT as DELTA_W_OUT
 from minilora.experiments.studies.delta_w import STUDIES, run_delta_w_study
+from minilora.experiments.studies.delta_w_common import OUT as DELTA_W_OUT
 from minilora.experiments.tasks import TASKS
 from minilora.io import atomic_write_text
 

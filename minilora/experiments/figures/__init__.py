@@ -25,13 +25,13 @@ from minilora.experiments.figures.delta_w import (
 )
 from minilora.experiments.figures.paged import fig_paged
 from minilora.experiments.figures.pretrain import fig_base_pretrain
-from minilora.experiments.figures.svd import fig_svd_milton
 from minilora.experiments.figures.quant import (
     fig_code_histogram,
     fig_error_vs_blocksize,
     fig_loftq_residuals,
     fig_qlora_compare,
 )
+from minilora.experiments.figures.svd import fig_svd_milton
 
 #: name -> figure function; add one line per figure.
 FIGURES = {

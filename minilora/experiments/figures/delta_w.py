@@ -19,7 +19,7 @@ from minilora.experiments.figures.common import (
     read_json,
     save_figure,
 )
-from minilora.experiments.studies.delta_w import (
+from minilora.experiments.studies.delta_w_common import (
     BUDGET_COMMAND,
     STUDY_COMMAND,
     SWEEP_COMMAND,

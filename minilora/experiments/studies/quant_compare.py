@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from minilora.checkpoint import load_checkpoint
+from minilora.config import QUANT_TYPES
 from minilora.experiments.paths import base_model_path
 from minilora.io import atomic_write_text
 from minilora.quant.compare import (
@@ -19,7 +20,6 @@ from minilora.quant.compare import (
     model_quant_weights,
     quant_error,
 )
-from minilora.config import QUANT_TYPES
 
 RESULTS_SUBDIR = "quant"
 MADE_BY = "minilora quantize --compare"

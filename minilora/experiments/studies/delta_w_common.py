@@ -1,0 +1,146 @@
+"""Shared by the ΔW studies: where the sweep's cells and weights are, and an evaluator that scores
+a set of weights on the task and on the forgetting windows.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from minilora import backend
+from minilora.checkpoint import load_checkpoint
+from minilora.data import encode_corpus, load_shakespeare
+from minilora.errors import MiniloraError
+from minilora.experiments.ablate import (
+    DEFAULT_RUNS,
+    LINEARS,
+    target_label,
+)
+from minilora.experiments.finetune import FORGETTING_BATCH, FORGETTING_BLOCK
+from minilora.experiments.paths import RESULTS, base_model_path
+from minilora.experiments.tasks import task_splits
+from minilora.lora import lora_scaling, read_adapter
+from minilora.train import evaluate, fixed_batches
+
+SWEEP_COMMAND = ("minilora ablate --ranks 1,2,4,8,16,64 --targets 'q,v;all-linear' --seeds 0 "
+                 "--full --steps 100 --out results/ablate && minilora ablate --ranks 8,64 "
+                 "--targets q,v --seeds 1 --full --steps 100 --out results/ablate")
+BUDGET_COMMAND = ("minilora ablate --pairs 'q:8;k:8;v:8;o:8;q,k:4;q,v:4;q,k,v,o:2' --seeds 0 "
+                  "--steps 100 --out results/ablate")
+STUDY_COMMAND = "minilora delta-w --sweep results/ablate --out results/delta_w"
+OUT = RESULTS / "delta_w"
+#: matrices whose left singular vectors of W_0 span R^d_out (d_out <= d_in): the intruder test is
+#: well posed there; mlp.up (640 x 160) has only 160 of 640 output directions, so any new
+#: direction has a small max |cos| by construction and is left out of the intruder counts
+INTRUDER_MODULES = ("q", "k", "v", "o", "down")
+
+
+class StudyError(MiniloraError):
+    """The sweep lacks the cells (or their weights) a study needs; the message says which."""
+
+
+def rounded(x, digits=5):
+    """Round floats (and nested lists of them) for compact JSON."""
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [rounded(v, digits) for v in x]
+    return float(f"{float(x):.{digits}g}")
+
+
+# ----------------------------------------------------------------------------------------------
+# reading the sweep
+
+
+def find_cells(records, method="lora", targets=None, r=None, seed=None, task="milton",
+               steps=None) -> list[dict]:
+    """The records matching every given field (``targets`` as a label: "q,v", "all-linear")."""
+    out = []
+    for rec in records:
+        c = rec["config"]
+        if c["task"] != task or c["method"] != method:
+            continue
+        if targets is not None and target_label(c["targets"]) != targets:
+            continue
+        if (r is not None and c["r"] != r) or (seed is not None and c["seed"] != seed):
+            continue
+        if steps is not None and c["steps"] != steps:
+            continue
+        out.append(rec)
+    return sorted(out, key=lambda x: (x["config"]["r"] or 0, x["config"]["seed"]))
+
+
+def one_cell(records, **kw) -> dict:
+    found = find_cells(records, **kw)
+    if not found:
+        raise StudyError(f"the sweep has no cell {kw}; run: {SWEEP_COMMAND}")
+    return found[0]
+
+
+def adapter_factors(rec, runs=DEFAULT_RUNS) -> tuple[dict, float]:
+    """``({module: (B, A)}, scale)`` of a LoRA cell's adapter, float64."""
+    path = Path(runs) / rec["key"] / "adapter.safetensors"
+    if not path.exists():
+        raise StudyError(f"weights of cell {rec['key']} missing ({path}); re-create them with "
+                         f"the sweep command and --runs {runs} (cells without weights re-run)")
+    arrays, cfg = read_adapter(path)
+    scale = lora_scaling(cfg.r, cfg.lora_alpha, cfg.use_rslora)
+    names = sorted(n[:-len(".lora_A")] for n in arrays if n.endswith(".lora_A"))
+    return {n: (np.asarray(arrays[n + ".lora_B"], np.float64),
+                np.asarray(arrays[n + ".lora_A"], np.float64)) for n in names}, scale
+
+
+def full_weights(rec, runs=DEFAULT_RUNS) -> dict:
+    """``{parameter: array}`` of a full fine-tuning cell's model, float64."""
+    path = Path(runs) / rec["key"] / "model.safetensors"
+    if not path.exists():
+        raise StudyError(f"weights of cell {rec['key']} missing ({path}); re-run the sweep")
+    return {n: np.asarray(p, np.float64) for n, p in load_checkpoint(path)[0].named_parameters()}
+
+
+def linear_names(model) -> list[str]:
+    """The block linears of the model, ``blocks.{i}.attn.q`` ... ``blocks.{i}.mlp.down``."""
+    return [n[:-len(".weight")] for n, _ in model.named_parameters()
+            if n.endswith(".weight") and n.split(".")[-2] in LINEARS]
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluating modified weights on the harness's windows
+
+
+class Evaluator:
+    """Task loss and Shakespeare loss of the base with some weights replaced, on the same fixed
+    windows as the harness (so numbers compare with the records')."""
+
+    def __init__(self, base=None, task="milton", eval_batches=16, batch_size=8,
+                 block_size=128):
+        self.model, tok, _ = load_checkpoint(base or base_model_path())
+        self.modules = dict(self.model.named_modules())
+        self.base = {n: backend.to_numpy(p).copy() for n, p in self.model.named_parameters()}
+        _, test = task_splits(task)
+        self.task_batches = fixed_batches(encode_corpus(test, tok), eval_batches, batch_size,
+                                          block_size, seed=12345)
+        sh = encode_corpus(load_shakespeare()["val"], tok)
+        self.sh_batches = fixed_batches(sh, eval_batches, FORGETTING_BATCH,
+                                        min(FORGETTING_BLOCK, self.model.config.block_size),
+                                        seed=12345)
+        self.sh_base = evaluate(self.model, self.sh_batches)
+        self.evals = 0
+
+    def __call__(self, weights: dict) -> dict:
+        """``weights``: {module name: W (d_out, d_in)} replacing ``<name>.weight``; other
+        parameters stay at the base. Returns task loss and forgetting."""
+        try:
+            for n, W in weights.items():
+                m = self.modules[n]
+                m.params["weight"] = np.asarray(W, dtype=m.params["weight"].dtype)
+            task = evaluate(self.model, self.task_batches)
+            sh = evaluate(self.model, self.sh_batches)
+        finally:
+            for n in weights:
+                self.modules[n].params["weight"] = self.base[n + ".weight"]
+        self.evals += 1
+        return {"task_loss": task, "forgetting": sh - self.sh_base}
+
+
+def lora_weights(factors, scale, base) -> dict:
+    return {n: base[n + ".weight"].astype(np.float64) + scale * (B @ A)
+            for n, (B, A) in factors.items()}
