@@ -17,7 +17,8 @@ from minilora.cli import main
 from minilora.config import GPTConfig
 from minilora.data import CharTokenizer
 from minilora.errors import UsageError
-from minilora.experiments.ablate import (
+from minilora.experiments.ablate import run_sweep
+from minilora.experiments.ablate_records import (
     LINEARS,
     cell_key,
     comparable,
@@ -26,7 +27,6 @@ from minilora.experiments.ablate import (
     load_records,
     make_cell,
     read_record,
-    run_sweep,
     summary_rows,
 )
 from minilora.lora import lora_scaling, read_adapter
@@ -170,7 +170,7 @@ def test_killed_sweep_resumes_to_the_same_records(tiny_base, tmp_path):
     script = tmp_path / "sweep.py"
     script.write_text(textwrap.dedent("""\
         import json, sys
-        from minilora.experiments.ablate import run_sweep
+        from minilora.experiments.ablate import (run_sweep)
         if __name__ == "__main__":
             run_sweep(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], serial=True,
                       progress=False)
@@ -238,7 +238,8 @@ class _nothing:
 
 
 def test_time_modes_runs_each_mode_into_a_fresh_directory(tiny_base, tmp_path):
-    from minilora.experiments.ablate import SweepError, time_modes
+    from minilora.experiments.ablate import time_modes
+    from minilora.experiments.ablate_records import SweepError
     cells = _cells(tiny_base, full=False)[:2]
     res = time_modes(cells, tmp_path / "t", {"serial": {"serial": True}}, log=lambda *_: None)
     assert res["cells"] == 2 and res["serial"]["failed"] == 0

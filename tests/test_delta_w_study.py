@@ -8,7 +8,8 @@ import pytest
 from minilora.checkpoint import load_checkpoint, save_checkpoint
 from minilora.config import GPTConfig
 from minilora.data import CharTokenizer
-from minilora.experiments.ablate import grid, load_records, run_sweep
+from minilora.experiments.ablate import run_sweep
+from minilora.experiments.ablate_records import grid, load_records
 from minilora.experiments.studies.delta_w import STUDIES, run_delta_w_study
 from minilora.experiments.studies.delta_w_common import (
     Evaluator,

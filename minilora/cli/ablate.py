@@ -15,17 +15,15 @@ from minilora.cli.common import (
     int_range,
 )
 from minilora.errors import UsageError
-from minilora.experiments.ablate import (
+from minilora.experiments.ablate import MODES, run_sweep, time_modes
+from minilora.experiments.ablate_records import (
     DEFAULT_RUNS,
     LINEARS,
-    MODES,
     TARGET_NAMES,
     grid,
     load_records,
     parse_targets,
-    run_sweep,
     summary_table,
-    time_modes,
 )
 from minilora.experiments.studies.delta_w import STUDIES, run_delta_w_study
 from minilora.experiments.studies.delta_w_common import OUT as DELTA_W_OUT

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minilora.experiments.ablate import load_records, summary_rows
+from minilora.experiments.ablate_records import load_records, summary_rows
 from minilora.experiments.figures.common import (
     MissingResults,
     pyplot,

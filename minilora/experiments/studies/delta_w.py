@@ -48,11 +48,7 @@ from minilora.analysis import (
     subspace_basis,
 )
 from minilora.checkpoint import load_checkpoint
-from minilora.experiments.ablate import (
-    DEFAULT_RUNS,
-    load_records,
-    target_label,
-)
+from minilora.experiments.ablate_records import DEFAULT_RUNS, load_records, target_label
 from minilora.experiments.paths import base_model_path
 from minilora.experiments.studies.delta_w_common import (
     OUT,

@@ -11,11 +11,7 @@ from minilora import backend
 from minilora.checkpoint import load_checkpoint
 from minilora.data import encode_corpus, load_shakespeare
 from minilora.errors import MiniloraError
-from minilora.experiments.ablate import (
-    DEFAULT_RUNS,
-    LINEARS,
-    target_label,
-)
+from minilora.experiments.ablate_records import DEFAULT_RUNS, LINEARS, target_label
 from minilora.experiments.finetune import FORGETTING_BATCH, FORGETTING_BLOCK
 from minilora.experiments.paths import RESULTS, base_model_path
 from minilora.experiments.tasks import task_splits

@@ -18,7 +18,7 @@ from minilora.analysis import (
     svd,
 )
 from minilora.checkpoint import load_checkpoint
-from minilora.experiments.ablate import (
+from minilora.experiments.ablate_records import (
     DEFAULT_RUNS,
     LINEARS,
     intruder_count,
