@@ -10,18 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from minilora.errors import UsageError
+from minilora.experiments.figures.ablate import fig_budget, fig_pareto, fig_rank
 from minilora.experiments.figures.adapters import fig_claim
 from minilora.experiments.figures.common import MissingResults
 from minilora.experiments.figures.delta_w import (
     fig_amplification,
-    fig_budget,
     fig_full_vs_lora,
     fig_intruders,
     fig_intruders_forgetting,
-    fig_pareto,
     fig_phi,
     fig_pretrained_spectra,
-    fig_rank,
 )
 from minilora.experiments.figures.paged import fig_paged
 from minilora.experiments.figures.pretrain import fig_base_pretrain

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minilora.experiments.ablate_records import load_records, summary_rows
+from minilora.experiments.ablate_records import load_records
 from minilora.experiments.figures.common import (
     MissingResults,
     pyplot,
@@ -20,7 +20,6 @@ from minilora.experiments.figures.common import (
     save_figure,
 )
 from minilora.experiments.studies.delta_w_common import (
-    BUDGET_COMMAND,
     STUDY_COMMAND,
     SWEEP_COMMAND,
 )
@@ -31,12 +30,12 @@ _TARGET_COLORS = {"q,v": "#3c78d0", "all-linear": "#d08c3c", "full": "#c0392b", 
                   "q,k,v,o": "#e67e22"}
 
 
-def _study(results: Path, name: str) -> dict:
+def study_record(results: Path, name: str) -> dict:
     return read_json(Path(results) / "delta_w" / f"{name}.json",
                      f"{STUDY_COMMAND} --only {name.split('.')[0]}")
 
 
-def _cells(results: Path) -> list[dict]:
+def sweep_cells(results: Path) -> list[dict]:
     recs = load_records(Path(results) / "ablate")
     if not recs:
         raise MissingResults(f"{Path(results) / 'ablate' / 'cells'} holds no records; make them "
@@ -44,7 +43,7 @@ def _cells(results: Path) -> list[dict]:
     return recs
 
 
-def _integer_ticks(ax):
+def integer_ticks(ax):
     from matplotlib.ticker import (
         MaxNLocator,  # lazy: matplotlib is optional, needed only to draw
     )
@@ -53,7 +52,7 @@ def _integer_ticks(ax):
     ax.tick_params(labelsize=6)
 
 
-def _first_label():
+def first_label():
     """``once(text)``: ``text`` the first time it is called with it, None after (one legend
     entry per kind of bar)."""
     seen = set()
@@ -66,14 +65,14 @@ def _first_label():
     return once
 
 
-def _seeds(rows) -> str:
+def seeds_label(rows) -> str:
     """'1 seed', '2 seeds' or '1-2 seeds' for rows carrying a ``seeds`` count."""
     n = sorted({x["seeds"] for x in rows})
     text = str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}"
     return f"{text} seed{'s' if n[-1] > 1 else ''}"
 
 
-def _color(label: str) -> str:
+def target_color(label: str) -> str:
     return _TARGET_COLORS.get(label, "#555555")
 
 
@@ -81,98 +80,9 @@ def _color(label: str) -> str:
 # the sweep: Pareto, rank, budget
 
 
-def fig_pareto(results: Path, figures: Path) -> list:
-    """Task loss vs forgetting for full fine-tuning and every LoRA (targets, r) of the sweep."""
-    rows = [x for x in summary_rows(_cells(results)) if x["task"] == "milton"]
-    base = statistics.fmean(r["result"]["task_metric_base"] for r in _cells(results)
-                            if r["config"]["task"] == "milton")
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.2, 5))
-    seen = set()
-    for x in rows:
-        lab = x["targets"]
-        ax.errorbar(x["forgetting"], x["task_metric"], xerr=x["forgetting_std"],
-                    yerr=x["task_metric_std"], fmt="s" if lab == "full" else "o",
-                    color=_color(lab), ms=7 if lab == "full" else 5, capsize=2,
-                    label=None if lab in seen else (f"LoRA {lab}" if lab != "full" else
-                                                    "full fine-tuning"))
-        seen.add(lab)
-        if x["r"]:
-            ax.annotate(f"r={x['r']}", (x["forgetting"], x["task_metric"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points", color=_color(lab))
-    ax.axhline(base, color="#999999", ls=":", lw=1, label=f"base model ({base:.3f})")
-    ax.axvline(0, color="#999999", lw=0.6)
-    ax.set_xlabel("forgetting: Shakespeare loss change (nats/char) →  more forgetting")
-    ax.set_ylabel("Milton test loss (nats/char, lower is better)")
-    steps = rows[0]["steps"] if rows else "?"
-    ax.set_title(f"Learns less, forgets less? Milton, {steps} steps; mean ± std over seeds",
-                 fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    return [save_figure(fig, Path(figures) / "ablate_pareto.png")]
-
-
-def fig_rank(results: Path, figures: Path) -> list:
-    """Task loss and forgetting vs LoRA rank per target set, full fine-tuning as a band."""
-    rows = [x for x in summary_rows(_cells(results)) if x["task"] == "milton"]
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key, ax, lab in (("task_metric", axes[0], "Milton test loss (nats/char)"),
-                         ("forgetting", axes[1], "forgetting (Δ Shakespeare loss, nats/char)")):
-        for tl in ("q,v", "all-linear"):
-            sel = sorted((x for x in rows if x["targets"] == tl and x["r"]), key=lambda x: x["r"])
-            if sel:
-                ax.errorbar([x["r"] for x in sel], [x[key] for x in sel],
-                            yerr=[x[key + "_std"] for x in sel], marker="o", capsize=3,
-                            color=_color(tl), label=f"LoRA {tl} ({_seeds(sel)})")
-        for x in rows:
-            if x["targets"] == "full":
-                ax.axhspan(x[key] - x[key + "_std"], x[key] + x[key + "_std"], color=_color("full"),
-                           alpha=0.15)
-                ax.axhline(x[key], color=_color("full"), ls="--",
-                           label=f"full fine-tuning ({_seeds([x])})")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("LoRA rank r (lora_alpha = 2r)")
-        ax.set_ylabel(lab)
-        ax.legend(fontsize=7)
-    fig.suptitle("Rank ablation on Milton (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
-    return [save_figure(fig, Path(figures) / "ablate_rank.png")]
-
-
-def fig_budget(results: Path, figures: Path) -> list:
-    """The fixed trainable-parameter budget (the LoRA paper's Table 5 shape) as bars."""
-    d = read_json(Path(results) / "delta_w" / "budget.json",
-                  f"{BUDGET_COMMAND}; then {STUDY_COMMAND} --only budget")
-    rows = d["rows"]
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    names = [f"{x['targets']}\nr={x['r']}" for x in rows]
-    for ax, key, lab in ((axes[0], "task_loss", "Milton test loss (nats/char) ↓"),
-                         (axes[1], "forgetting", "forgetting (nats/char) ↓")):
-        vals = [x[key] for x in rows]
-        ax.bar(names, vals, yerr=[x[key + "_std"] for x in rows], capsize=3,
-               color=[_color(x["targets"]) for x in rows])
-        lo, hi = min(vals), max(vals)
-        pad = (hi - lo) * 0.6 + 1e-3
-        if key == "task_loss":
-            ax.set_ylim(lo - pad, hi + pad)
-        ax.set_ylabel(lab)
-        ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle(f"Same budget, different targets: {d['budget']:,} trainable parameters "
-                 f"(± {100 * d['tolerance']:.0f} %); {_seeds(rows)}, std as error bars",
-                 fontsize=10)
-    fig.tight_layout()
-    return [save_figure(fig, Path(figures) / "ablate_budget.png")]
-
-
-# ----------------------------------------------------------------------------------------------
-# the studies
-
-
 def fig_pretrained_spectra(results: Path, figures: Path) -> list:
     """The singular spectrum of each of the base's block linears, one panel per kind."""
-    d = _study(results, "pretrained_spectra")
+    d = study_record(results, "pretrained_spectra")
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(11, 6.4), sharey=True)
     cmap = plt.get_cmap("viridis")
@@ -202,7 +112,7 @@ def fig_pretrained_spectra(results: Path, figures: Path) -> list:
 def fig_phi(results: Path, figures: Path) -> list:
     """φ(i, j) heat maps per layer for q and v, one figure per comparison, with the random
     baseline's sampled mean as the last column."""
-    d = _study(results, "phi")
+    d = study_record(results, "phi")
     plt = pyplot()
     paths = []
     for label, comp in d["comparisons"].items():
@@ -221,7 +131,7 @@ def fig_phi(results: Path, figures: Path) -> list:
                 im = ax.imshow(np.asarray(m["grid"]), vmin=0, vmax=1, cmap="magma",
                                aspect="auto", extent=ext, interpolation="nearest")
                 ax.set_title(f"ΔW_{kind}, layer {layer}\nφ(1,1)={m['phi_11']:.2f}", fontsize=7)
-                _integer_ticks(ax)
+                integer_ticks(ax)
                 if col == 0:
                     ax.set_ylabel(f"i (r={comp['a']['r']}, seed {comp['a']['seed']})", fontsize=7)
                 ax.set_xlabel(f"j (r={comp['b']['r']}, seed {comp['b']['seed']})", fontsize=7)
@@ -230,7 +140,7 @@ def fig_phi(results: Path, figures: Path) -> list:
                       aspect="auto", extent=ext, interpolation="nearest")
             ax.set_title(f"random subspaces\n(mean of {comp['n_samples']}; E φ = max(i,j)/"
                          f"{comp['d']})", fontsize=7)
-            _integer_ticks(ax)
+            integer_ticks(ax)
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="φ(i, j) ∈ [0, 1]")
         fig.suptitle(f"Normalised subspace similarity of the A subspaces: {label.replace('_', ' ')}"
                      f" (random baseline at right)", fontsize=9)
@@ -260,7 +170,7 @@ def fig_phi(results: Path, figures: Path) -> list:
 def fig_amplification(results: Path, figures: Path) -> list:
     """Table 7's rows vs rank: ||UᵀWVᵀ||_F for ΔW's, W's and random directions, ||ΔW||_F, and
     the amplification factors (mean ± std over layers and seeds)."""
-    d = _study(results, "amplification")
+    d = study_record(results, "amplification")
     rows = d["rows"]
     ranks = sorted({x["r"] for x in rows})
     plt = pyplot()
@@ -301,7 +211,7 @@ def fig_amplification(results: Path, figures: Path) -> list:
 def fig_full_vs_lora(results: Path, figures: Path) -> list:
     """Effective rank of ΔW per module kind vs rank (full FT as lines), and the task loss /
     forgetting of the full-FT ΔW truncated to rank r beside LoRA trained at rank r."""
-    d = _study(results, "full_vs_lora")
+    d = study_record(results, "full_vs_lora")
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     er = d["effective_rank"]
@@ -331,20 +241,20 @@ def fig_full_vs_lora(results: Path, figures: Path) -> list:
         vals = np.array([[row[key] for row in f["rows"] if row["r"] is not None]
                          for f in tr["full"]])
         ax.errorbar(ranks, vals.mean(axis=0), yerr=vals.std(axis=0, ddof=1) if len(vals) > 1
-                    else None, marker="s", capsize=3, color=_color("full"),
+                    else None, marker="s", capsize=3, color=target_color("full"),
                     label=f"full-FT ΔW truncated to rank r (n={len(vals)} seeds)")
         untr = statistics.fmean(row[key] for f in tr["full"] for row in f["rows"]
                                 if row["r"] is None)
-        ax.axhline(untr, color=_color("full"), ls=":", label="full-FT ΔW on the linears, untruncated")
+        ax.axhline(untr, color=target_color("full"), ls=":", label="full-FT ΔW on the linears, untruncated")
         rec_key = "record_task_loss" if key == "task_loss" else "record_forgetting"
-        ax.axhline(statistics.fmean(f[rec_key] for f in tr["full"]), color=_color("full"),
+        ax.axhline(statistics.fmean(f[rec_key] for f in tr["full"]), color=target_color("full"),
                    ls="--", label="full fine-tuning (every parameter)")
         for tl, lk in (("all-linear", "lora_all_linear"), ("q,v", "lora_qv")):
             sel = tr[lk]
             if sel:
                 ax.errorbar([x["r"] for x in sel], [x[key] for x in sel],
                             yerr=[x[key + "_std"] for x in sel], marker="o", capsize=3,
-                            color=_color(tl), label=f"LoRA {tl} trained at rank r")
+                            color=target_color(tl), label=f"LoRA {tl} trained at rank r")
         if key == "task_loss":
             ax.axhline(tr["full"][0]["base_task_loss"], color="#999999", ls="-.", lw=1,
                        label="base model")
@@ -360,7 +270,7 @@ def fig_full_vs_lora(results: Path, figures: Path) -> list:
 
 def fig_intruders(results: Path, figures: Path) -> list:
     """The null that fixes ε and k; intruder counts per layer vs rank and full FT; count vs ε."""
-    d = _study(results, "intruders")
+    d = study_record(results, "intruders")
     null, counts = d["null"], d["counts"]
     eps, k = null["eps"], null["k"]
     plt = pyplot()
@@ -410,7 +320,7 @@ def fig_intruders(results: Path, figures: Path) -> list:
             continue
         vals = [statistics.fmean(c["by_eps"][f"{e:g}"] / max(1, c["matrices"]) for c in groups[g])
                 for e in eps_grid]
-        ax.plot(eps_grid, vals, marker="o", ms=3, color=_color(g[0]),
+        ax.plot(eps_grid, vals, marker="o", ms=3, color=target_color(g[0]),
                 alpha=1.0 if g[0] == "full" else 0.35 + 0.65 * np.log2(g[1] or 1) / 6,
                 ls="--" if g[0] == "full" else "-",
                 label="full FT" if g[0] == "full" else f"{g[0]} r={g[1]}")
@@ -425,7 +335,7 @@ def fig_intruders(results: Path, figures: Path) -> list:
 
 def fig_intruders_forgetting(results: Path, figures: Path) -> list:
     """Total intruders vs forgetting per cell (Spearman ρ), and scaling the intruders down."""
-    d = _study(results, "intruders")
+    d = study_record(results, "intruders")
     counts, sc = d["counts"], d["scaling"]
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -433,7 +343,7 @@ def fig_intruders_forgetting(results: Path, figures: Path) -> list:
     seen = set()
     for c in counts:
         lab = c["targets"]
-        ax.scatter(c["total"] / max(1, c["matrices"]), c["forgetting"], color=_color(lab),
+        ax.scatter(c["total"] / max(1, c["matrices"]), c["forgetting"], color=target_color(lab),
                    marker="s" if lab == "full" else "o", s=22,
                    label=None if lab in seen else ("full FT" if lab == "full" else f"LoRA {lab}"))
         seen.add(lab)
@@ -447,7 +357,7 @@ def fig_intruders_forgetting(results: Path, figures: Path) -> list:
     for ax, key, lab in ((axes[1], "forgetting", "forgetting (nats/char)"),
                          (axes[2], "task_loss", "Milton test loss (nats/char)")):
         names, width = [], 0.25
-        once = _first_label()
+        once = first_label()
         for i, row in enumerate(sc):
             names.append(f"{row['targets']} r={row['r']}\n({row['matrices_with_intruders']} "
                          "matrices)")
