@@ -416,7 +416,7 @@ def test_nf4_cupy_branches_equal_numpy_branches(name, double_quant):
 
 
 # ------------------------------------------------------------------------------------------
-# the GPU path's own kernel (fused scale + nearest code in quant/blockwise.py)
+# the GPU path's own kernel (fused scale + nearest code in quant/kernel.py)
 # ------------------------------------------------------------------------------------------
 
 def _quant_inputs():
@@ -445,25 +445,25 @@ def _quantize_all(cases):
 
 
 def test_nf4_kernel_falls_back_on_the_standin():
-    from minilora.quant import blockwise
+    from minilora.quant import blockwise, kernel
     cases = _quant_inputs()
     ref = host(_quantize_all(cases))
     use_backend("cupy_strict")
-    assert blockwise._nearest_kernel() is None  # the stand-in builds no kernel ...
+    assert kernel._nearest_kernel() is None  # the stand-in builds no kernel ...
     assert_same(ref, host(_quantize_all(cases)))  # ... and the fallback gives NumPy's codes
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUPY, reason="needs CuPy and a CUDA device (the kernel is compiled)")
 def test_nf4_kernel_equals_numpy_path_on_real_cupy(monkeypatch):
-    from minilora.quant import blockwise
+    from minilora.quant import blockwise, kernel
     cases = _quant_inputs()
     ref = host(_quantize_all(cases))
     use_backend("cupy")
     try:
-        assert blockwise._nearest_kernel() is not None
+        assert kernel._nearest_kernel() is not None
         fused = host(_quantize_all(cases))
-        monkeypatch.setattr(blockwise, "USE_NEAREST_KERNEL", False)
+        monkeypatch.setattr(kernel, "USE_NEAREST_KERNEL", False)
         plain = host(_quantize_all(cases))
     finally:
         backend.set_backend("numpy")

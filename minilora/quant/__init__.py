@@ -7,6 +7,7 @@ Read in this order:
 * :mod:`minilora.quant.checks`    - input checks (block size, code table, float32 input);
 * :mod:`minilora.quant.blockwise` - the steps: absmax per block, scale, nearest code;
 * :mod:`minilora.quant.packing`   - two 4-bit codes per byte, and back;
+* :mod:`minilora.quant.kernel`    - steps 3 + 4 fused into one CuPy kernel (GPU only);
 * :mod:`minilora.quant.double`    - double quantisation of the absmax values, bits per parameter;
 * :mod:`minilora.quant.state`     - ``QuantState`` and its safetensors + JSON file format.
 
