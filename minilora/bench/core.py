@@ -286,5 +286,6 @@ def _torch_stepper(ctx: BenchContext, model, use_sdpa: bool):
 
 
 def _bar(total, desc, enabled):
-    return tqdm(total=total, desc=desc, unit="round", leave=False, disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True)
+    """A progress bar on stderr, only on a terminal: logs and CI output get no bar fragments."""
+    return tqdm(total=total, desc=desc, unit="round", leave=False,
+                disable=not enabled or not sys.stderr.isatty(), file=sys.stderr, dynamic_ncols=True)
