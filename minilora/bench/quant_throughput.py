@@ -1,6 +1,6 @@
 """Throughput of NF4 quantise + dequantise, against a plain copy of the same float32 array.
 
-    python benchmarks/bench_quant.py [--n 4194304] [--repeats 5] [--backend numpy|cupy] [--json]
+    python -m minilora.bench.quant_throughput [--n 4194304] [--repeats 5] [--backend numpy|cupy] [--json]
 
 GB/s are gigabytes of float32 *input* per second (4 n bytes / best time). The copy (``xp.copyto``)
 is the memory-bandwidth ceiling for anything that reads the tensor once and writes it once, so
@@ -12,14 +12,9 @@ Chapter: chapters/03-nf4-step-by-step.ipynb
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
-import os
-import sys
 import time
-
-if importlib.util.find_spec("minilora") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minilora import backend
 from minilora.backend import xp
@@ -40,10 +35,10 @@ def _best_time(fn, repeats: int) -> float:
 
 def _bnb_times(x_np, repeats: int):
     """(quantise s, dequantise s, version) for bitsandbytes' CPU path, or None if unavailable."""
-    try:
-        import bitsandbytes
-        import bitsandbytes.functional as F
-        import torch
+    try:  # optional: the comparison needs bitsandbytes and torch installed beside minilora
+        bitsandbytes = importlib.import_module("bitsandbytes")
+        F = importlib.import_module("bitsandbytes.functional")
+        torch = importlib.import_module("torch")
     except Exception:
         return None
     t = torch.from_numpy(x_np)

@@ -1,6 +1,6 @@
 """Time and peak memory of the adapter-only ΔW analysis of a LLaMA-7B-shaped PEFT adapter.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_svd_7b.py [--layers 32] [--d 4096] [--r 16]
+    OPENBLAS_NUM_THREADS=1 python -m minilora.bench.svd_scale [--layers 32] [--d 4096] [--r 16]
                                                             [--dtype F32|BF16] [--other] [--json]
 
 A synthetic adapter with LoRA (r = 16) on q_proj, k_proj, v_proj and o_proj of 32 layers at
@@ -24,7 +24,6 @@ Chapter: chapters/05-delta-w-analysis.ipynb
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -33,9 +32,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-
-if importlib.util.find_spec("minilora") is None:  # a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
