@@ -176,9 +176,9 @@ def setup_qlora(model, tok, config):
 
 
 #: default (lr, min_lr) of each method in the harness (200 steps of 8 x 128 on the base model).
-#: adapter as LoRA; prefix and prompt move only a few vectors and want more (one probe each on
-#: Milton: prefix 1e-2 -> 3e-2 took the test loss 1.827 -> 1.748, prompt 3e-2 -> 1e-1 took
-#: 1.827 -> 1.820; Lester et al. use 0.3 with Adafactor); BitFit 1e-2 (no sweep).
+#: adapter as LoRA; prefix and prompt move only a few vectors and want larger rates (each chosen
+#: by one probe on Milton, recorded in BENCHMARKS.md "The other PEFT methods on Milton"; Lester
+#: et al. use 0.3 with Adafactor); BitFit 1e-2 (no sweep).
 DEFAULT_LR = {"adapter": (5e-3, 5e-4), "prefix": (3e-2, 3e-3), "prompt": (1e-1, 1e-2),
               "bitfit": (1e-2, 1e-3)}
 WEIGHTS_FILE = {"adapter": "houlsby.safetensors", "prefix": "prefix.safetensors",

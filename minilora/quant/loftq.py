@@ -46,8 +46,8 @@ def loftq_init(w, r: int, n_iter: int = 5, quant_type: str = "nf4", blocksize: i
     T = 1 is "quantise as QLoRA does, then put the top-r part of the quantisation error into
     the adapter". The SVD step is optimal for the given Q, but the quantisation step is not the
     best Q for the given B A (absmax is recomputed from its input, then nearest codes), so the
-    residual is not guaranteed to fall every step: on the base model's 36 matrices it does for
-    the first ~5 steps and later wobbles by <0.5 % in a few (``minilora loftq``). The SVD runs on
+    residual is not guaranteed to fall every step (``minilora loftq`` records, per matrix of the
+    base model, whether it did: ``results/quant/loftq_residuals.json``). The SVD runs on
     the CPU in float64; the quantisation on ``xp`` in float32.
 
     Args:
