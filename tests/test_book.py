@@ -34,20 +34,24 @@ def _toc_files(toc: dict) -> list[str]:
     return files
 
 
-def test_toc_lists_every_chapter_and_no_homework():
+def test_toc_lists_every_chapter_and_the_homework_student_versions_only():
     toc = yaml.safe_load((BOOK / "_toc.yml").read_text())
     assert toc["format"] == "jb-book" and (CHAPTERS / f"{toc['root']}.md").is_file()
     files = _toc_files(toc)
-    assert sorted(files) == sorted(p.stem for p in CHAPTERS.glob("*.ipynb")), \
+    chapters = [f for f in files if not f.startswith("homework/")]
+    assert sorted(chapters) == sorted(p.stem for p in CHAPTERS.glob("*.ipynb")), \
         "chapters/_book/_toc.yml must list every chapter notebook in chapters/ (and only those)"
-    assert not any(f.startswith(("homework", "assets", "_")) for f in files)
+    homework = [f for f in files if f.startswith("homework/")]
+    assert sorted(homework) == sorted(f"homework/student/{p.stem}"
+                                      for p in (CHAPTERS / "homework" / "student").glob("*.ipynb"))
+    assert not any(f.startswith(("homework/source", "assets", "_")) for f in files)
 
 
 def test_config_uses_committed_outputs_and_builds_only_the_toc():
     cfg = yaml.safe_load((BOOK / "_config.yml").read_text())
     assert cfg["execute"]["execute_notebooks"] == "off"
     assert cfg["only_build_toc_files"] is True            # homework sources hold the solutions
-    assert "homework" in cfg["exclude_patterns"] and "_build" in cfg["exclude_patterns"]
+    assert "homework/source" in cfg["exclude_patterns"] and "_build" in cfg["exclude_patterns"]
 
 
 def test_book_command_uses_absolute_config_and_toc(tmp_path):
@@ -92,7 +96,10 @@ def test_book_builds_and_a_chapter_renders_with_its_figures_in_chromium(tmp_path
     html_dir = notebooks.build_book(tmp_path)
     page = html_dir / f"{PAGE}.html"
     assert (html_dir / "index.html").is_file() and page.is_file()
-    assert not list(html_dir.rglob("*layernorm_backward*")), "a homework source got into the book"
+    assert not list(html_dir.rglob("source/*")), "a homework source got into the book"
+    student = html_dir / "homework" / "student" / "layernorm_backward.html"
+    assert student.is_file() and "NotImplementedError" in student.read_text()
+    assert "BEGIN SOLUTION" not in student.read_text()
 
     # the chapter's figures are <img> elements whose files were written, as many as its outputs
     import nbformat  # lazy in a test module: the chapters extra

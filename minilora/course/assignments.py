@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from minilora.errors import MiniloraError
+from minilora.io import atomic_write_text
 
 #: Where the assignments live: ``<repository>/chapters/homework/source/<name>/<name>.ipynb``.
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "chapters" / "homework" / "source"
@@ -115,3 +116,51 @@ def reference_solution(assignment) -> str:
 def strip_magics(source: str) -> str:
     """Blank out IPython magic and shell lines (keeps the line numbers of everything else)."""
     return "\n".join("" if _MAGIC.match(ln) else ln for ln in source.splitlines())
+
+
+#: What replaces a solution region in the student's version (nbgrader's own default).
+STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")
+#: Where the student versions are committed (the book shows them; the grader grades them).
+STUDENT_DIR = SOURCE_DIR.parent / "student"
+
+
+def without_solutions(source: str) -> str:
+    """``source`` with every BEGIN/END SOLUTION region replaced by :data:`STUB`, indented as the
+    region's first marker (what ``nbgrader generate_assignment`` does)."""
+    out, inside = [], False
+    for line in source.splitlines():
+        m = _MARKER.match(line)
+        if m and m.group(1) == "BEGIN":
+            indent = line[:len(line) - len(line.lstrip())]
+            out += [indent + s for s in STUB]
+            inside = True
+        elif m:
+            inside = False
+        elif not inside:
+            out.append(line)
+    return "\n".join(out) + ("\n" if source.endswith("\n") else "")
+
+
+def student_notebook(assignment) -> dict:
+    """The released version of an assignment: the source notebook with every solution region
+    stubbed out and no outputs, nbgrader metadata kept (so nbgrader and ``minilora grade`` grade
+    a filled-in copy)."""
+    nb = read_notebook(find_assignment(assignment), "assignment")
+    for cell in nb["cells"]:
+        if cell.get("cell_type") == "code":
+            text = without_solutions(cell_source(cell))
+            lines = text.splitlines(keepends=True)
+            cell["source"], cell["outputs"], cell["execution_count"] = lines, [], None
+    return nb
+
+
+def write_student_notebooks(out_dir=STUDENT_DIR) -> list[Path]:
+    """Write every assignment's student version to ``out_dir/<name>.ipynb``; returns the paths."""
+    out_dir = Path(out_dir)
+    paths = []
+    for name in assignment_names():
+        path = out_dir / f"{name}.ipynb"
+        atomic_write_text(path, json.dumps(student_notebook(name), indent=1, ensure_ascii=False)
+                          + "\n")
+        paths.append(path)
+    return paths
