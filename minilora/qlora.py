@@ -183,6 +183,9 @@ def inject_qlora(model: Module, config: LoraConfig, quant: QuantConfig | None = 
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
+    if config.use_dora:
+        raise LoRAError("QLoRA does not combine with use_dora: DoRA normalises the float W0, which "
+                        "a 4-bit base does not keep; use LoraConfig(use_dora=False) or method 'dora'")
     quant = quant or QuantConfig()
     if not isinstance(quant, QuantConfig):
         raise TypeError(f"quant must be a QuantConfig, got {type(quant).__name__}")

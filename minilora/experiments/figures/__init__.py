@@ -11,6 +11,7 @@ from pathlib import Path
 
 from minilora.errors import UsageError
 from minilora.experiments.figures.ablate import fig_budget, fig_pareto, fig_rank
+from minilora.experiments.figures.adalora import fig_adalora_ranks
 from minilora.experiments.figures.adapters import fig_claim
 from minilora.experiments.figures.common import MissingResults
 from minilora.experiments.figures.delta_w import (
@@ -49,7 +50,8 @@ FIGURES = {
     "delta_w_full_vs_lora": fig_full_vs_lora,
     "delta_w_intruders": fig_intruders,
     "delta_w_intruders_forgetting": fig_intruders_forgetting,
-    "svd_milton_lora": fig_svd_milton,  # `minilora svd` on the Milton LoRA (results/svd/)
+    "svd_milton_lora": fig_svd_milton,
+    "adalora_ranks": fig_adalora_ranks,  # AdaLoRA's final rank per layer (results/finetune/*adalora*)  # `minilora svd` on the Milton LoRA (results/svd/)
 }
 
 
