@@ -165,6 +165,7 @@ def test_serial_and_dask_give_identical_records(tiny_base, tmp_path):
         assert b[k]["run"]["blas_threads"] == 1 and b[k]["run"]["pid"] != os.getpid()
 
 
+@pytest.mark.slow  # an end-to-end run; CI runs -m slow
 def test_killed_sweep_resumes_to_the_same_records(tiny_base, tmp_path):
     cells = _cells(tiny_base, steps=25, seeds=(0, 1))
     script = tmp_path / "sweep.py"

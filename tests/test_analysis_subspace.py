@@ -104,6 +104,7 @@ def test_random_projection_expectation_by_sampling(rng):
     assert abs(np.mean(vals) - expect) < 4 * np.std(vals) / np.sqrt(n)
 
 
+@pytest.mark.slow  # an end-to-end run; CI runs -m slow
 def test_intruders_found_when_planted(rng):
     # App. A.2 of the intruder paper: add λ u wᵀ with random unit u, w and λ > σ_max(W)
     d = 128

@@ -19,6 +19,7 @@ def test_every_command_has_help_with_examples(cmd):
     assert "example" in r.stdout
 
 
+@pytest.mark.slow  # an end-to-end run; CI runs -m slow
 def test_pretrain_tiny_then_sample(tmp_path):
     out = tmp_path / "run"
     assert cli.main(["pretrain", "--preset", "tiny", "--max-steps", "6", "--eval-every", "3",

@@ -156,6 +156,7 @@ def test_sentiment_recipe_is_the_default_and_the_label_only_loss_stays_available
         finetune("lora", "milton", None, CFG, progress=False, lm_weight=1.0)
 
 
+@pytest.mark.slow  # an end-to-end run; CI runs -m slow
 def test_lexicon_task_and_forgetting_windows_independent_of_the_batch_shape():
     """The word-polarity task runs on its own rows; forgetting uses the same 8 x 128 Shakespeare
     windows whatever the task's batch, so runs of different tasks compare."""
