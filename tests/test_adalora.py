@@ -6,19 +6,23 @@ import math
 
 import numpy as np
 import pytest
+from helpers import batch, lora_layer_gradcheck, np_, randn
+from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
 
 from minilora import backend
-from minilora.backend import xp
 from minilora.config import ConfigError, GPTConfig
-from minilora.gradcheck import check, format_table, model_check
-from minilora.lora.adalora import (AdaLoRALinear, AdaLoraConfig, AdaLoraModel, RankAllocator,
-                                   adalora_layers, export_adalora_peft, import_adalora_peft,
-                                   inject_adalora, orth_regularizer, orth_regularizer_backward)
+from minilora.gradcheck import check, format_table
+from minilora.lora.adalora import AdaLoraConfig, AdaLoRALinear, adalora_layers
+from minilora.lora.adalora_peft import export_adalora_peft, import_adalora_peft
+from minilora.lora.adalora_train import (
+    AdaLoraModel,
+    inject_adalora,
+    orth_regularizer,
+    orth_regularizer_backward,
+)
 from minilora.model import GPT
 from minilora.nn.layers import Linear
 from minilora.optim import AdamW
-from helpers import batch, lora_layer_gradcheck, np_, randn
-from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 

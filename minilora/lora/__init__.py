@@ -15,43 +15,40 @@ Variants: :mod:`minilora.lora.dora` (DoRA, ``LoraConfig(use_dora=True)``) and
 Chapter: chapters/02-lora-notes.ipynb
 """
 from minilora.config import LORA_TARGETS
-from minilora.lora.adalora import (
-                                 AdaLoRALinear,
-                                 AdaLoraConfig,
-                                 AdaLoraModel,
-                                 RankAllocator,
-                                 adalora_layers,
-                                 export_adalora_peft,
-                                 import_adalora_peft,
-                                 inject_adalora,
-                                 orth_regularizer,
+from minilora.lora.adalora import AdaLoraConfig, AdaLoRALinear, adalora_layers
+from minilora.lora.adalora_peft import export_adalora_peft, import_adalora_peft
+from minilora.lora.adalora_train import (
+                                         AdaLoraModel,
+                                         RankAllocator,
+                                         inject_adalora,
+                                         orth_regularizer,
 )
 from minilora.lora.dora import DoRALinear
 from minilora.lora.files import (
-                                 ADAPTER_FORMAT,
-                                 load_adapter,
-                                 load_lora_state_dict,
-                                 lora_state_dict,
-                                 read_adapter,
-                                 save_adapter,
+                                         ADAPTER_FORMAT,
+                                         load_adapter,
+                                         load_lora_state_dict,
+                                         lora_state_dict,
+                                         read_adapter,
+                                         save_adapter,
 )
 from minilora.lora.inject import (
-                                 count_lora_parameters,
-                                 inject_lora,
-                                 lora_layers,
-                                 mark_only_lora_as_trainable,
-                                 merge_lora,
-                                 prepare_for_adapter,
-                                 set_lora_training,
-                                 unmerge_lora,
+                                         count_lora_parameters,
+                                         inject_lora,
+                                         lora_layers,
+                                         mark_only_lora_as_trainable,
+                                         merge_lora,
+                                         prepare_for_adapter,
+                                         set_lora_training,
+                                         unmerge_lora,
 )
 from minilora.lora.layers import (
-                                 LORA_LAYERS,
-                                 LoRAEmbedding,
-                                 LoRAError,
-                                 LoRALinear,
-                                 LoRALinearCache,
-                                 lora_scaling,
+                                         LORA_LAYERS,
+                                         LoRAEmbedding,
+                                         LoRAError,
+                                         LoRALinear,
+                                         LoRALinearCache,
+                                         lora_scaling,
 )
 
 __all__ = ["ADAPTER_FORMAT", "AdaLoRALinear", "AdaLoraConfig", "AdaLoraModel", "RankAllocator",

@@ -1,0 +1,114 @@
+"""AdaLoRA in Hugging Face PEFT's folder format, both ways (``lora_A``, ``lora_B``, ``lora_E``;
+the kept ranks in ``rank_pattern``).
+
+Chapter: chapters/02-lora-notes.ipynb
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save
+
+from minilora import backend
+from minilora.io import atomic_write_bytes, atomic_write_json
+from minilora.lora.adalora import AdaLoraConfig, adalora_layers
+from minilora.lora.adalora_train import inject_adalora
+from minilora.lora.layers import LoRAError
+from minilora.lora.peft_format import KEY_PREFIX, from_peft_module, to_peft_module
+from minilora.nn.layers import Module
+
+# ----------------------------------------------------------------------------------------------
+# files: PEFT's ADALORA directory (the kept triplets only, rank_pattern in the config)
+# ----------------------------------------------------------------------------------------------
+_PEFT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "up_proj",
+               "down": "down_proj"}
+
+
+def export_adalora_peft(path_dir, model: Module, config: AdaLoraConfig,
+                        rank_pattern: dict | None = None) -> Path:
+    """Write PEFT's AdaLoRA directory: per layer only the kept triplets, keys
+    ``base_model.model.<path>.lora_A`` (r_M, d_in), ``.lora_E`` (r_M, 1), ``.lora_B``
+    (d_out, r_M) (no ``.weight``), and ``rank_pattern`` ``{"<path>.lora_E": [bools]}`` in the
+    config (PEFT's saved form). ``rank_pattern``: ours (layer name -> bools); None keeps every
+    triplet with a non-zero E.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    layers = adalora_layers(model)
+    if not layers or any(m.merged for m in layers.values()):
+        raise LoRAError("export_adalora_peft: the model needs unmerged AdaLoRA layers")
+    tensors, pattern = {}, {}
+    for name, m in layers.items():
+        E = backend.to_numpy(m.params["lora_E"]).reshape(-1)
+        keep = np.asarray(rank_pattern[name] if rank_pattern else E != 0, dtype=bool)
+        peft = to_peft_module(name)
+        pattern[f"{peft}.lora_E"] = keep.tolist()
+        A, E2, B = (backend.to_numpy(m.params[k]) for k in ("lora_A", "lora_E", "lora_B"))
+        for k, a in (("lora_A", A[keep]), ("lora_E", E2[keep]), ("lora_B", B[:, keep])):
+            tensors[f"{KEY_PREFIX}{peft}.{k}"] = np.ascontiguousarray(a)
+    path_dir = Path(path_dir)
+    atomic_write_bytes(path_dir / "adapter_model.safetensors",
+                       save(tensors, metadata={"format": "pt"}))
+    d = {"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+         "inference_mode": True, "r": 8, "bias": "none", "fan_in_fan_out": False,
+         "init_lora_weights": True, "use_dora": False, "use_rslora": False,
+         "modules_to_save": None,
+         "target_modules": [_PEFT_NAMES[t] for t in config.target_modules],
+         "rank_pattern": pattern}
+    d.update({k: v for k, v in config.to_dict().items() if k not in ("target_modules", "seed")})
+    atomic_write_json(path_dir / "adapter_config.json", d)
+    return path_dir
+
+
+def import_adalora_peft(path_dir, model: Module) -> tuple[AdaLoraConfig, dict]:
+    """Load PEFT's AdaLoRA directory into a fresh base GPT; returns ``(config, ranks)``, ranks
+    ``{layer name: kept triplets}``. Each layer holds the file's rows; ``ranknum`` stays
+    ``init_r`` (so c = lora_alpha / (init_r + 1e-5), as PEFT computes after reloading).
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    path_dir = Path(path_dir)
+    cfg_path, w_path = path_dir / "adapter_config.json", path_dir / "adapter_model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise LoRAError(f"{str(p)!r} does not exist: not a PEFT adapter directory")
+    d = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if d.get("peft_type") != "ADALORA":
+        raise LoRAError(f"{str(cfg_path)!r}: peft_type is {d.get('peft_type')!r}, not 'ADALORA'")
+    if d.get("fan_in_fan_out") or d.get("modules_to_save") or d.get("use_dora"):
+        raise LoRAError(f"{str(cfg_path)!r}: fan_in_fan_out / modules_to_save / use_dora are not "
+                        "supported for AdaLoRA files")
+    fields = {k: d[k] for k in ("init_r", "target_r", "lora_alpha", "lora_dropout", "tinit",
+                                "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+                                "total_step") if d.get(k) is not None}
+    config = AdaLoraConfig(target_modules=tuple(d.get("target_modules") or ()), **fields)
+    with safe_open(str(w_path), framework="numpy") as f:
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    arrays = {}
+    for key, a in raw.items():
+        path, _, tensor = key[len(KEY_PREFIX):].rpartition(".")
+        if not key.startswith(KEY_PREFIX) or tensor not in ("lora_A", "lora_E", "lora_B"):
+            raise LoRAError(f"{str(w_path)!r}: key {key!r} is not an AdaLoRA factor")
+        arrays.setdefault(from_peft_module(path), {})[tensor] = a
+    inject_adalora(model, config)
+    layers = adalora_layers(model)
+    if set(arrays) != set(layers):
+        raise LoRAError(f"{str(w_path)!r} adapts {sorted(arrays)[:4]} but the config targets "
+                        f"{sorted(layers)[:4]}")
+    for name, t in arrays.items():
+        m = layers[name]
+        d_out, d_in = m.params["weight"].shape
+        r = t["lora_A"].shape[0]
+        if (t["lora_A"].shape != (r, d_in) or t["lora_E"].shape != (r, 1)
+                or t["lora_B"].shape != (d_out, r) or r > config.init_r):
+            raise LoRAError(f"{str(w_path)!r}: {name} has shapes A {t['lora_A'].shape}, E "
+                            f"{t['lora_E'].shape}, B {t['lora_B'].shape}; want (r, {d_in}), "
+                            f"(r, 1), ({d_out}, r) with r <= init_r = {config.init_r}")
+    for name, t in arrays.items():
+        m = layers[name]
+        for k, a in t.items():
+            m.params[k] = backend.asarray(a, dtype=m.params["weight"].dtype)
+    return config, {n: m.r for n, m in layers.items()}
