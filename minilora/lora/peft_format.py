@@ -71,7 +71,6 @@ Chapter: chapters/02-lora-notes.ipynb
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -80,85 +79,30 @@ from safetensors.numpy import save
 
 from minilora import backend
 from minilora.config import ConfigError, LoraConfig
-from minilora.errors import MiniloraError
 from minilora.io import atomic_write_bytes, atomic_write_json, first_nonfinite
-from minilora.lora.files import load_lora_state_dict, lora_state_dict
 from minilora.lora.dora import DoRALinear
+from minilora.lora.files import load_lora_state_dict, lora_state_dict
 from minilora.lora.inject import lora_layers, prepare_for_adapter
 from minilora.lora.layers import LoRAEmbedding, LoRAError, LoRALinear
-from minilora.peft.modules_to_save import add_modules_to_save, modules_to_save_state_dict
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
-KEY_PREFIX = "base_model.model."
-
-#: minilora module path -> LLaMA-style module path ("{i}" is the block index).
-PEFT_MODULE_MAP = {
-    "wte": "model.embed_tokens",
-    "blocks.{i}.attn.q": "model.layers.{i}.self_attn.q_proj",
-    "blocks.{i}.attn.k": "model.layers.{i}.self_attn.k_proj",
-    "blocks.{i}.attn.v": "model.layers.{i}.self_attn.v_proj",
-    "blocks.{i}.attn.o": "model.layers.{i}.self_attn.o_proj",
-    "blocks.{i}.mlp.up": "model.layers.{i}.mlp.up_proj",
-    "blocks.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
-    "blocks.{i}.ln_1": "model.layers.{i}.input_layernorm",
-    "blocks.{i}.ln_2": "model.layers.{i}.post_attention_layernorm",
-    "ln_f": "model.norm",
-    "lm_head": "lm_head",
-}
-
-#: our target name -> the name PEFT's ``target_modules`` uses for it.
-PEFT_TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                     "up": "up_proj", "down": "down_proj", "wte": "embed_tokens",
-                     "lm_head": "lm_head"}
-
-# PEFT config fields that must keep their default for the adapter to mean what we compute.
-_UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False,
-                "rank_pattern": {}, "alpha_pattern": {},
-                "layers_to_transform": None, "layer_replication": None}
-#: the key infix of a saved module in PEFT releases before 0.21 (read, never written)
-_MTS_INFIX = ".modules_to_save.default"
-
-
-#: relative tolerance of a saved base-layer copy vs the model's weight (bfloat16 rounding, 2^-8)
-BASE_COPY_RTOL = 2.0 ** -8
-BASE_COPY_ATOL = 1e-8
-
-
-class PeftFormatError(MiniloraError, ValueError):
-    """A PEFT adapter directory is missing, malformed, or uses a feature minilora lacks."""
-
-
-def _template_regex(template: str):
-    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
-
-
-_TO_PEFT = [(_template_regex(ours), peft) for ours, peft in PEFT_MODULE_MAP.items()]
-_FROM_PEFT = [(_template_regex(peft), ours) for ours, peft in PEFT_MODULE_MAP.items()]
-
-
-def _map_name(name: str, table, direction: str) -> str:
-    for pattern, template in table:
-        hit = pattern.match(name)
-        if hit:
-            return template.replace("{i}", hit.group(1)) if hit.groups() else template
-    raise PeftFormatError(f"module {name!r} has no {direction} name in PEFT_MODULE_MAP")
-
-
-def to_peft_module(name: str) -> str:
-    """``blocks.0.attn.q`` -> ``model.layers.0.self_attn.q_proj`` (see :data:`PEFT_MODULE_MAP`).
-
-    Chapter: chapters/02-lora-notes.ipynb
-    """
-    return _map_name(name, _TO_PEFT, "LLaMA-style")
-
-
-def from_peft_module(name: str) -> str:
-    """``model.layers.0.self_attn.q_proj`` -> ``blocks.0.attn.q``.
-
-    Chapter: chapters/02-lora-notes.ipynb
-    """
-    return _map_name(name, _FROM_PEFT, "minilora")
+from minilora.lora.peft_modules import (
+    check_base_copy,
+    load_saved_modules,
+    saved_module_key,
+)
+from minilora.lora.peft_names import (
+    UNSUPPORTED_KEYS,
+    CONFIG_NAME,
+    KEY_PREFIX,
+    PEFT_MODULE_MAP,
+    PEFT_TARGET_NAMES,
+    WEIGHTS_NAME,
+    PeftFormatError,
+    from_peft_module,
+    to_peft_module,
+)
+from minilora.peft.modules_to_save import (
+    modules_to_save_state_dict,
+)
 
 
 def peft_state_dict(model, bias: str = "none", modules_to_save=()) -> dict:
@@ -267,7 +211,7 @@ def _config_from_peft(d: dict, ours: dict, where: str) -> LoraConfig:
     if d.get("peft_type") != "LORA":
         raise PeftFormatError(f"{where}: peft_type is {d.get('peft_type')!r}; only 'LORA' "
                               "adapters can be imported")
-    for key, default in _UNSUPPORTED.items():
+    for key, default in UNSUPPORTED_KEYS.items():
         if d.get(key):  # every supported value is empty: False, None, {} or []
             raise PeftFormatError(f"{where}: {key}={d[key]!r} is not supported by minilora "
                                   f"(only {default!r})")
@@ -312,28 +256,6 @@ def _our_name(key: str, where: str) -> tuple[str, str]:
                           "or a module named in modules_to_save (lora_bias is not supported)")
 
 
-def _check_base_copy(name: str, saved, model, where: str) -> None:
-    """Accept a saved copy of the base weight ``name`` (PEFT's ``save_embedding_layers``) only if
-    it equals the model's within :data:`BASE_COPY_RTOL` (see the module docstring)."""
-    ours = dict(model.named_parameters()).get(name)
-    what = (f"{where}: {name!r} is a full copy of the base layer's weight (PEFT writes one with "
-            "save_embedding_layers when an embedding layer is a LoRA target)")
-    if ours is None:
-        raise PeftFormatError(f"{what}, but this model has no parameter {name!r}")
-    ours = np.asarray(backend.to_numpy(ours), dtype=np.float64)
-    saved = np.asarray(saved, dtype=np.float64)
-    if saved.shape != ours.shape:
-        raise PeftFormatError(f"{what} of shape {saved.shape}, but this base's is {ours.shape} "
-                              "(a resized embedding: added tokens are not supported)")
-    excess = np.abs(saved - ours) - (BASE_COPY_RTOL * np.abs(ours) + BASE_COPY_ATOL)
-    if (excess > 0).any():
-        i = tuple(int(j) for j in np.unravel_index(int(np.argmax(excess)), excess.shape))
-        raise PeftFormatError(f"{what}, and it differs from this base's weight (at {i}: "
-                              f"{saved[i]:.6g} vs {ours[i]:.6g}, beyond bfloat16 rounding): the "
-                              "adapter belongs to another base or changed the embedding itself; "
-                              "a trained full layer is imported only under modules_to_save")
-
-
 def import_peft(path_dir, model) -> LoraConfig:
     """Load a PEFT LoRA directory into ``model``; returns the adapter's :class:`LoraConfig`.
 
@@ -374,7 +296,7 @@ def import_peft(path_dir, model) -> LoraConfig:
         raise PeftFormatError(f"{str(cfg_path)!r}: modules_to_save must be a list of module names")
     arrays, kinds, saved_modules = {}, {}, []
     for key, a in raw.items():
-        module, tensor = _saved_module_key(key, saved_names)
+        module, tensor = saved_module_key(key, saved_names)
         if module is not None:
             if module not in saved_modules:
                 saved_modules.append(module)
@@ -382,7 +304,7 @@ def import_peft(path_dir, model) -> LoraConfig:
             continue
         name, kind = _our_name(key, str(w_path))
         if kind == "base_copy":  # equal to the base (checked) or refused; nothing to load
-            _check_base_copy(name, a, model, str(w_path))
+            check_base_copy(name, a, model, str(w_path))
             continue
         arrays[name], kinds[name] = a, kind
     saved_targets = sorted({n.rsplit(".", 2)[-2] for n, k in kinds.items() if k != "bias"})
@@ -412,40 +334,9 @@ def import_peft(path_dir, model) -> LoraConfig:
                               f"{str(w_path)!r} holds none of their tensors")
     mts = {n: arrays.pop(n) for n in list(arrays) if n.rpartition(".")[0] in saved_modules}
     if saved_modules:
-        _load_saved_modules(model, saved_modules, mts, str(w_path))
+        load_saved_modules(model, saved_modules, mts, str(w_path))
     load_lora_state_dict(model, arrays)
     return config
-
-
-def _saved_module_key(key: str, saved_names: list):
-    """(our module path, tensor) if ``key`` is a tensor of a module named in the config's
-    ``modules_to_save`` (either layout), else (None, None)."""
-    if not saved_names or not key.startswith(KEY_PREFIX):
-        return None, None
-    path, _, tensor = key[len(KEY_PREFIX):].rpartition(".")
-    if path.endswith(_MTS_INFIX):
-        path = path[: -len(_MTS_INFIX)]
-    if not any(path == n or path.endswith("." + n) for n in saved_names):
-        return None, None
-    try:
-        return from_peft_module(path), tensor
-    except PeftFormatError:
-        return None, None
-
-
-def _load_saved_modules(model, paths: list, arrays: dict, where: str) -> None:
-    """Check, then copy the saved modules' tensors into ``model`` and mark them trainable."""
-    wanted = modules_to_save_state_dict(model, paths)
-    if set(arrays) != set(wanted):
-        raise PeftFormatError(f"{where}: modules_to_save tensors {sorted(arrays)} do not match "
-                              f"the model's {sorted(wanted)}")
-    for n, a in arrays.items():
-        if tuple(a.shape) != tuple(wanted[n].shape):
-            raise PeftFormatError(f"{where}: {n!r} has shape {tuple(a.shape)}, the model's is "
-                                  f"{tuple(wanted[n].shape)}")
-    for n, a in arrays.items():
-        wanted[n][...] = backend.asarray(a, dtype=wanted[n].dtype)
-    add_modules_to_save(model, paths)
 
 
 __all__ = ["PEFT_MODULE_MAP", "PEFT_TARGET_NAMES", "PeftFormatError", "export_peft", "import_peft",

@@ -1,0 +1,77 @@
+"""Whole modules in a PEFT LoRA file: ``modules_to_save`` (trained copies, both key layouts) and
+the base-layer copies PEFT writes with ``save_embedding_layers`` (accepted when they equal the
+base weight). Used by :func:`minilora.lora.peft_format.import_peft`.
+
+Chapter: chapters/02-lora-notes.ipynb
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from minilora import backend
+from minilora.peft.modules_to_save import (
+    add_modules_to_save,
+    modules_to_save_state_dict,
+)
+
+BASE_COPY_RTOL = 2.0 ** -8
+BASE_COPY_ATOL = 1e-8
+from minilora.lora.peft_names import (
+    MTS_INFIX,
+    KEY_PREFIX,
+    PeftFormatError,
+    from_peft_module,
+)
+
+
+def check_base_copy(name: str, saved, model, where: str) -> None:
+    """Accept a saved copy of the base weight ``name`` (PEFT's ``save_embedding_layers``) only if
+    it equals the model's within :data:`BASE_COPY_RTOL` (see the module docstring)."""
+    ours = dict(model.named_parameters()).get(name)
+    what = (f"{where}: {name!r} is a full copy of the base layer's weight (PEFT writes one with "
+            "save_embedding_layers when an embedding layer is a LoRA target)")
+    if ours is None:
+        raise PeftFormatError(f"{what}, but this model has no parameter {name!r}")
+    ours = np.asarray(backend.to_numpy(ours), dtype=np.float64)
+    saved = np.asarray(saved, dtype=np.float64)
+    if saved.shape != ours.shape:
+        raise PeftFormatError(f"{what} of shape {saved.shape}, but this base's is {ours.shape} "
+                              "(a resized embedding: added tokens are not supported)")
+    excess = np.abs(saved - ours) - (BASE_COPY_RTOL * np.abs(ours) + BASE_COPY_ATOL)
+    if (excess > 0).any():
+        i = tuple(int(j) for j in np.unravel_index(int(np.argmax(excess)), excess.shape))
+        raise PeftFormatError(f"{what}, and it differs from this base's weight (at {i}: "
+                              f"{saved[i]:.6g} vs {ours[i]:.6g}, beyond bfloat16 rounding): the "
+                              "adapter belongs to another base or changed the embedding itself; "
+                              "a trained full layer is imported only under modules_to_save")
+
+
+def saved_module_key(key: str, saved_names: list):
+    """(our module path, tensor) if ``key`` is a tensor of a module named in the config's
+    ``modules_to_save`` (either layout), else (None, None)."""
+    if not saved_names or not key.startswith(KEY_PREFIX):
+        return None, None
+    path, _, tensor = key[len(KEY_PREFIX):].rpartition(".")
+    if path.endswith(MTS_INFIX):
+        path = path[: -len(MTS_INFIX)]
+    if not any(path == n or path.endswith("." + n) for n in saved_names):
+        return None, None
+    try:
+        return from_peft_module(path), tensor
+    except PeftFormatError:
+        return None, None
+
+
+def load_saved_modules(model, paths: list, arrays: dict, where: str) -> None:
+    """Check, then copy the saved modules' tensors into ``model`` and mark them trainable."""
+    wanted = modules_to_save_state_dict(model, paths)
+    if set(arrays) != set(wanted):
+        raise PeftFormatError(f"{where}: modules_to_save tensors {sorted(arrays)} do not match "
+                              f"the model's {sorted(wanted)}")
+    for n, a in arrays.items():
+        if tuple(a.shape) != tuple(wanted[n].shape):
+            raise PeftFormatError(f"{where}: {n!r} has shape {tuple(a.shape)}, the model's is "
+                                  f"{tuple(wanted[n].shape)}")
+    for n, a in arrays.items():
+        wanted[n][...] = backend.asarray(a, dtype=wanted[n].dtype)
+    add_modules_to_save(model, paths)

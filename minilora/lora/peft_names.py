@@ -1,0 +1,80 @@
+"""The names of a PEFT LoRA file: its two file names, the key prefix, minilora's module paths
+mapped to LLaMA-style ones and back, and the error a bad file raises.
+
+Chapter: chapters/02-lora-notes.ipynb
+"""
+from __future__ import annotations
+
+import re
+
+from minilora.errors import MiniloraError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+KEY_PREFIX = "base_model.model."
+
+#: minilora module path -> LLaMA-style module path ("{i}" is the block index).
+PEFT_MODULE_MAP = {
+    "wte": "model.embed_tokens",
+    "blocks.{i}.attn.q": "model.layers.{i}.self_attn.q_proj",
+    "blocks.{i}.attn.k": "model.layers.{i}.self_attn.k_proj",
+    "blocks.{i}.attn.v": "model.layers.{i}.self_attn.v_proj",
+    "blocks.{i}.attn.o": "model.layers.{i}.self_attn.o_proj",
+    "blocks.{i}.mlp.up": "model.layers.{i}.mlp.up_proj",
+    "blocks.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
+    "blocks.{i}.ln_1": "model.layers.{i}.input_layernorm",
+    "blocks.{i}.ln_2": "model.layers.{i}.post_attention_layernorm",
+    "ln_f": "model.norm",
+    "lm_head": "lm_head",
+}
+
+#: our target name -> the name PEFT's ``target_modules`` uses for it.
+PEFT_TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                     "up": "up_proj", "down": "down_proj", "wte": "embed_tokens",
+                     "lm_head": "lm_head"}
+
+# PEFT config fields that must keep their default for the adapter to mean what we compute.
+UNSUPPORTED_KEYS = {"fan_in_fan_out": False, "lora_bias": False,
+                "rank_pattern": {}, "alpha_pattern": {},
+                "layers_to_transform": None, "layer_replication": None}
+#: the key infix of a saved module in PEFT releases before 0.21 (read, never written)
+MTS_INFIX = ".modules_to_save.default"
+
+
+#: relative tolerance of a saved base-layer copy vs the model's weight (bfloat16 rounding, 2^-8)
+
+
+class PeftFormatError(MiniloraError, ValueError):
+    """A PEFT adapter directory is missing, malformed, or uses a feature minilora lacks."""
+
+
+def _template_regex(template: str):
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+
+
+_TO_PEFT = [(_template_regex(ours), peft) for ours, peft in PEFT_MODULE_MAP.items()]
+_FROM_PEFT = [(_template_regex(peft), ours) for ours, peft in PEFT_MODULE_MAP.items()]
+
+
+def _map_name(name: str, table, direction: str) -> str:
+    for pattern, template in table:
+        hit = pattern.match(name)
+        if hit:
+            return template.replace("{i}", hit.group(1)) if hit.groups() else template
+    raise PeftFormatError(f"module {name!r} has no {direction} name in PEFT_MODULE_MAP")
+
+
+def to_peft_module(name: str) -> str:
+    """``blocks.0.attn.q`` -> ``model.layers.0.self_attn.q_proj`` (see :data:`PEFT_MODULE_MAP`).
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    return _map_name(name, _TO_PEFT, "LLaMA-style")
+
+
+def from_peft_module(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj`` -> ``blocks.0.attn.q``.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    return _map_name(name, _FROM_PEFT, "minilora")
