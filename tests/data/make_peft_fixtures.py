@@ -6,7 +6,7 @@ Needs torch + peft, which minilora itself does not. Run it from the repository r
 venv outside the repo (minilora's own files are only read: the GPT replica and the exporter's
 module-name map, which needs numpy + safetensors, both in the venv):
 
-    python3 -m venv /work/venv-peft && . /work/venv-peft/bin/activate
+    python3 -m venv ../venv-peft && . ../venv-peft/bin/activate
     pip install torch==2.13.0
     pip install peft safetensors numpy "torch==2.13.0"
     python tests/data/make_peft_fixtures.py       # about 5 s on one CPU core
