@@ -7,6 +7,7 @@
 * :mod:`~minilora.cli.bench`     bench
 * :mod:`~minilora.cli.course`    grade (homework without nbgrader)
 * :mod:`~minilora.cli.svd`       svd (the ΔW analysis of any LoRA adapter)
+* :mod:`~minilora.cli.ablate`    ablate, delta-w (rank sweeps on Dask, the ΔW studies)
 
 One error policy: a :class:`~minilora.errors.MiniloraError` (a user mistake: a bad flag, a broken
 file, an unusable backend) is printed as one line ``minilora: error: ...`` and exits 2; any other
