@@ -185,9 +185,6 @@ def strip_prefix(arrays: dict, prefix: str) -> dict:
     return {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
 
 
-__all__ = ["CheckpointError", "OutputError", "ensure_writable_dir", "ensure_writable_file", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "write_typed", "read_typed", "config_from_meta", "check_same_base", "strip_prefix",
-           "first_nonfinite", "META_KEY"]
 
 
 def ensure_writable_dir(path) -> Path:
@@ -210,12 +207,6 @@ def ensure_writable_dir(path) -> Path:
                           f"{e.strerror or type(e).__name__}") from None
     return path
 
-
-def ensure_writable_file(path) -> Path:
-    """Check, before any work, that ``path`` can be written as a file (its directory is created
-    and tested; an existing directory at ``path`` is refused)."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"output file {str(path)!r} is an existing directory")
-    ensure_writable_dir(path.parent if str(path.parent) else Path("."))
-    return path
+__all__ = ["CheckpointError", "OutputError", "ensure_writable_dir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "write_typed", "read_typed", "config_from_meta", "check_same_base", "strip_prefix",
+           "first_nonfinite", "META_KEY"]
