@@ -207,6 +207,7 @@ def ensure_writable_dir(path) -> Path:
                           f"{e.strerror or type(e).__name__}") from None
     return path
 
-__all__ = ["CheckpointError", "OutputError", "ensure_writable_dir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "write_typed", "read_typed", "config_from_meta", "check_same_base", "strip_prefix",
-           "first_nonfinite", "META_KEY"]
+
+__all__ = ["CheckpointError", "META_KEY", "OutputError", "atomic_write_bytes", "atomic_write_json",
+           "atomic_write_text", "check_same_base", "config_from_meta", "ensure_writable_dir",
+           "first_nonfinite", "read_typed", "strip_prefix", "write_typed"]
