@@ -84,7 +84,7 @@ Part 2: the PyTorch replica of minilora's GPT (for PEFT parity: DoRA, (IA)³, Ad
 modules_to_save)
 --------------------------------------------------------------------------------------------
 The model is ``TorchGPT`` from minilora/bench/torch_reference.py (formerly
-benchmarks/torch_gpt.py) in float64: vocab 97, block 16, n_layer 2, n_head 2, n_embd 16, biases
+minilora/bench/torch_reference.py) in float64: vocab 97, block 16, n_layer 2, n_head 2, n_embd 16, biases
 on. Its modules are moved to the LLaMA-style paths that minilora's PEFT exporter writes
 (``PEFT_MODULE_MAP``; checked against it at generation when minilora imports):
 
