@@ -83,8 +83,8 @@ N(0, 0.1²) (PEFT starts it at 0) and lora_embedding_B ~ N(0, 1) (PEFT's init).
 Part 2: the PyTorch replica of minilora's GPT (for PEFT parity: DoRA, (IA)³, AdaLoRA,
 modules_to_save)
 --------------------------------------------------------------------------------------------
-The model is ``TorchGPT`` from minilora/bench/torch_reference.py (formerly
-minilora/bench/torch_reference.py) in float64: vocab 97, block 16, n_layer 2, n_head 2, n_embd 16, biases
+The model is ``TorchGPT`` from minilora/bench/torch_reference.py (built on the installed torch)
+in float64: vocab 97, block 16, n_layer 2, n_head 2, n_embd 16, biases
 on. Its modules are moved to the LLaMA-style paths that minilora's PEFT exporter writes
 (``PEFT_MODULE_MAP``; checked against it at generation when minilora imports):
 
