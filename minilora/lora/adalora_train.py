@@ -255,6 +255,4 @@ def inject_adalora(model: Module, config: AdaLoraConfig) -> dict:
         modules[parent].replace(child, AdaLoRALinear(modules[n], config.init_r, config.lora_alpha,
                                                      config.lora_dropout, rng=rng))
     model.set_trainable(lambda p: p.rsplit(".", 1)[-1] in ("lora_A", "lora_E", "lora_B"))
-    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
-    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total,
-            "targets": targets}
+    return model.trainable_report(targets)

@@ -118,9 +118,7 @@ def inject_lora(model: Module, config: LoraConfig) -> dict:
         parent_name, _, child = name.rpartition(".")
         modules[parent_name].replace(child, new)
     mark_only_lora_as_trainable(model, config.bias)
-    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
-    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total,
-            "targets": targets}
+    return model.trainable_report(targets)
 
 
 def set_lora_training(model: Module, training: bool) -> None:

@@ -125,6 +125,13 @@ class Module:
         return sum(int(p.size) for n, m, k in self._slots()
                    for p in [m.params[k]] if not trainable_only or k in m.trainable)
 
+    def trainable_report(self, targets: list) -> dict:
+        """What a PEFT method's ``inject``/``apply`` returns: ``{"trainable", "total",
+        "percent": 100 trainable / total, "targets"}`` for this model as it is now."""
+        trainable, total = self.num_parameters(trainable_only=True), self.num_parameters()
+        return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total,
+                "targets": list(targets)}
+
     def zero_grad(self) -> None:
         for _, m in self.named_modules():
             m.grads.clear()

@@ -52,6 +52,4 @@ def apply_bitfit(model: Module, config: BitFitConfig) -> dict:
         raise PeftError("BitFit found no bias to train: the model was built with bias=False and "
                         "layernorm=False leaves out the LayerNorm biases; use layernorm=True")
     model.set_trainable(pred)
-    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
-    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total,
-            "targets": names}
+    return model.trainable_report(names)

@@ -193,6 +193,4 @@ def inject_adapters(model: Module, config: AdapterConfig) -> dict:
         modules[parent].replace(child, HoulsbyAdapter(modules[name], config.bottleneck,
                                                       config.init_std, config.zero_up, rng))
     model.set_trainable(adapter_trainable(config))
-    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
-    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total,
-            "targets": targets}
+    return model.trainable_report(targets)

@@ -243,9 +243,7 @@ def inject_ia3(model: Module, config: IA3Config) -> dict:
         parent, _, child = name.rpartition(".")
         modules[parent].replace(child, IA3Linear(old, ff, l0))
     model.set_trainable(lambda p: p.rsplit(".", 1)[-1] == "ia3_l")
-    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
-    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total,
-            "targets": targets}
+    return model.trainable_report(targets)
 
 
 def merge_ia3(model: Module) -> list:
