@@ -5,7 +5,6 @@ Chapter: chapters/02-lora-notes.ipynb
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from minilora.lora.adalora import AdaLoraConfig, adalora_layers
 from minilora.lora.adalora_train import inject_adalora
 from minilora.lora.layers import LoRAError
 from minilora.lora.peft_format import KEY_PREFIX, from_peft_module, to_peft_module
+from minilora.lora.peft_names import read_peft_dir
 from minilora.nn.layers import Module
 
 # ----------------------------------------------------------------------------------------------
@@ -70,12 +70,7 @@ def import_adalora_peft(path_dir, model: Module) -> tuple[AdaLoraConfig, dict]:
 
     Chapter: chapters/02-lora-notes.ipynb
     """
-    path_dir = Path(path_dir)
-    cfg_path, w_path = path_dir / "adapter_config.json", path_dir / "adapter_model.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise LoRAError(f"{str(p)!r} does not exist: not a PEFT adapter directory")
-    d = json.loads(cfg_path.read_text(encoding="utf-8"))
+    d, cfg_path, w_path = read_peft_dir(path_dir, LoRAError)
     if d.get("peft_type") != "ADALORA":
         raise LoRAError(f"{str(cfg_path)!r}: peft_type is {d.get('peft_type')!r}, not 'ADALORA'")
     if d.get("fan_in_fan_out") or d.get("modules_to_save") or d.get("use_dora"):

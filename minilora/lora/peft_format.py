@@ -90,14 +90,15 @@ from minilora.lora.peft_modules import (
     saved_module_key,
 )
 from minilora.lora.peft_names import (
-    UNSUPPORTED_KEYS,
     CONFIG_NAME,
     KEY_PREFIX,
     PEFT_MODULE_MAP,
     PEFT_TARGET_NAMES,
+    UNSUPPORTED_KEYS,
     WEIGHTS_NAME,
     PeftFormatError,
     from_peft_module,
+    read_peft_dir,
     to_peft_module,
 )
 from minilora.peft.modules_to_save import (
@@ -265,17 +266,7 @@ def import_peft(path_dir, model) -> LoraConfig:
 
     Chapter: chapters/02-lora-notes.ipynb
     """
-    path_dir = Path(path_dir)
-    cfg_path, w_path = path_dir / CONFIG_NAME, path_dir / WEIGHTS_NAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise PeftFormatError(f"{str(p)!r} does not exist: not a PEFT adapter directory")
-    try:
-        d = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise PeftFormatError(f"{str(cfg_path)!r} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise PeftFormatError(f"{str(cfg_path)!r} must hold a JSON object")
+    d, cfg_path, w_path = read_peft_dir(path_dir)
     try:
         with safe_open(str(w_path), framework="numpy") as f:
             meta = f.metadata() or {}

@@ -17,8 +17,8 @@ from minilora.peft.modules_to_save import (
 BASE_COPY_RTOL = 2.0 ** -8
 BASE_COPY_ATOL = 1e-8
 from minilora.lora.peft_names import (
-    MTS_INFIX,
     KEY_PREFIX,
+    MTS_INFIX,
     PeftFormatError,
     from_peft_module,
 )

@@ -5,7 +5,9 @@ Chapter: chapters/02-lora-notes.ipynb
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 from minilora.errors import MiniloraError
 
@@ -78,3 +80,22 @@ def from_peft_module(name: str) -> str:
     Chapter: chapters/02-lora-notes.ipynb
     """
     return _map_name(name, _FROM_PEFT, "minilora")
+
+
+def read_peft_dir(path_dir, error=None) -> tuple[dict, Path, Path]:
+    """Open a PEFT adapter directory: ``(adapter_config.json as a dict, its path, the weights
+    file's path)``, with one clear ``error`` (default :class:`PeftFormatError`) if either file is
+    missing or the config is not a JSON object. The caller checks ``peft_type`` and the keys."""
+    error = error or PeftFormatError
+    path_dir = Path(path_dir)
+    cfg_path, w_path = path_dir / CONFIG_NAME, path_dir / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise error(f"{str(p)!r} does not exist: not a PEFT adapter directory")
+    try:
+        d = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{str(cfg_path)!r} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise error(f"{str(cfg_path)!r} must hold a JSON object")
+    return d, cfg_path, w_path

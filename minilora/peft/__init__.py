@@ -53,9 +53,9 @@ from minilora.peft.modules_to_save import (
                                  add_modules_to_save,
                                  count_modules_to_save,
                                  load_modules_to_save,
-                                 save_modules_to_save,
                                  modules_to_save_state_dict,
                                  resolve_modules_to_save,
+                                 save_modules_to_save,
 )
 from minilora.peft.prefix import (
                                  PrefixConfig,

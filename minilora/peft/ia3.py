@@ -28,7 +28,6 @@ Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from safetensors.numpy import save
 
 from minilora import backend
 from minilora.backend import xp
-from minilora.config import ConfigError, JsonConfig, LORA_TARGET_ALIASES
+from minilora.config import LORA_TARGET_ALIASES, ConfigError, JsonConfig
 from minilora.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -48,9 +47,11 @@ from minilora.io import (
     read_typed,
     write_typed,
 )
+
 # the module, not its names: lora.peft_format imports minilora.peft (modules_to_save), so when
 # it is imported first this package is loaded while peft_format is still half-initialised
 from minilora.lora import peft_format
+from minilora.lora.peft_names import read_peft_dir
 from minilora.nn import ops
 from minilora.nn.layers import Linear, Module
 from minilora.peft.common import PeftError
@@ -361,12 +362,7 @@ def import_ia3_peft(path_dir, model: Module) -> IA3Config:
 
     Chapter: chapters/02-lora-notes.ipynb
     """
-    path_dir = Path(path_dir)
-    cfg_path, w_path = path_dir / "adapter_config.json", path_dir / "adapter_model.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise PeftError(f"{str(p)!r} does not exist: not a PEFT adapter directory")
-    d = json.loads(cfg_path.read_text(encoding="utf-8"))
+    d, cfg_path, w_path = read_peft_dir(path_dir, PeftError)
     if d.get("peft_type") != "IA3":
         raise PeftError(f"{str(cfg_path)!r}: peft_type is {d.get('peft_type')!r}, not 'IA3'")
     if d.get("fan_in_fan_out") or d.get("modules_to_save"):
