@@ -34,7 +34,6 @@ from minilora.lora.peft_format import (
 
 
 def cmd_score(args):
-
     if args.no_base and not args.adapter:
         raise UsageError("nothing to score: give --adapter FILE (or leave out --no-base)")
     for a in args.adapter:
@@ -53,7 +52,6 @@ def cmd_score(args):
 
 
 def cmd_adapter_merge(args):
-
     check_input_file(args.adapter, "adapter")
     check_output_file(args.out, "--out")
     _use_backend(args)
@@ -68,7 +66,6 @@ def cmd_adapter_merge(args):
 
 
 def cmd_adapter_export_peft(args):
-
     check_input_file(args.adapter, "adapter")
     check_output_dir(args.out, "--out")
     _use_backend(args)
@@ -79,7 +76,6 @@ def cmd_adapter_export_peft(args):
 
 
 def cmd_adapter_import_peft(args):
-
     if not Path(args.peft_dir).is_dir():
         raise UsageError(f"DIR {args.peft_dir!r} is not a directory (a PEFT adapter directory "
                          "holds adapter_config.json and adapter_model.safetensors)")
@@ -93,7 +89,6 @@ def cmd_adapter_import_peft(args):
 
 
 def cmd_adapter_claim(args):
-
     check_output_dir(args.out, "--out")
     check_output_dir(args.runs, "--runs")
     _use_backend(args)

@@ -47,7 +47,6 @@ METHOD_FLAGS = (
 
 
 def cmd_finetune(args):
-
     unused = [f"--{name.replace('_', '-')}" for name, default, methods in METHOD_FLAGS
               if args.method not in methods and getattr(args, name) != default]
     if unused:
@@ -116,7 +115,6 @@ def cmd_finetune(args):
 
 
 def cmd_results(args):
-
     root = args.root or ("runs/finetune" if args.run else "results/finetune")
     check_output_dir(root, "--out")
     if not args.run and not any(Path(root).glob("*/result.json")):
@@ -134,7 +132,6 @@ def cmd_results(args):
 
 
 def cmd_figures(args):
-
     unknown = [n for n in (args.only or "").split(",") if n and n not in FIGURES]
     if unknown:
         raise UsageError(f"--only: unknown figure(s) {', '.join(unknown)}; allowed: "

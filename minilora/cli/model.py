@@ -41,7 +41,6 @@ def cmd_tour(args):
 
 
 def cmd_pretrain(args):
-
     check_output_dir(args.out, "--out")
     if args.resume and not (Path(args.out) / CKPT_NAME).is_file():
         raise UsageError(f"--resume: {str(Path(args.out) / CKPT_NAME)!r} does not exist (nothing "
@@ -86,7 +85,6 @@ def cmd_pretrain(args):
 
 
 def cmd_sample(args):
-
     for a in args.adapter:
         check_input_file(a, "--adapter")
     _use_backend(args)
@@ -108,7 +106,6 @@ def cmd_sample(args):
 
 
 def cmd_gradcheck(args):
-
     _use_backend(args)
     t = time.perf_counter()
     rows = gradcheck.op_suite(args.seed) + gradcheck.tiny_model_check(args.seed)

@@ -29,7 +29,6 @@ from minilora.train import evaluate, fixed_batches
 
 
 def cmd_quantize(args):
-
     if args.compare:
         if args.out is not None:
             raise UsageError("--out is the quantised file; with --compare the JSON goes to "
@@ -63,7 +62,6 @@ def cmd_quantize(args):
 
 
 def cmd_loftq(args):
-
     check_output_file(args.out, "--out")
     _use_backend(args)
     model, _, _ = _load(args.ckpt)
@@ -85,7 +83,6 @@ def cmd_loftq(args):
 
 
 def cmd_paged_demo(args):
-
     spikes = args.spike_steps
     late = [s for s in spikes if s >= args.steps]
     if late:
