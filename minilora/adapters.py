@@ -65,6 +65,7 @@ from minilora.lora.mixed import (
     plain_layer,
 )
 from minilora.nn.layers import Embedding, Linear, Module
+from minilora.peft.modules_to_save import split_saved_modules
 from minilora.sample import generate
 
 
@@ -220,6 +221,11 @@ class AdapterRegistry:
     def load(self, name: str, path) -> Adapter:
         """Register the adapter file ``path`` (from :func:`minilora.lora.save_adapter`)."""
         arrays, config = read_adapter(path, self.model)
+        _, _, saved = split_saved_modules(arrays)
+        if saved:
+            raise LoRAError(f"adapter file {str(path)!r} also trains whole modules "
+                            f"(modules_to_save: {', '.join(saved)}); the registry swaps LoRA "
+                            "factors only, so load that adapter on its own with load_adapter")
         return self.add(name, arrays, config, source=path)
 
     def remove(self, name: str) -> None:

@@ -53,6 +53,12 @@ from minilora.lora import (
 )
 from minilora.lora.layers import _check_rank
 from minilora.nn.layers import Linear, Module
+from minilora.peft.modules_to_save import (
+    check_saved_modules,
+    load_saved_modules,
+    saved_modules_tensors,
+    split_saved_modules,
+)
 from minilora.quant.linear import (
     QuantLinear,
     QuantWeight,
@@ -279,7 +285,7 @@ def quant_digest(model: Module) -> str:
 
 
 def save_qlora_adapter(path, model: Module, config: LoraConfig, quant: QuantConfig,
-                       base_digest: str | None = None) -> None:
+                       base_digest: str | None = None, modules_to_save=()) -> None:
     """Write the adapter alone (LoRA factors + selected biases) and how to rebuild the base.
 
     The JSON header holds the LoraConfig, the QuantConfig, the model config, and two sha256
@@ -287,6 +293,8 @@ def save_qlora_adapter(path, model: Module, config: LoraConfig, quant: QuantConf
     :func:`inject_qlora`'s report) and of the resulting codes (``quant_digest``). Quantisation
     (and LoftQ) is deterministic, so :func:`load_qlora_adapter` rebuilds the same 4-bit base from
     the same float base and checks both. Atomic (:func:`minilora.io.write_typed`).
+    ``modules_to_save``: module paths trained whole beside the factors, stored in the same file
+    (see :mod:`minilora.peft.modules_to_save`).
 
     Chapter: chapters/04-lora-and-qlora.ipynb
     """
@@ -296,11 +304,13 @@ def save_qlora_adapter(path, model: Module, config: LoraConfig, quant: QuantConf
                         "a float LoRA model is saved with save_adapter)")
     meta = {"lora_config": config.to_dict(),
             "quant_config": quant.to_dict(), "targets": list(layers),
-            "base_digest": base_digest, "quant_digest": quant_digest(model)}
+            "base_digest": base_digest, "quant_digest": quant_digest(model),
+            "modules_to_save": list(modules_to_save)}
     model_config = getattr(model, "config", None)
     if model_config is not None and hasattr(model_config, "to_dict"):
         meta["model_config"] = model_config.to_dict()
-    write_typed(path, QLORA_ADAPTER_FORMAT, lora_state_dict(model, config.bias), meta)
+    arrays = {**lora_state_dict(model, config.bias), **saved_modules_tensors(model, modules_to_save)}
+    write_typed(path, QLORA_ADAPTER_FORMAT, arrays, meta)
 
 
 def load_qlora_adapter(path, base_path, allow_nonfinite: bool = False):
@@ -331,5 +341,9 @@ def load_qlora_adapter(path, base_path, allow_nonfinite: bool = False):
         raise CheckpointError(f"QLoRA adapter {str(path)!r}: the 4-bit base rebuilt from "
                               f"{str(base)!r} differs from the one it was trained on "
                               "(quant_digest mismatch)")
+    arrays, saved, paths = split_saved_modules(arrays)
+    check_saved_modules(model, paths, saved, str(path), error=CheckpointError)
     load_lora_state_dict(model, arrays)
+    if paths:
+        load_saved_modules(model, paths, saved, str(path), error=CheckpointError)
     return model, tok, config, quant

@@ -1,5 +1,6 @@
-"""modules_to_save: whole modules trained beside any method, saved in PEFT's layout (both the
-0.21 plain key and the older ``modules_to_save.default`` key), merged and restored; errors."""
+"""modules_to_save: whole modules trained beside any method, saved inside the method's own file
+(``lm_head.modules_to_save.default.weight``) and in PEFT's directory layout (both the 0.21 plain
+key and the older ``modules_to_save.default`` key), merged and restored; errors."""
 import json
 import math
 
@@ -109,20 +110,102 @@ def test_config_naming_a_module_the_file_lacks(tmp_path):
         import_peft(tmp_path, fixture_gpt(ref))
 
 
-def test_saved_modules_file_round_trip(tmp_path):
-    from minilora.peft import load_modules_to_save, save_modules_to_save
-    gpt = GPT(TINY, 0, dtype="float64")
-    gpt.lm_head.params["weight"] += 0.5
-    save_modules_to_save(tmp_path / "m.safetensors", gpt, ["lm_head", "ln_f"])
+def _perturb_trainable(model, seed):
+    """Every trainable array moved off its init (as if trained)."""
+    rng = np.random.default_rng(seed)
+    for _, a, _ in model.named_trainable():
+        a += backend.asarray(rng.normal(0.0, 0.1, a.shape), dtype=a.dtype)
+
+
+def _load_fresh(method, path):
+    from minilora.lora import load_adapter
+    from minilora.peft import load_ia3, load_peft
     fresh = GPT(TINY, 0, dtype="float64")
-    fresh.freeze()
-    saved = load_modules_to_save(tmp_path / "m.safetensors", fresh)
-    np.testing.assert_array_equal(np_(fresh.lm_head.params["weight"]),
-                                  np_(gpt.lm_head.params["weight"]))
-    assert {n for n, _, _ in fresh.named_trainable()} == set(saved.param_names)
+    if method in ("lora", "dora"):
+        load_adapter(path, fresh)
+        return fresh
+    if method == "ia3":
+        load_ia3(path, fresh)
+        return fresh
+    return load_peft(path, fresh)[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "bitfit", "adapter", "prompt"])
+def test_saved_modules_travel_inside_the_methods_own_file(tmp_path, method):
+    """modules_to_save lands in the method's file as lm_head.modules_to_save.default.weight
+    (no second file); loading it into a fresh base gives the trained model's logits exactly,
+    with the saved modules trainable."""
+    from minilora.experiments.methods import METHODS, Extras
+    config = {"lora": LoraConfig(r=2), "dora": LoraConfig(r=2, use_dora=True),
+              "adapter": AdapterConfig(bottleneck=2), "prompt": PromptConfig(prompt_len=2)
+              }.get(method)
+    s = METHODS[method](GPT(TINY, 0, dtype="float64"), None,
+                        Extras(config, ("lm_head", "ln_f")))
+    _perturb_trainable(s.model, 1)
+    name = s.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    keys = set(load_file(str(tmp_path / name)))
+    assert {"lm_head.modules_to_save.default.weight", "ln_f.modules_to_save.default.weight",
+            "ln_f.modules_to_save.default.bias"} <= keys
+    assert not keys & {"lm_head.weight", "ln_f.weight"}
+    fresh = _load_fresh(method, tmp_path / name)
+    idx = backend.asarray(np.arange(8).reshape(2, 4) % TINY.vocab_size)
+    np.testing.assert_array_equal(np_(fresh.forward(idx)[0]), np_(s.model.forward(idx)[0]))
+    assert {"lm_head.weight", "ln_f.weight", "ln_f.bias"} <= {
+        n for n, _, _ in fresh.named_trainable()}
+
+
+def test_saved_module_of_another_shape_is_refused_before_loading(tmp_path):
+    from minilora.lora import LoRAError, lora_layers, save_adapter
+    gpt = GPT(TINY, 0, dtype="float64")
+    inject_lora(gpt, LoraConfig(r=2))
+    save_adapter(tmp_path / "a.safetensors", gpt, LoraConfig(r=2), ("lm_head",))
+    arrays = load_file(str(tmp_path / "a.safetensors"))
+    from minilora.peft import split_saved_modules
+    rest, saved, paths = split_saved_modules(arrays)
+    assert paths == ["lm_head"] and set(saved) == {"lm_head.weight"}
+    assert all(".lora_" in k for k in rest)
+    from minilora.peft import check_saved_modules
     other = GPT(GPTConfig(vocab_size=13, block_size=6, n_layer=2, n_head=2, n_embd=8), 0)
-    with pytest.raises(PeftError, match="do not match"):
-        load_modules_to_save(tmp_path / "m.safetensors", other)
+    with pytest.raises(PeftError, match="has shape"):
+        check_saved_modules(other, paths, saved, "a.safetensors")
+    fresh = GPT(TINY, 0, dtype="float64")
+    del fresh.lm_head.params["weight"]       # a model without that parameter: refused first
+    from minilora.lora import load_adapter
+    with pytest.raises(LoRAError, match="which this model does not have"):
+        load_adapter(tmp_path / "a.safetensors", fresh)
+    assert not lora_layers(fresh)            # nothing was injected
+
+
+def test_qlora_and_adalora_files_carry_the_saved_head(tmp_path):
+    from minilora.checkpoint import save_checkpoint
+    from minilora.data.text import CharTokenizer
+    from minilora.experiments.methods import METHODS, Extras
+    from minilora.lora import AdaLoraConfig, import_adalora_peft
+    from minilora.qlora import load_qlora_adapter
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=64)
+    tok = CharTokenizer("abcdefghijk")
+    base = GPT(cfg, 0)
+    save_checkpoint(tmp_path / "base.safetensors", base, tok)
+    idx = backend.asarray(np.arange(8).reshape(1, 8))
+    s = METHODS["qlora"](GPT(cfg, 0), tok, Extras(LoraConfig(r=2), ("lm_head",)))
+    _perturb_trainable(s.model, 2)
+    name = s.save(tmp_path)
+    assert "lm_head.modules_to_save.default.weight" in load_file(str(tmp_path / name))
+    model, _, _, _ = load_qlora_adapter(tmp_path / name, tmp_path / "base.safetensors")
+    np.testing.assert_array_equal(np_(model.forward(idx)[0]), np_(s.model.forward(idx)[0]))
+    ada = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=("q", "v"),
+                        total_step=10)
+    s = METHODS["adalora"](GPT(cfg, 0), tok, Extras(ada, ("lm_head",)))
+    _perturb_trainable(s.model, 3)
+    name = s.save(tmp_path / "ada")
+    d = json.loads((tmp_path / "ada" / "adalora" / "adapter_config.json").read_text())
+    assert d["modules_to_save"] == ["lm_head"]
+    assert "base_model.model.lm_head.weight" in load_file(str(tmp_path / "ada" / name))
+    fresh = GPT(cfg, 0)
+    import_adalora_peft(tmp_path / "ada" / "adalora", fresh)
+    np.testing.assert_allclose(np_(fresh.forward(idx)[0]), np_(s.model.forward(idx)[0]),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_harness_extras_for_any_method(tmp_path):
@@ -135,8 +218,9 @@ def test_harness_extras_for_any_method(tmp_path):
     assert s.config["modules_to_save"] == ["lm_head"]
     assert math.isclose(s.model.lr_scale("lm_head.weight"), 0.1)
     assert s.model.lr_scale("blocks.0.attn.q.bias") == 1.0
-    assert s.save(tmp_path) == "bitfit.safetensors + modules_to_save.safetensors"
-    assert (tmp_path / "modules_to_save.safetensors").is_file()
+    assert s.save(tmp_path) == "bitfit.safetensors"
+    assert "lm_head.modules_to_save.default.weight" in load_file(str(tmp_path /
+                                                                     "bitfit.safetensors"))
     s = METHODS["lora"](GPT(TINY, 0), None, Extras(LoraConfig(r=2), ("lm_head",), 4.0, 1e-3,
                                                    2e-3))
     assert s.model.lr_scale("blocks.0.attn.q.lora_B") == 4.0
@@ -171,3 +255,14 @@ def test_new_methods_run_in_the_harness(tmp_path, method, config, extra_params):
     assert r["trainable_params"] == want
     assert r["task_loss"] != r["task_loss_base"]
     assert (tmp_path / r["weights_file"].split(" + ")[0]).is_file()
+
+
+def test_the_adapter_registry_refuses_an_adapter_with_saved_modules(tmp_path):
+    from minilora.adapters import AdapterRegistry
+    from minilora.lora import LoRAError, save_adapter
+    gpt = GPT(TINY, 0, dtype="float64")
+    inject_lora(gpt, LoraConfig(r=2))
+    save_adapter(tmp_path / "a.safetensors", gpt, LoraConfig(r=2), ("lm_head",))
+    registry = AdapterRegistry(GPT(TINY, 0, dtype="float64"))
+    with pytest.raises(LoRAError, match="modules_to_save: lm_head"):
+        registry.load("a", tmp_path / "a.safetensors")

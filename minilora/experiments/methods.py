@@ -32,7 +32,6 @@ from minilora.peft import (
     apply_peft,
     inject_ia3,
     save_ia3,
-    save_modules_to_save,
     save_peft,
 )
 from minilora.peft.prefix import _GPTWrapper
@@ -47,8 +46,9 @@ class MethodSetup(NamedTuple):
             it, e.g. prompt tuning). It must offer ``forward(idx, check=...)``,
             ``forward_backward(x, y)``, ``named_trainable()`` and ``num_parameters()``.
         config: the method's options as a JSON-able dict (or None), recorded in ``result.json``.
-        save: ``f(out_dir: Path)`` writing the trained weights (atomically) into ``out_dir``;
-            returns the file name written.
+        save: ``f(out_dir: Path, modules_to_save=())`` writing the trained weights (atomically)
+            into ``out_dir``, with the whole modules at the paths ``modules_to_save`` in the same
+            file; returns the file name written.
         lr, min_lr: the method's default peak and final learning rates.
         base_model: the untouched base, for methods that leave it intact but change the outputs
             at step 0 (prefix / prompt tuning wrap it): the ``*_base`` figures are measured on
@@ -68,7 +68,7 @@ def _setup_full(model, tok, config) -> MethodSetup:
     if config is not None:
         raise ValueError("method 'full' takes no method config (every parameter trains)")
 
-    def save(out: Path) -> str:
+    def save(out: Path, modules_to_save=()) -> str:
         save_checkpoint(out / "model.safetensors", model, tok, extra={"finetune": True})
         return "model.safetensors"
     return MethodSetup(model, None, save, 1e-3, 1e-4)
@@ -81,8 +81,8 @@ def _setup_lora(model, tok, config) -> MethodSetup:
         raise UsageError(f"method 'lora' needs a LoraConfig, got {type(config).__name__}")
     inject_lora(model, config)
 
-    def save(out: Path) -> str:
-        save_adapter(out / "adapter.safetensors", model, config)
+    def save(out: Path, modules_to_save=()) -> str:
+        save_adapter(out / "adapter.safetensors", model, config, modules_to_save)
         return "adapter.safetensors"
     return MethodSetup(model, config.to_dict(), save, 5e-3, 5e-4)
 
@@ -111,11 +111,12 @@ def setup_adalora(model, tok, config):
     wrapped = AdaLoraModel(model, config)
     summary = config.to_dict()
 
-    def save(out: Path) -> str:
+    def save(out: Path, modules_to_save=()) -> str:
         alloc = wrapped.allocator
         summary["final_ranks"] = alloc.ranks()
         summary["rank_history"] = [list(h) for h in alloc.history]
-        export_adalora_peft(Path(out) / "adalora", wrapped, config, alloc.rank_pattern)
+        export_adalora_peft(Path(out) / "adalora", wrapped, config, alloc.rank_pattern,
+                            modules_to_save)
         atomic_write_text(Path(out) / "adalora_ranks.json",
                           json.dumps({"final_ranks": alloc.ranks(),
                                       "history": summary["rank_history"]}, indent=1) + "\n")
@@ -131,8 +132,8 @@ def setup_ia3(model, tok, config):
         raise UsageError(f"method 'ia3' needs an IA3Config, got {type(config).__name__}")
     inject_ia3(model, config)
 
-    def save(out: Path) -> str:
-        save_ia3(Path(out) / "ia3.safetensors", model, config)
+    def save(out: Path, modules_to_save=()) -> str:
+        save_ia3(Path(out) / "ia3.safetensors", model, config, modules_to_save)
         return "ia3.safetensors"
     return MethodSetup(model, config.to_dict(), save, 1e-2, 1e-3)
 
@@ -160,9 +161,9 @@ def setup_qlora(model, tok, config):
     base = copy.deepcopy(model)
     report = inject_qlora(model, lora_cfg, quant)
 
-    def save(out: Path) -> str:
+    def save(out: Path, modules_to_save=()) -> str:
         save_qlora_adapter(out / "adapter.safetensors", model, lora_cfg, quant,
-                           report["base_digest"])
+                           report["base_digest"], modules_to_save)
         return "adapter.safetensors"
     summary = {k: v for k, v in report.items() if k != "loftq"}
     if "loftq" in report:
@@ -194,8 +195,8 @@ def _setup(method: str, model, config):
         raise UsageError(f"method {method!r} needs a {cls.__name__}, got {type(config).__name__}")
     model = apply_peft(model, config)
 
-    def save(out: Path) -> str:
-        save_peft(Path(out) / WEIGHTS_FILE[method], model, config)
+    def save(out: Path, modules_to_save=()) -> str:
+        save_peft(Path(out) / WEIGHTS_FILE[method], model, config, modules_to_save)
         return WEIGHTS_FILE[method]
 
     lr, min_lr = DEFAULT_LR[method]
@@ -232,8 +233,8 @@ class Extras(NamedTuple):
     Attributes:
         config: the method's own config (or None for its default).
         modules_to_save: module names trained whole beside the method (PEFT's
-            ``modules_to_save``, e.g. ``("lm_head",)``); saved in ``modules_to_save.safetensors``
-            next to the method's file.
+            ``modules_to_save``, e.g. ``("lm_head",)``); saved inside the method's own file
+            (``lm_head.modules_to_save.default.weight``; PEFT's layout in AdaLoRA's folder).
         loraplus_ratio: LoRA+: the B factors' learning rate is ratio x A's (methods with LoRA
             factors: lora, qlora, dora, adalora).
         modules_to_save_lr: peak learning rate of the saved modules (None: the method's, as in
@@ -285,11 +286,8 @@ def _with_extras(setup_fn: Callable) -> Callable:
                 s.model.lr_scale = lr_scale
                 summary["modules_to_save_lr"] = float(extras.modules_to_save_lr)
 
-            def save(out: Path, _inner=s.save) -> str:
-                name = _inner(out)
-                save_modules_to_save(Path(out) / "modules_to_save.safetensors", s.model,
-                                     saved.paths)
-                return f"{name} + modules_to_save.safetensors"
+            def save(out: Path, modules_to_save=(), _inner=s.save) -> str:
+                return _inner(out, saved.paths)
         return s._replace(config=summary, save=save)
     setup.__doc__ = setup_fn.__doc__
     return setup

@@ -3,7 +3,8 @@
 ``minilora results`` prints (and writes ``results/finetune/table.md``) one row per run found under
 ``results/finetune/<task>-<method>/result.json``; ``minilora results --run`` first runs the missing
 (task, method) pairs with the harness defaults of :func:`minilora.experiments.finetune.finetune`, so the whole
-table is made by one command. Columns: the task metric before -> after, trainable parameters,
+table is made by one command. Columns: the modules trained whole beside the method
+(``modules_to_save``), the task metric before -> after, trainable parameters,
 median step time, measured peak memory of a training step (weights + optimizer state + the
 step's allocations, :func:`minilora.memory.memory_account`), and forgetting (change in the
 Shakespeare validation loss).
@@ -53,17 +54,23 @@ def _peak(r: dict) -> str:
     return "-" if v is None else f"{v / 2**20:.1f}"
 
 
+def _saved_modules(r: dict) -> str:
+    saved = (r.get("method_config") or {}).get("modules_to_save") or []
+    return ", ".join(saved) or "-"
+
+
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of :func:`load_results` rows."""
-    head = ("| run | task | method | metric (base -> tuned) | trainable params | % of total "
-            "| step ms | peak MiB | forgetting |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| run | task | method | modules_to_save | metric (base -> tuned) | trainable params "
+            "| % of total | step ms | peak MiB | forgetting |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
-            f"| {r['_dir']} | {r['task']} | {r['method']} | {_fmt_metric(r)} "
+            f"| {r['_dir']} | {r['task']} | {r['method']} | {_saved_modules(r)} | {_fmt_metric(r)} "
             f"| {r['trainable_params']:,} | {100 * r['trainable_params'] / r['total_params']:.2f} "
             f"| {r['median_step_ms']:.0f} | {_peak(r)} | {r['forgetting']:+.3f} |")
-    notes = ("\nmetric: test loss in nats/char (milton, python; lower is better) or exact-match "
+    notes = ("\nmodules_to_save: whole modules trained beside the method (PEFT's option; their "
+             "numbers are in the trainable count). metric: test loss in nats/char (milton, python; lower is better) or exact-match "
              "accuracy (sentiment). forgetting: Shakespeare validation loss after - before. "
              "peak MiB: measured (tracemalloc) weights + optimizer state + one step's allocations "
              "at the run's batch.\n")

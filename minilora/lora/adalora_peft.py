@@ -1,5 +1,6 @@
 """AdaLoRA in Hugging Face PEFT's folder format, both ways (``lora_A``, ``lora_B``, ``lora_E``;
-the kept ranks in ``rank_pattern``).
+the kept ranks in ``rank_pattern``; whole modules trained beside it in ``modules_to_save``, in
+PEFT 0.21's layout, ``base_model.model.lm_head.weight``, the older one read too).
 
 Chapter: chapters/02-lora-notes.ipynb
 """
@@ -17,23 +18,27 @@ from minilora.lora.adalora import AdaLoraConfig, adalora_layers
 from minilora.lora.adalora_train import inject_adalora
 from minilora.lora.layers import LoRAError
 from minilora.lora.peft_format import KEY_PREFIX, from_peft_module, to_peft_module
-from minilora.lora.peft_names import read_peft_dir
+from minilora.lora.peft_modules import saved_module_key
+from minilora.lora.peft_names import PEFT_TARGET_NAMES, read_peft_dir
 from minilora.nn.layers import Module
+from minilora.peft.modules_to_save import (
+    check_saved_modules,
+    load_saved_modules,
+    modules_to_save_state_dict,
+)
 
 # ----------------------------------------------------------------------------------------------
 # files: PEFT's ADALORA directory (the kept triplets only, rank_pattern in the config)
 # ----------------------------------------------------------------------------------------------
-_PEFT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "up_proj",
-               "down": "down_proj"}
-
-
 def export_adalora_peft(path_dir, model: Module, config: AdaLoraConfig,
-                        rank_pattern: dict | None = None) -> Path:
+                        rank_pattern: dict | None = None, modules_to_save=()) -> Path:
     """Write PEFT's AdaLoRA directory: per layer only the kept triplets, keys
     ``base_model.model.<path>.lora_A`` (r_M, d_in), ``.lora_E`` (r_M, 1), ``.lora_B``
     (d_out, r_M) (no ``.weight``), and ``rank_pattern`` ``{"<path>.lora_E": [bools]}`` in the
     config (PEFT's saved form). ``rank_pattern``: ours (layer name -> bools); None keeps every
-    triplet with a non-zero E.
+    triplet with a non-zero E. ``modules_to_save``: module paths trained whole beside the
+    triplets, saved under their own keys (``base_model.model.lm_head.weight``) and named in the
+    config, as peft 0.21 does.
 
     Chapter: chapters/02-lora-notes.ipynb
     """
@@ -49,14 +54,17 @@ def export_adalora_peft(path_dir, model: Module, config: AdaLoraConfig,
         A, E2, B = (backend.to_numpy(m.params[k]) for k in ("lora_A", "lora_E", "lora_B"))
         for k, a in (("lora_A", A[keep]), ("lora_E", E2[keep]), ("lora_B", B[:, keep])):
             tensors[f"{KEY_PREFIX}{peft}.{k}"] = np.ascontiguousarray(a)
+    for name, a in modules_to_save_state_dict(model, modules_to_save).items():
+        module, _, tensor = name.rpartition(".")
+        tensors[f"{KEY_PREFIX}{to_peft_module(module)}.{tensor}"] = backend.to_numpy(a)
     path_dir = Path(path_dir)
     atomic_write_bytes(path_dir / "adapter_model.safetensors",
                        save(tensors, metadata={"format": "pt"}))
     d = {"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
          "inference_mode": True, "r": 8, "bias": "none", "fan_in_fan_out": False,
          "init_lora_weights": True, "use_dora": False, "use_rslora": False,
-         "modules_to_save": None,
-         "target_modules": [_PEFT_NAMES[t] for t in config.target_modules],
+         "modules_to_save": [to_peft_module(p) for p in modules_to_save] or None,
+         "target_modules": [PEFT_TARGET_NAMES[t] for t in config.target_modules],
          "rank_pattern": pattern}
     d.update({k: v for k, v in config.to_dict().items() if k not in ("target_modules", "seed")})
     atomic_write_json(path_dir / "adapter_config.json", d)
@@ -73,21 +81,33 @@ def import_adalora_peft(path_dir, model: Module) -> tuple[AdaLoraConfig, dict]:
     d, cfg_path, w_path = read_peft_dir(path_dir, LoRAError)
     if d.get("peft_type") != "ADALORA":
         raise LoRAError(f"{str(cfg_path)!r}: peft_type is {d.get('peft_type')!r}, not 'ADALORA'")
-    if d.get("fan_in_fan_out") or d.get("modules_to_save") or d.get("use_dora"):
-        raise LoRAError(f"{str(cfg_path)!r}: fan_in_fan_out / modules_to_save / use_dora are not "
-                        "supported for AdaLoRA files")
+    if d.get("fan_in_fan_out") or d.get("use_dora"):
+        raise LoRAError(f"{str(cfg_path)!r}: fan_in_fan_out / use_dora are not supported for "
+                        "AdaLoRA files")
+    saved_names = d.get("modules_to_save") or []
+    if isinstance(saved_names, str) or not isinstance(saved_names, list):
+        raise LoRAError(f"{str(cfg_path)!r}: modules_to_save must be a list of module names")
     fields = {k: d[k] for k in ("init_r", "target_r", "lora_alpha", "lora_dropout", "tinit",
                                 "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
                                 "total_step") if d.get(k) is not None}
     config = AdaLoraConfig(target_modules=tuple(d.get("target_modules") or ()), **fields)
     with safe_open(str(w_path), framework="numpy") as f:
         raw = {k: f.get_tensor(k) for k in f.keys()}
-    arrays = {}
+    arrays, saved, saved_paths = {}, {}, []
     for key, a in raw.items():
+        module, tensor = saved_module_key(key, saved_names)
+        if module is not None:
+            saved[f"{module}.{tensor}"] = a
+            saved_paths += [module] if module not in saved_paths else []
+            continue
         path, _, tensor = key[len(KEY_PREFIX):].rpartition(".")
         if not key.startswith(KEY_PREFIX) or tensor not in ("lora_A", "lora_E", "lora_B"):
             raise LoRAError(f"{str(w_path)!r}: key {key!r} is not an AdaLoRA factor")
         arrays.setdefault(from_peft_module(path), {})[tensor] = a
+    if saved_names and not saved_paths:
+        raise LoRAError(f"{str(cfg_path)!r}: modules_to_save names {saved_names} but "
+                        f"{str(w_path)!r} holds none of their tensors")
+    check_saved_modules(model, saved_paths, saved, str(w_path), error=LoRAError)
     inject_adalora(model, config)
     layers = adalora_layers(model)
     if set(arrays) != set(layers):
@@ -106,4 +126,6 @@ def import_adalora_peft(path_dir, model: Module) -> tuple[AdaLoraConfig, dict]:
         m = layers[name]
         for k, a in t.items():
             m.params[k] = backend.asarray(a, dtype=m.params["weight"].dtype)
+    if saved_paths:
+        load_saved_modules(model, saved_paths, saved, str(w_path), error=LoRAError)
     return config, {n: m.r for n, m in layers.items()}

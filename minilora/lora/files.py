@@ -1,8 +1,10 @@
 """LoRA adapter files: the factors alone (kilobytes), with the config needed to rebuild them.
 
 One safetensors file written by :func:`minilora.io.write_typed` (format ``minilora-adapter-v1``):
-the ``lora_`` tensors (and the biases the config trains) by parameter name, and in the JSON header
-the :class:`LoraConfig`, the adapted module names and the base model's config.
+the ``lora_`` tensors (and the biases the config trains) by parameter name, the whole modules
+trained beside it (``modules_to_save``: ``lm_head.modules_to_save.default.weight``, PEFT's name),
+and in the JSON header the :class:`LoraConfig`, the adapted module names, the saved modules and
+the base model's config.
 
 Chapter: chapters/02-lora-notes.ipynb
 """
@@ -14,6 +16,12 @@ from minilora.io import check_same_base, config_from_meta, read_typed, write_typ
 from minilora.lora.inject import _bias_predicate, lora_layers, prepare_for_adapter
 from minilora.lora.layers import LoRAError
 from minilora.nn.layers import Module
+from minilora.peft.modules_to_save import (
+    check_saved_modules,
+    load_saved_modules,
+    saved_modules_tensors,
+    split_saved_modules,
+)
 
 ADAPTER_FORMAT = "minilora-adapter-v1"
 
@@ -73,12 +81,14 @@ def load_lora_state_dict(model: Module, arrays: dict, strict: bool = True) -> No
         m.params[k] = backend.asarray(backend.to_numpy(a), dtype=m.params[k].dtype)
 
 
-def save_adapter(path, model: Module, config: LoraConfig) -> None:
+def save_adapter(path, model: Module, config: LoraConfig, modules_to_save=()) -> None:
     """Write the adapter alone (factors + selected biases, kilobytes) to one safetensors file.
 
     The JSON metadata holds the :class:`LoraConfig` and, if the model has one, its
     ``GPTConfig``, so :func:`load_adapter` can rebuild the wrappers and check the base. Atomic
     (:func:`minilora.io.write_typed`). Saved unmerged: a merged model is refused.
+    ``modules_to_save``: module paths trained whole beside the factors (``("lm_head",)``),
+    stored in the same file (see :mod:`minilora.peft.modules_to_save`).
 
     Chapter: chapters/02-lora-notes.ipynb
     """
@@ -88,19 +98,21 @@ def save_adapter(path, model: Module, config: LoraConfig) -> None:
     if any(m.merged for m in layers.values()):
         raise LoRAError("save_adapter: LoRA layers are merged; unmerge_lora(model) first so the "
                         "saved factors and the base weight stay separable")
-    meta = {"lora_config": config.to_dict(), "targets": list(layers)}
+    meta = {"lora_config": config.to_dict(), "targets": list(layers),
+            "modules_to_save": list(modules_to_save)}
     model_config = getattr(model, "config", None)
     if model_config is not None and hasattr(model_config, "to_dict"):
         meta["model_config"] = model_config.to_dict()
-    write_typed(path, ADAPTER_FORMAT, lora_state_dict(model, config.bias), meta)
+    arrays = {**lora_state_dict(model, config.bias), **saved_modules_tensors(model, modules_to_save)}
+    write_typed(path, ADAPTER_FORMAT, arrays, meta)
 
 
 def read_adapter(path, model: Module | None = None,
                  allow_nonfinite: bool = False) -> tuple[dict, LoraConfig]:
     """Read a file from :func:`save_adapter` without touching any model.
 
-    Returns ``(arrays, config)``: the tensors (NumPy, by parameter name) and the adapter's
-    :class:`LoraConfig`. Checks the format and the config; given ``model``, also that the adapter
+    Returns ``(arrays, config)``: the tensors (NumPy, by parameter name; a saved module's under
+    ``<path>.modules_to_save.default.<parameter>``) and the adapter's :class:`LoraConfig`. Checks the format and the config; given ``model``, also that the adapter
     was built for a base of the same shape (vocab_size, n_embd, n_layer, bias), one clear error
     otherwise. Used by :func:`load_adapter` and by the many-adapter registry
     (:mod:`minilora.adapters`).
@@ -119,11 +131,16 @@ def load_adapter(path, model: Module) -> LoraConfig:
 
     A model without LoRA layers is injected first with the saved config (for ``"pissa"`` that
     recomputes the same residual base from the same W0). A model that already has LoRA layers
-    must have exactly the saved targets. Shapes are checked with clear errors.
+    must have exactly the saved targets. Shapes are checked with clear errors. Saved whole
+    modules (``modules_to_save``) are copied into the model after the factors and left trainable.
 
     Chapter: chapters/02-lora-notes.ipynb
     """
     arrays, config = read_adapter(path, model)
+    arrays, saved, paths = split_saved_modules(arrays)
+    check_saved_modules(model, paths, saved, str(path), error=LoRAError)
     prepare_for_adapter(model, config)
     load_lora_state_dict(model, arrays)
+    if paths:
+        load_saved_modules(model, paths, saved, str(path), error=LoRAError)
     return config

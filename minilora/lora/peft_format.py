@@ -84,11 +84,7 @@ from minilora.lora.dora import DoRALinear
 from minilora.lora.files import load_lora_state_dict, lora_state_dict
 from minilora.lora.inject import lora_layers, prepare_for_adapter
 from minilora.lora.layers import LoRAEmbedding, LoRAError, LoRALinear
-from minilora.lora.peft_modules import (
-    check_base_copy,
-    load_saved_modules,
-    saved_module_key,
-)
+from minilora.lora.peft_modules import check_base_copy, saved_module_key
 from minilora.lora.peft_names import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -102,6 +98,7 @@ from minilora.lora.peft_names import (
     to_peft_module,
 )
 from minilora.peft.modules_to_save import (
+    load_saved_modules,
     modules_to_save_state_dict,
 )
 
@@ -325,7 +322,7 @@ def import_peft(path_dir, model) -> LoraConfig:
                               f"{str(w_path)!r} holds none of their tensors")
     mts = {n: arrays.pop(n) for n in list(arrays) if n.rpartition(".")[0] in saved_modules}
     if saved_modules:
-        load_saved_modules(model, saved_modules, mts, str(w_path))
+        load_saved_modules(model, saved_modules, mts, str(w_path), error=PeftFormatError)
     load_lora_state_dict(model, arrays)
     return config
 

@@ -1,6 +1,7 @@
 """Whole modules in a PEFT LoRA file: ``modules_to_save`` (trained copies, both key layouts) and
 the base-layer copies PEFT writes with ``save_embedding_layers`` (accepted when they equal the
-base weight). Used by :func:`minilora.lora.peft_format.import_peft`.
+base weight). Used by :func:`minilora.lora.peft_format.import_peft` and the AdaLoRA import; the saved
+modules are then loaded by :func:`minilora.peft.modules_to_save.load_saved_modules`.
 
 Chapter: chapters/02-lora-notes.ipynb
 """
@@ -9,19 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 from minilora import backend
-from minilora.peft.modules_to_save import (
-    add_modules_to_save,
-    modules_to_save_state_dict,
-)
-
-BASE_COPY_RTOL = 2.0 ** -8
-BASE_COPY_ATOL = 1e-8
 from minilora.lora.peft_names import (
     KEY_PREFIX,
     MTS_INFIX,
     PeftFormatError,
     from_peft_module,
 )
+
+BASE_COPY_RTOL = 2.0 ** -8
+BASE_COPY_ATOL = 1e-8
 
 
 def check_base_copy(name: str, saved, model, where: str) -> None:
@@ -60,18 +57,3 @@ def saved_module_key(key: str, saved_names: list):
         return from_peft_module(path), tensor
     except PeftFormatError:
         return None, None
-
-
-def load_saved_modules(model, paths: list, arrays: dict, where: str) -> None:
-    """Check, then copy the saved modules' tensors into ``model`` and mark them trainable."""
-    wanted = modules_to_save_state_dict(model, paths)
-    if set(arrays) != set(wanted):
-        raise PeftFormatError(f"{where}: modules_to_save tensors {sorted(arrays)} do not match "
-                              f"the model's {sorted(wanted)}")
-    for n, a in arrays.items():
-        if tuple(a.shape) != tuple(wanted[n].shape):
-            raise PeftFormatError(f"{where}: {n!r} has shape {tuple(a.shape)}, the model's is "
-                                  f"{tuple(wanted[n].shape)}")
-    for n, a in arrays.items():
-        wanted[n][...] = backend.asarray(a, dtype=wanted[n].dtype)
-    add_modules_to_save(model, paths)

@@ -51,11 +51,13 @@ from minilora.peft.ia3 import (
 from minilora.peft.modules_to_save import (
                                  SavedModules,
                                  add_modules_to_save,
+                                 check_saved_modules,
                                  count_modules_to_save,
-                                 load_modules_to_save,
+                                 load_saved_modules,
                                  modules_to_save_state_dict,
                                  resolve_modules_to_save,
-                                 save_modules_to_save,
+                                 saved_modules_tensors,
+                                 split_saved_modules,
 )
 from minilora.peft.prefix import (
                                  PrefixConfig,
@@ -73,6 +75,7 @@ __all__ = ["ADAPTER_TARGETS", "AdapterConfig", "BitFitConfig", "CONFIGS", "Houls
            "apply_peft", "base_prefix_kv", "count_peft_parameters", "inject_adapters",
            "load_peft", "peft_state_dict", "save_peft", "SavedModules", "add_modules_to_save",
            "count_modules_to_save", "modules_to_save_state_dict", "resolve_modules_to_save",
-           "load_modules_to_save", "save_modules_to_save",
+           "check_saved_modules", "load_saved_modules", "saved_modules_tensors",
+           "split_saved_modules",
            "IA3Config", "IA3Linear", "count_ia3_parameters", "export_ia3_peft", "ia3_layers",
            "import_ia3_peft", "inject_ia3", "load_ia3", "merge_ia3", "save_ia3", "unmerge_ia3"]

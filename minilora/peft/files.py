@@ -22,6 +22,12 @@ from minilora.nn.layers import Module
 from minilora.peft.bitfit import BitFitConfig, apply_bitfit, bitfit_trainable
 from minilora.peft.common import PeftError
 from minilora.peft.houlsby import AdapterConfig, adapter_trainable, inject_adapters
+from minilora.peft.modules_to_save import (
+    check_saved_modules,
+    load_saved_modules,
+    saved_modules_tensors,
+    split_saved_modules,
+)
 from minilora.peft.prefix import (
     PrefixConfig,
     PromptConfig,
@@ -108,9 +114,11 @@ def peft_state_dict(model, config) -> dict:
     return {n: p for n, p in model.named_parameters() if pred(n)}
 
 
-def save_peft(path, model, config) -> None:
+def save_peft(path, model, config, modules_to_save=()) -> None:
     """Write only the method's small tensors (safetensors) with a JSON header holding the
     method, its config and the base model's config; atomic (:func:`minilora.io.write_typed`).
+    ``modules_to_save``: module paths trained whole beside the method, stored in the same file
+    (:mod:`minilora.peft.modules_to_save`).
 
     Chapter: chapters/02-lora-notes.ipynb
     """
@@ -120,8 +128,10 @@ def save_peft(path, model, config) -> None:
         raise PeftError(f"save_peft: the model holds no {method} parameters; apply the method "
                         "first (apply_peft)")
     meta = {"method": method, "config": config.to_dict(),
-            "model_config": _base_gpt(model).config.to_dict()}
-    write_typed(path, PEFT_FORMAT, arrays, meta)
+            "model_config": _base_gpt(model).config.to_dict(),
+            "modules_to_save": list(modules_to_save)}
+    write_typed(path, PEFT_FORMAT, {**arrays, **saved_modules_tensors(model, modules_to_save)},
+                meta)
 
 
 def load_peft(path, model, allow_nonfinite: bool = False):
@@ -130,7 +140,7 @@ def load_peft(path, model, allow_nonfinite: bool = False):
 
     The saved base shape must match (vocab_size, n_embd, n_layer, n_head, bias); every saved name
     must be one of the method's parameters with the same shape; all are checked before anything
-    is written.
+    is written. Saved whole modules (``modules_to_save``) are copied in last and stay trainable.
 
     Chapter: chapters/02-lora-notes.ipynb
     """
@@ -141,6 +151,7 @@ def load_peft(path, model, allow_nonfinite: bool = False):
                               f"{', '.join(CONFIGS)}")
     config = config_from_meta(path, meta, "config", CONFIGS[method], f"{method} file")
     check_same_base(path, meta.get("model_config"), model.config, error=PeftError)
+    arrays, saved, paths = split_saved_modules(arrays)
     model = apply_peft(model, config)
     slots = {n: (m, k) for n, m, k in model._slots()}
     wanted = peft_state_dict(model, config)
@@ -153,7 +164,10 @@ def load_peft(path, model, allow_nonfinite: bool = False):
         if tuple(a.shape) != tuple(wanted[n].shape):
             raise PeftError(f"{str(path)!r}: tensor {n!r} has shape {tuple(a.shape)}, the model's "
                             f"is {tuple(wanted[n].shape)}")
+    check_saved_modules(model, paths, saved, str(path))   # before any write
     for n, a in arrays.items():
         m, k = slots[n]
         m.params[k] = backend.asarray(a, dtype=m.params[k].dtype)
+    if paths:
+        load_saved_modules(model, paths, saved, str(path))
     return model, config

@@ -51,15 +51,19 @@ from minilora.io import (
 # the module, not its names: lora.peft_format imports minilora.peft (modules_to_save), so when
 # it is imported first this package is loaded while peft_format is still half-initialised
 from minilora.lora import peft_format
-from minilora.lora.peft_names import read_peft_dir
+from minilora.lora.peft_names import PEFT_TARGET_NAMES, read_peft_dir
 from minilora.nn import ops
 from minilora.nn.layers import Linear, Module
 from minilora.peft.common import PeftError
+from minilora.peft.modules_to_save import (
+    check_saved_modules,
+    load_saved_modules,
+    saved_modules_tensors,
+    split_saved_modules,
+)
 
 IA3_TARGETS = ("q", "k", "v", "o", "up", "down")
 IA3_FORMAT = "minilora-ia3-v1"
-_PEFT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "up": "up_proj",
-               "down": "down_proj"}
 
 
 def _names(value, what: str) -> tuple:
@@ -295,9 +299,10 @@ def _check_unmerged(model, what):
         raise PeftError(f"{what}: (IA)³ layers are merged; unmerge_ia3(model) first")
 
 
-def save_ia3(path, model: Module, config: IA3Config, extra: dict | None = None) -> None:
-    """Write the vectors (and ``extra`` tensors, e.g. modules_to_save) with the config and the
-    base's shape; atomic.
+def save_ia3(path, model: Module, config: IA3Config, modules_to_save=()) -> None:
+    """Write the vectors with the config and the base's shape; atomic. ``modules_to_save``:
+    module paths trained whole beside the vectors, stored in the same file
+    (:mod:`minilora.peft.modules_to_save`).
 
     Chapter: chapters/02-lora-notes.ipynb
     """
@@ -305,29 +310,36 @@ def save_ia3(path, model: Module, config: IA3Config, extra: dict | None = None) 
     arrays = ia3_state_dict(model)
     if not arrays:
         raise PeftError("save_ia3: the model has no (IA)³ layers")
-    meta = {"ia3_config": config.to_dict(), "model_config": model.config.to_dict()}
-    write_typed(path, IA3_FORMAT, {**arrays, **(extra or {})}, meta)
+    meta = {"ia3_config": config.to_dict(), "model_config": model.config.to_dict(),
+            "modules_to_save": list(modules_to_save)}
+    write_typed(path, IA3_FORMAT, {**arrays, **saved_modules_tensors(model, modules_to_save)},
+                meta)
 
 
 def load_ia3(path, model: Module) -> IA3Config:
-    """Inject a file from :func:`save_ia3` into a fresh base GPT; returns its config. Tensors
-    that are not (IA)³ vectors (modules_to_save) are copied into the model by name.
+    """Inject a file from :func:`save_ia3` into a fresh base GPT; returns its config. Saved
+    whole modules (``modules_to_save``) are copied in after the vectors and stay trainable.
 
     Chapter: chapters/02-lora-notes.ipynb
     """
     arrays, meta = read_typed(path, IA3_FORMAT, "(IA)³ file")
     config = config_from_meta(path, meta, "ia3_config", IA3Config, "(IA)³ file")
     check_same_base(path, meta.get("model_config"), model.config, error=PeftError)
+    arrays, saved, paths = split_saved_modules(arrays)
     inject_ia3(model, config)
+    check_saved_modules(model, paths, saved, str(path))
     _load_arrays(model, arrays, str(path))
+    if paths:
+        load_saved_modules(model, paths, saved, str(path))
     return config
 
 
 def _load_arrays(model, arrays, where):
     slots = {n: (m, k) for n, m, k in model._slots()}
     for n, a in arrays.items():
-        if n not in slots or tuple(a.shape) != tuple(slots[n][0].params[slots[n][1]].shape):
-            raise PeftError(f"{where}: tensor {n!r} {tuple(a.shape)} matches no parameter of "
+        if (not n.endswith(".ia3_l") or n not in slots
+                or tuple(a.shape) != tuple(slots[n][0].params[slots[n][1]].shape)):
+            raise PeftError(f"{where}: tensor {n!r} {tuple(a.shape)} matches no (IA)³ vector of "
                             "this model (another base or other targets?)")
     for n, a in arrays.items():
         m, k = slots[n]
@@ -350,8 +362,8 @@ def export_ia3_peft(path_dir, model: Module, config: IA3Config) -> Path:
     atomic_write_json(path_dir / "adapter_config.json", {
         "peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
         "revision": None, "inference_mode": True, "fan_in_fan_out": False,
-        "target_modules": [_PEFT_NAMES[t] for t in config.target_modules],
-        "feedforward_modules": [_PEFT_NAMES[t] for t in config.feedforward_modules],
+        "target_modules": [PEFT_TARGET_NAMES[t] for t in config.target_modules],
+        "feedforward_modules": [PEFT_TARGET_NAMES[t] for t in config.feedforward_modules],
         "init_ia3_weights": config.init_ia3_weights, "modules_to_save": None,
         "exclude_modules": None})
     return path_dir

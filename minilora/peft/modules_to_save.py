@@ -18,10 +18,14 @@ forward uses the copy while the adapter is active, and ``merge_and_unload`` keep
 give the same outputs with the adapter on and after merging; the copy is only needed to switch
 the adapter off, which ``restore()`` does here.
 
-File layout: peft 0.21.2 saves a module's tensors under the module's own path
-(``base_model.model.lm_head.weight``) and recognises them from ``modules_to_save`` in the config;
-older PEFT releases wrote ``base_model.model.lm_head.modules_to_save.default.weight``.
-:mod:`minilora.lora.peft_format` writes the first and reads both.
+File layout: the saved modules travel *inside* the method's own file (the LoRA, DoRA, QLoRA,
+(IA)³, Houlsby, prefix, prompt or BitFit file), under PEFT's name for the trained copy,
+``lm_head.modules_to_save.default.weight``, with the module list in the header; each loader puts
+them back after applying the method. In PEFT's own directory format peft 0.21.2 saves a module's
+tensors under the module's path (``base_model.model.lm_head.weight``) and recognises them from
+``modules_to_save`` in the config; older PEFT releases wrote
+``base_model.model.lm_head.modules_to_save.default.weight``. :mod:`minilora.lora.peft_format`
+(and the AdaLoRA export) writes the first and reads both.
 
 Cost: a saved module trains all of its numbers (``lm_head``: V C = 97 x 128 = 12,416 in the
 shipped model) and its AdamW moments (2 more copies).
@@ -31,11 +35,9 @@ Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
 from __future__ import annotations
 
 from minilora import backend
-from minilora.io import read_typed, write_typed
+from minilora.lora.peft_names import MTS_INFIX
 from minilora.nn.layers import Module
 from minilora.peft.common import PeftError
-
-MODULES_TO_SAVE_FORMAT = "minilora-modules-to-save-v1"
 
 
 def _module_paths(model: Module) -> dict:
@@ -130,37 +132,80 @@ def count_modules_to_save(model: Module, names) -> int:
                for a in modules[p].params.values())
 
 
-def save_modules_to_save(path, model: Module, paths) -> None:
-    """Write the saved modules' tensors (a typed safetensors file, atomic) with their paths.
+def saved_modules_tensors(model: Module, paths) -> dict:
+    """The saved modules' tensors under the keys they take in an adapter file:
+    ``<module path>.modules_to_save.default.<parameter>`` (``lm_head.modules_to_save.default.weight``),
+    PEFT's name for the trained copy of a module. Every method's file writer
+    (:func:`minilora.lora.save_adapter`, ``save_qlora_adapter``, ``save_peft``, ``save_ia3``) adds
+    them with ``modules_to_save=paths``.
 
     Chapter: chapters/02-lora-notes.ipynb
     """
-    write_typed(path, MODULES_TO_SAVE_FORMAT, modules_to_save_state_dict(model, paths),
-                {"modules": list(paths)})
+    modules_to_save_state_dict(model, paths)    # one clear error for a path the model lacks
+    modules = dict(model.named_modules())
+    return {f"{p}{MTS_INFIX}.{k}": a for p in paths for k, a in modules[p].params.items()}
 
 
-def load_modules_to_save(path, model: Module) -> SavedModules:
-    """Copy a :func:`save_modules_to_save` file into ``model`` (names and shapes checked first)
-    and mark those modules trainable; returns the :class:`SavedModules` (its ``restore()`` gives
-    the model's previous arrays back).
+def split_saved_modules(arrays: dict) -> tuple[dict, dict, list]:
+    """Split an adapter file's tensors into ``(the method's, the saved modules', module paths)``;
+    the saved modules' keys lose their ``.modules_to_save.default`` infix
+    (``lm_head.weight``), ready for :func:`load_saved_modules`.
 
     Chapter: chapters/02-lora-notes.ipynb
     """
-    arrays, meta = read_typed(path, MODULES_TO_SAVE_FORMAT, "modules_to_save file")
-    paths = meta.get("modules")
-    if not isinstance(paths, list):
-        raise PeftError(f"{str(path)!r}: no module list in the file's metadata")
+    rest, saved, paths = {}, {}, []
+    for key, a in arrays.items():
+        path, infix, tensor = key.partition(MTS_INFIX + ".")
+        if not infix:
+            rest[key] = a
+            continue
+        saved[f"{path}.{tensor}"] = a
+        if path not in paths:
+            paths.append(path)
+    return rest, saved, paths
+
+
+def check_saved_modules(model: Module, paths, arrays: dict, where: str,
+                        error=PeftError) -> dict:
+    """Check saved modules' tensors against ``model`` (every name present, every shape equal)
+    without writing anything; returns the model's arrays they will be copied into. Loaders call
+    it before they write the method's own tensors.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    modules = _module_paths(model)
+    missing = [p for p in paths if p not in modules]
+    if missing:
+        raise error(f"{where}: saves the whole module {missing[0]!r} (modules_to_save), which "
+                    "this model does not have (another architecture?)")
     wanted = modules_to_save_state_dict(model, paths)
-    if set(arrays) != set(wanted) or any(tuple(a.shape) != tuple(wanted[n].shape)
-                                         for n, a in arrays.items()):
-        raise PeftError(f"{str(path)!r} holds {sorted(arrays)[:4]} which do not match this "
-                        f"model's modules {paths} (another base shape?)")
-    saved = add_modules_to_save(model, paths)
+    if set(arrays) != set(wanted):
+        raise error(f"{where}: modules_to_save tensors {sorted(arrays)[:4]} do not match this "
+                    f"model's modules {list(paths)}: {sorted(wanted)[:4]}")
+    for n, a in arrays.items():
+        if tuple(a.shape) != tuple(wanted[n].shape):
+            raise error(f"{where}: modules_to_save tensor {n!r} has shape {tuple(a.shape)}, this "
+                        f"model's is {tuple(wanted[n].shape)} (another base shape?)")
+    return wanted
+
+
+def load_saved_modules(model: Module, paths, arrays: dict, where: str,
+                       error=PeftError) -> SavedModules:
+    """Copy saved modules' tensors (``{"lm_head.weight": array}``) into ``model`` and mark those
+    modules trainable; returns the :class:`SavedModules`, whose ``restore()`` gives the model's
+    previous arrays back. Names and shapes are checked before anything is written (``error``:
+    the exception class, one message naming ``where``). Call it after the method is applied.
+
+    Chapter: chapters/02-lora-notes.ipynb
+    """
+    wanted = check_saved_modules(model, paths, arrays, where, error)
+    saved = add_modules_to_save(model, paths)   # keeps copies of the base arrays first
     for n, a in arrays.items():
         wanted[n][...] = backend.asarray(backend.to_numpy(a), dtype=wanted[n].dtype)
     return saved
 
 
-__all__ = ["MODULES_TO_SAVE_FORMAT", "load_modules_to_save", "save_modules_to_save",
-           "SavedModules", "add_modules_to_save", "count_modules_to_save",
-           "modules_to_save_state_dict", "resolve_modules_to_save"]
+__all__ = ["SavedModules", "add_modules_to_save", "check_saved_modules", "count_modules_to_save",
+           "load_saved_modules",
+           "modules_to_save_state_dict", "resolve_modules_to_save", "saved_modules_tensors",
+           "split_saved_modules"]
