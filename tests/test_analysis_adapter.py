@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from minilora.analysis import (AdapterFileError, AnalysisError, BaseWeights, ModuleRecord,
+from minilora.analysis import (AdapterFileError, AnalysisError, ModuleRecord,
                                analyze_adapter, analyze_lora_module, dora_weight,
                                effective_rank, intruders_from_weights, layer_index,
                                read_peft_adapter, stable_rank, write_safetensors)

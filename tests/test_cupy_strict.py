@@ -445,7 +445,7 @@ def _quantize_all(cases):
 
 
 def test_nf4_kernel_falls_back_on_the_standin():
-    from minilora.quant import blockwise, kernel
+    from minilora.quant import kernel
     cases = _quant_inputs()
     ref = host(_quantize_all(cases))
     use_backend("cupy_strict")
@@ -456,7 +456,7 @@ def test_nf4_kernel_falls_back_on_the_standin():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUPY, reason="needs CuPy and a CUDA device (the kernel is compiled)")
 def test_nf4_kernel_equals_numpy_path_on_real_cupy(monkeypatch):
-    from minilora.quant import blockwise, kernel
+    from minilora.quant import kernel
     cases = _quant_inputs()
     ref = host(_quantize_all(cases))
     use_backend("cupy")

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 
 from minilora import backend
-from minilora.backend import xp
 from minilora.config import ConfigError, GPTConfig, LoraConfig
-from minilora.gradcheck import check, format_table
-from minilora.lora import (DoRALinear, LoRALinear, inject_lora, load_adapter, lora_layers,
+from minilora.gradcheck import format_table
+from minilora.lora import (DoRALinear, inject_lora, load_adapter, lora_layers,
                            merge_lora, save_adapter, unmerge_lora)
 from minilora.lora.peft_format import export_peft, import_peft
 from minilora.model import GPT
