@@ -6,6 +6,8 @@
     loss, dlogits = ops.cross_entropy(logits, targets)
     model.zero_grad(); model.backward(dlogits, cache)   # fills model.grads of trainable params
 
+    set_recompute(model, True)                     # keep only each block's input in forward;
+                                                   # backward recomputes the block (less memory)
     kv = model.kv_cache(batch_size=B)              # generation: one KV cache per generation
     logits = model.forward_incremental(idx, kv)    # the prompt (B, T) -> (B, T, V)
     logits = model.forward_incremental(nxt, kv)    # then each new token (B, 1) -> (B, 1, V)
@@ -118,6 +120,55 @@ class GPTCache(NamedTuple):
     has_past: bool  # past_kv was given (its gradient flows through every block)
 
 
+class RecomputeCache(NamedTuple):
+    """What a block keeps in the forward pass under activation recomputation: its input and
+    what is needed to run its forward again exactly (the state of every dropout generator in it,
+    so the recomputed masks are the ones the forward drew)."""
+    x: object  # the block's input (B, T, C)
+    past: object  # the block's PastKV or None
+    rng_states: list  # bit-generator states of the block's dropout generators
+
+
+def _dropout_rngs(block: Module) -> list:
+    """The NumPy generators that draw the dropout masks inside ``block`` (LoRA's)."""
+    return [g for _, m in block.named_modules()
+            for g in [getattr(m, "dropout_rng", None)] if g is not None]
+
+
+def set_recompute(model: Module, on: bool = True, chunk: int | None = None) -> None:
+    """Switch activation recomputation on (or off) for every :class:`GPT` inside ``model``
+    (the GPT itself, or a PEFT wrapper around it: prefix / prompt tuning, AdaLoRA).
+
+    With it on, :meth:`GPT.forward` keeps only each block's input (B, T, C) instead of the
+    block's activations (attention probabilities (B, H, T, T), the MLP's (B, T, 4C), ...), and
+    :meth:`GPT.backward` runs each block's forward again, one block at a time, just before its
+    backward. Gradients are identical (same operations on the same inputs; dropout masks are
+    replayed from the saved generator states); the cost is one more forward pass per step,
+    about a third more compute, for activation memory of one block instead of all of them.
+
+    ``chunk``: also run each block's forward and its recomputation + backward ``chunk``
+    sequences at a time (every op in a block acts on each sequence alone), so the live
+    activations are those of one block on ``chunk`` sequences. Parameter gradients are then
+    sums over the chunks: equal to the plain path's up to float rounding, no longer bit for
+    bit; with LoRA dropout the masks are drawn piece by piece (valid dropout, other masks than a
+    whole-batch draw, replayed exactly in the backward). Not with prefix tuning (its keys are
+    shared by the whole batch): the whole batch then.
+
+    Chapter: chapters/01-foundations.ipynb
+    """
+    gpt = model
+    while not isinstance(gpt, GPT) and getattr(gpt, "gpt", None) is not None:
+        gpt = gpt.gpt  # the PEFT wrappers keep the GPT they wrap as .gpt
+    if not isinstance(gpt, GPT):
+        raise MiniloraError(f"set_recompute: {type(model).__name__} is not a GPT and wraps none "
+                            "(.gpt)")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise MiniloraError(f"set_recompute: chunk must be an integer >= 1 (sequences) or None "
+                            f"(the whole batch), got {chunk!r}")
+    gpt.recompute = bool(on)
+    gpt.recompute_chunk = chunk
+
+
 class GPT(LanguageModelMixin, Module):
     """A decoder-only transformer with hand-written backward passes.
 
@@ -142,6 +193,8 @@ class GPT(LanguageModelMixin, Module):
         for i, blk in enumerate(blocks):
             self.blocks.append(blocks_node.add(str(i), blk))
         self.ln_f, self.lm_head = self.add("ln_f", ln_f), self.add("lm_head", lm_head)
+        self.recompute = False  # activation recomputation (see set_recompute)
+        self.recompute_chunk = None  # ... and sequences per piece (None: the whole batch)
 
     @property
     def dtype(self):
@@ -198,8 +251,21 @@ class GPT(LanguageModelMixin, Module):
         x = tok + pos
         block_caches = []
         for i, blk in enumerate(self.blocks):
-            x, c = blk.forward(x, None if past_kv is None else past_kv[i])
-            block_caches.append(c)
+            past = None if past_kv is None else past_kv[i]
+            if self.recompute:  # keep the input only; the block's cache is dropped at once
+                states = [g.bit_generator.state for g in _dropout_rngs(blk)]
+                x_in = x
+                pieces = self._pieces(x, past)
+                if len(pieces) == 1:
+                    x, _ = blk.forward(x, past)
+                else:
+                    x = xp.empty_like(x_in)
+                    for sl in pieces:
+                        x[sl], _ = blk.forward(x_in[sl], past)
+                block_caches.append(RecomputeCache(x_in, past, states))
+            else:
+                x, c = blk.forward(x, past)
+                block_caches.append(c)
         x, c_ln = self.ln_f.forward(x)
         logits, c_head = self.lm_head.forward(x)  # (B, P+T, V)
         return logits, GPTCache(c_tok, c_pos, block_caches, c_ln, c_head, P, past_kv is not None)
@@ -224,7 +290,10 @@ class GPT(LanguageModelMixin, Module):
         for i in reversed(range(len(self.blocks))):
             if dx is None:  # nothing at or below block i trains: stop here
                 break
-            dx = self.blocks[i].backward(dx, c.blocks[i], need_dx=below[i])
+            if isinstance(c.blocks[i], RecomputeCache):
+                dx = self._recomputed_backward(i, dx, c.blocks[i], need_dx=below[i])
+            else:
+                dx = self.blocks[i].backward(dx, c.blocks[i], need_dx=below[i])
         extra = {}
         if dx is None:  # nothing below the blocks trains
             return extra
@@ -236,6 +305,37 @@ class GPT(LanguageModelMixin, Module):
             dx = dx[:, P:]
         self.wte.backward(dx, c.tok)
         return extra
+
+    def _pieces(self, x, past) -> list:
+        """Batch slices for a recomputed block: ``recompute_chunk`` sequences each, or the whole
+        batch (no chunk set, or a prefix shared by the batch)."""
+        B, n = x.shape[0], self.recompute_chunk
+        if n is None or n >= B or past is not None:
+            return [slice(None)]
+        return [slice(b, min(b + n, B)) for b in range(0, B, n)]
+
+    def _recomputed_backward(self, i: int, dout, saved: RecomputeCache, need_dx: bool):
+        """Block ``i``'s backward under recomputation: its forward again from the saved input
+        (piece by piece, the dropout generators set back to their forward-pass states, then
+        restored), each piece's backward right after its forward."""
+        blk = self.blocks[i]
+        rngs = _dropout_rngs(blk)
+        now = [g.bit_generator.state for g in rngs]
+        for g, state in zip(rngs, saved.rng_states):
+            g.bit_generator.state = state
+        pieces = self._pieces(saved.x, saved.past)
+        dx = None if not need_dx or len(pieces) == 1 else xp.empty_like(saved.x)
+        for sl in pieces:
+            _, cache = blk.forward(saved.x[sl], saved.past)
+            d = blk.backward(dout[sl], cache, need_dx=need_dx)
+            del cache
+            if len(pieces) == 1:
+                dx = d
+            elif need_dx:
+                dx[sl] = d
+        for g, state in zip(rngs, now):
+            g.bit_generator.state = state
+        return dx
 
     # -- generation with a KV cache ------------------------------------------------------------
     def kv_cache(self, batch_size: int, keep: int | None = None, *, n_fixed: int = 0,

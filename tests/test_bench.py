@@ -19,15 +19,18 @@ def test_run_bench_micro_smoke(tmp_path):
     out = tmp_path / "bench.json"
     res = bench.run_bench(["micro"], steps=2, threads=1, torch_compare=False, out=out, warmup=1,
                           progress=False, sgemm_sizes=(128,), pause_s=0.0, print_fn=lines.append)
-    for key in ("machine", "threads", "sgemm", "configs", "targets", "steps", "torch_compare"):
+    for key in ("machine", "threads", "sgemm", "configs", "targets", "steps", "torch_compare",
+                "load_average_end"):
         assert key in res, key
+    assert "load_average" in res["machine"]
     assert res["torch_compare"] is False
     # without torch only our own ratios are judged (LoRA, many adapters, QLoRA, ... sections)
     metrics = {t["metric"] for t in res["targets"]}
     assert {"LoRA step / full FT step", "merged inference / base", "unmerged inference / base",
             "LoRA peak memory / full FT peak memory", "unmerged adapter switch / base reload",
             "merged adapter switch / base reload",
-            "mixed 4-adapter batch / merged throughput"} <= metrics
+            "mixed 4-adapter batch / merged throughput",
+            "LoRA / full peak memory, recomputation (chunk 1)"} <= metrics
     assert not any("torch" in m for m in metrics)
     assert all(_positive_finite(t["value"]) for t in res["targets"])
     assert _positive_finite(res["sgemm"]["peak_flops_per_s"])
@@ -48,8 +51,14 @@ def test_run_bench_micro_smoke(tmp_path):
     rss = mem["rss_ours"]
     assert _positive_finite(rss["baseline_kb"]) and rss["peak_kb"] >= rss["baseline_kb"]
     assert rss["delta_bytes"] >= 0 and mem["rss_torch"] is None
+    rc = micro["measurements"]["recompute"]
+    assert set(rc["step_median_s"]) == {f"{m}/{v}" for m in ("full", "lora", "qlora")
+                                        for v in ("plain", "recompute", "recompute-chunk1")}
+    # recomputation never needs more memory than keeping every block's activations
+    for m in ("full", "lora"):
+        assert rc["peak_bytes"][f"{m}/recompute-chunk1"] <= rc["peak_bytes"][f"{m}/plain"]
     text = "\n".join(lines)
-    assert "step time, ours" in text and "micro" in text
+    assert "step time, ours" in text and "micro" in text and "load average" in text
     assert json.loads(out.read_text())["configs"]["micro"]["flops"] == micro["flops"]
 
 

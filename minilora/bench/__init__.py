@@ -57,11 +57,13 @@ from minilora.bench.core import (
     _import_torch,
     bench_configs,
     blas_threads,
+    load_average,
     machine_info,
     measure_sgemm,
     train_step_flops,
 )
 from minilora.bench.decode import measure_decode
+from minilora.bench.recompute import measure_recompute
 from minilora.bench.train import measure_memory, measure_train_step
 from minilora.config import GPTConfig
 from minilora.errors import UsageError
@@ -78,6 +80,7 @@ MEASUREMENTS: list[tuple[str, Measurement]] = [
     ("peft_latency", measure_peft_latency),  # Houlsby adapters vs LoRA at inference
     ("qlora", measure_qlora),  # 4-bit base + LoRA vs LoRA: step time, peak memory
     ("decode", measure_decode),  # generation chars/s: KV cache, no cache, PyTorch's cache
+    ("recompute", measure_recompute),  # activation recomputation: memory and time, full/LoRA/QLoRA
 ]
 
 
@@ -147,6 +150,7 @@ def run_bench(configs, steps: int = 10, threads: int = 2, torch_compare: bool = 
                  f"Python {m['python']}, NumPy {m['numpy']} ({m['numpy_blas']}), "
                  f"backend {m['backend']}, torch {m['torch'] or '-'}"
                  f"{' (' + m['torch_blas'] + ')' if torch is not None else ''}")
+        print_fn(f"load average (1, 5, 15 min): {m['load_average'] or 'unknown'}")
         print_fn(f"threads: requested {threads}; NumPy BLAS via {blas['control']} "
                  f"[{blas['setting']}]; torch {result['threads']['torch'] or '-'}")
         if blas["control"] != "threadpoolctl" and blas["blas_threads"] not in (threads,):
@@ -188,6 +192,7 @@ def run_bench(configs, steps: int = 10, threads: int = 2, torch_compare: bool = 
                      f"median of {steps} steps after {warmup} warm-up")
             print_fn(_format_table(rows))
     result["targets"] = [c.to_dict() for c in checks]
+    result["load_average_end"] = load_average()
     if checks:
         print_fn("\ntargets:")
         print_fn(_format_table([(f"{c.config}: {c.metric}",

@@ -1,7 +1,6 @@
 """LoRA vs full fine-tuning, many adapters on one base, adapter latency, QLoRA vs LoRA."""
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from minilora.bench.core import (
     Check,
     Section,
     _ours_stepper,
-    _timed,
+    interleaved,
 )
 from minilora.checkpoint import load_checkpoint, save_checkpoint
 from minilora.config import LoraConfig, QuantConfig
@@ -23,19 +22,6 @@ from minilora.memory import memory_account
 from minilora.model import GPT
 from minilora.peft import AdapterConfig, inject_adapters
 from minilora.qlora import inject_qlora
-
-
-def _interleaved(fns: dict, steps: int, warmup: int) -> dict:
-    """Median seconds of each ``fn()``, run round-robin with the order flipped every round."""
-    names = list(fns)
-    for n in names:
-        for _ in range(warmup):
-            fns[n]()
-    times = {n: [] for n in names}
-    for r in range(steps):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            times[n].append(_timed(fns[n]))
-    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def measure_lora(ctx: BenchContext) -> Section:
@@ -51,7 +37,7 @@ def measure_lora(ctx: BenchContext) -> Section:
     lora_model = GPT(ctx.config, rng=0, dtype="float32")
     inject_lora(lora_model, LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v")))
     _, _, lora_step = _ours_stepper(ctx, lora_model)
-    steps = _interleaved({"full": full_step, "lora": lora_step}, ctx.steps, ctx.warmup)
+    steps = interleaved({"full": full_step, "lora": lora_step}, ctx.steps, ctx.warmup)
 
     base = GPT(ctx.config, rng=0, dtype="float32")
     unmerged = GPT(ctx.config, rng=0, dtype="float32")
@@ -61,7 +47,7 @@ def measure_lora(ctx: BenchContext) -> Section:
     merge_lora(merged)
     assert all(m.merged for m in lora_layers(merged).values())
     x = backend.asarray(ctx.batches(1)[0][0])
-    infer = _interleaved({"base": lambda: base.forward(x, check=False),
+    infer = interleaved({"base": lambda: base.forward(x, check=False),
                           "merged": lambda: merged.forward(x, check=False),
                           "unmerged": lambda: unmerged.forward(x, check=False)},
                          ctx.steps, ctx.warmup)
@@ -146,7 +132,7 @@ def measure_multi_adapter(ctx: BenchContext) -> Section:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "base.safetensors"
         save_checkpoint(path, GPT(ctx.config, rng=0, dtype="float32"), CharTokenizer.default())
-        times = _interleaved({"reload": lambda: load_checkpoint(path),
+        times = interleaved({"reload": lambda: load_checkpoint(path),
                               "read": lambda: read_typed(path, None),
                               "unmerged": switch(reg, False), "merged": switch(merged_reg, True)},
                              ctx.steps, 1)
@@ -163,7 +149,7 @@ def measure_multi_adapter(ctx: BenchContext) -> Section:
     def one_merged():
         single.forward(x, check=False)
         backend.synchronize()
-    infer = _interleaved({"merged_single": one_merged, "mixed": mixed}, ctx.steps, ctx.warmup)
+    infer = interleaved({"merged_single": one_merged, "mixed": mixed}, ctx.steps, ctx.warmup)
     r_unmerged, r_merged = unmerged_s / reload_s, merged_s / reload_s
     r_tput = infer["merged_single"] / infer["mixed"]  # throughput ratio = inverse time ratio
     checks = [Check(ctx.name, "unmerged adapter switch / base reload", r_unmerged, "<=", 0.05),
@@ -219,7 +205,7 @@ def measure_peft_latency(ctx: BenchContext) -> Section:
                                                             ctx.batch_size, ctx.steps)):
         x = backend.asarray(x_full[:B])
         fns = {name: (lambda m=m: m.forward(x, check=False)) for name, m in models.items()}
-        t = _interleaved(fns, steps, ctx.warmup)
+        t = interleaved(fns, steps, ctx.warmup)
         ratios = {name: t[name] / t["base"] for name in models if name != "base"}
         data[f"B{B}"] = {"median_s": t, "ratio_over_base": ratios,
                          "tokens": B * ctx.config.block_size}
@@ -255,7 +241,7 @@ def measure_qlora(ctx: BenchContext) -> Section:
     inject_lora(models["lora"], cfg)
     inject_qlora(models["qlora"], cfg, QuantConfig())
     inject_qlora(models["qlora_kept"], cfg, QuantConfig(keep_dequantized=True))
-    med = _interleaved({n: _ours_stepper(ctx, m)[2] for n, m in models.items()}, ctx.steps,
+    med = interleaved({n: _ours_stepper(ctx, m)[2] for n, m in models.items()}, ctx.steps,
                        ctx.warmup)
     r_step = med["qlora"] / med["lora"]
     r_kept = med["qlora_kept"] / med["lora"]

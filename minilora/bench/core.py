@@ -136,6 +136,15 @@ def _numpy_blas() -> str:
         return "unknown"
 
 
+def load_average():
+    """The 1, 5 and 15-minute load averages (None where the OS has none): benchmark figures on
+    a shared machine mean little without them."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info(torch=None) -> dict:
     try:
         usable = len(os.sched_getaffinity(0))
@@ -143,7 +152,8 @@ def machine_info(torch=None) -> dict:
         usable = os.cpu_count()
     info = {"cpu_model": _cpu_model(), "cores": os.cpu_count(), "usable_cores": usable,
             "python": platform.python_version(), "numpy": np.__version__,
-            "numpy_blas": _numpy_blas(), "backend": backend.get_backend(), "torch": None}
+            "numpy_blas": _numpy_blas(), "backend": backend.get_backend(), "torch": None,
+            "load_average": load_average()}
     if torch is not None:
         cfg = torch.__config__.show()
         m = re.search(r"BLAS_INFO=(\w+)", cfg)
@@ -159,6 +169,19 @@ def _timed(fn) -> float:
     fn()
     backend.synchronize()
     return time.perf_counter() - t0
+
+
+def interleaved(fns: dict, steps: int, warmup: int) -> dict:
+    """Median seconds of each ``fn()``, run round-robin with the order flipped every round."""
+    names = list(fns)
+    for n in names:
+        for _ in range(warmup):
+            fns[n]()
+    times = {n: [] for n in names}
+    for r in range(steps):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            times[n].append(_timed(fns[n]))
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def measure_sgemm(threads: int, sizes=(1024, 1536, 2048), reps: int = 3, torch=None) -> dict:

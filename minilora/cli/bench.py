@@ -12,14 +12,21 @@ from minilora.cli.common import (
     check_output_file,
 )
 
+DEFAULT_CONFIGS, DEFAULT_STEPS = "small,medium", 10
+
 
 def cmd_bench(args):
     if args.out:
         check_output_file(args.out, "--out")
     _use_backend(args)
-    run_bench(configs=args.configs.split(","), steps=args.steps, threads=args.threads,
+    configs, steps, extra = args.configs, args.steps, {}
+    if args.quick:  # a smoke run: every measurement once, on the small config, seconds each
+        configs = "small" if args.configs == DEFAULT_CONFIGS else args.configs
+        steps = 2 if args.steps == DEFAULT_STEPS else args.steps
+        extra = dict(warmup=1, sgemm_sizes=(512,), pause_s=0.0)
+    run_bench(configs=configs.split(","), steps=steps, threads=args.threads,
               torch_compare=not args.no_torch, out=args.out,
-              only=args.only.split(",") if args.only else None)
+              only=args.only.split(",") if args.only else None, **extra)
 
 
 def add_parsers(sub):
@@ -31,9 +38,14 @@ def add_parsers(sub):
               minilora bench --configs small --steps 5 --no-torch
               minilora bench --out results/bench.json
               minilora bench --configs small --only peft_latency   # adapters vs LoRA latency
+              minilora bench --quick                 # smoke run: small, 2 steps, ~2 minutes
             """))
-    s.add_argument("--configs", default="small,medium", help="comma-separated: small,medium")
-    s.add_argument("--steps", type=POSITIVE, default=10, help="timed steps per measurement")
+    s.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated: small,medium")
+    s.add_argument("--steps", type=POSITIVE, default=DEFAULT_STEPS,
+                   help="timed steps per measurement")
+    s.add_argument("--quick", action="store_true",
+                   help="smoke run: the small config, 2 timed steps after 1 warm-up, a small "
+                        "sgemm (explicit --configs / --steps still apply); figures are rough")
     s.add_argument("--threads", type=POSITIVE, default=2, help="BLAS / torch threads (default 2)")
     s.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     s.add_argument("--only", default=None,

@@ -250,3 +250,10 @@ def _adapter_registry(model, paths):
         reg.load(label, p)
         labels.append(label)
     return reg, labels
+
+
+def _recompute_chunk(args):
+    """``--recompute-chunk`` checked against ``--recompute`` (one without the other is a mistake)."""
+    if args.recompute_chunk is not None and not args.recompute:
+        raise UsageError("--recompute-chunk only applies with --recompute")
+    return args.recompute_chunk

@@ -10,6 +10,7 @@ from minilora.cli.common import (
     _add_allow_nonfinite,
     _add_backend,
     _formatter,
+    _recompute_chunk,
     _use_backend,
     check_input_file,
     check_output_dir,
@@ -47,6 +48,7 @@ METHOD_FLAGS = (
 
 
 def cmd_finetune(args):
+    chunk = _recompute_chunk(args)
     unused = [f"--{name.replace('_', '-')}" for name, default, methods in METHOD_FLAGS
               if args.method not in methods and getattr(args, name) != default]
     if unused:
@@ -106,6 +108,7 @@ def cmd_finetune(args):
                      out_dir=args.out, progress=not args.no_progress,
                      eval_batches=args.eval_batches, eval_examples=args.eval_examples,
                      lm_weight=args.lm_weight, resume=args.resume, save_every=args.save_every,
+                     recompute=args.recompute, recompute_chunk=chunk,
                      allow_nonfinite=args.allow_nonfinite)
     except CheckpointError as e:
         raise flag_hint(e) from None
@@ -239,6 +242,13 @@ def add_parsers(sub):
                         "tenth of the run)")
     s.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (same flags)")
+    s.add_argument("--recompute", action="store_true",
+                   help="activation recomputation: keep only each block's input in the forward "
+                        "and run the block again in the backward (same gradients, less memory, "
+                        "about a third more compute)")
+    s.add_argument("--recompute-chunk", type=POSITIVE, default=None, metavar="N",
+                   help="with --recompute: run each block N sequences at a time (1: the least "
+                        "memory; gradients equal to rounding; default: the whole batch)")
     s.add_argument("--no-progress", action="store_true")
     _add_allow_nonfinite(s)
     _add_backend(s)

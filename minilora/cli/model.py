@@ -19,6 +19,7 @@ from minilora.cli.common import (
     _add_backend,
     _formatter,
     _load,
+    _recompute_chunk,
     _use_backend,
     check_input_file,
     check_output_dir,
@@ -30,7 +31,7 @@ from minilora.data import CharTokenizer, encode_corpus, load_shakespeare
 from minilora.errors import UsageError
 from minilora.experiments.presets import PRESETS
 from minilora.experiments.tour import run_tour
-from minilora.model import GPT
+from minilora.model import GPT, set_recompute
 from minilora.sample import sample_text
 from minilora.train import CKPT_NAME, train
 
@@ -41,6 +42,7 @@ def cmd_tour(args):
 
 
 def cmd_pretrain(args):
+    chunk = _recompute_chunk(args)
     check_output_dir(args.out, "--out")
     if args.resume and not (Path(args.out) / CKPT_NAME).is_file():
         raise UsageError(f"--resume: {str(Path(args.out) / CKPT_NAME)!r} does not exist (nothing "
@@ -66,6 +68,7 @@ def cmd_pretrain(args):
     splits = load_shakespeare(tuple(args.val_plays.split(",")))
     train_ids, val_ids = encode_corpus(splits["train"], tok), encode_corpus(splits["val"], tok)
     model = GPT(model_cfg, rng=train_cfg.seed)
+    set_recompute(model, args.recompute, chunk)
     print(f"minilora pretrain: {model.num_parameters():,} parameters "
           f"({model.num_parameters() * 4 / 1e6:.1f} MB float32), backend {backend.get_backend()}; "
           f"train {len(train_ids):,} chars, val {len(val_ids):,} chars (plays: {args.val_plays})")
@@ -135,6 +138,12 @@ def add_parsers(sub):
                    help="model and training defaults (default: tiny)")
     s.add_argument("--out", default="runs/pretrain", help="run directory (checkpoint, metrics.jsonl)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.safetensors")
+    s.add_argument("--recompute", action="store_true",
+                   help="activation recomputation: keep only each block's input in the forward "
+                        "and run the block again in the backward (same gradients, less memory)")
+    s.add_argument("--recompute-chunk", type=POSITIVE, default=None, metavar="N",
+                   help="with --recompute: run each block N sequences at a time (1: the least "
+                        "memory; gradients equal to rounding; default: the whole batch)")
     s.add_argument("--export", default=None,
                    help="also write a weights-only checkpoint here at the end (what we ship)")
     s.add_argument("--val-plays", default="hamlet,tempest",

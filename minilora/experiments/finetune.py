@@ -44,6 +44,7 @@ from minilora.experiments.tasks import (
 )
 from minilora.io import atomic_write_text, ensure_writable_dir
 from minilora.memory import memory_account
+from minilora.model import set_recompute
 from minilora.quant.linear import quantized_parameter_count
 from minilora.train import CKPT_NAME, evaluate, fixed_batches, read_resumable, train
 
@@ -76,7 +77,8 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
              base_path=None, out_dir=None, progress: bool = True, eval_batches: int = 16,
              eval_examples: int | None = None, measure_memory: bool = True,
              lm_weight: float | None = None, resume: bool = False,
-             save_every: int | None = None, allow_nonfinite: bool = False) -> dict:
+             save_every: int | None = None, allow_nonfinite: bool = False,
+             recompute: bool = False, recompute_chunk: int | None = None) -> dict:
     """Fine-tune the base model with ``method`` on ``task``; returns a result record.
 
     Args:
@@ -101,6 +103,10 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
             base are recomputed; ``train_seconds`` counts only the resumed part.
         save_every: with ``out_dir``: steps between checkpoints (default: a tenth of the run).
         allow_nonfinite: load a base holding NaN/inf anyway (debugging only).
+        recompute: activation recomputation (:func:`minilora.model.set_recompute`): the same
+            gradients with one block's activations in memory instead of all, for about a third
+            more compute per step. ``recompute_chunk``: sequences per recomputed piece (None:
+            the whole batch; 1: the least memory).
         eval_batches: fixed windows for the language-modelling losses.
         eval_examples: score only the first n test examples of a classification task (quick).
         measure_memory: add ``memory`` (bytes of weights, gradients, optimizer state and
@@ -135,6 +141,7 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     model, tok, _ = load_checkpoint(path, allow_nonfinite=allow_nonfinite)
     setup = setup_fn(model, tok, method_config)
     model = setup.model
+    set_recompute(model, recompute, recompute_chunk)
     # the base's plus any the method added (as PEFT counts); 4-bit weights are not float params
     total = model.num_parameters() + quantized_parameter_count(model)
     if not isinstance(train_config, TrainConfig):
@@ -212,6 +219,7 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
         "optimizer_state_bytes": 2 * 4 * trainable,
         "memory": memory,
         "median_step_ms": step_ms, "train_seconds": hist.seconds,
+        **({"recompute": True, "recompute_chunk": recompute_chunk} if recompute else {}),
     }
     if out_dir is not None:
         out = Path(out_dir)
