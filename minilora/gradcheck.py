@@ -136,11 +136,16 @@ def op_suite(rng=None, tol: float = 1e-6) -> list[dict]:
                          {"w": randn(V, C)}, ["w"], rng, tol)
     for shape in [(2, 3, 5), (4, 8)]:
         C = shape[-1]
-        rows += check_op(f"layernorm {shape}", ops.layernorm_forward, ops.layernorm_backward,
-                         {"x": randn(*shape), "w": randn(C), "b": randn(C)}, ["x", "w", "b"], rng, tol)
+        for tag, fwd, bwd in (("", ops.layernorm_forward, ops.layernorm_backward),
+                              (" fast", ops.layernorm_forward_fast, ops.layernorm_backward_fast)):
+            rows += check_op(f"layernorm{tag} {shape}", fwd, bwd,
+                             {"x": randn(*shape), "w": randn(C), "b": randn(C)}, ["x", "w", "b"],
+                             rng, tol)
     for shape in [(2, 3, 4), (7,)]:
-        rows += check_op(f"gelu {shape}", ops.gelu_forward, ops.gelu_backward,
-                         {"x": randn(*shape, scale=2.0)}, ["x"], rng, tol)
+        for tag, fwd, bwd in (("", ops.gelu_forward, ops.gelu_backward),
+                              (" fast", ops.gelu_forward_fast, ops.gelu_backward_fast)):
+            rows += check_op(f"gelu{tag} {shape}", fwd, bwd, {"x": randn(*shape, scale=2.0)},
+                             ["x"], rng, tol)
         rows += check_op(f"softmax {shape}", ops.softmax_forward, ops.softmax_backward,
                          {"x": randn(*shape, scale=2.0)}, ["x"], rng, tol)
     for (B, T, P, C, NH) in [(2, 4, 0, 6, 2), (1, 5, 0, 8, 4), (2, 3, 2, 4, 2)]:

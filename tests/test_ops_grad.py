@@ -71,3 +71,38 @@ def test_ops_do_not_mutate_inputs(rng):
     ops.gelu_forward(x)
     ops.attention_forward(x, x, x, 2)
     np.testing.assert_array_equal(x, x0)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 2e-5)])
+@pytest.mark.parametrize("need_dx,need_dw", [(True, True), (True, False), (False, True)])
+def test_fast_layernorm_equals_the_plain_one(rng, dtype, tol, need_dx, need_dw):
+    """The BLAS-reduction LayerNorm (used by the layers) against the plain NumPy-reduction one
+    (the chapters' formula), forward and backward."""
+    x = rng.standard_normal((3, 5, 16)).astype(dtype) * 3 + 1
+    w, b = rng.standard_normal(16).astype(dtype), rng.standard_normal(16).astype(dtype)
+    d = rng.standard_normal(x.shape).astype(dtype)
+    out, cache = ops.layernorm_forward_fast(x, w, b)
+    out_p, cache_p = ops.layernorm_forward(x, w, b)
+    np.testing.assert_allclose(out, out_p, rtol=tol, atol=tol)
+    for a, p in zip(ops.layernorm_backward_fast(d, cache, need_dx, need_dw),
+                    ops.layernorm_backward(d, cache_p, need_dx, need_dw)):
+        assert (a is None) == (p is None)
+        if a is not None:
+            assert a.shape == p.shape and a.dtype == p.dtype
+            np.testing.assert_allclose(a, p, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-13), ("float32", 1e-5)])
+@pytest.mark.parametrize("shape", [(3, 5, 16), (2, 3000, 64), (7,)])
+def test_blocked_gelu_equals_the_plain_one(rng, dtype, tol, shape, monkeypatch):
+    """Blocked GELU (several blocks, two threads) against the whole-tensor version."""
+    monkeypatch.setattr(ops, "BLOCK_FLOATS", 4096)  # many blocks even on small tensors
+    monkeypatch.setenv("MINILORA_THREADS", "2")
+    x = backend.asarray(rng.standard_normal(shape).astype(dtype) * 2)
+    d = backend.asarray(rng.standard_normal(shape).astype(dtype))
+    out, cache = ops.gelu_forward_fast(x)
+    out_p, cache_p = ops.gelu_forward(x)
+    np.testing.assert_allclose(backend.to_numpy(out), backend.to_numpy(out_p), rtol=tol, atol=tol)
+    np.testing.assert_allclose(backend.to_numpy(ops.gelu_backward_fast(d, cache)),
+                               backend.to_numpy(ops.gelu_backward(d, cache_p)), rtol=tol,
+                               atol=tol)

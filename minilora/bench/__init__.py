@@ -63,6 +63,7 @@ from minilora.bench.core import (
     train_step_flops,
 )
 from minilora.bench.decode import measure_decode
+from minilora.bench.profile import measure_profile
 from minilora.bench.recompute import measure_recompute
 from minilora.bench.train import measure_memory, measure_train_step
 from minilora.config import GPTConfig
@@ -81,6 +82,7 @@ MEASUREMENTS: list[tuple[str, Measurement]] = [
     ("qlora", measure_qlora),  # 4-bit base + LoRA vs LoRA: step time, peak memory
     ("decode", measure_decode),  # generation chars/s: KV cache, no cache, PyTorch's cache
     ("recompute", measure_recompute),  # activation recomputation: memory and time, full/LoRA/QLoRA
+    ("profile", measure_profile),  # where the step's time goes, ours op by op vs torch.profiler
 ]
 
 

@@ -215,11 +215,11 @@ class LayerNorm(Module):
         self.eps = eps
 
     def forward(self, x):
-        return ops.layernorm_forward(x, self.params["weight"], self.params["bias"], self.eps)
+        return ops.layernorm_forward_fast(x, self.params["weight"], self.params["bias"], self.eps)
 
     def backward(self, dout, cache, need_dx: bool = True):
         need_w = self.needs_grad("weight") or self.needs_grad("bias")
-        dx, dw, db = ops.layernorm_backward(dout, cache, need_dx=need_dx, need_dw=need_w)
+        dx, dw, db = ops.layernorm_backward_fast(dout, cache, need_dx=need_dx, need_dw=need_w)
         if self.needs_grad("weight"):
             self._accumulate("weight", dw)
         if self.needs_grad("bias"):
@@ -320,14 +320,14 @@ class MLP(Module):
 
     def forward(self, x):
         h, cu = self.up.forward(x)  # (B, T, 4C)
-        g, cg = ops.gelu_forward(h)
+        g, cg = ops.gelu_forward_fast(h)
         out, cd = self.down.forward(g)  # (B, T, C)
         return out, (cu, cg, cd)
 
     def backward(self, dout, cache, need_dx: bool = True):
         cu, cg, cd = cache
         dg = self.down.backward(dout, cd)
-        dh = ops.gelu_backward(dg, cg)
+        dh = ops.gelu_backward_fast(dg, cg)
         return self.up.backward(dh, cu, need_dx)
 
 

@@ -26,12 +26,38 @@ from typing import NamedTuple
 
 from minilora.backend import (
     asarray,  # local: keeps the op module's imports minimal
+    is_cupy,
+    parallel_chunks,
     xp,
 )
 from minilora.errors import UsageError
 
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-approximation constant of GELU (GPT-2's)
 GELU_C = 0.044715
+
+#: floats per block of a blocked element-wise op (512 KiB of float32): a chain of passes over one
+#: block stays in the core's L2 cache instead of streaming the whole tensor from memory per pass
+BLOCK_FLOATS = 1 << 17
+
+
+def _row_blocks(n_rows: int, row_len: int, block) -> None:
+    """Call ``block(r0, r1, scratch)`` over row blocks of about :data:`BLOCK_FLOATS` floats that
+    cover rows 0 .. n_rows-1, the blocks shared out over the CPU threads
+    (:func:`minilora.backend.parallel_chunks`); ``scratch`` is a per-thread ``(rows, row_len)``
+    buffer factory. On CuPy: one block, all rows (the GPU is parallel already)."""
+    rows = n_rows if is_cupy() else max(1, min(n_rows, BLOCK_FLOATS // max(1, row_len)))
+
+    def chunk(i0, i1):
+        scratch = {}
+
+        def buf(dtype):  # one scratch block per thread and dtype, reused across its blocks
+            if dtype not in scratch:
+                scratch[dtype] = xp.empty((rows, row_len), dtype=dtype)
+            return scratch[dtype]
+        for r0 in range(i0, i1, rows):
+            r1 = min(r0 + rows, i1)
+            block(r0, r1, lambda dtype: buf(dtype)[: r1 - r0])
+    parallel_chunks(n_rows, chunk, min_per_thread=rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,12 +144,21 @@ def embedding_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------
 # layernorm: out = (x - mean) / sqrt(var + eps) * w + b, over the last axis
 # ----------------------------------------------------------------------------------------------
+def _row_mean(a2, C):
+    """Mean over the last axis of a 2-D (N, C) array as one matrix-vector product (N, 1): BLAS
+    sums rows of C = 128 floats several times faster than ``mean(axis=-1)``'s pairwise loop."""
+    return xp.matmul(a2, xp.full((C, 1), 1.0 / C, dtype=a2.dtype))
+
+
 def layernorm_forward(x, w, b, eps=1e-5):
     """LayerNorm over the last axis.
 
     mean = x.mean(-1); rstd = 1 / sqrt(x.var(-1) + eps); norm = (x - mean) * rstd
     out = norm * w + b
     Args: x (..., C); w, b (C,). Returns out (..., C), cache = (norm, w, rstd).
+
+    The layers call :func:`layernorm_forward_fast`, the same formula with the row means done
+    by BLAS (a test checks the two agree).
     """
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     xc = x - mean
@@ -135,6 +170,25 @@ def layernorm_forward(x, w, b, eps=1e-5):
     return out, (norm, w, rstd)
 
 
+def layernorm_forward_fast(x, w, b, eps=1e-5):
+    """:func:`layernorm_forward` with each row mean as a matrix-vector product
+    (:func:`_row_mean`) and fewer temporaries; same cache."""
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)  # (N, C)
+    xc = x2 - _row_mean(x2, C)
+    sq = xc * xc
+    rstd = _row_mean(sq, C)  # var, then 1 / sqrt(var + eps) in place: (N, 1)
+    rstd += eps
+    xp.sqrt(rstd, out=rstd)
+    xp.reciprocal(rstd, out=rstd)
+    norm = xc
+    norm *= rstd  # in place: xc is ours
+    out = xp.multiply(norm, w, out=sq)  # reuse the square's buffer
+    out += b
+    lead = x.shape[:-1]
+    return out.reshape(x.shape), (norm.reshape(x.shape), w, rstd.reshape(*lead, 1))
+
+
 def layernorm_backward(dout, cache, need_dx=True, need_dw=True):
     """Gradients of LayerNorm.
 
@@ -142,6 +196,8 @@ def layernorm_backward(dout, cache, need_dx=True, need_dw=True):
     dnorm = dout * w
     dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))     (..., C)
     dw = sum(dout * norm), db = sum(dout)                             (C,)
+
+    (The layers call :func:`layernorm_backward_fast`.)
     """
     norm, w, rstd = cache
     C = w.shape[0]
@@ -157,11 +213,37 @@ def layernorm_backward(dout, cache, need_dx=True, need_dw=True):
     return dx, dw, db
 
 
+def layernorm_backward_fast(dout, cache, need_dx=True, need_dw=True):
+    """:func:`layernorm_backward` with row means as matrix-vector products, the column sums
+    by ``einsum`` and a vector-matrix product, and one scratch buffer."""
+    norm, w, rstd = cache
+    C = w.shape[0]
+    n2, d2 = norm.reshape(-1, C), dout.reshape(-1, C)  # (N, C)
+    dx = dw = db = None
+    if need_dx:
+        dnorm = d2 * w
+        tmp = dnorm * n2
+        m2 = _row_mean(tmp, C)  # mean(dnorm * norm): (N, 1)
+        dx = dnorm
+        dx -= _row_mean(dnorm, C)
+        dx -= xp.multiply(n2, m2, out=tmp)
+        dx *= rstd.reshape(-1, 1)
+        dx = dx.reshape(dout.shape)
+    if need_dw:
+        dw = xp.einsum("ij,ij->j", d2, n2)
+        db = xp.matmul(xp.ones((1, d2.shape[0]), dtype=d2.dtype), d2).reshape(C)
+    return dx, dw, db
+
+
 # ----------------------------------------------------------------------------------------------
 # GELU (tanh approximation, as GPT-2)
 # ----------------------------------------------------------------------------------------------
 def gelu_forward(x):
-    """``out = 0.5 x (1 + tanh(k (x + c x^3)))`` with k = sqrt(2/pi), c = 0.044715."""
+    """``out = 0.5 x (1 + tanh(k (x + c x^3)))`` with k = sqrt(2/pi), c = 0.044715.
+
+    cache = (x, t = tanh(k (x + c x^3))). The layers call :func:`gelu_forward_fast`: the same
+    passes on one cache-sized block of rows at a time, the blocks shared over the cores.
+    """
     t = x * x  # built in place in one buffer: t = tanh(k x (1 + c x^2))
     t *= GELU_C
     t += 1.0
@@ -174,9 +256,31 @@ def gelu_forward(x):
     return out, (x, t)
 
 
+def gelu_forward_fast(x):
+    """:func:`gelu_forward` block by block (:func:`_row_blocks`); same cache."""
+    L = x.shape[-1]
+    x2 = x.reshape(-1, L)
+    out, t = xp.empty_like(x2), xp.empty_like(x2)
+
+    def block(r0, r1, _scratch):
+        xs, ts, os = x2[r0:r1], t[r0:r1], out[r0:r1]
+        xp.multiply(xs, xs, out=ts)  # t = tanh(x (k + k c x^2)), built in place
+        ts *= GELU_K * GELU_C
+        ts += GELU_K
+        ts *= xs
+        xp.tanh(ts, out=ts)
+        xp.add(ts, 1.0, out=os)  # out = 0.5 x (1 + t)
+        os *= xs
+        os *= 0.5
+    _row_blocks(x2.shape[0], L, block)
+    return out.reshape(x.shape), (x, t.reshape(x.shape))
+
+
 def gelu_backward(dout, cache):
     """forward: out = 0.5 x (1 + t), t = tanh(u), u = k (x + c x^3)
-    dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2)."""
+    dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2).
+
+    (The layers call :func:`gelu_backward_fast`, block by block.)"""
     x, t = cache
     dx = x * x  # two buffers, updated in place (this op is memory-bound)
     dx *= 3.0 * GELU_C * GELU_K
@@ -190,6 +294,32 @@ def gelu_backward(dout, cache):
     dx *= 0.5
     dx *= dout
     return dx
+
+
+def gelu_backward_fast(dout, cache):
+    """:func:`gelu_backward` block by block (:func:`_row_blocks`), one scratch block per
+    thread."""
+    x, t = cache
+    L = x.shape[-1]
+    x2, t2, d2 = x.reshape(-1, L), t.reshape(-1, L), dout.reshape(-1, L)
+    dx = xp.empty_like(d2)
+
+    def block(r0, r1, scratch):
+        xs, ts, ds = x2[r0:r1], t2[r0:r1], dx[r0:r1]
+        sech2 = scratch(ts.dtype)
+        xp.multiply(xs, xs, out=ds)
+        ds *= 3.0 * GELU_C * GELU_K
+        ds += GELU_K  # k (1 + 3 c x^2)
+        xp.multiply(ts, ts, out=sech2)
+        xp.subtract(1.0, sech2, out=sech2)  # 1 - t^2
+        ds *= sech2
+        ds *= xs
+        ds += ts
+        ds += 1.0
+        ds *= 0.5
+        ds *= d2[r0:r1]
+    _row_blocks(x2.shape[0], L, block)
+    return dx.reshape(dout.shape)
 
 
 # ----------------------------------------------------------------------------------------------

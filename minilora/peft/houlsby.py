@@ -123,7 +123,7 @@ class HoulsbyAdapter(Module):
         y, c_base = ops.linear_forward(x, self.params["weight"], self.params.get("bias"),
                                        keep_x=self.needs_grad("weight"))
         h, c_down = self.adapter_down.forward(y)  # (..., m)
-        g, c_gelu = ops.gelu_forward(h)
+        g, c_gelu = ops.gelu_forward_fast(h)
         out, c_up = self.adapter_up.forward(g)  # (..., d), a fresh array
         out += y  # the adapter's skip connection
         return out, AdapterCache(c_base, c_down, c_gelu, c_up)
@@ -135,7 +135,7 @@ class HoulsbyAdapter(Module):
         dg = dout @ W_up;  dh = gelu'(h) * dg;  dy = dout + dh @ W_down;  dx = dy @ W0
         """
         dg = self.adapter_up.backward(dout, cache.up)  # (..., m)
-        dh = ops.gelu_backward(dg, cache.gelu)
+        dh = ops.gelu_backward_fast(dg, cache.gelu)
         dy = self.adapter_down.backward(dh, cache.down)  # (..., d)
         dy += dout  # skip connection
         dx, dw, db = ops.linear_backward(dy, cache.base, need_dx=need_dx,

@@ -1,0 +1,128 @@
+"""Where a training step's time goes: ours op by op, PyTorch's by its own profiler.
+
+Ours: every leaf op of :mod:`minilora.nn.ops` that a step calls (linear, attention, layer norm,
+GELU, embedding, cross-entropy; forward and backward separately) and the optimizer step are
+wrapped with a timer for a few steps (the wrappers are removed after); what is left of the step
+is "other" (residual adds, gradient clipping, Python). PyTorch's step is run under
+``torch.profiler`` and its operators' *self* CPU time is grouped into the same categories
+(matmuls: ``mm`` / ``addmm`` / ``bmm``; ``softmax``; ``layer_norm``; ``gelu``; ...).
+
+The two columns answer "which part is slower than PyTorch's", which is what the speed issue asks
+to be profiled before anything is optimised.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from minilora.bench.core import BenchContext, Section, _ours_stepper, _timed, _torch_stepper
+from minilora.model import GPT
+from minilora.nn import ops
+from minilora.optim import AdamW
+
+#: our ops timed, in the order they are printed (forward, then backward)
+OPS = ("embedding_forward", "layernorm_forward", "linear_forward", "attention_forward",
+       "gelu_forward", "cross_entropy_forward", "cross_entropy_backward", "linear_backward",
+       "attention_backward", "gelu_backward", "layernorm_backward", "embedding_backward")
+
+#: torch operator name (``aten::...``) fragments -> our category
+TORCH_GROUPS = (("matmul (linear, attention)", ("aten::mm", "aten::addmm", "aten::bmm")),
+                ("softmax", ("softmax",)), ("layer norm", ("layer_norm",)),
+                ("gelu", ("gelu",)), ("cross-entropy", ("nll_loss", "log_softmax")),
+                ("embedding", ("embedding",)),
+                ("optimizer", ("_foreach", "adam", "addcdiv", "lerp")))
+
+
+def profile_ours(ctx: BenchContext, steps: int = 3) -> dict:
+    """Milliseconds per step spent in each op of :data:`OPS` and in ``AdamW.step``, plus the
+    step's median total; the op wrappers are put back afterwards."""
+    model = GPT(ctx.config, rng=0, dtype="float32")
+    _, _, step = _ours_stepper(ctx, model)
+    for _ in range(max(1, ctx.warmup)):
+        step()
+    spent = defaultdict(float)
+    originals = {name: getattr(ops, name) for name in OPS}
+    original_step = AdamW.step
+
+    def timed(name, fn):
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return wrapper
+    try:
+        for name, fn in originals.items():
+            setattr(ops, name, timed(name, fn))
+        AdamW.step = timed("optimizer (AdamW + clip)", original_step)
+        totals = [_timed(step) for _ in range(steps)]
+    finally:
+        for name, fn in originals.items():
+            setattr(ops, name, fn)
+        AdamW.step = original_step
+    total = sum(totals) / steps
+    per_step = {k: v / steps for k, v in spent.items()}
+    # cross_entropy_forward/backward run inside ops.cross_entropy, whose own calls go through
+    # the module's globals: they are timed. A wrapped op that calls another wrapped op would be
+    # counted twice; none of OPS does.
+    per_step["other (residuals, Python)"] = max(0.0, total - sum(per_step.values()))
+    return {"step_s": total, "per_op_s": per_step}
+
+
+def profile_torch(ctx: BenchContext, steps: int = 3) -> dict | None:
+    """Self CPU time per step of PyTorch's step, grouped by :data:`TORCH_GROUPS` (None without
+    torch)."""
+    torch = ctx.torch
+    if torch is None:
+        return None
+    _, _, step = _torch_stepper(ctx, GPT(ctx.config, rng=0, dtype="float32"), use_sdpa=False)
+    for _ in range(max(1, ctx.warmup)):
+        step()
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    wall = (time.perf_counter() - t0) / steps
+    groups = defaultdict(float)
+    ops_self = {}
+    for e in prof.key_averages():
+        s = e.self_cpu_time_total / 1e6 / steps
+        ops_self[e.key] = s
+        for group, keys in TORCH_GROUPS:
+            if any(k in e.key for k in keys):
+                groups[group] += s
+                break
+        else:
+            groups["other"] += s
+    top = dict(sorted(ops_self.items(), key=lambda kv: -kv[1])[:12])
+    return {"step_s_profiled": wall, "groups_s": dict(groups), "top_ops_s": top}
+
+
+def _ours_group(name: str) -> str:
+    for group, prefix in (("matmul (linear, attention)", ("linear_", "attention_")),
+                          ("layer norm", ("layernorm",)), ("gelu", ("gelu",)),
+                          ("cross-entropy", ("cross_entropy",)), ("embedding", ("embedding",))):
+        if name.startswith(prefix):
+            return group
+    return name
+
+
+def measure_profile(ctx: BenchContext) -> Section:
+    """The per-op breakdown of one full training step, ours and PyTorch's."""
+    ours = profile_ours(ctx, steps=max(2, min(ctx.steps, 5)))
+    theirs = profile_torch(ctx, steps=max(2, min(ctx.steps, 5)))
+    rows = []
+    total = ours["step_s"]
+    for name, s in sorted(ours["per_op_s"].items(), key=lambda kv: -kv[1]):
+        rows.append((f"ours: {name}", f"{s * 1e3:.1f} ms", f"{100 * s / total:.0f} % of step"))
+    grouped = defaultdict(float)
+    for name, s in ours["per_op_s"].items():
+        grouped[_ours_group(name)] += s
+    data = {"ours": ours, "ours_groups_s": dict(grouped), "torch": theirs}
+    if theirs is not None:
+        tg = theirs["groups_s"]
+        for group, _ in TORCH_GROUPS[:5]:
+            rows.append((f"{group}: ours / torch", f"{grouped.get(group, 0) * 1e3:.1f} / "
+                         f"{tg.get(group, 0) * 1e3:.1f} ms", "self time, per step"))
+    return Section(data, rows, [])
