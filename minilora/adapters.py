@@ -65,7 +65,7 @@ from minilora.lora.mixed import (
     plain_layer,
 )
 from minilora.nn.layers import Embedding, Linear, Module
-from minilora.peft.modules_to_save import split_saved_modules
+from minilora.nn.modules_to_save import split_saved_modules
 from minilora.sample import generate
 
 

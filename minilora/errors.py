@@ -19,3 +19,7 @@ class MiniloraError(Exception):
 class UsageError(MiniloraError, ValueError):
     """An argument is outside what is allowed: a command-line flag (the message names the flag)
     or a function's parameter (the message names the parameter)."""
+
+
+class PeftError(MiniloraError, ValueError):
+    """A PEFT method cannot be applied or loaded as asked (wrong model, shapes, files)."""

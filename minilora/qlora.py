@@ -53,7 +53,7 @@ from minilora.lora import (
 )
 from minilora.lora.layers import _check_rank
 from minilora.nn.layers import Linear, Module
-from minilora.peft.modules_to_save import (
+from minilora.nn.modules_to_save import (
     check_saved_modules,
     load_saved_modules,
     saved_modules_tensors,
@@ -294,7 +294,7 @@ def save_qlora_adapter(path, model: Module, config: LoraConfig, quant: QuantConf
     (and LoftQ) is deterministic, so :func:`load_qlora_adapter` rebuilds the same 4-bit base from
     the same float base and checks both. Atomic (:func:`minilora.io.write_typed`).
     ``modules_to_save``: module paths trained whole beside the factors, stored in the same file
-    (see :mod:`minilora.peft.modules_to_save`).
+    (see :mod:`minilora.nn.modules_to_save`).
 
     Chapter: chapters/04-lora-and-qlora.ipynb
     """

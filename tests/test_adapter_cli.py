@@ -8,7 +8,13 @@ import pytest
 from minilora import backend, cli
 from minilora.checkpoint import load_checkpoint
 from minilora.config import LoraConfig
-from minilora.lora import inject_lora, load_adapter, lora_state_dict, read_adapter, save_adapter
+from minilora.lora import (
+    inject_lora,
+    load_adapter,
+    lora_state_dict,
+    read_adapter,
+    save_adapter,
+)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,20 @@ import json
 import numpy as np
 import pytest
 
-from minilora.analysis import (AdapterFileError, AnalysisError, ModuleRecord,
-                               analyze_adapter, analyze_lora_module, dora_weight,
-                               effective_rank, intruders_from_weights, layer_index,
-                               read_peft_adapter, stable_rank, write_safetensors)
+from minilora.analysis import (
+    AdapterFileError,
+    AnalysisError,
+    ModuleRecord,
+    analyze_adapter,
+    analyze_lora_module,
+    dora_weight,
+    effective_rank,
+    intruders_from_weights,
+    layer_index,
+    read_peft_adapter,
+    stable_rank,
+    write_safetensors,
+)
 
 D, FF, R = 24, 40, 4
 PROJ = {"self_attn.q_proj": (D, D), "self_attn.v_proj": (D, D), "mlp.down_proj": (D, FF)}

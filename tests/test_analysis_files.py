@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from minilora.analysis import (AdapterFileError, BaseWeights, SafetensorsFile, float32_to_bf16,
-                               lora_scaling, match_pattern, module_rank_alpha, read_peft_adapter,
-                               write_safetensors)
+from minilora.analysis import (
+    AdapterFileError,
+    BaseWeights,
+    SafetensorsFile,
+    float32_to_bf16,
+    lora_scaling,
+    match_pattern,
+    module_rank_alpha,
+    read_peft_adapter,
+    write_safetensors,
+)
 
 
 def raw_safetensors(path, entries):

@@ -7,9 +7,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from minilora.analysis import (AdapterFileError, BaseWeights, analyze_adapter, dora_weight,
-                               principal_angles, read_peft_adapter, subspace_basis,
-                               write_safetensors)
+from minilora.analysis import (
+    AdapterFileError,
+    BaseWeights,
+    analyze_adapter,
+    dora_weight,
+    principal_angles,
+    read_peft_adapter,
+    subspace_basis,
+    write_safetensors,
+)
 
 DATA = Path(__file__).parent / "data" / "peft"
 pytestmark = pytest.mark.skipif(not (DATA / "llama_lora").is_dir(), reason="no PEFT fixtures")

@@ -2,12 +2,25 @@
 import numpy as np
 import pytest
 
-from minilora.analysis import (AnalysisError, amplification_factor, intruder_dimensions,
-                               intruders_from_weights, lowrank_svd, perturbed_similarities,
-                               phi_grid, phi_random_expectation, phi_random_sampled,
-                               principal_angles, project_onto, random_orthonormal,
-                               random_projection_expectation, scale_singular_directions,
-                               singular_values, subspace_similarity, svd)
+from minilora.analysis import (
+    AnalysisError,
+    amplification_factor,
+    intruder_dimensions,
+    intruders_from_weights,
+    lowrank_svd,
+    perturbed_similarities,
+    phi_grid,
+    phi_random_expectation,
+    phi_random_sampled,
+    principal_angles,
+    project_onto,
+    random_orthonormal,
+    random_projection_expectation,
+    scale_singular_directions,
+    singular_values,
+    subspace_similarity,
+    svd,
+)
 
 
 def with_spectrum(rng, m, n, s):

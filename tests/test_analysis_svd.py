@@ -2,10 +2,21 @@
 import numpy as np
 import pytest
 
-from minilora.analysis import (AnalysisError, effective_rank, energy_captured, energy_curve,
-                               lowrank_frobenius_norm, lowrank_svd, numerical_rank,
-                               randomized_svd, rank_for_energy, singular_values, stable_rank,
-                               truncate, truncation_errors)
+from minilora.analysis import (
+    AnalysisError,
+    effective_rank,
+    energy_captured,
+    energy_curve,
+    lowrank_frobenius_norm,
+    lowrank_svd,
+    numerical_rank,
+    randomized_svd,
+    rank_for_energy,
+    singular_values,
+    stable_rank,
+    truncate,
+    truncation_errors,
+)
 from minilora.backend import xp
 
 

@@ -64,8 +64,9 @@ def test_cupy_without_cupy_or_gpu_is_one_clear_error():
 
 
 def test_xp_follows_the_switch_after_import():
-    from minilora.backend import xp
     import numpy
+
+    from minilora.backend import xp
     assert xp.zeros(1).__class__ is numpy.ndarray
     assert repr(xp) == "<minilora xp -> numpy>"
 

@@ -2,17 +2,24 @@
 magnitude = row norms of W0, merge / unmerge, files (ours and PEFT's), and the real-PEFT fixture."""
 import numpy as np
 import pytest
+from helpers import lora_layer_gradcheck, np_, randn
+from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
 
 from minilora import backend
 from minilora.config import ConfigError, GPTConfig, LoraConfig
 from minilora.gradcheck import format_table
-from minilora.lora import (DoRALinear, inject_lora, load_adapter, lora_layers,
-                           merge_lora, save_adapter, unmerge_lora)
+from minilora.lora import (
+    DoRALinear,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+    unmerge_lora,
+)
 from minilora.lora.peft_format import export_peft, import_peft
 from minilora.model import GPT
 from minilora.nn.layers import Linear
-from helpers import lora_layer_gradcheck, np_, randn
-from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 

@@ -5,8 +5,14 @@ import json
 
 import pytest
 
-from minilora.course.assignments import (STUB, STUDENT_DIR, assignment_names, cell_kind,
-                                         read_assignment, student_notebook)
+from minilora.course.assignments import (
+    STUB,
+    STUDENT_DIR,
+    assignment_names,
+    cell_kind,
+    read_assignment,
+    student_notebook,
+)
 from minilora.course.grade import grade
 
 

@@ -2,6 +2,8 @@
 config errors, and the real-PEFT fixture (peft 0.21.2: k, v and down_proj's input)."""
 import numpy as np
 import pytest
+from helpers import batch, lora_layer_gradcheck, np_, randn
+from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
 
 from minilora import backend
 from minilora.config import ConfigError, GPTConfig
@@ -9,11 +11,19 @@ from minilora.gradcheck import format_table, model_check
 from minilora.model import GPT
 from minilora.nn.layers import Linear
 from minilora.peft import PeftError, add_modules_to_save
-from minilora.peft.ia3 import (IA3Config, IA3Linear, count_ia3_parameters, export_ia3_peft,
-                               ia3_layers, import_ia3_peft, inject_ia3, load_ia3, merge_ia3,
-                               save_ia3, unmerge_ia3)
-from helpers import batch, lora_layer_gradcheck, np_, randn
-from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
+from minilora.peft.ia3 import (
+    IA3Config,
+    IA3Linear,
+    count_ia3_parameters,
+    export_ia3_peft,
+    ia3_layers,
+    import_ia3_peft,
+    inject_ia3,
+    load_ia3,
+    merge_ia3,
+    save_ia3,
+    unmerge_ia3,
+)
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 

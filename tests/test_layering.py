@@ -8,6 +8,7 @@ nothing below it may import it.
 import ast
 import pathlib
 
+import pytest
 
 import minilora
 
@@ -177,3 +178,17 @@ def test_imports_sit_at_the_top_of_the_file():
                 elif not any("#" in line for line in lines[max(0, n.lineno - 4):n.end_lineno]):
                     bad.append(f"{where}: lazy import of {mods} without a one-line reason")
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("module", ["minilora.peft", "minilora.lora", "minilora.nn.modules_to_save",
+                                    "minilora.quant", "minilora.qlora", "minilora.adapters",
+                                    "minilora.analysis", "minilora.experiments", "minilora.bench",
+                                    "minilora.cli"])
+def test_each_package_imports_first_in_a_fresh_interpreter(module):
+    """Package __init__ files import their modules eagerly, so an import cycle between two
+    packages shows only when one of them is imported first; import each one first."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                          text=True, cwd=str(PKG.parent))
+    assert proc.returncode == 0, proc.stderr[-2000:]

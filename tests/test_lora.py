@@ -8,20 +8,33 @@ import math
 
 import numpy as np
 import pytest
+from helpers import batch, lora_layer_gradcheck, np_, randn
 
 from minilora import backend
 from minilora.backend import xp
 from minilora.checkpoint import CheckpointError
 from minilora.config import ConfigError, GPTConfig, LoraConfig
 from minilora.gradcheck import check, format_table, model_check
-from minilora.lora import (LoRAEmbedding, LoRAError, LoRALinear, count_lora_parameters,
-                           inject_lora, load_adapter, load_lora_state_dict, lora_layers,
-                           lora_scaling, lora_state_dict, mark_only_lora_as_trainable, merge_lora,
-                           save_adapter, set_lora_training, unmerge_lora)
+from minilora.lora import (
+    LoRAEmbedding,
+    LoRAError,
+    LoRALinear,
+    count_lora_parameters,
+    inject_lora,
+    load_adapter,
+    load_lora_state_dict,
+    lora_layers,
+    lora_scaling,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    save_adapter,
+    set_lora_training,
+    unmerge_lora,
+)
 from minilora.model import GPT
 from minilora.nn.layers import Embedding, Linear, Module
 from minilora.optim import AdamW
-from helpers import lora_layer_gradcheck, randn, batch, np_
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 ALL = ("q", "k", "v", "o", "up", "down", "wte", "lm_head")

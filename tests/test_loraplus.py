@@ -4,13 +4,13 @@ import math
 
 import numpy as np
 import pytest
+from helpers import batch, np_
 
 from minilora.config import GPTConfig, LoraConfig
 from minilora.errors import UsageError
 from minilora.lora import inject_lora, lora_layers
 from minilora.model import GPT
 from minilora.optim import AdamW, loraplus_lr_scale
-from helpers import batch, np_
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 

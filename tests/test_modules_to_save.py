@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from helpers import batch, np_
+from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
 from safetensors.numpy import load_file, save_file
 
 from minilora import backend
@@ -14,10 +16,15 @@ from minilora.lora import inject_lora, merge_lora, unmerge_lora
 from minilora.lora.peft_format import export_peft, import_peft
 from minilora.model import GPT
 from minilora.optim import AdamW
-from minilora.peft import (AdapterConfig, BitFitConfig, PeftError, PromptConfig,
-                           add_modules_to_save, apply_peft, count_modules_to_save)
-from helpers import batch, np_
-from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
+from minilora.peft import (
+    AdapterConfig,
+    BitFitConfig,
+    PeftError,
+    PromptConfig,
+    add_modules_to_save,
+    apply_peft,
+    count_modules_to_save,
+)
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 

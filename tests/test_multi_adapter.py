@@ -3,13 +3,19 @@ import numpy as np
 import pytest
 
 from minilora import backend
+from minilora.adapters import AdapterRegistry, generate_mixed, merge_and_unload
 from minilora.checkpoint import load_checkpoint, save_checkpoint
 from minilora.config import GPTConfig, LoraConfig
 from minilora.data import CharTokenizer
-from minilora.lora import (LoRAError, inject_lora, lora_layers, lora_state_dict, save_adapter)
-from minilora.model import GPT
-from minilora.adapters import AdapterRegistry, generate_mixed, merge_and_unload
 from minilora.experiments.scoring import score_adapters
+from minilora.lora import (
+    LoRAError,
+    inject_lora,
+    lora_layers,
+    lora_state_dict,
+    save_adapter,
+)
+from minilora.model import GPT
 from minilora.sample import generate
 
 TOK = CharTokenizer.default()
@@ -239,8 +245,8 @@ def test_merge_and_unload_writes_a_plain_checkpoint(tmp_path, rng, reg_and_adapt
 
 
 def test_score_adapters_matches_evaluate_on_the_shipped_base():
-    from minilora.experiments.paths import base_model_path
     from minilora.data import encode_corpus
+    from minilora.experiments.paths import base_model_path
     from minilora.experiments.tasks import task_splits
     from minilora.train import evaluate, fixed_batches
 

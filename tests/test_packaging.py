@@ -6,6 +6,7 @@ the repository's ``data/`` is installed as ``minilora/_shipped`` (see
 a fresh venv and runs ``minilora tour --fast`` from another directory.
 """
 import pathlib
+
 import pytest
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11

@@ -3,15 +3,14 @@ import json
 
 import numpy as np
 import pytest
+from conftest import CUPY
 
 from minilora import backend
 from minilora.config import GPTConfig
+from minilora.experiments.studies.paged_demo import paged_demo
 from minilora.model import GPT
 from minilora.optim import AdamW
-from minilora.experiments.studies.paged_demo import paged_demo
 from minilora.paged import DeviceMemory, DeviceOutOfMemory, PagedAdamW
-
-from conftest import CUPY
 
 KiB = 1024
 

@@ -9,24 +9,39 @@ import json
 
 import numpy as np
 import pytest
+from helpers import randn
 
 from minilora import backend
 from minilora.backend import xp
 from minilora.checkpoint import CheckpointError, load_checkpoint
-from minilora.experiments.paths import base_model_path
 from minilora.config import ConfigError, GPTConfig
+from minilora.experiments.paths import base_model_path
 from minilora.gradcheck import check, format_table, model_check
 from minilora.model import GPT, InputError
 from minilora.nn.layers import Linear
 from minilora.optim import AdamW
+from minilora.peft import (
+    AdapterConfig,
+    BitFitConfig,
+    HoulsbyAdapter,
+    PeftError,
+    PrefixConfig,
+    PrefixTuningModel,
+    PromptConfig,
+    PromptTuningModel,
+    adapter_layers,
+    add_prefix,
+    add_prompt,
+    apply_bitfit,
+    apply_peft,
+    base_prefix_kv,
+    count_peft_parameters,
+    inject_adapters,
+    load_peft,
+    peft_state_dict,
+    save_peft,
+)
 from minilora.peft.prefix import PrefixKV
-from minilora.peft import (AdapterConfig, BitFitConfig, HoulsbyAdapter, PeftError,
-                                   PrefixConfig, PrefixTuningModel, PromptConfig,
-                                   PromptTuningModel, adapter_layers, add_prefix, add_prompt,
-                                   apply_bitfit, apply_peft, base_prefix_kv,
-                                   count_peft_parameters, inject_adapters, load_peft,
-                                   peft_state_dict, save_peft)
-from helpers import randn
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 BASE = GPTConfig(vocab_size=97, block_size=256, n_layer=6, n_head=5, n_embd=160)  # shipped shape

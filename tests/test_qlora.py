@@ -6,6 +6,7 @@ correct backward agrees to ~1e-8 relative; ``tol=1e-6`` leaves two orders of mar
 """
 import numpy as np
 import pytest
+from helpers import batch, lora_layer_gradcheck, np_, randn
 
 from minilora import backend
 from minilora.backend import xp
@@ -16,11 +17,16 @@ from minilora.lora import LoRAError, LoRALinear, lora_layers, merge_lora
 from minilora.model import GPT
 from minilora.nn.layers import Linear
 from minilora.optim import AdamW
-from minilora.qlora import (QLoRALinear, inject_qlora, load_qlora_adapter, quant_digest, save_qlora_adapter)
-from minilora.quant.loftq import loftq_init
+from minilora.qlora import (
+    QLoRALinear,
+    inject_qlora,
+    load_qlora_adapter,
+    quant_digest,
+    save_qlora_adapter,
+)
 from minilora.quant import quantize_nf4
 from minilora.quant.linear import QuantLinear, QuantWeight, quant_weights
-from helpers import lora_layer_gradcheck, randn, batch, np_
+from minilora.quant.loftq import loftq_init
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=16, init_std=0.3)
 
@@ -355,6 +361,7 @@ def test_memory_account_counts_4bit_bytes_and_bench_section_runs():
 
 def test_loftq_study_and_figures_from_saved_results(tmp_path):
     import json
+
     from minilora.experiments.figures import make_figures
     from minilora.experiments.studies.loftq import loftq_residual_study
     study = loftq_residual_study(GPT(TINY, 0), ranks=(2,), n_iter=3, quant=QuantConfig(blocksize=16))
@@ -370,6 +377,7 @@ def test_loftq_study_and_figures_from_saved_results(tmp_path):
 
 def test_cli_qlora_errors_and_loftq_command(tmp_path, capsys):
     import json
+
     from minilora.cli import main
     assert main(["finetune", "--method", "qlora", "--targets", "q,lm_head", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -11,10 +11,17 @@ import numpy as np
 import pytest
 
 from minilora.experiments.figures import make_figures
-from minilora.quant import NF4_CODE
-from minilora.quant.compare import (article_examples, compare_codes, format_error_table,
-                                    gaussian_sample, nearest_level, quant_error, roundtrip_codes)
 from minilora.experiments.studies.quant_compare import run_comparison
+from minilora.quant import NF4_CODE
+from minilora.quant.compare import (
+    article_examples,
+    compare_codes,
+    format_error_table,
+    gaussian_sample,
+    nearest_level,
+    quant_error,
+    roundtrip_codes,
+)
 
 
 @pytest.fixture(scope="module")

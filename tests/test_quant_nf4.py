@@ -21,8 +21,8 @@ from hypothesis.extra import numpy as hnp
 from minilora import backend
 from minilora.quant import blockwise as B
 from minilora.quant import checks as QC
-from minilora.quant import packing as QP
 from minilora.quant import nf4 as N
+from minilora.quant import packing as QP
 from minilora.quant.state import QuantState
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "bnb_nf4_golden.npz")

@@ -3,6 +3,7 @@ backward runs each block again; the gradients must be the plain path's, bit for 
 training, LoRA with dropout (replayed masks), prefix and prompt tuning, AdaLoRA and QLoRA."""
 import numpy as np
 import pytest
+from helpers import batch, np_
 
 from minilora.config import GPTConfig, LoraConfig
 from minilora.errors import MiniloraError
@@ -10,7 +11,6 @@ from minilora.lora import AdaLoraConfig, AdaLoraModel, inject_lora
 from minilora.model import GPT, RecomputeCache, set_recompute
 from minilora.nn.layers import Module
 from minilora.peft import PrefixConfig, PromptConfig, apply_peft
-from helpers import batch, np_
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=8, init_std=0.3)
 

@@ -4,7 +4,12 @@ import json
 import pytest
 
 from minilora.experiments import results_table
-from minilora.experiments.results_table import format_table, load_results, run_missing, write_table
+from minilora.experiments.results_table import (
+    format_table,
+    load_results,
+    run_missing,
+    write_table,
+)
 
 
 def _record(task, method, trainable, metric):
@@ -24,15 +29,21 @@ def _save(root, r):
 
 
 def test_table_rows_in_task_then_method_order(tmp_path):
+    mts = _record("sentiment", "bitfit", 30, 0.7)
+    mts["method_config"] = {"modules_to_save": ["lm_head", "ln_f"]}
+    _save(tmp_path, mts)
     _save(tmp_path, _record("sentiment", "lora", 10, 0.75))
     _save(tmp_path, _record("milton", "lora", 10, 1.6))
     _save(tmp_path, _record("milton", "full", 1000, 1.5))
     rows = load_results(tmp_path)
     assert [(r["task"], r["method"]) for r in rows] == [("milton", "full"), ("milton", "lora"),
-                                                        ("sentiment", "lora")]
+                                                        ("sentiment", "lora"),
+                                                        ("sentiment", "bitfit")]
     text, path = write_table(tmp_path)
     assert path.read_text() == text == format_table(rows)
-    assert "| milton-lora | milton | lora | 2.000 -> 1.600 | 10 | 1.00 | 12 | 3.0 | +0.250 |" in text
+    assert ("| milton-lora | milton | lora | - | 2.000 -> 1.600 | 10 | 1.00 | 12 | 3.0 | +0.250 |"
+            in text)
+    assert "| sentiment-bitfit | sentiment | bitfit | lm_head, ln_f | 50.0 % -> 70.0 % |" in text
     assert "50.0 % -> 75.0 %" in text
 
 

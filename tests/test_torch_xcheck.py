@@ -13,11 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from minilora import backend  # noqa: E402
+from minilora.bench.torch_reference import reference  # noqa: E402
 from minilora.config import GPTConfig  # noqa: E402
 from minilora.model import GPT  # noqa: E402
 from minilora.nn import ops  # noqa: E402
 from minilora.optim import AdamW  # noqa: E402
-from minilora.bench.torch_reference import reference  # noqa: E402
 
 ATOL = 1e-10
 

@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers import load_arrays
 
 from minilora.checkpoint import load_checkpoint
-from helpers import load_arrays
 from minilora.config import GPTConfig, TrainConfig
 from minilora.data import CharTokenizer
 from minilora.model import GPT

@@ -15,7 +15,13 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from minilora.bench.core import BenchContext, Section, _ours_stepper, _timed, _torch_stepper
+from minilora.bench.core import (
+    BenchContext,
+    Section,
+    _ours_stepper,
+    _timed,
+    _torch_stepper,
+)
 from minilora.model import GPT
 from minilora.nn import ops
 from minilora.optim import AdamW

@@ -21,11 +21,12 @@ from minilora.lora.peft_format import KEY_PREFIX, from_peft_module, to_peft_modu
 from minilora.lora.peft_modules import saved_module_key
 from minilora.lora.peft_names import PEFT_TARGET_NAMES, read_peft_dir
 from minilora.nn.layers import Module
-from minilora.peft.modules_to_save import (
+from minilora.nn.modules_to_save import (
     check_saved_modules,
     load_saved_modules,
     modules_to_save_state_dict,
 )
+
 
 # ----------------------------------------------------------------------------------------------
 # files: PEFT's ADALORA directory (the kept triplets only, rank_pattern in the config)

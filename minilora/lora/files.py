@@ -16,7 +16,7 @@ from minilora.io import check_same_base, config_from_meta, read_typed, write_typ
 from minilora.lora.inject import _bias_predicate, lora_layers, prepare_for_adapter
 from minilora.lora.layers import LoRAError
 from minilora.nn.layers import Module
-from minilora.peft.modules_to_save import (
+from minilora.nn.modules_to_save import (
     check_saved_modules,
     load_saved_modules,
     saved_modules_tensors,
@@ -88,7 +88,7 @@ def save_adapter(path, model: Module, config: LoraConfig, modules_to_save=()) ->
     ``GPTConfig``, so :func:`load_adapter` can rebuild the wrappers and check the base. Atomic
     (:func:`minilora.io.write_typed`). Saved unmerged: a merged model is refused.
     ``modules_to_save``: module paths trained whole beside the factors (``("lm_head",)``),
-    stored in the same file (see :mod:`minilora.peft.modules_to_save`).
+    stored in the same file (see :mod:`minilora.nn.modules_to_save`).
 
     Chapter: chapters/02-lora-notes.ipynb
     """

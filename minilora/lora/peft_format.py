@@ -97,7 +97,7 @@ from minilora.lora.peft_names import (
     read_peft_dir,
     to_peft_module,
 )
-from minilora.peft.modules_to_save import (
+from minilora.nn.modules_to_save import (
     load_saved_modules,
     modules_to_save_state_dict,
 )
@@ -177,7 +177,7 @@ def export_peft(path_dir, model, config: LoraConfig, base_model_name_or_path=Non
         config: the :class:`LoraConfig` it was injected with.
         base_model_name_or_path: written into the config (PEFT's field; None is PEFT's default).
         modules_to_save: module paths (``lm_head``, ``ln_f``) saved whole beside the factors
-            (:mod:`minilora.peft.modules_to_save`), named in the config as PEFT does.
+            (:mod:`minilora.nn.modules_to_save`), named in the config as PEFT does.
 
     Chapter: chapters/02-lora-notes.ipynb
     """

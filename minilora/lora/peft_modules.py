@@ -1,7 +1,7 @@
 """Whole modules in a PEFT LoRA file: ``modules_to_save`` (trained copies, both key layouts) and
 the base-layer copies PEFT writes with ``save_embedding_layers`` (accepted when they equal the
 base weight). Used by :func:`minilora.lora.peft_format.import_peft` and the AdaLoRA import; the saved
-modules are then loaded by :func:`minilora.peft.modules_to_save.load_saved_modules`.
+modules are then loaded by :func:`minilora.nn.modules_to_save.load_saved_modules`.
 
 Chapter: chapters/02-lora-notes.ipynb
 """
@@ -10,12 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from minilora import backend
-from minilora.lora.peft_names import (
-    KEY_PREFIX,
-    MTS_INFIX,
-    PeftFormatError,
-    from_peft_module,
-)
+from minilora.lora.peft_names import KEY_PREFIX, PeftFormatError, from_peft_module
+from minilora.nn.modules_to_save import MTS_INFIX  # PEFT < 0.21 wrote this infix
 
 BASE_COPY_RTOL = 2.0 ** -8
 BASE_COPY_ATOL = 1e-8

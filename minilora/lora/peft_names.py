@@ -39,8 +39,6 @@ PEFT_TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
 UNSUPPORTED_KEYS = {"fan_in_fan_out": False, "lora_bias": False,
                 "rank_pattern": {}, "alpha_pattern": {},
                 "layers_to_transform": None, "layer_replication": None}
-#: the key infix of a saved module in PEFT releases before 0.21 (read, never written)
-MTS_INFIX = ".modules_to_save.default"
 
 
 #: relative tolerance of a saved base-layer copy vs the model's weight (bfloat16 rounding, 2^-8)

@@ -17,8 +17,19 @@ all of them). LoRA itself lives in :mod:`minilora.lora`.
 
 Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
 """
+from minilora.errors import PeftError
+from minilora.nn.modules_to_save import (
+                                 SavedModules,
+                                 add_modules_to_save,
+                                 check_saved_modules,
+                                 count_modules_to_save,
+                                 load_saved_modules,
+                                 modules_to_save_state_dict,
+                                 resolve_modules_to_save,
+                                 saved_modules_tensors,
+                                 split_saved_modules,
+)
 from minilora.peft.bitfit import BitFitConfig, apply_bitfit
-from minilora.peft.common import PeftError
 from minilora.peft.files import (
                                  CONFIGS,
                                  PEFT_FORMAT,
@@ -47,17 +58,6 @@ from minilora.peft.ia3 import (
                                  merge_ia3,
                                  save_ia3,
                                  unmerge_ia3,
-)
-from minilora.peft.modules_to_save import (
-                                 SavedModules,
-                                 add_modules_to_save,
-                                 check_saved_modules,
-                                 count_modules_to_save,
-                                 load_saved_modules,
-                                 modules_to_save_state_dict,
-                                 resolve_modules_to_save,
-                                 saved_modules_tensors,
-                                 split_saved_modules,
 )
 from minilora.peft.prefix import (
                                  PrefixConfig,

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from minilora.config import ConfigError, JsonConfig
+from minilora.errors import PeftError
 from minilora.nn.layers import LayerNorm, Module
-from minilora.peft.common import PeftError
 
 
 @dataclass(frozen=True)

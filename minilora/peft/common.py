@@ -1,15 +1,12 @@
-"""What every PEFT method here shares: its error class and two small helpers.
+"""What every PEFT method here shares: two small helpers (the error class, PeftError, lives in
+minilora.errors).
 
 Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
 """
 from __future__ import annotations
 
-from minilora.errors import MiniloraError
 from minilora.model import GPT
 
-
-class PeftError(MiniloraError, ValueError):
-    """A PEFT method cannot be applied or loaded as asked (wrong model, shapes, files)."""
 
 def _truncated_normal(rng, shape, std):
     """N(0, std^2) redrawn until inside +-2 std (TensorFlow's truncated_normal), CPU float64."""

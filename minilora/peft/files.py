@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from minilora import backend
 from minilora.config import GPTConfig
+from minilora.errors import PeftError
 from minilora.io import (
     CheckpointError,
     check_same_base,
@@ -19,15 +20,14 @@ from minilora.io import (
     write_typed,
 )
 from minilora.nn.layers import Module
-from minilora.peft.bitfit import BitFitConfig, apply_bitfit, bitfit_trainable
-from minilora.peft.common import PeftError
-from minilora.peft.houlsby import AdapterConfig, adapter_trainable, inject_adapters
-from minilora.peft.modules_to_save import (
+from minilora.nn.modules_to_save import (
     check_saved_modules,
     load_saved_modules,
     saved_modules_tensors,
     split_saved_modules,
 )
+from minilora.peft.bitfit import BitFitConfig, apply_bitfit, bitfit_trainable
+from minilora.peft.houlsby import AdapterConfig, adapter_trainable, inject_adapters
 from minilora.peft.prefix import (
     PrefixConfig,
     PromptConfig,
@@ -118,7 +118,7 @@ def save_peft(path, model, config, modules_to_save=()) -> None:
     """Write only the method's small tensors (safetensors) with a JSON header holding the
     method, its config and the base model's config; atomic (:func:`minilora.io.write_typed`).
     ``modules_to_save``: module paths trained whole beside the method, stored in the same file
-    (:mod:`minilora.peft.modules_to_save`).
+    (:mod:`minilora.nn.modules_to_save`).
 
     Chapter: chapters/02-lora-notes.ipynb
     """

@@ -15,9 +15,10 @@ from typing import NamedTuple
 from minilora import backend
 from minilora.backend import xp
 from minilora.config import ConfigError, JsonConfig, _check_float, _check_int
+from minilora.errors import PeftError
 from minilora.nn import ops
 from minilora.nn.layers import Linear, Module
-from minilora.peft.common import PeftError, _truncated_normal
+from minilora.peft.common import _truncated_normal
 
 ADAPTER_TARGETS = ("o", "down")  # Houlsby: after the attention output projection and the MLP
 

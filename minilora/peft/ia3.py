@@ -39,6 +39,7 @@ from safetensors.numpy import save
 from minilora import backend
 from minilora.backend import xp
 from minilora.config import LORA_TARGET_ALIASES, ConfigError, JsonConfig
+from minilora.errors import PeftError
 from minilora.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -54,8 +55,7 @@ from minilora.lora import peft_format
 from minilora.lora.peft_names import PEFT_TARGET_NAMES, read_peft_dir
 from minilora.nn import ops
 from minilora.nn.layers import Linear, Module
-from minilora.peft.common import PeftError
-from minilora.peft.modules_to_save import (
+from minilora.nn.modules_to_save import (
     check_saved_modules,
     load_saved_modules,
     saved_modules_tensors,
@@ -302,7 +302,7 @@ def _check_unmerged(model, what):
 def save_ia3(path, model: Module, config: IA3Config, modules_to_save=()) -> None:
     """Write the vectors with the config and the base's shape; atomic. ``modules_to_save``:
     module paths trained whole beside the vectors, stored in the same file
-    (:mod:`minilora.peft.modules_to_save`).
+    (:mod:`minilora.nn.modules_to_save`).
 
     Chapter: chapters/02-lora-notes.ipynb
     """

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from minilora import backend
 from minilora.backend import xp
 from minilora.config import ConfigError, JsonConfig, _check_float, _check_int
+from minilora.errors import PeftError
 from minilora.model import GPT, LanguageModelMixin
 from minilora.nn.kv_cache import KVCache
 from minilora.nn.layers import Module, PastKV
-from minilora.peft.common import PeftError, _check_gpt
+from minilora.peft.common import _check_gpt
 
 PROMPT_INITS = ("vocab", "random")
 PREFIX_INITS = ("vocab", "random")

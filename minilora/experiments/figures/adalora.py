@@ -5,7 +5,12 @@ from pathlib import Path
 
 import numpy as np
 
-from minilora.experiments.figures.common import MissingResults, pyplot, read_json, save_figure
+from minilora.experiments.figures.common import (
+    MissingResults,
+    pyplot,
+    read_json,
+    save_figure,
+)
 
 RUNS = ("milton-adalora-lr2e-2", "milton-adalora", "python-adalora")
 

@@ -35,9 +35,11 @@ Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
 from __future__ import annotations
 
 from minilora import backend
-from minilora.lora.peft_names import MTS_INFIX
+from minilora.errors import PeftError
 from minilora.nn.layers import Module
-from minilora.peft.common import PeftError
+
+#: the key infix of a saved module's tensors (PEFT's name for the trained copy of a module)
+MTS_INFIX = ".modules_to_save.default"
 
 
 def _module_paths(model: Module) -> dict:
@@ -205,7 +207,8 @@ def load_saved_modules(model: Module, paths, arrays: dict, where: str,
     return saved
 
 
-__all__ = ["SavedModules", "add_modules_to_save", "check_saved_modules", "count_modules_to_save",
+__all__ = ["MTS_INFIX", "SavedModules", "add_modules_to_save", "check_saved_modules",
+           "count_modules_to_save",
            "load_saved_modules",
            "modules_to_save_state_dict", "resolve_modules_to_save", "saved_modules_tensors",
            "split_saved_modules"]
