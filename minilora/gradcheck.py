@@ -153,6 +153,11 @@ def op_suite(rng=None, tol: float = 1e-6) -> list[dict]:
                          lambda q, k, v: ops.attention_forward(q, k, v, NH), ops.attention_backward,
                          {"q": randn(B, T, C), "k": randn(B, T + P, C), "v": randn(B, T + P, C)},
                          ["q", "k", "v"], rng, tol)
+        rows += check_op(f"attention fast (tiles of 2) B={B} T={T} prefix={P} C={C} NH={NH}",
+                         lambda q, k, v: ops.attention_forward_fast(q, k, v, NH, tile=2),
+                         ops.attention_backward_fast,
+                         {"q": randn(B, T, C), "k": randn(B, T + P, C), "v": randn(B, T + P, C)},
+                         ["q", "k", "v"], rng, tol)
     rows += check_op("residual (2, 3, 4)", ops.residual_forward, ops.residual_backward,
                      {"x": randn(2, 3, 4), "y": randn(2, 3, 4)}, ["x", "y"], rng, tol)
     drop_seed = int(rng.integers(1 << 30))

@@ -106,3 +106,20 @@ def test_blocked_gelu_equals_the_plain_one(rng, dtype, tol, shape, monkeypatch):
     np.testing.assert_allclose(backend.to_numpy(ops.gelu_backward_fast(d, cache)),
                                backend.to_numpy(ops.gelu_backward(d, cache_p)), rtol=tol,
                                atol=tol)
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3, 32])
+@pytest.mark.parametrize("B,T,P,C,NH", [(2, 5, 0, 8, 2), (1, 7, 3, 6, 3), (2, 1, 4, 4, 2)])
+def test_tiled_attention_equals_the_full_square(rng, tile, B, T, P, C, NH):
+    """Query tiles that skip the masked keys give the full square's outputs and gradients
+    (prefix keys included; T = 1 is a decoding step)."""
+    q, k, v = (backend.asarray(rng.standard_normal(s)) for s in ((B, T, C), (B, T + P, C),
+                                                                  (B, T + P, C)))
+    d = backend.asarray(rng.standard_normal((B, T, C)))
+    y, cache = ops.attention_forward(q, k, v, NH)
+    y_t, cache_t = ops.attention_forward_fast(q, k, v, NH, tile=tile)
+    np.testing.assert_allclose(backend.to_numpy(y_t), backend.to_numpy(y), rtol=1e-12, atol=1e-13)
+    for a, b in zip(ops.attention_backward_fast(d, cache_t), ops.attention_backward(d, cache)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(b), rtol=1e-12,
+                                   atol=1e-13)

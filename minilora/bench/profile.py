@@ -27,9 +27,10 @@ from minilora.nn import ops
 from minilora.optim import AdamW
 
 #: our ops timed, in the order they are printed (forward, then backward)
-OPS = ("embedding_forward", "layernorm_forward", "linear_forward", "attention_forward",
-       "gelu_forward", "cross_entropy_forward", "cross_entropy_backward", "linear_backward",
-       "attention_backward", "gelu_backward", "layernorm_backward", "embedding_backward")
+OPS = ("embedding_forward", "layernorm_forward_fast", "linear_forward", "attention_forward_fast",
+       "gelu_forward_fast", "cross_entropy_forward", "cross_entropy_backward", "linear_backward",
+       "attention_backward_fast", "gelu_backward_fast", "layernorm_backward_fast",
+       "embedding_backward")
 
 #: torch operator name (``aten::...``) fragments -> our category
 TORCH_GROUPS = (("matmul (linear, attention)", ("aten::mm", "aten::addmm", "aten::bmm")),

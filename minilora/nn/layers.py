@@ -256,7 +256,7 @@ class AttentionLayerCache(NamedTuple):
     q: tuple  # the q, k, v, o projections' caches
     k: tuple
     v: tuple
-    attn: ops.AttentionCache
+    attn: ops.TiledAttentionCache
     o: tuple
     past: PastKV | None  # the earlier keys/values (their gradient goes back there), or None
 
@@ -286,7 +286,7 @@ class CausalSelfAttention(Module):
         v, cv = self.v.forward(x)
         if past is not None:
             k, v = past.extend(k, v)  # (B, Tp + T, C)
-        y, ca = ops.attention_forward(q, k, v, self.n_head)
+        y, ca = ops.attention_forward_fast(q, k, v, self.n_head)
         out, co = self.o.forward(y)
         return out, AttentionLayerCache(cq, ck, cv, ca, co, past)
 
@@ -297,7 +297,7 @@ class CausalSelfAttention(Module):
         dk = dK[:, Tp:] to the k projection (likewise V).
         """
         dy = self.o.backward(dout, cache.o)
-        dq, dk, dv = ops.attention_backward(dy, cache.attn)
+        dq, dk, dv = ops.attention_backward_fast(dy, cache.attn)
         if cache.past is not None:
             Tp = dk.shape[1] - dq.shape[1]
             cache.past.backward(dk[:, :Tp], dv[:, :Tp])
