@@ -455,7 +455,9 @@ def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
     tiles the scores cost (n + 1) / 2n of the full square (0.625 at n = 4), and each tile's
     scores stay small enough for the cache during the softmax. Only the tile's diagonal block
     needs the causal mask. The output is written straight into (B, T, NH, hs) order, so merging
-    the heads is free. Returns y (B, T, C), cache = :class:`TiledAttentionCache`.
+    the heads is free. The batch is shared out over the CPU threads
+    (:func:`minilora.backend.parallel_chunks`: the per-head GEMMs are too small for BLAS to
+    thread). Returns y (B, T, C), cache = :class:`TiledAttentionCache`.
     """
     B, T, C = q.shape
     Tk = k.shape[1]
@@ -465,23 +467,28 @@ def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
     scale = 1.0 / math.sqrt(hs)
     y = xp.empty((B, T, n_head, hs), dtype=q.dtype)
     yh = y.transpose(0, 2, 1, 3)  # (B, NH, T, hs) view
-    tiles = []
-    for t0 in range(0, T, tile):
-        t1 = min(t0 + tile, T)
-        kend = t1 + P
-        s = xp.matmul(qh[:, :, t0:t1], kh[:, :, :kend].transpose(0, 1, 3, 2))  # (B, NH, tq, kend)
-        s *= scale
-        if t1 - t0 > 1:  # keys t0+P .. kend-1 form the tile's diagonal block: causal there
-            s[..., t0 + P:kend] += causal_mask_bias(t1 - t0, t1 - t0, s.dtype)
-        _softmax_inplace(s)
-        yh[:, :, t0:t1] = xp.matmul(s, vh[:, :, :kend])
-        tiles.append((t0, t1, s))
+    bounds = [(t0, min(t0 + tile, T)) for t0 in range(0, T, tile)]
+    tiles = [(t0, t1, xp.empty((B, n_head, t1 - t0, t1 + P), dtype=q.dtype)) for t0, t1 in bounds]
+    masks = {n: causal_mask_bias(n, n, q.dtype) for n in {t1 - t0 for t0, t1 in bounds} if n > 1}
+
+    def run(b0, b1):
+        for t0, t1, att in tiles:
+            kend = t1 + P
+            s = att[b0:b1]  # (b, NH, tq, kend), this thread's rows
+            xp.matmul(qh[b0:b1, :, t0:t1], kh[b0:b1, :, :kend].transpose(0, 1, 3, 2), out=s)
+            s *= scale
+            if t1 - t0 > 1:  # keys t0+P .. kend-1 form the tile's diagonal block: causal there
+                s[..., t0 + P:kend] += masks[t1 - t0]
+            _softmax_inplace(s)
+            yh[b0:b1, :, t0:t1] = xp.matmul(s, vh[b0:b1, :, :kend])
+    parallel_chunks(B, run)
     return y.reshape(B, T, C), TiledAttentionCache(qh, kh, vh, tiles)
 
 
 def attention_backward_fast(dout, cache: TiledAttentionCache):
     """:func:`attention_backward` tile by tile (the tiles of :func:`attention_forward_fast`);
-    dk and dv sum the contributions of every tile that saw each key."""
+    dk and dv sum the contributions of every tile that saw each key. Batch shared over the
+    threads as in the forward."""
     qh, kh, vh, tiles = cache
     B, NH, T, hs = qh.shape
     Tk = kh.shape[2]
@@ -492,15 +499,18 @@ def attention_backward_fast(dout, cache: TiledAttentionCache):
     dk = xp.zeros((B, Tk, NH, hs), dtype=qh.dtype)
     dv = xp.zeros((B, Tk, NH, hs), dtype=qh.dtype)
     dqh, dkh, dvh = (a.transpose(0, 2, 1, 3) for a in (dq, dk, dv))  # (B, NH, ., hs) views
-    for t0, t1, att in tiles:
-        kend = t1 + P
-        dyt = dy[:, :, t0:t1]
-        datt = xp.matmul(dyt, vh[:, :, :kend].transpose(0, 1, 3, 2))  # (B, NH, tq, kend)
-        dvh[:, :, :kend] += xp.matmul(att.transpose(0, 1, 3, 2), dyt)
-        ds = _softmax_backward_inplace(datt, att)
-        ds *= scale
-        dqh[:, :, t0:t1] = xp.matmul(ds, kh[:, :, :kend])
-        dkh[:, :, :kend] += xp.matmul(ds.transpose(0, 1, 3, 2), qh[:, :, t0:t1])
+
+    def run(b0, b1):
+        for t0, t1, att in tiles:
+            kend = t1 + P
+            a, dyt = att[b0:b1], dy[b0:b1, :, t0:t1]
+            datt = xp.matmul(dyt, vh[b0:b1, :, :kend].transpose(0, 1, 3, 2))  # (b, NH, tq, kend)
+            dvh[b0:b1, :, :kend] += xp.matmul(a.transpose(0, 1, 3, 2), dyt)
+            ds = _softmax_backward_inplace(datt, a)
+            ds *= scale
+            dqh[b0:b1, :, t0:t1] = xp.matmul(ds, kh[b0:b1, :, :kend])
+            dkh[b0:b1, :, :kend] += xp.matmul(ds.transpose(0, 1, 3, 2), qh[b0:b1, :, t0:t1])
+    parallel_chunks(B, run)
     C = NH * hs
     return dq.reshape(B, T, C), dk.reshape(B, Tk, C), dv.reshape(B, Tk, C)
 
