@@ -75,9 +75,11 @@ def test_ops_do_not_mutate_inputs(rng):
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 2e-5)])
 @pytest.mark.parametrize("need_dx,need_dw", [(True, True), (True, False), (False, True)])
-def test_fast_layernorm_equals_the_plain_one(rng, dtype, tol, need_dx, need_dw):
-    """The BLAS-reduction LayerNorm (used by the layers) against the plain NumPy-reduction one
-    (the chapters' formula), forward and backward."""
+def test_fast_layernorm_equals_the_plain_one(rng, dtype, tol, need_dx, need_dw, monkeypatch):
+    """The BLAS-reduction LayerNorm in row blocks over two threads (used by the layers) against
+    the plain NumPy-reduction one (the chapters' formula), forward and backward."""
+    monkeypatch.setattr(ops, "BLOCK_FLOATS", 64)  # 4 rows a block: many blocks
+    monkeypatch.setenv("MINILORA_THREADS", "2")
     x = rng.standard_normal((3, 5, 16)).astype(dtype) * 3 + 1
     w, b = rng.standard_normal(16).astype(dtype), rng.standard_normal(16).astype(dtype)
     d = rng.standard_normal(x.shape).astype(dtype)

@@ -172,21 +172,28 @@ def layernorm_forward(x, w, b, eps=1e-5):
 
 def layernorm_forward_fast(x, w, b, eps=1e-5):
     """:func:`layernorm_forward` with each row mean as a matrix-vector product
-    (:func:`_row_mean`) and fewer temporaries; same cache."""
+    (:func:`_row_mean`), fewer temporaries, and the rows in cache-sized blocks shared over the
+    CPU threads (:func:`_row_blocks`); same cache."""
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # (N, C)
-    xc = x2 - _row_mean(x2, C)
-    sq = xc * xc
-    rstd = _row_mean(sq, C)  # var, then 1 / sqrt(var + eps) in place: (N, 1)
-    rstd += eps
-    xp.sqrt(rstd, out=rstd)
-    xp.reciprocal(rstd, out=rstd)
-    norm = xc
-    norm *= rstd  # in place: xc is ours
-    out = xp.multiply(norm, w, out=sq)  # reuse the square's buffer
-    out += b
-    lead = x.shape[:-1]
-    return out.reshape(x.shape), (norm.reshape(x.shape), w, rstd.reshape(*lead, 1))
+    N = x2.shape[0]
+    out, norm = xp.empty_like(x2), xp.empty_like(x2)
+    rstd = xp.empty((N, 1), dtype=x.dtype)
+
+    def block(r0, r1, _scratch):
+        xc, o, rs = norm[r0:r1], out[r0:r1], rstd[r0:r1]
+        xs = x2[r0:r1]
+        xp.subtract(xs, _row_mean(xs, C), out=xc)
+        xp.multiply(xc, xc, out=o)  # the square, in the output's buffer for now
+        rs[...] = _row_mean(o, C)  # var, then 1 / sqrt(var + eps) in place
+        rs += eps
+        xp.sqrt(rs, out=rs)
+        xp.reciprocal(rs, out=rs)
+        xc *= rs  # norm
+        xp.multiply(xc, w, out=o)
+        o += b
+    _row_blocks(N, C, block)
+    return out.reshape(x.shape), (norm.reshape(x.shape), w, rstd.reshape(*x.shape[:-1], 1))
 
 
 def layernorm_backward(dout, cache, need_dx=True, need_dw=True):
@@ -215,19 +222,24 @@ def layernorm_backward(dout, cache, need_dx=True, need_dw=True):
 
 def layernorm_backward_fast(dout, cache, need_dx=True, need_dw=True):
     """:func:`layernorm_backward` with row means as matrix-vector products, the column sums
-    by ``einsum`` and a vector-matrix product, and one scratch buffer."""
+    by ``einsum`` and a vector-matrix product, and dx in row blocks over the threads."""
     norm, w, rstd = cache
     C = w.shape[0]
     n2, d2 = norm.reshape(-1, C), dout.reshape(-1, C)  # (N, C)
+    r2 = rstd.reshape(-1, 1)
     dx = dw = db = None
     if need_dx:
-        dnorm = d2 * w
-        tmp = dnorm * n2
-        m2 = _row_mean(tmp, C)  # mean(dnorm * norm): (N, 1)
-        dx = dnorm
-        dx -= _row_mean(dnorm, C)
-        dx -= xp.multiply(n2, m2, out=tmp)
-        dx *= rstd.reshape(-1, 1)
+        dx = xp.empty_like(d2)
+
+        def block(r0, r1, scratch):
+            ns, dnorm, tmp = n2[r0:r1], dx[r0:r1], scratch(d2.dtype)
+            xp.multiply(d2[r0:r1], w, out=dnorm)
+            xp.multiply(dnorm, ns, out=tmp)
+            m2 = _row_mean(tmp, C)  # mean(dnorm * norm): (rows, 1)
+            dnorm -= _row_mean(dnorm, C)
+            dnorm -= xp.multiply(ns, m2, out=tmp)
+            dnorm *= r2[r0:r1]
+        _row_blocks(n2.shape[0], C, block)
         dx = dx.reshape(dout.shape)
     if need_dw:
         dw = xp.einsum("ij,ij->j", d2, n2)
