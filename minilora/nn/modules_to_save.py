@@ -27,7 +27,7 @@ tensors under the module's path (``base_model.model.lm_head.weight``) and recogn
 ``base_model.model.lm_head.modules_to_save.default.weight``. :mod:`minilora.lora.peft_format`
 (and the AdaLoRA export) writes the first and reads both.
 
-Cost: a saved module trains all of its numbers (``lm_head``: V C = 97 x 128 = 12,416 in the
+Cost: a saved module trains all of its numbers (``lm_head``: V C = 97 x 160 = 15,520 in the
 shipped model) and its AdamW moments (2 more copies).
 
 Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
