@@ -151,6 +151,11 @@ def test_peft_adalora_file_reproduces_peft_logits_and_deltas(tmp_path):
         np.testing.assert_allclose(np_(m.delta_weight()), ref[f"delta/{peft}"], rtol=1e-10,
                                    atol=1e-14)
     export_adalora_peft(tmp_path, model, config)
+    d = json.loads((tmp_path / "adapter_config.json").read_text())
+    for name, r in ranks.items():  # PEFT's pattern: init_r entries, the kept ones True
+        pattern = d["rank_pattern"][name.replace("blocks", "model.layers").replace(
+            "attn.", "self_attn.") + "_proj.lora_E"]
+        assert len(pattern) == config.init_r and sum(pattern) == r
     from safetensors.numpy import load_file
     ours, theirs = (load_file(str(p / "adapter_model.safetensors")) for p in
                     (tmp_path, PEFT_DIR / "gpt_adalora"))
@@ -188,3 +193,38 @@ def test_replaying_peft_training_gives_peft_allocation():
     np.testing.assert_allclose(logits_of(model, ref), ref["logits"], rtol=0, atol=1e-10)
     assert math.isclose(model.loss(x, y) + 0.5 * orth_regularizer(model), float(ref["loss_total"]),
                         rel_tol=1e-8)
+
+
+def test_adalora_with_saved_head_loads_in_real_peft(tmp_path):
+    """Our AdaLoRA folder with modules_to_save=["lm_head"] in real PEFT: the same logits, before
+    and after merge_and_unload; PEFT's own re-save imports back exactly."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    import sys
+    sys.path.insert(0, str(PEFT_DIR.parent))
+    import make_peft_fixtures as fx
+    from peft import PeftModel
+
+    from minilora.nn.modules_to_save import add_modules_to_save
+    ref = reference("gpt_adalora")
+    model = fixture_gpt(ref)
+    config, _ = import_adalora_peft(PEFT_DIR / "gpt_adalora", model)
+    add_modules_to_save(model, ["lm_head"])
+    head = model.lm_head.params["weight"]
+    head += backend.asarray(0.05 * np.random.default_rng(0).standard_normal(head.shape))
+    ours = logits_of(model, ref)
+    export_adalora_peft(tmp_path / "a", model, config, modules_to_save=["lm_head"])
+    d = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert d["modules_to_save"] == ["lm_head"] and d["task_type"] == "CAUSAL_LM"
+    d["task_type"] = None  # the toy torch GPT has no transformers generation helpers
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(d))
+    base = {k[len("base/"):]: v for k, v in ref.items() if k.startswith("base/")}
+    pm = PeftModel.from_pretrained(fx.llama_named_gpt(fx.load_torch_gpt(), base),
+                                   str(tmp_path / "a")).eval()
+    np.testing.assert_allclose(fx.logits_of(pm, ref["input_ids"]), ours, rtol=0, atol=1e-12)
+    pm.save_pretrained(str(tmp_path / "b"))
+    fresh = fixture_gpt(ref)
+    import_adalora_peft(tmp_path / "b", fresh)
+    np.testing.assert_allclose(logits_of(fresh, ref), ours, rtol=0, atol=1e-12)
+    merged = pm.merge_and_unload()
+    np.testing.assert_allclose(fx.logits_of(merged, ref["input_ids"]), ours, rtol=0, atol=1e-12)

@@ -51,7 +51,9 @@ def export_adalora_peft(path_dir, model: Module, config: AdaLoraConfig,
         E = backend.to_numpy(m.params["lora_E"]).reshape(-1)
         keep = np.asarray(rank_pattern[name] if rank_pattern else E != 0, dtype=bool)
         peft = to_peft_module(name)
-        pattern[f"{peft}.lora_E"] = keep.tolist()
+        # PEFT's pattern has init_r entries; a layer imported from a file holds only the kept
+        # triplets, so its pattern is padded (which slots they fill does not change ΔW)
+        pattern[f"{peft}.lora_E"] = keep.tolist() + [False] * (config.init_r - keep.size)
         A, E2, B = (backend.to_numpy(m.params[k]) for k in ("lora_A", "lora_E", "lora_B"))
         for k, a in (("lora_A", A[keep]), ("lora_E", E2[keep]), ("lora_B", B[:, keep])):
             tensors[f"{KEY_PREFIX}{peft}.{k}"] = np.ascontiguousarray(a)
