@@ -114,6 +114,21 @@ def test_qlora():
     assert_cached_equals_full(model, stream(n=8))
 
 
+def test_adalora_and_generation_with_it():
+    from minilora.lora import AdaLoraConfig, AdaLoraModel, adalora_layers
+    from minilora.sample import generate
+    model = AdaLoraModel(tiny(), AdaLoraConfig(init_r=3, target_r=2, target_modules=("q", "v"),
+                                               total_step=10))
+    rng = np.random.default_rng(4)
+    for m in adalora_layers(model.gpt).values():  # E = 0 at init: make the adapter do something
+        m.params["lora_E"] = backend.asarray(rng.standard_normal(m.params["lora_E"].shape))
+    assert_cached_equals_full(model, stream(n=8))
+    ids = stream(n=3)
+    a = generate(model, ids, 4, rng=np.random.default_rng(0), use_cache=True)
+    b = generate(model, ids, 4, rng=np.random.default_rng(0), use_cache=False)
+    np.testing.assert_array_equal(np_(a), np_(b))
+
+
 def test_houlsby_adapters():
     model = tiny()
     inject_adapters(model, AdapterConfig(bottleneck=3, zero_up=False, init_std=0.3, seed=1))

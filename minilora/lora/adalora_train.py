@@ -217,6 +217,14 @@ class AdaLoraModel(LanguageModelMixin, Module):
     def forward(self, idx, check: bool = True, **kw):
         return self.gpt.forward(idx, check=check, **kw)
 
+    def kv_cache(self, batch_size: int, keep: int | None = None):
+        """A generation cache of the wrapped GPT (the AdaLoRA layers sit inside its blocks)."""
+        return self.gpt.kv_cache(batch_size, keep)
+
+    def forward_incremental(self, idx, kv, check: bool = True):
+        """:meth:`minilora.model.GPT.forward_incremental` of the wrapped GPT."""
+        return self.gpt.forward_incremental(idx, kv, check=check)
+
     def backward(self, dlogits, cache):
         extra = self.gpt.backward(dlogits, cache)
         if self.adalora_config.orth_reg_weight:
