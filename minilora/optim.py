@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from minilora import backend
-from minilora.backend import xp
+from minilora.backend import parallel_chunks, xp
 from minilora.errors import MiniloraError, UsageError
 
 
@@ -133,29 +133,40 @@ class AdamW:
         bc2 = 1.0 - b2 ** self.t
         step_size = self.lr / bc1
         self._ensure_state(items)
-        for name, p, g in items:
-            scale = 1.0 if self.lr_scale is None else self.lr_scale(name)
-            self._before_update(name)
-            m, v = self.m[name], self.v[name]
-            tmp = g * (1.0 - b1)  # the one scratch buffer of this parameter's update
-            m *= b1
-            m += tmp
-            xp.multiply(g, g, out=tmp)
-            tmp *= 1.0 - b2
-            v *= b2
-            v += tmp
-            if self.weight_decay and p.ndim >= 2:
-                p *= 1.0 - self.lr * scale * self.weight_decay  # decoupled: no 1/sqrt(v)
-            xp.sqrt(v, out=tmp)  # denom = sqrt(v) / sqrt(bc2) + eps (as torch computes it)
-            tmp *= 1.0 / math.sqrt(bc2)
-            tmp += self.eps
-            xp.divide(m, tmp, out=tmp)
-            tmp *= step_size * scale  # scale 1.0: the same float as step_size
-            p -= tmp
+
+        def update(i0, i1):
+            for name, p, g in items[i0:i1]:
+                self._update_one(name, p, g, bc2, step_size)
+        if type(self)._before_update is AdamW._before_update:  # independent: share the cores
+            parallel_chunks(len(items), update)
+        else:  # a subclass moves state in and out per parameter (paging): one at a time
+            update(0, len(items))
         after = getattr(self.model, "after_optimizer_step", None)
         if after is not None:
             after(self.t)
         return norm
+
+    def _update_one(self, name: str, p, g, bc2: float, step_size: float) -> None:
+        """The AdamW update of one parameter, in place, with one scratch buffer."""
+        b1, b2 = self.beta1, self.beta2
+        scale = 1.0 if self.lr_scale is None else self.lr_scale(name)
+        self._before_update(name)
+        m, v = self.m[name], self.v[name]
+        tmp = g * (1.0 - b1)  # the one scratch buffer of this parameter's update
+        m *= b1
+        m += tmp
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - b2
+        v *= b2
+        v += tmp
+        if self.weight_decay and p.ndim >= 2:
+            p *= 1.0 - self.lr * scale * self.weight_decay  # decoupled: no 1/sqrt(v)
+        xp.sqrt(v, out=tmp)  # denom = sqrt(v) / sqrt(bc2) + eps (as torch computes it)
+        tmp *= 1.0 / math.sqrt(bc2)
+        tmp += self.eps
+        xp.divide(m, tmp, out=tmp)
+        tmp *= step_size * scale  # scale 1.0: the same float as step_size
+        p -= tmp
 
     # -- where the state lives (overridden by minilora.paged.PagedAdamW) --------------------------
     def _ensure_state(self, items) -> None:

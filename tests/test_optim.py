@@ -70,3 +70,24 @@ def test_schedule_warmup_then_cosine_to_min_lr():
     assert lr_at(60, 1.0, 0.1, 10, 110) == pytest.approx(0.55)  # halfway down the cosine
     assert lr_at(110, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
     assert lr_at(500, 1.0, 0.1, 10, 110) == pytest.approx(0.1)
+
+
+def test_the_update_shared_over_threads_equals_one_thread(monkeypatch):
+    """AdamW updates its parameters on several threads (each parameter on one thread): the
+    result must be the single-threaded one, bit for bit."""
+    from minilora.config import GPTConfig
+    from minilora.model import GPT
+    from helpers import batch
+    x, y = batch(0, B=2, T=6, V=11)
+    models = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("MINILORA_THREADS", threads)
+        m = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8), 0)
+        opt = AdamW(m, lr=1e-2, weight_decay=0.1)
+        for _ in range(3):
+            m.forward_backward(x, y)
+            opt.step(grad_clip=1.0)
+        models.append(m)
+    a, b = (dict(m.named_parameters()) for m in models)
+    for n in a:
+        np.testing.assert_array_equal(a[n], b[n], err_msg=n)
