@@ -23,61 +23,97 @@ from minilora.experiments.studies.delta_w_common import (
 )
 
 
+#: order of the target sets in legends (the sweep's), then anything else
+TARGET_ORDER = ("q", "k", "v", "o", "q,v", "q,k,v,o", "all-linear", "full")
+TASK_LABEL = {"milton": "Milton", "python": "Python"}
+
+
+def _lm_tasks(results: Path) -> list:
+    """The sweep's tasks, Milton first, each with its rows and mean base loss."""
+    cells = sweep_cells(results)
+    rows = summary_rows(cells)
+    out = []
+    for task in sorted({x["task"] for x in rows}, key=lambda t: (t != "milton", t)):
+        base = statistics.fmean(r["result"]["task_metric_base"] for r in cells
+                                if r["config"]["task"] == task)
+        out.append((task, [x for x in rows if x["task"] == task], base))
+    return out
+
+
+def _order(label: str) -> int:
+    return TARGET_ORDER.index(label) if label in TARGET_ORDER else len(TARGET_ORDER)
+
+
 def fig_pareto(results: Path, figures: Path) -> list:
-    """Task loss vs forgetting for full fine-tuning and every LoRA (targets, r) of the sweep."""
-    rows = [x for x in summary_rows(sweep_cells(results)) if x["task"] == "milton"]
-    base = statistics.fmean(r["result"]["task_metric_base"] for r in sweep_cells(results)
-                            if r["config"]["task"] == "milton")
+    """Task loss vs forgetting for full fine-tuning and every LoRA (targets, r) of the sweep,
+    one panel per task; seeds as error bars (sample std)."""
+    tasks = _lm_tasks(results)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.2, 5))
-    seen = set()
-    for x in rows:
-        lab = x["targets"]
-        ax.errorbar(x["forgetting"], x["task_metric"], xerr=x["forgetting_std"],
-                    yerr=x["task_metric_std"], fmt="s" if lab == "full" else "o",
-                    color=target_color(lab), ms=7 if lab == "full" else 5, capsize=2,
-                    label=None if lab in seen else (f"LoRA {lab}" if lab != "full" else
-                                                    "full fine-tuning"))
-        seen.add(lab)
-        if x["r"]:
-            ax.annotate(f"r={x['r']}", (x["forgetting"], x["task_metric"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points", color=target_color(lab))
-    ax.axhline(base, color="#999999", ls=":", lw=1, label=f"base model ({base:.3f})")
-    ax.axvline(0, color="#999999", lw=0.6)
-    ax.set_xlabel("forgetting: Shakespeare loss change (nats/char) →  more forgetting")
-    ax.set_ylabel("Milton test loss (nats/char, lower is better)")
-    steps = rows[0]["steps"] if rows else "?"
-    ax.set_title(f"Learns less, forgets less? Milton, {steps} steps; mean ± std over seeds",
-                 fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7.2 * len(tasks), 5.2), squeeze=False)
+    for ax, (task, rows, base) in zip(axes[0], tasks):
+        seen = set()
+        for x in sorted(rows, key=lambda x: (_order(x["targets"]), x["r"] or 0)):
+            lab = x["targets"]
+            ax.errorbar(x["forgetting"], x["task_metric"], xerr=x["forgetting_std"],
+                        yerr=x["task_metric_std"], fmt="s" if lab == "full" else "o",
+                        color=target_color(lab), ms=7 if lab == "full" else 4, capsize=2,
+                        label=None if lab in seen else (f"LoRA {lab}" if lab != "full" else
+                                                        "full fine-tuning"))
+            seen.add(lab)
+            if x["r"] and lab in ("q,v", "all-linear"):
+                ax.annotate(f"r={x['r']}", (x["forgetting"], x["task_metric"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points", color=target_color(lab))
+        for lab in seen - {"full"}:  # each target set's ranks joined in order
+            sel = sorted((x for x in rows if x["targets"] == lab), key=lambda x: x["r"])
+            ax.plot([x["forgetting"] for x in sel], [x["task_metric"] for x in sel], lw=0.6,
+                    color=target_color(lab), alpha=0.6)
+        ax.axhline(base, color="#999999", ls=":", lw=1, label=f"base model ({base:.3f})")
+        ax.axvline(0, color="#999999", lw=0.6)
+        ax.set_xlabel("forgetting: Shakespeare loss change (nats/char) →  more forgetting")
+        name = TASK_LABEL.get(task, task)
+        ax.set_ylabel(f"{name} test loss (nats/char, lower is better)")
+        steps = rows[0]["steps"] if rows else "?"
+        ax.set_title(f"{name}, {steps} steps: ranks 1-64 joined per target set; "
+                     f"{seeds_label(rows)}, mean ± std", fontsize=9)
+        handles, labels = ax.get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=lambda i: _order(labels[i].replace("LoRA ", "")
+                                                                 .replace("full fine-tuning", "full")))
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="best")
+    fig.suptitle("Learns less, forgets less? Task loss against forgetting", fontsize=10)
     fig.tight_layout()
     return [save_figure(fig, Path(figures) / "ablate_pareto.png")]
 
 
 def fig_rank(results: Path, figures: Path) -> list:
-    """Task loss and forgetting vs LoRA rank per target set, full fine-tuning as a band."""
-    rows = [x for x in summary_rows(sweep_cells(results)) if x["task"] == "milton"]
+    """Task loss and forgetting vs LoRA rank per target set, full fine-tuning as a band; one
+    row of panels per task."""
+    tasks = _lm_tasks(results)
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key, ax, lab in (("task_metric", axes[0], "Milton test loss (nats/char)"),
-                         ("forgetting", axes[1], "forgetting (Δ Shakespeare loss, nats/char)")):
-        for tl in ("q,v", "all-linear"):
-            sel = sorted((x for x in rows if x["targets"] == tl and x["r"]), key=lambda x: x["r"])
-            if sel:
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
+    for (task, rows, _), pair in zip(tasks, axes):
+        name = TASK_LABEL.get(task, task)
+        for key, ax, lab in (("task_metric", pair[0], f"{name} test loss (nats/char)"),
+                             ("forgetting", pair[1],
+                              "forgetting (Δ Shakespeare loss, nats/char)")):
+            for tl in sorted({x["targets"] for x in rows if x["r"]}, key=_order):
+                sel = sorted((x for x in rows if x["targets"] == tl and x["r"]),
+                             key=lambda x: x["r"])
                 ax.errorbar([x["r"] for x in sel], [x[key] for x in sel],
-                            yerr=[x[key + "_std"] for x in sel], marker="o", capsize=3,
+                            yerr=[x[key + "_std"] for x in sel], marker="o", ms=3, capsize=2,
+                            lw=1.2 if tl in ("q,v", "all-linear") else 0.8,
                             color=target_color(tl), label=f"LoRA {tl} ({seeds_label(sel)})")
-        for x in rows:
-            if x["targets"] == "full":
-                ax.axhspan(x[key] - x[key + "_std"], x[key] + x[key + "_std"], color=target_color("full"),
-                           alpha=0.15)
-                ax.axhline(x[key], color=target_color("full"), ls="--",
-                           label=f"full fine-tuning ({seeds_label([x])})")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("LoRA rank r (lora_alpha = 2r)")
-        ax.set_ylabel(lab)
-        ax.legend(fontsize=7)
-    fig.suptitle("Rank ablation on Milton (mean ± std over seeds)", fontsize=10)
+            for x in rows:
+                if x["targets"] == "full":
+                    ax.axhspan(x[key] - x[key + "_std"], x[key] + x[key + "_std"],
+                               color=target_color("full"), alpha=0.15)
+                    ax.axhline(x[key], color=target_color("full"), ls="--",
+                               label=f"full fine-tuning ({seeds_label([x])})")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("LoRA rank r (lora_alpha = 2r)")
+            ax.set_ylabel(lab)
+            ax.set_title(name, fontsize=9)
+            ax.legend(fontsize=6, ncol=2)
+    fig.suptitle("Rank ablation per target set (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     return [save_figure(fig, Path(figures) / "ablate_rank.png")]
 
