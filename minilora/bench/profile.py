@@ -12,8 +12,11 @@ to be profiled before anything is optimised.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
+
+import numpy as np
 
 from minilora.bench.core import (
     BenchContext,
@@ -106,6 +109,43 @@ def profile_torch(ctx: BenchContext, steps: int = 3) -> dict | None:
     return {"step_s_profiled": wall, "groups_s": dict(groups), "top_ops_s": top}
 
 
+def linear_gemms(config, batch_size: int) -> list:
+    """The weight GEMMs of one full training step as ``(name, (m, k), (k, n), count)``: forward
+    ``x W^T``, input gradient ``dy W`` and weight gradient ``dy^T x`` of every block linear and
+    of the head (the attention's own products are not here)."""
+    N, C, V, L = batch_size * config.block_size, config.n_embd, config.vocab_size, config.n_layer
+    out = []
+    for name, d_in, d_out, per_block in (("q/k/v/o", C, C, 4), ("mlp.up", C, 4 * C, 1),
+                                         ("mlp.down", 4 * C, C, 1), ("lm_head", C, V, 0)):
+        n = per_block * L or 1
+        out += [(f"{name} forward", (N, d_in), (d_in, d_out), n),
+                (f"{name} dx", (N, d_out), (d_out, d_in), n),
+                (f"{name} dW", (d_out, N), (N, d_in), n)]
+    return out
+
+
+def compare_gemms(ctx: BenchContext, reps: int = 5) -> dict | None:
+    """Median time of each of :func:`linear_gemms`' products in NumPy's BLAS and in torch's
+    (same shapes, same float32 operands, same threads), summed over one step (None without
+    torch): how much of the step-time gap is the BLAS library rather than our code."""
+    torch = ctx.torch
+    if torch is None:
+        return None
+    rng = np.random.default_rng(0)
+    rows, ours, theirs = [], 0.0, 0.0
+    for name, a_shape, b_shape, count in linear_gemms(ctx.config, ctx.batch_size):
+        a = rng.standard_normal(a_shape).astype(np.float32)
+        b = rng.standard_normal(b_shape).astype(np.float32)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        t_np = statistics.median(_timed(lambda: np.matmul(a, b)) for _ in range(reps))
+        t_t = statistics.median(_timed(lambda: torch.mm(ta, tb)) for _ in range(reps))
+        rows.append({"gemm": name, "count": count, "numpy_s": t_np, "torch_s": t_t})
+        ours += count * t_np
+        theirs += count * t_t
+    return {"per_gemm": rows, "numpy_step_s": ours, "torch_step_s": theirs,
+            "ratio_numpy_over_torch": ours / theirs}
+
+
 def _ours_group(name: str) -> str:
     for group, prefix in (("matmul (linear, attention)", ("linear_", "attention_")),
                           ("layer norm", ("layernorm",)), ("gelu", ("gelu",)),
@@ -126,7 +166,12 @@ def measure_profile(ctx: BenchContext) -> Section:
     grouped = defaultdict(float)
     for name, s in ours["per_op_s"].items():
         grouped[_ours_group(name)] += s
-    data = {"ours": ours, "ours_groups_s": dict(grouped), "torch": theirs}
+    gemms = compare_gemms(ctx)
+    data = {"ours": ours, "ours_groups_s": dict(grouped), "torch": theirs, "blas": gemms}
+    if gemms is not None:
+        rows.append(("the step's weight GEMMs alone, NumPy BLAS / torch BLAS",
+                     f"{gemms['numpy_step_s'] * 1e3:.1f} / {gemms['torch_step_s'] * 1e3:.1f} ms = "
+                     f"{gemms['ratio_numpy_over_torch']:.2f}", "same shapes and threads"))
     if theirs is not None:
         tg = theirs["groups_s"]
         for group, _ in TORCH_GROUPS[:5]:
