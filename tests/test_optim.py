@@ -75,9 +75,10 @@ def test_schedule_warmup_then_cosine_to_min_lr():
 def test_the_update_shared_over_threads_equals_one_thread(monkeypatch):
     """AdamW updates its parameters on several threads (each parameter on one thread): the
     result must be the single-threaded one, bit for bit."""
+    from helpers import batch
+
     from minilora.config import GPTConfig
     from minilora.model import GPT
-    from helpers import batch
     x, y = batch(0, B=2, T=6, V=11)
     models = []
     for threads in ("1", "3"):

@@ -22,7 +22,6 @@ from minilora.experiments.studies.delta_w_common import (
     STUDY_COMMAND,
 )
 
-
 #: order of the target sets in legends (the sweep's), then anything else
 TARGET_ORDER = ("q", "k", "v", "o", "q,v", "q,k,v,o", "all-linear", "full")
 TASK_LABEL = {"milton": "Milton", "python": "Python"}
