@@ -23,7 +23,7 @@ from minilora.backend import xp
 from minilora.config import GPTConfig
 from minilora.errors import UsageError
 from minilora.model import GPT
-from minilora.nn import ops
+from minilora.nn import ops, ops_fast
 
 
 def numerical_grad(f, x, h: float = 1e-5):
@@ -137,13 +137,13 @@ def op_suite(rng=None, tol: float = 1e-6) -> list[dict]:
     for shape in [(2, 3, 5), (4, 8)]:
         C = shape[-1]
         for tag, fwd, bwd in (("", ops.layernorm_forward, ops.layernorm_backward),
-                              (" fast", ops.layernorm_forward_fast, ops.layernorm_backward_fast)):
+                              (" fast", ops_fast.layernorm_forward_fast, ops_fast.layernorm_backward_fast)):
             rows += check_op(f"layernorm{tag} {shape}", fwd, bwd,
                              {"x": randn(*shape), "w": randn(C), "b": randn(C)}, ["x", "w", "b"],
                              rng, tol)
     for shape in [(2, 3, 4), (7,)]:
         for tag, fwd, bwd in (("", ops.gelu_forward, ops.gelu_backward),
-                              (" fast", ops.gelu_forward_fast, ops.gelu_backward_fast)):
+                              (" fast", ops_fast.gelu_forward_fast, ops_fast.gelu_backward_fast)):
             rows += check_op(f"gelu{tag} {shape}", fwd, bwd, {"x": randn(*shape, scale=2.0)},
                              ["x"], rng, tol)
         rows += check_op(f"softmax {shape}", ops.softmax_forward, ops.softmax_backward,
@@ -154,8 +154,8 @@ def op_suite(rng=None, tol: float = 1e-6) -> list[dict]:
                          {"q": randn(B, T, C), "k": randn(B, T + P, C), "v": randn(B, T + P, C)},
                          ["q", "k", "v"], rng, tol)
         rows += check_op(f"attention fast (tiles of 2) B={B} T={T} prefix={P} C={C} NH={NH}",
-                         lambda q, k, v: ops.attention_forward_fast(q, k, v, NH, tile=2),
-                         ops.attention_backward_fast,
+                         lambda q, k, v: ops_fast.attention_forward_fast(q, k, v, NH, tile=2),
+                         ops_fast.attention_backward_fast,
                          {"q": randn(B, T, C), "k": randn(B, T + P, C), "v": randn(B, T + P, C)},
                          ["q", "k", "v"], rng, tol)
     rows += check_op("residual (2, 3, 4)", ops.residual_forward, ops.residual_backward,

@@ -12,7 +12,7 @@ PKG = pathlib.Path(minilora.__file__).parent
 # NumPy or CuPy unchanged. These files must name neither numpy nor a CPU-module alias
 # (backend.cpu_module()); code that is CPU by design (init draws, SVD inits, routing, sampling,
 # file formats, analysis, plots) lives elsewhere and writes `import numpy as np` plainly.
-COMPUTE_PATH = ["nn/ops.py", "nn/layers.py", "model.py", "optim.py", "paged.py",
+COMPUTE_PATH = ["nn/ops.py", "nn/ops_fast.py", "nn/layers.py", "model.py", "optim.py", "paged.py",
                 "lora/layers.py", "lora/inject.py", "lora/mixed.py", "qlora.py",
                 "quant/linear.py", "peft/houlsby.py", "peft/prefix.py", "peft/bitfit.py"]
 

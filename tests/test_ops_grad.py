@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minilora import backend, gradcheck
-from minilora.nn import ops
+from minilora.nn import ops, ops_fast
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -78,15 +78,15 @@ def test_ops_do_not_mutate_inputs(rng):
 def test_fast_layernorm_equals_the_plain_one(rng, dtype, tol, need_dx, need_dw, monkeypatch):
     """The BLAS-reduction LayerNorm in row blocks over two threads (used by the layers) against
     the plain NumPy-reduction one (the chapters' formula), forward and backward."""
-    monkeypatch.setattr(ops, "BLOCK_FLOATS", 64)  # 4 rows a block: many blocks
+    monkeypatch.setattr(ops_fast, "BLOCK_FLOATS", 64)  # 4 rows a block: many blocks
     monkeypatch.setenv("MINILORA_THREADS", "2")
     x = rng.standard_normal((3, 5, 16)).astype(dtype) * 3 + 1
     w, b = rng.standard_normal(16).astype(dtype), rng.standard_normal(16).astype(dtype)
     d = rng.standard_normal(x.shape).astype(dtype)
-    out, cache = ops.layernorm_forward_fast(x, w, b)
+    out, cache = ops_fast.layernorm_forward_fast(x, w, b)
     out_p, cache_p = ops.layernorm_forward(x, w, b)
     np.testing.assert_allclose(out, out_p, rtol=tol, atol=tol)
-    for a, p in zip(ops.layernorm_backward_fast(d, cache, need_dx, need_dw),
+    for a, p in zip(ops_fast.layernorm_backward_fast(d, cache, need_dx, need_dw),
                     ops.layernorm_backward(d, cache_p, need_dx, need_dw)):
         assert (a is None) == (p is None)
         if a is not None:
@@ -98,14 +98,14 @@ def test_fast_layernorm_equals_the_plain_one(rng, dtype, tol, need_dx, need_dw, 
 @pytest.mark.parametrize("shape", [(3, 5, 16), (2, 3000, 64), (7,)])
 def test_blocked_gelu_equals_the_plain_one(rng, dtype, tol, shape, monkeypatch):
     """Blocked GELU (several blocks, two threads) against the whole-tensor version."""
-    monkeypatch.setattr(ops, "BLOCK_FLOATS", 4096)  # many blocks even on small tensors
+    monkeypatch.setattr(ops_fast, "BLOCK_FLOATS", 4096)  # many blocks even on small tensors
     monkeypatch.setenv("MINILORA_THREADS", "2")
     x = backend.asarray(rng.standard_normal(shape).astype(dtype) * 2)
     d = backend.asarray(rng.standard_normal(shape).astype(dtype))
-    out, cache = ops.gelu_forward_fast(x)
+    out, cache = ops_fast.gelu_forward_fast(x)
     out_p, cache_p = ops.gelu_forward(x)
     np.testing.assert_allclose(backend.to_numpy(out), backend.to_numpy(out_p), rtol=tol, atol=tol)
-    np.testing.assert_allclose(backend.to_numpy(ops.gelu_backward_fast(d, cache)),
+    np.testing.assert_allclose(backend.to_numpy(ops_fast.gelu_backward_fast(d, cache)),
                                backend.to_numpy(ops.gelu_backward(d, cache_p)), rtol=tol,
                                atol=tol)
 
@@ -119,9 +119,9 @@ def test_tiled_attention_equals_the_full_square(rng, tile, B, T, P, C, NH):
                                                                   (B, T + P, C)))
     d = backend.asarray(rng.standard_normal((B, T, C)))
     y, cache = ops.attention_forward(q, k, v, NH)
-    y_t, cache_t = ops.attention_forward_fast(q, k, v, NH, tile=tile)
+    y_t, cache_t = ops_fast.attention_forward_fast(q, k, v, NH, tile=tile)
     np.testing.assert_allclose(backend.to_numpy(y_t), backend.to_numpy(y), rtol=1e-12, atol=1e-13)
-    for a, b in zip(ops.attention_backward_fast(d, cache_t), ops.attention_backward(d, cache)):
+    for a, b in zip(ops_fast.attention_backward_fast(d, cache_t), ops.attention_backward(d, cache)):
         assert a.shape == b.shape
         np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(b), rtol=1e-12,
                                    atol=1e-13)

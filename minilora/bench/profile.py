@@ -26,14 +26,15 @@ from minilora.bench.core import (
     _torch_stepper,
 )
 from minilora.model import GPT
-from minilora.nn import ops
+from minilora.nn import ops, ops_fast
 from minilora.optim import AdamW
 
 #: our ops timed, in the order they are printed (forward, then backward)
-OPS = ("embedding_forward", "layernorm_forward_fast", "linear_forward", "attention_forward_fast",
-       "gelu_forward_fast", "cross_entropy_forward", "cross_entropy_backward", "linear_backward",
-       "attention_backward_fast", "gelu_backward_fast", "layernorm_backward_fast",
-       "embedding_backward")
+OPS = ("embedding_forward", "linear_forward", "cross_entropy_forward", "cross_entropy_backward",
+       "linear_backward", "embedding_backward")
+#: ... and those of :mod:`minilora.nn.ops_fast` (the layers call these twins)
+FAST_OPS = ("layernorm_forward_fast", "attention_forward_fast", "gelu_forward_fast",
+            "attention_backward_fast", "gelu_backward_fast", "layernorm_backward_fast")
 
 #: torch operator name (``aten::...``) fragments -> our category
 TORCH_GROUPS = (("matmul (linear, attention)", ("aten::mm", "aten::addmm", "aten::bmm")),
@@ -44,14 +45,15 @@ TORCH_GROUPS = (("matmul (linear, attention)", ("aten::mm", "aten::addmm", "aten
 
 
 def profile_ours(ctx: BenchContext, steps: int = 3) -> dict:
-    """Milliseconds per step spent in each op of :data:`OPS` and in ``AdamW.step``, plus the
-    step's median total; the op wrappers are put back afterwards."""
+    """Milliseconds per step spent in each op of :data:`OPS` and :data:`FAST_OPS` and in
+    ``AdamW.step``, plus the step's mean total; the op wrappers are put back afterwards."""
     model = GPT(ctx.config, rng=0, dtype="float32")
     _, _, step = _ours_stepper(ctx, model)
     for _ in range(max(1, ctx.warmup)):
         step()
     spent = defaultdict(float)
-    originals = {name: getattr(ops, name) for name in OPS}
+    originals = {(mod, name): getattr(mod, name)
+                 for mod, names in ((ops, OPS), (ops_fast, FAST_OPS)) for name in names}
     original_step = AdamW.step
 
     def timed(name, fn):
@@ -63,19 +65,19 @@ def profile_ours(ctx: BenchContext, steps: int = 3) -> dict:
                 spent[name] += time.perf_counter() - t0
         return wrapper
     try:
-        for name, fn in originals.items():
-            setattr(ops, name, timed(name, fn))
+        for (mod, name), fn in originals.items():
+            setattr(mod, name, timed(name, fn))
         AdamW.step = timed("optimizer (AdamW + clip)", original_step)
         totals = [_timed(step) for _ in range(steps)]
     finally:
-        for name, fn in originals.items():
-            setattr(ops, name, fn)
+        for (mod, name), fn in originals.items():
+            setattr(mod, name, fn)
         AdamW.step = original_step
     total = sum(totals) / steps
     per_step = {k: v / steps for k, v in spent.items()}
     # cross_entropy_forward/backward run inside ops.cross_entropy, whose own calls go through
     # the module's globals: they are timed. A wrapped op that calls another wrapped op would be
-    # counted twice; none of OPS does.
+    # counted twice; none of OPS / FAST_OPS does.
     per_step["other (residuals, Python)"] = max(0.0, total - sum(per_step.values()))
     return {"step_s": total, "per_op_s": per_step}
 

@@ -20,7 +20,7 @@ from typing import Iterator, NamedTuple
 
 from minilora.backend import xp
 from minilora.errors import UsageError
-from minilora.nn import ops
+from minilora.nn import ops, ops_fast
 
 
 class Module:
@@ -215,11 +215,11 @@ class LayerNorm(Module):
         self.eps = eps
 
     def forward(self, x):
-        return ops.layernorm_forward_fast(x, self.params["weight"], self.params["bias"], self.eps)
+        return ops_fast.layernorm_forward_fast(x, self.params["weight"], self.params["bias"], self.eps)
 
     def backward(self, dout, cache, need_dx: bool = True):
         need_w = self.needs_grad("weight") or self.needs_grad("bias")
-        dx, dw, db = ops.layernorm_backward_fast(dout, cache, need_dx=need_dx, need_dw=need_w)
+        dx, dw, db = ops_fast.layernorm_backward_fast(dout, cache, need_dx=need_dx, need_dw=need_w)
         if self.needs_grad("weight"):
             self._accumulate("weight", dw)
         if self.needs_grad("bias"):
@@ -256,7 +256,7 @@ class AttentionLayerCache(NamedTuple):
     q: tuple  # the q, k, v, o projections' caches
     k: tuple
     v: tuple
-    attn: ops.TiledAttentionCache
+    attn: ops_fast.TiledAttentionCache
     o: tuple
     past: PastKV | None  # the earlier keys/values (their gradient goes back there), or None
 
@@ -286,7 +286,7 @@ class CausalSelfAttention(Module):
         v, cv = self.v.forward(x)
         if past is not None:
             k, v = past.extend(k, v)  # (B, Tp + T, C)
-        y, ca = ops.attention_forward_fast(q, k, v, self.n_head)
+        y, ca = ops_fast.attention_forward_fast(q, k, v, self.n_head)
         out, co = self.o.forward(y)
         return out, AttentionLayerCache(cq, ck, cv, ca, co, past)
 
@@ -297,7 +297,7 @@ class CausalSelfAttention(Module):
         dk = dK[:, Tp:] to the k projection (likewise V).
         """
         dy = self.o.backward(dout, cache.o)
-        dq, dk, dv = ops.attention_backward_fast(dy, cache.attn)
+        dq, dk, dv = ops_fast.attention_backward_fast(dy, cache.attn)
         if cache.past is not None:
             Tp = dk.shape[1] - dq.shape[1]
             cache.past.backward(dk[:, :Tp], dv[:, :Tp])
@@ -320,14 +320,14 @@ class MLP(Module):
 
     def forward(self, x):
         h, cu = self.up.forward(x)  # (B, T, 4C)
-        g, cg = ops.gelu_forward_fast(h)
+        g, cg = ops_fast.gelu_forward_fast(h)
         out, cd = self.down.forward(g)  # (B, T, C)
         return out, (cu, cg, cd)
 
     def backward(self, dout, cache, need_dx: bool = True):
         cu, cg, cd = cache
         dg = self.down.backward(dout, cd)
-        dh = ops.gelu_backward_fast(dg, cg)
+        dh = ops_fast.gelu_backward_fast(dg, cg)
         return self.up.backward(dh, cu, need_dx)
 
 

@@ -26,38 +26,12 @@ from typing import NamedTuple
 
 from minilora.backend import (
     asarray,  # local: keeps the op module's imports minimal
-    is_cupy,
-    parallel_chunks,
     xp,
 )
 from minilora.errors import UsageError
 
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-approximation constant of GELU (GPT-2's)
 GELU_C = 0.044715
-
-#: floats per block of a blocked element-wise op (512 KiB of float32): a chain of passes over one
-#: block stays in the core's L2 cache instead of streaming the whole tensor from memory per pass
-BLOCK_FLOATS = 1 << 17
-
-
-def _row_blocks(n_rows: int, row_len: int, block) -> None:
-    """Call ``block(r0, r1, scratch)`` over row blocks of about :data:`BLOCK_FLOATS` floats that
-    cover rows 0 .. n_rows-1, the blocks shared out over the CPU threads
-    (:func:`minilora.backend.parallel_chunks`); ``scratch`` is a per-thread ``(rows, row_len)``
-    buffer factory. On CuPy: one block, all rows (the GPU is parallel already)."""
-    rows = n_rows if is_cupy() else max(1, min(n_rows, BLOCK_FLOATS // max(1, row_len)))
-
-    def chunk(i0, i1):
-        scratch = {}
-
-        def buf(dtype):  # one scratch block per thread and dtype, reused across its blocks
-            if dtype not in scratch:
-                scratch[dtype] = xp.empty((rows, row_len), dtype=dtype)
-            return scratch[dtype]
-        for r0 in range(i0, i1, rows):
-            r1 = min(r0 + rows, i1)
-            block(r0, r1, lambda dtype: buf(dtype)[: r1 - r0])
-    parallel_chunks(n_rows, chunk, min_per_thread=rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,12 +118,6 @@ def embedding_backward(dout, cache):
 # ----------------------------------------------------------------------------------------------
 # layernorm: out = (x - mean) / sqrt(var + eps) * w + b, over the last axis
 # ----------------------------------------------------------------------------------------------
-def _row_mean(a2, C):
-    """Mean over the last axis of a 2-D (N, C) array as one matrix-vector product (N, 1): BLAS
-    sums rows of C = 128 floats several times faster than ``mean(axis=-1)``'s pairwise loop."""
-    return xp.matmul(a2, xp.full((C, 1), 1.0 / C, dtype=a2.dtype))
-
-
 def layernorm_forward(x, w, b, eps=1e-5):
     """LayerNorm over the last axis.
 
@@ -157,7 +125,7 @@ def layernorm_forward(x, w, b, eps=1e-5):
     out = norm * w + b
     Args: x (..., C); w, b (C,). Returns out (..., C), cache = (norm, w, rstd).
 
-    The layers call :func:`layernorm_forward_fast`, the same formula with the row means done
+    The layers call :func:`minilora.nn.ops_fast.layernorm_forward_fast`, the same formula with the row means done
     by BLAS (a test checks the two agree).
     """
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
@@ -170,32 +138,6 @@ def layernorm_forward(x, w, b, eps=1e-5):
     return out, (norm, w, rstd)
 
 
-def layernorm_forward_fast(x, w, b, eps=1e-5):
-    """:func:`layernorm_forward` with each row mean as a matrix-vector product
-    (:func:`_row_mean`), fewer temporaries, and the rows in cache-sized blocks shared over the
-    CPU threads (:func:`_row_blocks`); same cache."""
-    C = x.shape[-1]
-    x2 = x.reshape(-1, C)  # (N, C)
-    N = x2.shape[0]
-    out, norm = xp.empty_like(x2), xp.empty_like(x2)
-    rstd = xp.empty((N, 1), dtype=x.dtype)
-
-    def block(r0, r1, _scratch):
-        xc, o, rs = norm[r0:r1], out[r0:r1], rstd[r0:r1]
-        xs = x2[r0:r1]
-        xp.subtract(xs, _row_mean(xs, C), out=xc)
-        xp.multiply(xc, xc, out=o)  # the square, in the output's buffer for now
-        rs[...] = _row_mean(o, C)  # var, then 1 / sqrt(var + eps) in place
-        rs += eps
-        xp.sqrt(rs, out=rs)
-        xp.reciprocal(rs, out=rs)
-        xc *= rs  # norm
-        xp.multiply(xc, w, out=o)
-        o += b
-    _row_blocks(N, C, block)
-    return out.reshape(x.shape), (norm.reshape(x.shape), w, rstd.reshape(*x.shape[:-1], 1))
-
-
 def layernorm_backward(dout, cache, need_dx=True, need_dw=True):
     """Gradients of LayerNorm.
 
@@ -204,7 +146,7 @@ def layernorm_backward(dout, cache, need_dx=True, need_dw=True):
     dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))     (..., C)
     dw = sum(dout * norm), db = sum(dout)                             (C,)
 
-    (The layers call :func:`layernorm_backward_fast`.)
+    (The layers call :func:`minilora.nn.ops_fast.layernorm_backward_fast`.)
     """
     norm, w, rstd = cache
     C = w.shape[0]
@@ -220,40 +162,14 @@ def layernorm_backward(dout, cache, need_dx=True, need_dw=True):
     return dx, dw, db
 
 
-def layernorm_backward_fast(dout, cache, need_dx=True, need_dw=True):
-    """:func:`layernorm_backward` with row means as matrix-vector products, the column sums
-    by ``einsum`` and a vector-matrix product, and dx in row blocks over the threads."""
-    norm, w, rstd = cache
-    C = w.shape[0]
-    n2, d2 = norm.reshape(-1, C), dout.reshape(-1, C)  # (N, C)
-    r2 = rstd.reshape(-1, 1)
-    dx = dw = db = None
-    if need_dx:
-        dx = xp.empty_like(d2)
-
-        def block(r0, r1, scratch):
-            ns, dnorm, tmp = n2[r0:r1], dx[r0:r1], scratch(d2.dtype)
-            xp.multiply(d2[r0:r1], w, out=dnorm)
-            xp.multiply(dnorm, ns, out=tmp)
-            m2 = _row_mean(tmp, C)  # mean(dnorm * norm): (rows, 1)
-            dnorm -= _row_mean(dnorm, C)
-            dnorm -= xp.multiply(ns, m2, out=tmp)
-            dnorm *= r2[r0:r1]
-        _row_blocks(n2.shape[0], C, block)
-        dx = dx.reshape(dout.shape)
-    if need_dw:
-        dw = xp.einsum("ij,ij->j", d2, n2)
-        db = xp.matmul(xp.ones((1, d2.shape[0]), dtype=d2.dtype), d2).reshape(C)
-    return dx, dw, db
-
-
 # ----------------------------------------------------------------------------------------------
 # GELU (tanh approximation, as GPT-2)
 # ----------------------------------------------------------------------------------------------
 def gelu_forward(x):
     """``out = 0.5 x (1 + tanh(k (x + c x^3)))`` with k = sqrt(2/pi), c = 0.044715.
 
-    cache = (x, t = tanh(k (x + c x^3))). The layers call :func:`gelu_forward_fast`: the same
+    cache = (x, t = tanh(k (x + c x^3))). The layers call
+    :func:`minilora.nn.ops_fast.gelu_forward_fast`: the same
     passes on one cache-sized block of rows at a time, the blocks shared over the cores.
     """
     t = x * x  # built in place in one buffer: t = tanh(k x (1 + c x^2))
@@ -268,31 +184,11 @@ def gelu_forward(x):
     return out, (x, t)
 
 
-def gelu_forward_fast(x):
-    """:func:`gelu_forward` block by block (:func:`_row_blocks`); same cache."""
-    L = x.shape[-1]
-    x2 = x.reshape(-1, L)
-    out, t = xp.empty_like(x2), xp.empty_like(x2)
-
-    def block(r0, r1, _scratch):
-        xs, ts, os = x2[r0:r1], t[r0:r1], out[r0:r1]
-        xp.multiply(xs, xs, out=ts)  # t = tanh(x (k + k c x^2)), built in place
-        ts *= GELU_K * GELU_C
-        ts += GELU_K
-        ts *= xs
-        xp.tanh(ts, out=ts)
-        xp.add(ts, 1.0, out=os)  # out = 0.5 x (1 + t)
-        os *= xs
-        os *= 0.5
-    _row_blocks(x2.shape[0], L, block)
-    return out.reshape(x.shape), (x, t.reshape(x.shape))
-
-
 def gelu_backward(dout, cache):
     """forward: out = 0.5 x (1 + t), t = tanh(u), u = k (x + c x^3)
     dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2).
 
-    (The layers call :func:`gelu_backward_fast`, block by block.)"""
+    (The layers call :func:`minilora.nn.ops_fast.gelu_backward_fast`, block by block.)"""
     x, t = cache
     dx = x * x  # two buffers, updated in place (this op is memory-bound)
     dx *= 3.0 * GELU_C * GELU_K
@@ -306,32 +202,6 @@ def gelu_backward(dout, cache):
     dx *= 0.5
     dx *= dout
     return dx
-
-
-def gelu_backward_fast(dout, cache):
-    """:func:`gelu_backward` block by block (:func:`_row_blocks`), one scratch block per
-    thread."""
-    x, t = cache
-    L = x.shape[-1]
-    x2, t2, d2 = x.reshape(-1, L), t.reshape(-1, L), dout.reshape(-1, L)
-    dx = xp.empty_like(d2)
-
-    def block(r0, r1, scratch):
-        xs, ts, ds = x2[r0:r1], t2[r0:r1], dx[r0:r1]
-        sech2 = scratch(ts.dtype)
-        xp.multiply(xs, xs, out=ds)
-        ds *= 3.0 * GELU_C * GELU_K
-        ds += GELU_K  # k (1 + 3 c x^2)
-        xp.multiply(ts, ts, out=sech2)
-        xp.subtract(1.0, sech2, out=sech2)  # 1 - t^2
-        ds *= sech2
-        ds *= xs
-        ds += ts
-        ds += 1.0
-        ds *= 0.5
-        ds *= d2[r0:r1]
-    _row_blocks(x2.shape[0], L, block)
-    return dx.reshape(dout.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,7 +269,8 @@ class AttentionCache(NamedTuple):
 
 def attention_forward(q, k, v, n_head):
     """Causal scaled dot-product attention, all heads at once (no loop over heads or positions).
-    The layers call :func:`attention_forward_fast`, the same over query tiles.
+    The layers call :func:`minilora.nn.ops_fast.attention_forward_fast`, the same over query
+    tiles.
 
     att = softmax(q k^T / sqrt(hs) + mask)      (B, NH, T, Tk)
     y   = att v                                 (B, NH, T, hs) -> merged to (B, T, C)
@@ -443,88 +314,6 @@ def attention_backward(dout, cache):
     dqh = xp.matmul(ds, kh)  # (B, NH, T, hs)
     dkh = xp.matmul(ds.transpose(0, 1, 3, 2), qh)  # (B, NH, Tk, hs)
     return merge_heads(dqh), merge_heads(dkh), merge_heads(dvh)
-
-
-class TiledAttentionCache(NamedTuple):
-    """What :func:`attention_backward_fast` needs: the split heads and one softmax block per
-    query tile (tile i: queries t0 .. t1-1 over keys 0 .. t1 + P - 1)."""
-    qh: object   # (B, NH, T, hs)
-    kh: object   # (B, NH, Tk, hs)
-    vh: object   # (B, NH, Tk, hs)
-    tiles: list  # [(t0, t1, att (B, NH, t1 - t0, t1 + P))]
-
-
-def attention_tile(T: int) -> int:
-    """Queries per tile of :func:`attention_forward_fast`: 32 up to T = 128, then T / 4 (the
-    fastest of 16-128 on a 2-core CPU at the bench's T = 128 and 256)."""
-    return max(32, T // 4)
-
-
-def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
-    """:func:`attention_forward` over query tiles, skipping the masked half of the T x T square.
-
-    Tile [t0, t1) attends to keys 0 .. t1 + P - 1 only (queries see nothing later), so with n
-    tiles the scores cost (n + 1) / 2n of the full square (0.625 at n = 4), and each tile's
-    scores stay small enough for the cache during the softmax. Only the tile's diagonal block
-    needs the causal mask. The output is written straight into (B, T, NH, hs) order, so merging
-    the heads is free. The batch is shared out over the CPU threads
-    (:func:`minilora.backend.parallel_chunks`: the per-head GEMMs are too small for BLAS to
-    thread). Returns y (B, T, C), cache = :class:`TiledAttentionCache`.
-    """
-    B, T, C = q.shape
-    Tk = k.shape[1]
-    P, hs = Tk - T, C // n_head
-    tile = tile or attention_tile(T)
-    qh, kh, vh = split_heads(q, n_head), split_heads(k, n_head), split_heads(v, n_head)
-    scale = 1.0 / math.sqrt(hs)
-    y = xp.empty((B, T, n_head, hs), dtype=q.dtype)
-    yh = y.transpose(0, 2, 1, 3)  # (B, NH, T, hs) view
-    bounds = [(t0, min(t0 + tile, T)) for t0 in range(0, T, tile)]
-    tiles = [(t0, t1, xp.empty((B, n_head, t1 - t0, t1 + P), dtype=q.dtype)) for t0, t1 in bounds]
-    masks = {n: causal_mask_bias(n, n, q.dtype) for n in {t1 - t0 for t0, t1 in bounds} if n > 1}
-
-    def run(b0, b1):
-        for t0, t1, att in tiles:
-            kend = t1 + P
-            s = att[b0:b1]  # (b, NH, tq, kend), this thread's rows
-            xp.matmul(qh[b0:b1, :, t0:t1], kh[b0:b1, :, :kend].transpose(0, 1, 3, 2), out=s)
-            s *= scale
-            if t1 - t0 > 1:  # keys t0+P .. kend-1 form the tile's diagonal block: causal there
-                s[..., t0 + P:kend] += masks[t1 - t0]
-            _softmax_inplace(s)
-            yh[b0:b1, :, t0:t1] = xp.matmul(s, vh[b0:b1, :, :kend])
-    parallel_chunks(B, run)
-    return y.reshape(B, T, C), TiledAttentionCache(qh, kh, vh, tiles)
-
-
-def attention_backward_fast(dout, cache: TiledAttentionCache):
-    """:func:`attention_backward` tile by tile (the tiles of :func:`attention_forward_fast`);
-    dk and dv sum the contributions of every tile that saw each key. Batch shared over the
-    threads as in the forward."""
-    qh, kh, vh, tiles = cache
-    B, NH, T, hs = qh.shape
-    Tk = kh.shape[2]
-    P = Tk - T
-    scale = 1.0 / math.sqrt(hs)
-    dy = split_heads(dout, NH)  # (B, NH, T, hs)
-    dq = xp.empty((B, T, NH, hs), dtype=qh.dtype)
-    dk = xp.zeros((B, Tk, NH, hs), dtype=qh.dtype)
-    dv = xp.zeros((B, Tk, NH, hs), dtype=qh.dtype)
-    dqh, dkh, dvh = (a.transpose(0, 2, 1, 3) for a in (dq, dk, dv))  # (B, NH, ., hs) views
-
-    def run(b0, b1):
-        for t0, t1, att in tiles:
-            kend = t1 + P
-            a, dyt = att[b0:b1], dy[b0:b1, :, t0:t1]
-            datt = xp.matmul(dyt, vh[b0:b1, :, :kend].transpose(0, 1, 3, 2))  # (b, NH, tq, kend)
-            dvh[b0:b1, :, :kend] += xp.matmul(a.transpose(0, 1, 3, 2), dyt)
-            ds = _softmax_backward_inplace(datt, a)
-            ds *= scale
-            dqh[b0:b1, :, t0:t1] = xp.matmul(ds, kh[b0:b1, :, :kend])
-            dkh[b0:b1, :, :kend] += xp.matmul(ds.transpose(0, 1, 3, 2), qh[b0:b1, :, t0:t1])
-    parallel_chunks(B, run)
-    C = NH * hs
-    return dq.reshape(B, T, C), dk.reshape(B, Tk, C), dv.reshape(B, Tk, C)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from minilora import backend
 from minilora.backend import xp
 from minilora.config import ConfigError, JsonConfig, _check_float, _check_int
 from minilora.errors import PeftError
-from minilora.nn import ops
+from minilora.nn import ops, ops_fast
 from minilora.nn.layers import Linear, Module
 from minilora.peft.common import _truncated_normal
 
@@ -124,7 +124,7 @@ class HoulsbyAdapter(Module):
         y, c_base = ops.linear_forward(x, self.params["weight"], self.params.get("bias"),
                                        keep_x=self.needs_grad("weight"))
         h, c_down = self.adapter_down.forward(y)  # (..., m)
-        g, c_gelu = ops.gelu_forward_fast(h)
+        g, c_gelu = ops_fast.gelu_forward_fast(h)
         out, c_up = self.adapter_up.forward(g)  # (..., d), a fresh array
         out += y  # the adapter's skip connection
         return out, AdapterCache(c_base, c_down, c_gelu, c_up)
@@ -136,7 +136,7 @@ class HoulsbyAdapter(Module):
         dg = dout @ W_up;  dh = gelu'(h) * dg;  dy = dout + dh @ W_down;  dx = dy @ W0
         """
         dg = self.adapter_up.backward(dout, cache.up)  # (..., m)
-        dh = ops.gelu_backward_fast(dg, cache.gelu)
+        dh = ops_fast.gelu_backward_fast(dg, cache.gelu)
         dy = self.adapter_down.backward(dh, cache.down)  # (..., d)
         dy += dout  # skip connection
         dx, dw, db = ops.linear_backward(dy, cache.base, need_dx=need_dx,
