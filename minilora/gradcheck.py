@@ -134,30 +134,32 @@ def op_suite(rng=None, tol: float = 1e-6) -> list[dict]:
                          lambda w: ops.embedding_forward(idx, w),
                          lambda d, c: ops.embedding_backward(d, c),
                          {"w": randn(V, C)}, ["w"], rng, tol)
-    for shape in [(2, 3, 5), (4, 8)]:
-        C = shape[-1]
-        for tag, fwd, bwd in (("", ops.layernorm_forward, ops.layernorm_backward),
-                              (" fast", ops_fast.layernorm_forward_fast, ops_fast.layernorm_backward_fast)):
-            rows += check_op(f"layernorm{tag} {shape}", fwd, bwd,
-                             {"x": randn(*shape), "w": randn(C), "b": randn(C)}, ["x", "w", "b"],
-                             rng, tol)
-    for shape in [(2, 3, 4), (7,)]:
-        for tag, fwd, bwd in (("", ops.gelu_forward, ops.gelu_backward),
-                              (" fast", ops_fast.gelu_forward_fast, ops_fast.gelu_backward_fast)):
-            rows += check_op(f"gelu{tag} {shape}", fwd, bwd, {"x": randn(*shape, scale=2.0)},
-                             ["x"], rng, tol)
-        rows += check_op(f"softmax {shape}", ops.softmax_forward, ops.softmax_backward,
-                         {"x": randn(*shape, scale=2.0)}, ["x"], rng, tol)
+    with ops_fast.blocked_always():  # the fast twins' blocked code even on these tiny arrays
+        for shape in [(2, 3, 5), (4, 8)]:
+            C = shape[-1]
+            for tag, fwd, bwd in (("", ops.layernorm_forward, ops.layernorm_backward),
+                                  (" fast", ops_fast.layernorm_forward_fast, ops_fast.layernorm_backward_fast)):
+                rows += check_op(f"layernorm{tag} {shape}", fwd, bwd,
+                                 {"x": randn(*shape), "w": randn(C), "b": randn(C)}, ["x", "w", "b"],
+                                 rng, tol)
+        for shape in [(2, 3, 4), (7,)]:
+            for tag, fwd, bwd in (("", ops.gelu_forward, ops.gelu_backward),
+                                  (" fast", ops_fast.gelu_forward_fast, ops_fast.gelu_backward_fast)):
+                rows += check_op(f"gelu{tag} {shape}", fwd, bwd, {"x": randn(*shape, scale=2.0)},
+                                 ["x"], rng, tol)
+            rows += check_op(f"softmax {shape}", ops.softmax_forward, ops.softmax_backward,
+                             {"x": randn(*shape, scale=2.0)}, ["x"], rng, tol)
     for (B, T, P, C, NH) in [(2, 4, 0, 6, 2), (1, 5, 0, 8, 4), (2, 3, 2, 4, 2)]:
         rows += check_op(f"attention B={B} T={T} prefix={P} C={C} NH={NH}",
                          lambda q, k, v: ops.attention_forward(q, k, v, NH), ops.attention_backward,
                          {"q": randn(B, T, C), "k": randn(B, T + P, C), "v": randn(B, T + P, C)},
                          ["q", "k", "v"], rng, tol)
-        rows += check_op(f"attention fast (tiles of 2) B={B} T={T} prefix={P} C={C} NH={NH}",
-                         lambda q, k, v: ops_fast.attention_forward_fast(q, k, v, NH, tile=2),
-                         ops_fast.attention_backward_fast,
-                         {"q": randn(B, T, C), "k": randn(B, T + P, C), "v": randn(B, T + P, C)},
-                         ["q", "k", "v"], rng, tol)
+        with ops_fast.blocked_always():
+            rows += check_op(f"attention fast (tiles of 2) B={B} T={T} prefix={P} C={C} NH={NH}",
+                             lambda q, k, v: ops_fast.attention_forward_fast(q, k, v, NH, tile=2),
+                             ops_fast.attention_backward_fast,
+                             {"q": randn(B, T, C), "k": randn(B, T + P, C),
+                              "v": randn(B, T + P, C)}, ["q", "k", "v"], rng, tol)
     rows += check_op("residual (2, 3, 4)", ops.residual_forward, ops.residual_backward,
                      {"x": randn(2, 3, 4), "y": randn(2, 3, 4)}, ["x", "y"], rng, tol)
     drop_seed = int(rng.integers(1 << 30))

@@ -79,6 +79,7 @@ def test_fast_layernorm_equals_the_plain_one(rng, dtype, tol, need_dx, need_dw, 
     """The BLAS-reduction LayerNorm in row blocks over two threads (used by the layers) against
     the plain NumPy-reduction one (the chapters' formula), forward and backward."""
     monkeypatch.setattr(ops_fast, "BLOCK_FLOATS", 64)  # 4 rows a block: many blocks
+    monkeypatch.setattr(ops_fast, "SMALL_FLOATS", -1)  # the blocked code even on tiny arrays
     monkeypatch.setenv("MINILORA_THREADS", "2")
     x = rng.standard_normal((3, 5, 16)).astype(dtype) * 3 + 1
     w, b = rng.standard_normal(16).astype(dtype), rng.standard_normal(16).astype(dtype)
@@ -99,6 +100,7 @@ def test_fast_layernorm_equals_the_plain_one(rng, dtype, tol, need_dx, need_dw, 
 def test_blocked_gelu_equals_the_plain_one(rng, dtype, tol, shape, monkeypatch):
     """Blocked GELU (several blocks, two threads) against the whole-tensor version."""
     monkeypatch.setattr(ops_fast, "BLOCK_FLOATS", 4096)  # many blocks even on small tensors
+    monkeypatch.setattr(ops_fast, "SMALL_FLOATS", -1)
     monkeypatch.setenv("MINILORA_THREADS", "2")
     x = backend.asarray(rng.standard_normal(shape).astype(dtype) * 2)
     d = backend.asarray(rng.standard_normal(shape).astype(dtype))
@@ -112,9 +114,10 @@ def test_blocked_gelu_equals_the_plain_one(rng, dtype, tol, shape, monkeypatch):
 
 @pytest.mark.parametrize("tile", [1, 2, 3, 32])
 @pytest.mark.parametrize("B,T,P,C,NH", [(2, 5, 0, 8, 2), (1, 7, 3, 6, 3), (2, 1, 4, 4, 2)])
-def test_tiled_attention_equals_the_full_square(rng, tile, B, T, P, C, NH):
+def test_tiled_attention_equals_the_full_square(rng, tile, B, T, P, C, NH, monkeypatch):
     """Query tiles that skip the masked keys give the full square's outputs and gradients
     (prefix keys included; T = 1 is a decoding step)."""
+    monkeypatch.setattr(ops_fast, "SMALL_FLOATS", -1)  # the tiles even on tiny arrays
     q, k, v = (backend.asarray(rng.standard_normal(s)) for s in ((B, T, C), (B, T + P, C),
                                                                   (B, T + P, C)))
     d = backend.asarray(rng.standard_normal((B, T, C)))
@@ -125,3 +128,24 @@ def test_tiled_attention_equals_the_full_square(rng, tile, B, T, P, C, NH):
         assert a.shape == b.shape
         np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(b), rtol=1e-12,
                                    atol=1e-13)
+
+
+def test_small_inputs_take_the_plain_ops_and_the_switch_is_exact(rng):
+    """A decoding step's (1, 1, C) rows go to the plain op (cheaper in Python time); the caches
+    are the same, so either backward reads either forward's cache."""
+    x = rng.standard_normal((1, 1, 16)); w, b = rng.standard_normal(16), rng.standard_normal(16)
+    out, cache = ops_fast.layernorm_forward_fast(x, w, b)
+    out_p, _ = ops.layernorm_forward(x, w, b)
+    np.testing.assert_array_equal(out, out_p)  # the same function ran
+    with ops_fast.blocked_always():
+        out_b, cache_b = ops_fast.layernorm_forward_fast(x, w, b)
+        assert ops_fast.SMALL_FLOATS == -1
+    assert ops_fast.SMALL_FLOATS > 0  # restored
+    q = rng.standard_normal((1, 1, 8))  # a decoding step: the plain attention and its cache
+    y, c = ops_fast.attention_forward_fast(q, q, q, 2)
+    assert isinstance(c, ops.AttentionCache)
+    np.testing.assert_array_equal(ops_fast.attention_backward_fast(q, c)[0],
+                                  ops.attention_backward(q, c)[0])
+    d = rng.standard_normal(x.shape)
+    for a, p in zip(ops_fast.layernorm_backward_fast(d, cache_b), ops.layernorm_backward(d, cache)):
+        np.testing.assert_allclose(a, p, rtol=1e-12, atol=1e-13)

@@ -256,7 +256,7 @@ class AttentionLayerCache(NamedTuple):
     q: tuple  # the q, k, v, o projections' caches
     k: tuple
     v: tuple
-    attn: ops_fast.TiledAttentionCache
+    attn: ops_fast.TiledAttentionCache  # (ops.AttentionCache for a small input)
     o: tuple
     past: PastKV | None  # the earlier keys/values (their gradient goes back there), or None
 

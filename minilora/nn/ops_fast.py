@@ -17,6 +17,7 @@ Chapter: chapters/01-foundations.ipynb (section 3.1)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -24,15 +25,37 @@ from minilora.backend import is_cupy, parallel_chunks, xp
 from minilora.nn.ops import (
     GELU_C,
     GELU_K,
+    AttentionCache,
     _softmax_backward_inplace,
     _softmax_inplace,
+    attention_backward,
+    attention_forward,
     causal_mask_bias,
+    gelu_backward,
+    gelu_forward,
+    layernorm_backward,
+    layernorm_forward,
     split_heads,
 )
 
 #: floats per block of a blocked element-wise op (512 KiB of float32): a chain of passes over one
 #: block stays in the core's L2 cache instead of streaming the whole tensor from memory per pass
 BLOCK_FLOATS = 1 << 17
+#: below this many floats the plain op is faster (a decoding step's (1, 1, C) rows): the blocks,
+#: threads and scratch buffers cost more Python time than the arithmetic they organise
+SMALL_FLOATS = 1 << 14
+
+
+@contextlib.contextmanager
+def blocked_always():
+    """Within the block, the blocked paths run even on small inputs (:data:`SMALL_FLOATS`
+    set to -1): the gradchecks and agreement tests use it on their tiny arrays."""
+    global SMALL_FLOATS
+    saved, SMALL_FLOATS = SMALL_FLOATS, -1
+    try:
+        yield
+    finally:
+        SMALL_FLOATS = saved
 
 
 def _row_blocks(n_rows: int, row_len: int, block) -> None:
@@ -64,7 +87,9 @@ def _row_mean(a2, C):
 def layernorm_forward_fast(x, w, b, eps=1e-5):
     """:func:`~minilora.nn.ops.layernorm_forward` with each row mean as a matrix-vector product
     (:func:`_row_mean`), fewer temporaries, and the rows in cache-sized blocks shared over the
-    CPU threads (:func:`_row_blocks`); same cache."""
+    CPU threads (:func:`_row_blocks`); same cache. Small inputs take the plain op."""
+    if x.size <= SMALL_FLOATS:
+        return layernorm_forward(x, w, b, eps)
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # (N, C)
     N = x2.shape[0]
@@ -91,6 +116,8 @@ def layernorm_backward_fast(dout, cache, need_dx=True, need_dw=True):
     """:func:`~minilora.nn.ops.layernorm_backward` with row means as matrix-vector products, the column sums
     by ``einsum`` and a vector-matrix product, and dx in row blocks over the threads."""
     norm, w, rstd = cache
+    if norm.size <= SMALL_FLOATS:
+        return layernorm_backward(dout, cache, need_dx, need_dw)
     C = w.shape[0]
     n2, d2 = norm.reshape(-1, C), dout.reshape(-1, C)  # (N, C)
     r2 = rstd.reshape(-1, 1)
@@ -115,7 +142,10 @@ def layernorm_backward_fast(dout, cache, need_dx=True, need_dw=True):
 
 
 def gelu_forward_fast(x):
-    """:func:`~minilora.nn.ops.gelu_forward` block by block (:func:`_row_blocks`); same cache."""
+    """:func:`~minilora.nn.ops.gelu_forward` block by block (:func:`_row_blocks`); same cache.
+    Small inputs take the plain op."""
+    if x.size <= SMALL_FLOATS:
+        return gelu_forward(x)
     L = x.shape[-1]
     x2 = x.reshape(-1, L)
     out, t = xp.empty_like(x2), xp.empty_like(x2)
@@ -136,8 +166,10 @@ def gelu_forward_fast(x):
 
 def gelu_backward_fast(dout, cache):
     """:func:`~minilora.nn.ops.gelu_backward` block by block (:func:`_row_blocks`), one scratch block per
-    thread."""
+    thread. Small inputs take the plain op."""
     x, t = cache
+    if x.size <= SMALL_FLOATS:
+        return gelu_backward(dout, cache)
     L = x.shape[-1]
     x2, t2, d2 = x.reshape(-1, L), t.reshape(-1, L), dout.reshape(-1, L)
     dx = xp.empty_like(d2)
@@ -184,10 +216,13 @@ def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
     needs the causal mask. The output is written straight into (B, T, NH, hs) order, so merging
     the heads is free. The batch is shared out over the CPU threads
     (:func:`minilora.backend.parallel_chunks`: the per-head GEMMs are too small for BLAS to
-    thread). Returns y (B, T, C), cache = :class:`TiledAttentionCache`.
+    thread). Returns y (B, T, C), cache = :class:`TiledAttentionCache` (a small input, e.g. a
+    decoding step, takes the plain op and returns its :class:`~minilora.nn.ops.AttentionCache`).
     """
     B, T, C = q.shape
     Tk = k.shape[1]
+    if B * n_head * T * Tk <= SMALL_FLOATS:  # a decoding step: the plain op (its own cache)
+        return attention_forward(q, k, v, n_head)
     P, hs = Tk - T, C // n_head
     tile = tile or attention_tile(T)
     qh, kh, vh = split_heads(q, n_head), split_heads(k, n_head), split_heads(v, n_head)
@@ -216,6 +251,8 @@ def attention_backward_fast(dout, cache: TiledAttentionCache):
     """:func:`~minilora.nn.ops.attention_backward` tile by tile (the tiles of :func:`attention_forward_fast`);
     dk and dv sum the contributions of every tile that saw each key. Batch shared over the
     threads as in the forward."""
+    if isinstance(cache, AttentionCache):  # the forward took the plain op (small input)
+        return attention_backward(dout, cache)
     qh, kh, vh, tiles = cache
     B, NH, T, hs = qh.shape
     Tk = kh.shape[2]
