@@ -245,26 +245,38 @@ def cpu_module():
 
 
 # -- CPU threads for element-wise work ----------------------------------------------------------
-def cpu_threads() -> int:
-    """How many threads element-wise NumPy work may be split over (1 on CuPy).
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
-    ``MINILORA_THREADS`` if set, else the BLAS thread count (``OPENBLAS_NUM_THREADS``, then
-    ``OMP_NUM_THREADS``), else the cores this process may run on: element-wise passes use
-    the same cores the GEMMs do.
+
+def cpu_threads() -> int:
+    """How many threads minilora's own CPU work is split over (1 on CuPy): the element-wise
+    passes, the attention tiles' batch, the rows of each linear layer's GEMMs, AdamW.
+
+    ``MINILORA_THREADS`` if set. Otherwise it depends on how the BLAS threads: with
+    ``OPENBLAS_NUM_THREADS=1`` (or ``OMP_NUM_THREADS=1``) every core this process may run on
+    (minilora shares each GEMM's rows over them, one single-threaded BLAS call per thread: the
+    fastest setting on a small CPU); with BLAS threads of its own (the variables above 1, or
+    unset: OpenBLAS then takes every core) 1, because two thread pools on the same cores slow
+    each other down (OpenBLAS's idle workers spin, and it serialises concurrent calls).
     """
     if is_cupy():
         return 1
     for var in ("MINILORA_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(var, "").strip()
-        if value:
-            try:
-                return max(1, int(value))
-            except ValueError:
-                raise BackendError(f"{var}={value!r} is not a whole number of threads") from None
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        if not value:
+            continue
+        try:
+            n = max(1, int(value))
+        except ValueError:
+            raise BackendError(f"{var}={value!r} is not a whole number of threads") from None
+        if var == "MINILORA_THREADS":
+            return n
+        return _usable_cores() if n == 1 else 1
+    return 1
 
 
 _pool: dict[str, Any] = {"executor": None, "size": 0}

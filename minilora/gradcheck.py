@@ -128,6 +128,10 @@ def op_suite(rng=None, tol: float = 1e-6) -> list[dict]:
             rows += check_op(f"linear{'' if with_bias else ' (no bias)'} {B}x{T}x{d_in}->{d_out}",
                              ops.linear_forward, lambda d, c: ops.linear_backward(d, c)[:len(inputs)],
                              inputs, list(inputs), rng, tol)
+            rows += check_op(f"linear fast{'' if with_bias else ' (no bias)'} {B}x{T}x{d_in}->{d_out}",
+                             ops_fast.linear_forward_fast,
+                             lambda d, c: ops_fast.linear_backward_fast(d, c)[:len(inputs)],
+                             inputs, list(inputs), rng, tol)
     for (B, T, V, C) in [(2, 4, 6, 3), (3, 2, 4, 5)]:
         idx = backend.asarray(rng.integers(0, V, size=(B, T)))
         rows += check_op(f"embedding {B}x{T}, V={V}, C={C}",

@@ -149,3 +149,24 @@ def test_small_inputs_take_the_plain_ops_and_the_switch_is_exact(rng):
     d = rng.standard_normal(x.shape)
     for a, p in zip(ops_fast.layernorm_backward_fast(d, cache_b), ops.layernorm_backward(d, cache)):
         np.testing.assert_allclose(a, p, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_linear_with_rows_over_threads_equals_the_plain_one(rng, monkeypatch, bias, threads):
+    """The linear layer's GEMMs shared over threads (rows of x for out and dx, rows of dW):
+    the plain op's results, every gradient."""
+    monkeypatch.setenv("MINILORA_THREADS", threads)
+    monkeypatch.setattr(ops_fast, "MIN_ROWS_PER_THREAD", 4)
+    x = backend.asarray(rng.standard_normal((3, 11, 6)))
+    w = backend.asarray(rng.standard_normal((5, 6)))
+    b = backend.asarray(rng.standard_normal(5)) if bias else None
+    d = backend.asarray(rng.standard_normal((3, 11, 5)))
+    y, c = ops_fast.linear_forward_fast(x, w, b)
+    y0, c0 = ops.linear_forward(x, w, b)
+    np.testing.assert_allclose(backend.to_numpy(y), backend.to_numpy(y0), rtol=1e-13, atol=1e-13)
+    for a, p in zip(ops_fast.linear_backward_fast(d, c), ops.linear_backward(d, c0)):
+        assert (a is None) == (p is None)
+        if a is not None:
+            np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(p), rtol=1e-12,
+                                       atol=1e-12)

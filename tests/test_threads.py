@@ -55,8 +55,13 @@ def test_thread_count_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("MINILORA_THREADS", "3")
     assert backend.cpu_threads() == 3
     monkeypatch.delenv("MINILORA_THREADS")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert backend.cpu_threads() == 1  # OpenBLAS threads over every core: ours stay out of it
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
-    assert backend.cpu_threads() == 2
+    assert backend.cpu_threads() == 1
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # single-threaded BLAS: ours take the cores
+    assert backend.cpu_threads() == backend._usable_cores()
     monkeypatch.setenv("MINILORA_THREADS", "many")
     with pytest.raises(backend.BackendError, match="MINILORA_THREADS='many'"):
         backend.cpu_threads()

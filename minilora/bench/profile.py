@@ -18,6 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from minilora.backend import parallel_chunks
 from minilora.bench.core import (
     BenchContext,
     Section,
@@ -127,25 +128,36 @@ def linear_gemms(config, batch_size: int) -> list:
 
 
 def compare_gemms(ctx: BenchContext, reps: int = 5) -> dict | None:
-    """Median time of each of :func:`linear_gemms`' products in NumPy's BLAS and in torch's
-    (same shapes, same float32 operands, same threads), summed over one step (None without
-    torch): how much of the step-time gap is the BLAS library rather than our code."""
+    """Median time of each of :func:`linear_gemms`' products as minilora runs them (rows shared
+    over :func:`minilora.backend.cpu_threads`, one BLAS call per thread, as the layers do) and
+    as ``torch.mm`` runs them (same shapes, float32 operands, torch's threads), summed over one
+    step (None without torch): how much of the step-time gap is the GEMMs rather than the rest.
+    All NumPy products first, a pause, then all torch ones (one library's idle BLAS threads spin
+    for a while and would slow the other)."""
     torch = ctx.torch
     if torch is None:
         return None
     rng = np.random.default_rng(0)
-    rows, ours, theirs = [], 0.0, 0.0
-    for name, a_shape, b_shape, count in linear_gemms(ctx.config, ctx.batch_size):
-        a = rng.standard_normal(a_shape).astype(np.float32)
-        b = rng.standard_normal(b_shape).astype(np.float32)
+    shapes = linear_gemms(ctx.config, ctx.batch_size)
+    operands = [(rng.standard_normal(a).astype(np.float32), rng.standard_normal(b).astype(np.float32))
+                for _, a, b, _ in shapes]
+
+    def ours(a, b):
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
+        parallel_chunks(a.shape[0], lambda i0, i1: np.matmul(a[i0:i1], b, out=out[i0:i1]),
+                        min_per_thread=16)
+    t_np = [statistics.median(_timed(lambda: ours(a, b)) for _ in range(reps)) for a, b in operands]
+    time.sleep(max(ctx.pause_s, 0.2))
+    t_t = []
+    for a, b in operands:
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        t_np = statistics.median(_timed(lambda: np.matmul(a, b)) for _ in range(reps))
-        t_t = statistics.median(_timed(lambda: torch.mm(ta, tb)) for _ in range(reps))
-        rows.append({"gemm": name, "count": count, "numpy_s": t_np, "torch_s": t_t})
-        ours += count * t_np
-        theirs += count * t_t
-    return {"per_gemm": rows, "numpy_step_s": ours, "torch_step_s": theirs,
-            "ratio_numpy_over_torch": ours / theirs}
+        t_t.append(statistics.median(_timed(lambda: torch.mm(ta, tb)) for _ in range(reps)))
+    rows = [{"gemm": name, "count": count, "numpy_s": tn, "torch_s": tt}
+            for (name, _, _, count), tn, tt in zip(shapes, t_np, t_t)]
+    ours_s = sum(r["count"] * r["numpy_s"] for r in rows)
+    theirs = sum(r["count"] * r["torch_s"] for r in rows)
+    return {"per_gemm": rows, "numpy_step_s": ours_s, "torch_step_s": theirs,
+            "ratio_numpy_over_torch": ours_s / theirs}
 
 
 def _ours_group(name: str) -> str:
@@ -171,7 +183,7 @@ def measure_profile(ctx: BenchContext) -> Section:
     gemms = compare_gemms(ctx)
     data = {"ours": ours, "ours_groups_s": dict(grouped), "torch": theirs, "blas": gemms}
     if gemms is not None:
-        rows.append(("the step's weight GEMMs alone, NumPy BLAS / torch BLAS",
+        rows.append(("the step's weight GEMMs alone, ours / torch.mm",
                      f"{gemms['numpy_step_s'] * 1e3:.1f} / {gemms['torch_step_s'] * 1e3:.1f} ms = "
                      f"{gemms['ratio_numpy_over_torch']:.2f}", "same shapes and threads"))
     if theirs is not None:

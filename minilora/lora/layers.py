@@ -34,7 +34,7 @@ from minilora.backend import xp
 from minilora.config import LORA_INITS, ConfigError, _check_float, _check_int
 from minilora.errors import MiniloraError
 from minilora.lora.init import embedding_factors, linear_factors
-from minilora.nn import ops
+from minilora.nn import ops, ops_fast
 from minilora.nn.layers import Embedding, Linear, Module
 
 
@@ -221,14 +221,14 @@ class LoRALinear(_LoRABase):
     def _base_forward(self, x):
         """The frozen path ``x @ W0.T + b`` -> (out, cache). QLoRA's layer
         (:class:`minilora.qlora.QLoRALinear`) overrides this pair with a 4-bit W0."""
-        return ops.linear_forward(x, self.params["weight"], self.params.get("bias"),
-                                  keep_x=self.needs_grad("weight"))
+        return ops_fast.linear_forward_fast(x, self.params["weight"], self.params.get("bias"),
+                                            keep_x=self.needs_grad("weight"))
 
     def _base_backward(self, dout, cache, need_dx: bool):
         """dx of the base path (None if not needed); accumulates dW0 / db only if they train."""
-        dx, dw, db = ops.linear_backward(dout, cache, need_dx=need_dx,
-                                         need_dw=self.needs_grad("weight"),
-                                         need_db=self.needs_grad("bias"))
+        dx, dw, db = ops_fast.linear_backward_fast(dout, cache, need_dx=need_dx,
+                                                   need_dw=self.needs_grad("weight"),
+                                                   need_db=self.needs_grad("bias"))
         self._accumulate("weight", dw)
         self._accumulate("bias", db)
         return dx

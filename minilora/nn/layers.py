@@ -176,11 +176,11 @@ class Linear(Module):
         return self.params["weight"].shape[0]
 
     def forward(self, x):
-        return ops.linear_forward(x, self.params["weight"], self.params.get("bias"),
-                                  keep_x=self.needs_grad("weight"))
+        return ops_fast.linear_forward_fast(x, self.params["weight"], self.params.get("bias"),
+                                            keep_x=self.needs_grad("weight"))
 
     def backward(self, dout, cache, need_dx: bool = True):
-        dx, dw, db = ops.linear_backward(
+        dx, dw, db = ops_fast.linear_backward_fast(
             dout, cache, need_dx=need_dx,
             need_dw=self.needs_grad("weight"), need_db=self.needs_grad("bias"))
         self._accumulate("weight", dw)

@@ -27,7 +27,7 @@ import hashlib
 
 from minilora import backend
 from minilora.backend import xp
-from minilora.nn import ops
+from minilora.nn import ops_fast
 from minilora.nn.layers import Linear, Module
 from minilora.quant.blockwise import dequantize_packed
 from minilora.quant.checks import QuantError
@@ -148,7 +148,7 @@ def quant_linear_forward(x, qweight: QuantWeight, b=None):
         raise QuantError(f"input has {x.shape[-1]} features but this 4-bit layer's weight is "
                          f"(d_out, d_in) = ({d_out}, {d_in})")
     w = qweight.dequantize(x.dtype)  # (d_out, d_in), transient
-    out, _ = ops.linear_forward(x, w, b)
+    out, _ = ops_fast.linear_forward_fast(x, w, b)
     return out, (qweight, b is not None)
 
 
@@ -164,8 +164,8 @@ def quant_linear_backward(dout, cache, need_dx: bool = True, need_db: bool = Tru
     if need_dx:
         w = qweight.dequantize(dout.dtype)  # (d_out, d_in), transient
         # forward: out = x @ w.T  ->  dx = dout @ w   (x itself is not needed: no dW)
-        dx, _, _ = ops.linear_backward(dout, (None, w, has_bias), need_dx=True, need_dw=False,
-                                       need_db=False)
+        dx, _, _ = ops_fast.linear_backward_fast(dout, (None, w, has_bias), need_dx=True,
+                                                 need_dw=False, need_db=False)
     if need_db and has_bias:
         db = dout.reshape(-1, dout.shape[-1]).sum(axis=0)  # (d_out,)
     return dx, db
