@@ -44,6 +44,7 @@ import json
 import sys
 from typing import Callable
 
+from minilora import backend
 from minilora.bench.adapters import (
     measure_lora,
     measure_multi_adapter,
@@ -145,6 +146,7 @@ def run_bench(configs, steps: int = 10, threads: int = 2, torch_compare: bool = 
               "torch_compare": torch is not None, "torch_note": torch_note, "configs": {}}
     with blas_threads(threads) as blas:
         result["threads"] = {"requested": threads, "numpy_blas": blas,
+                             "minilora": backend.cpu_threads(),
                              "torch": torch.get_num_threads() if torch is not None else None}
         m = result["machine"]
         print_fn(f"minilora bench: {m['cpu_model']}, {m['cores']} cores "
@@ -155,9 +157,13 @@ def run_bench(configs, steps: int = 10, threads: int = 2, torch_compare: bool = 
         print_fn(f"load average (1, 5, 15 min): {m['load_average'] or 'unknown'}")
         print_fn(f"threads: requested {threads}; NumPy BLAS via {blas['control']} "
                  f"[{blas['setting']}]; torch {result['threads']['torch'] or '-'}")
-        if blas["control"] != "threadpoolctl" and blas["blas_threads"] not in (threads,):
+        ours = backend.cpu_threads()
+        print_fn(f"minilora's own threads (rows of each GEMM, element-wise blocks): {ours}")
+        if (blas["control"] != "threadpoolctl" and blas["blas_threads"] not in (threads,)
+                and ours != threads):
             print_fn(f"  note: NumPy's BLAS thread count cannot be changed without threadpoolctl; "
-                     f"start with OPENBLAS_NUM_THREADS={threads} OMP_NUM_THREADS={threads} "
+                     f"start with OPENBLAS_NUM_THREADS=1 MINILORA_THREADS={threads} (the fastest: "
+                     f"minilora shares each GEMM's rows) or OPENBLAS_NUM_THREADS={threads} "
                      f"(now: {blas['setting']}, i.e. "
                      f"{blas['blas_threads'] or 'all ' + str(m['usable_cores'])} threads)")
         if torch_note:

@@ -187,7 +187,9 @@ def interleaved(fns: dict, steps: int, warmup: int) -> dict:
 def measure_sgemm(threads: int, sizes=(1024, 1536, 2048), reps: int = 3, torch=None) -> dict:
     """This machine's float32 matmul rate: median of ``reps`` n x n sgemm per size, best size.
 
-    2 n^3 FLOPs per product. Run under the same BLAS thread setting as the model steps.
+    2 n^3 FLOPs per product. Run under the same thread settings as the model steps: with a
+    single-threaded BLAS the rows are shared over minilora's threads
+    (:func:`minilora.backend.cpu_threads`), as the linear layers do.
     """
     rng = np.random.default_rng(0)
     out = {"sizes": list(sizes), "numpy_flops_per_s": {}, "torch_flops_per_s": {}}
@@ -195,8 +197,12 @@ def measure_sgemm(threads: int, sizes=(1024, 1536, 2048), reps: int = 3, torch=N
     for n in sizes:
         a = backend.asarray(rng.standard_normal((n, n), dtype=np.float32))
         b = backend.asarray(rng.standard_normal((n, n), dtype=np.float32))
-        xp.matmul(a, b)  # warm: thread pool, buffers
-        t = statistics.median(_timed(lambda: xp.matmul(a, b)) for _ in range(reps))
+        c = xp.empty_like(a)
+
+        def product():  # as the layers run a GEMM: rows over minilora's threads, if it has any
+            backend.parallel_chunks(n, lambda i0, i1: xp.matmul(a[i0:i1], b, out=c[i0:i1]))
+        product()  # warm: thread pools, buffers
+        t = statistics.median(_timed(product) for _ in range(reps))
         out["numpy_flops_per_s"][str(n)] = 2 * n ** 3 / t
         if torch is not None:
             ta, tb = torch.from_numpy(backend.to_numpy(a)), torch.from_numpy(backend.to_numpy(b))

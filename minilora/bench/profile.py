@@ -34,8 +34,9 @@ from minilora.optim import AdamW
 OPS = ("embedding_forward", "linear_forward", "cross_entropy_forward", "cross_entropy_backward",
        "linear_backward", "embedding_backward")
 #: ... and those of :mod:`minilora.nn.ops_fast` (the layers call these twins)
-FAST_OPS = ("layernorm_forward_fast", "attention_forward_fast", "gelu_forward_fast",
-            "attention_backward_fast", "gelu_backward_fast", "layernorm_backward_fast")
+FAST_OPS = ("layernorm_forward_fast", "linear_forward_fast", "attention_forward_fast",
+            "gelu_forward_fast", "linear_backward_fast", "attention_backward_fast",
+            "gelu_backward_fast", "layernorm_backward_fast")
 
 #: torch operator name (``aten::...``) fragments -> our category
 TORCH_GROUPS = (("matmul (linear, attention)", ("aten::mm", "aten::addmm", "aten::bmm")),

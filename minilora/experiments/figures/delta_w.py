@@ -27,7 +27,7 @@ from minilora.experiments.studies.delta_w_common import (
 _KINDS = ("q", "k", "v", "o", "up", "down")
 _TARGET_COLORS = {"q,v": "#3c78d0", "all-linear": "#d08c3c", "full": "#c0392b", "q": "#7f8c8d",
                   "k": "#16a085", "v": "#8e44ad", "o": "#2c3e50", "q,k": "#27ae60",
-                  "q,k,v,o": "#e67e22"}
+                  "q,k,v,o": "#b8338f"}
 
 
 def study_record(results: Path, name: str) -> dict:
