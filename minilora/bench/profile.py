@@ -18,7 +18,6 @@ from collections import defaultdict
 
 import numpy as np
 
-from minilora.backend import parallel_chunks
 from minilora.bench.core import (
     BenchContext,
     Section,
@@ -28,6 +27,7 @@ from minilora.bench.core import (
 )
 from minilora.model import GPT
 from minilora.nn import ops, ops_fast
+from minilora.nn.ops_fast import matmul_rows
 from minilora.optim import AdamW
 
 #: our ops timed, in the order they are printed (forward, then backward)
@@ -143,11 +143,8 @@ def compare_gemms(ctx: BenchContext, reps: int = 5) -> dict | None:
     operands = [(rng.standard_normal(a).astype(np.float32), rng.standard_normal(b).astype(np.float32))
                 for _, a, b, _ in shapes]
 
-    def ours(a, b):
-        out = np.empty((a.shape[0], b.shape[1]), dtype=np.float32)
-        parallel_chunks(a.shape[0], lambda i0, i1: np.matmul(a[i0:i1], b, out=out[i0:i1]),
-                        min_per_thread=16)
-    t_np = [statistics.median(_timed(lambda: ours(a, b)) for _ in range(reps)) for a, b in operands]
+    t_np = [statistics.median(_timed(lambda: matmul_rows(a, b, min_rows=16)) for _ in range(reps))
+            for a, b in operands]
     time.sleep(max(ctx.pause_s, 0.2))
     t_t = []
     for a, b in operands:

@@ -22,7 +22,6 @@ import math
 from typing import NamedTuple
 
 from minilora.backend import is_cupy, parallel_chunks, xp
-from minilora.errors import UsageError
 from minilora.nn.ops import (
     GELU_C,
     GELU_K,
@@ -289,47 +288,42 @@ def attention_backward_fast(dout, cache: TiledAttentionCache):
 MIN_ROWS_PER_THREAD = 256
 
 
+def matmul_rows(a, b, min_rows: int = MIN_ROWS_PER_THREAD):
+    """``a @ b`` (a: (m, k), b: (k, n)) with the rows of a shared over the CPU threads, each
+    thread one BLAS call writing its rows of the result; one call with one thread."""
+    out = xp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+    parallel_chunks(a.shape[0], lambda i0, i1: xp.matmul(a[i0:i1], b, out=out[i0:i1]),
+                    min_per_thread=min_rows)
+    return out
+
+
 def linear_forward_fast(x, w, b=None, keep_x: bool = True):
     """:func:`~minilora.nn.ops.linear_forward` with the rows of x shared over the CPU threads
-    (each thread one GEMM on its rows, written into its part of the output); same cache. One
-    call when there is one thread (``MINILORA_THREADS``), as when BLAS threads itself."""
+    (:func:`matmul_rows`); same cache. One call when there is one thread
+    (:func:`minilora.backend.cpu_threads`), as when BLAS threads itself."""
     if x.dtype != w.dtype:  # mixed precision: the plain op (NumPy's promotion rules)
         return linear_forward(x, w, b, keep_x)
     d_out, d_in = w.shape
-    x2 = x.reshape(-1, d_in)
-    out = xp.empty((x2.shape[0], d_out), dtype=x.dtype)
-
-    def rows(i0, i1):
-        xp.matmul(x2[i0:i1], w.T, out=out[i0:i1])
-        if b is not None:
-            out[i0:i1] += b
-    parallel_chunks(x2.shape[0], rows, min_per_thread=MIN_ROWS_PER_THREAD)
+    out = matmul_rows(x.reshape(-1, d_in), w.T)
+    if b is not None:
+        out += b
     return out.reshape(*x.shape[:-1], d_out), (x if keep_x else None, w, b is not None)
 
 
 def linear_backward_fast(dout, cache, need_dx=True, need_dw=True, need_db=True):
     """:func:`~minilora.nn.ops.linear_backward` with dx shared over the threads by rows and dW
-    by output rows (each thread one GEMM); the same gradients."""
+    by output rows (:func:`matmul_rows`); the same gradients."""
     x, w, has_bias = cache
-    if dout.dtype != w.dtype or (x is not None and x.dtype != w.dtype):
+    if (dout.dtype != w.dtype or (x is not None and x.dtype != w.dtype)
+            or (need_dw and x is None)):  # mixed precision, or the plain op's error for dW
         return linear_backward(dout, cache, need_dx, need_dw, need_db)
     d_out, d_in = w.shape
     dout2 = dout.reshape(-1, d_out)
-    N = dout2.shape[0]
     dx = dw = db = None
     if need_dx:
-        dx = xp.empty((N, d_in), dtype=dout.dtype)
-        parallel_chunks(N, lambda i0, i1: xp.matmul(dout2[i0:i1], w, out=dx[i0:i1]),
-                        min_per_thread=MIN_ROWS_PER_THREAD)
-        dx = dx.reshape(*dout.shape[:-1], d_in)
+        dx = matmul_rows(dout2, w).reshape(*dout.shape[:-1], d_in)
     if need_dw:
-        if x is None:
-            raise UsageError("linear_backward: dw was asked for, but the forward pass ran with "
-                             "keep_x=False (the weight was frozen then); unfreeze before forward")
-        x2 = x.reshape(-1, d_in)
-        dw = xp.empty((d_out, d_in), dtype=dout.dtype)
-        parallel_chunks(d_out, lambda i0, i1: xp.matmul(dout2[:, i0:i1].T, x2, out=dw[i0:i1]),
-                        min_per_thread=16)
+        dw = matmul_rows(dout2.T, x.reshape(-1, d_in), min_rows=16)  # (d_out, d_in)
     if need_db and has_bias:
-        db = xp.matmul(xp.ones((1, N), dtype=dout2.dtype), dout2).reshape(d_out)
+        db = xp.matmul(xp.ones((1, dout2.shape[0]), dtype=dout2.dtype), dout2).reshape(d_out)
     return dx, dw, db
