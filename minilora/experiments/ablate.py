@@ -211,6 +211,7 @@ def start_cluster(workers: int = 2, blas_threads: int = 1, scheduler: str | None
             raise SweepError(f"--scheduler {scheduler}: cannot connect ({e})") from None
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     env.update({v: str(blas_threads) for v in BLAS_ENV})
+    env["MINILORA_THREADS"] = "1"  # the cores go to the workers and their BLAS, not to a pool each
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
                                            processes=True, dashboard_address=":0",
