@@ -18,7 +18,7 @@ from minilora.lora.adalora import AdaLoraConfig, adalora_layers
 from minilora.lora.adalora_train import inject_adalora
 from minilora.lora.layers import LoRAError
 from minilora.lora.peft_format import KEY_PREFIX, from_peft_module, to_peft_module
-from minilora.lora.peft_modules import saved_module_key
+from minilora.lora.peft_modules import take_saved_modules
 from minilora.lora.peft_names import PEFT_TARGET_NAMES, read_peft_dir
 from minilora.nn.layers import Module
 from minilora.nn.modules_to_save import (
@@ -87,29 +87,19 @@ def import_adalora_peft(path_dir, model: Module) -> tuple[AdaLoraConfig, dict]:
     if d.get("fan_in_fan_out") or d.get("use_dora"):
         raise LoRAError(f"{str(cfg_path)!r}: fan_in_fan_out / use_dora are not supported for "
                         "AdaLoRA files")
-    saved_names = d.get("modules_to_save") or []
-    if isinstance(saved_names, str) or not isinstance(saved_names, list):
-        raise LoRAError(f"{str(cfg_path)!r}: modules_to_save must be a list of module names")
     fields = {k: d[k] for k in ("init_r", "target_r", "lora_alpha", "lora_dropout", "tinit",
                                 "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
                                 "total_step") if d.get(k) is not None}
     config = AdaLoraConfig(target_modules=tuple(d.get("target_modules") or ()), **fields)
     with safe_open(str(w_path), framework="numpy") as f:
         raw = {k: f.get_tensor(k) for k in f.keys()}
-    arrays, saved, saved_paths = {}, {}, []
+    raw, saved, saved_paths = take_saved_modules(raw, d, cfg_path, w_path, LoRAError)
+    arrays = {}
     for key, a in raw.items():
-        module, tensor = saved_module_key(key, saved_names)
-        if module is not None:
-            saved[f"{module}.{tensor}"] = a
-            saved_paths += [module] if module not in saved_paths else []
-            continue
         path, _, tensor = key[len(KEY_PREFIX):].rpartition(".")
         if not key.startswith(KEY_PREFIX) or tensor not in ("lora_A", "lora_E", "lora_B"):
             raise LoRAError(f"{str(w_path)!r}: key {key!r} is not an AdaLoRA factor")
         arrays.setdefault(from_peft_module(path), {})[tensor] = a
-    if saved_names and not saved_paths:
-        raise LoRAError(f"{str(cfg_path)!r}: modules_to_save names {saved_names} but "
-                        f"{str(w_path)!r} holds none of their tensors")
     check_saved_modules(model, saved_paths, saved, str(w_path), error=LoRAError)
     inject_adalora(model, config)
     layers = adalora_layers(model)

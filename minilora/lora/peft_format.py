@@ -84,7 +84,7 @@ from minilora.lora.dora import DoRALinear
 from minilora.lora.files import load_lora_state_dict, lora_state_dict
 from minilora.lora.inject import lora_layers, prepare_for_adapter
 from minilora.lora.layers import LoRAEmbedding, LoRAError, LoRALinear
-from minilora.lora.peft_modules import check_base_copy, saved_module_key
+from minilora.lora.peft_modules import check_base_copy, take_saved_modules
 from minilora.lora.peft_names import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -279,17 +279,9 @@ def import_peft(path_dir, model) -> LoraConfig:
     if bad is not None:
         raise PeftFormatError(f"{str(w_path)!r}: tensor {bad!r} holds NaN or inf")
     config = _config_from_peft(d, ours, str(cfg_path))
-    saved_names = d.get("modules_to_save") or []
-    if isinstance(saved_names, str) or not isinstance(saved_names, list):
-        raise PeftFormatError(f"{str(cfg_path)!r}: modules_to_save must be a list of module names")
-    arrays, kinds, saved_modules = {}, {}, []
+    raw, mts, saved_modules = take_saved_modules(raw, d, cfg_path, w_path)
+    arrays, kinds = {}, {}
     for key, a in raw.items():
-        module, tensor = saved_module_key(key, saved_names)
-        if module is not None:
-            if module not in saved_modules:
-                saved_modules.append(module)
-            arrays[f"{module}.{tensor}"] = a
-            continue
         name, kind = _our_name(key, str(w_path))
         if kind == "base_copy":  # equal to the base (checked) or refused; nothing to load
             check_base_copy(name, a, model, str(w_path))
@@ -317,10 +309,6 @@ def import_peft(path_dir, model) -> LoraConfig:
     if missing:
         raise PeftFormatError(f"{str(w_path)!r}: the config has use_dora=true but the file holds "
                               f"no lora_magnitude_vector for {missing[:4]}")
-    if saved_names and not saved_modules:
-        raise PeftFormatError(f"{str(cfg_path)!r}: modules_to_save names {saved_names} but "
-                              f"{str(w_path)!r} holds none of their tensors")
-    mts = {n: arrays.pop(n) for n in list(arrays) if n.rpartition(".")[0] in saved_modules}
     if saved_modules:
         load_saved_modules(model, saved_modules, mts, str(w_path), error=PeftFormatError)
     load_lora_state_dict(model, arrays)

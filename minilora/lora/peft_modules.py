@@ -53,3 +53,26 @@ def saved_module_key(key: str, saved_names: list):
         return from_peft_module(path), tensor
     except PeftFormatError:
         return None, None
+
+
+def take_saved_modules(raw: dict, config: dict, cfg_path, w_path, error=PeftFormatError):
+    """Split a PEFT file's tensors into ``(the rest by key, the saved modules' tensors by our
+    name "<module>.<tensor>", their module paths)``: the modules the config's ``modules_to_save``
+    names, in either key layout (:func:`saved_module_key`). One clear error (class ``error``) for
+    a list that is not one, or one whose modules the file holds no tensor of."""
+    names = config.get("modules_to_save") or []
+    if isinstance(names, str) or not isinstance(names, list):
+        raise error(f"{str(cfg_path)!r}: modules_to_save must be a list of module names")
+    rest, saved, paths = {}, {}, []
+    for key, a in raw.items():
+        module, tensor = saved_module_key(key, names)
+        if module is None:
+            rest[key] = a
+            continue
+        saved[f"{module}.{tensor}"] = a
+        if module not in paths:
+            paths.append(module)
+    if names and not paths:
+        raise error(f"{str(cfg_path)!r}: modules_to_save names {names} but {str(w_path)!r} holds "
+                    "none of their tensors")
+    return rest, saved, paths
