@@ -22,13 +22,10 @@ import math
 from typing import NamedTuple
 
 from minilora.backend import is_cupy, xp
-from minilora.threads import parallel_chunks
 from minilora.nn.ops import (
     GELU_C,
     GELU_K,
     AttentionCache,
-    _softmax_backward_inplace,
-    _softmax_inplace,
     attention_backward,
     attention_forward,
     causal_mask_bias,
@@ -40,6 +37,7 @@ from minilora.nn.ops import (
     linear_forward,
     split_heads,
 )
+from minilora.threads import parallel_chunks
 
 #: floats per block of a blocked element-wise op (512 KiB of float32): a chain of passes over one
 #: block stays in the core's L2 cache instead of streaming the whole tensor from memory per pass
@@ -196,12 +194,15 @@ def gelu_backward_fast(dout, cache):
 
 
 class TiledAttentionCache(NamedTuple):
-    """What :func:`attention_backward_fast` needs: the split heads and one softmax block per
-    query tile (tile i: queries t0 .. t1-1 over keys 0 .. t1 + P - 1)."""
-    qh: object   # (B, NH, T, hs)
+    """What :func:`attention_backward_fast` needs: the split heads (queries already scaled by
+    1 / sqrt(hs)), one block of unnormalised weights per query tile (tile i: queries t0 .. t1-1
+    over keys 0 .. t1 + P - 1), the softmax's row sums and the output."""
+    qh: object   # (B, NH, T, hs) queries times 1 / sqrt(hs)
     kh: object   # (B, NH, Tk, hs)
     vh: object   # (B, NH, Tk, hs)
-    tiles: list  # [(t0, t1, att (B, NH, t1 - t0, t1 + P))]
+    tiles: list  # [(t0, t1, e (B, NH, t1 - t0, t1 + P))], e = exp(s - rowmax s)
+    z: object    # (B, NH, T, 1) row sums of e: the attention weights are e / z
+    y: object    # (B, T, NH, hs) the output (the caller must not write to it)
 
 
 def attention_tile(T: int) -> int:
@@ -211,16 +212,23 @@ def attention_tile(T: int) -> int:
 
 
 def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
-    """:func:`~minilora.nn.ops.attention_forward` over query tiles, skipping the masked half of the T x T square.
+    """:func:`~minilora.nn.ops.attention_forward` over query tiles, skipping the masked half of
+    the T x T square, with the softmax's division moved to the small output.
 
     Tile [t0, t1) attends to keys 0 .. t1 + P - 1 only (queries see nothing later), so with n
     tiles the scores cost (n + 1) / 2n of the full square (0.625 at n = 4), and each tile's
     scores stay small enough for the cache during the softmax. Only the tile's diagonal block
-    needs the causal mask. The output is written straight into (B, T, NH, hs) order, so merging
-    the heads is free. The batch is shared out over the CPU threads
-    (:func:`minilora.threads.parallel_chunks`: the per-head GEMMs are too small for BLAS to
-    thread). Returns y (B, T, C), cache = :class:`TiledAttentionCache` (a small input, e.g. a
-    decoding step, takes the plain op and returns its :class:`~minilora.nn.ops.AttentionCache`).
+    needs the causal mask. Per tile, with q scaled by 1 / sqrt(hs) once beforehand::
+
+        e = exp(s - rowmax s),  z = rowsum e,  y = (e v) / z        (= softmax(s) v)
+
+    so the large (tq, Tk) block is never scaled or divided: those passes fall on q (T, hs) and
+    on y (tq, hs), 8 x smaller at T = 256, hs = 32. The output is written straight into
+    (B, T, NH, hs) order, so merging the heads is free. The batch is shared out over the CPU
+    threads (:func:`minilora.threads.parallel_chunks`: the per-head GEMMs are too small for
+    BLAS to thread). Returns y (B, T, C), cache = :class:`TiledAttentionCache` (a small input,
+    e.g. a decoding step, takes the plain op and returns its
+    :class:`~minilora.nn.ops.AttentionCache`).
     """
     B, T, C = q.shape
     Tk = k.shape[1]
@@ -228,55 +236,84 @@ def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
         return attention_forward(q, k, v, n_head)
     P, hs = Tk - T, C // n_head
     tile = tile or attention_tile(T)
-    qh, kh, vh = split_heads(q, n_head), split_heads(k, n_head), split_heads(v, n_head)
-    scale = 1.0 / math.sqrt(hs)
+    qs = xp.empty_like(q)  # q / sqrt(hs), written by each thread for its rows
+    qh, kh, vh = split_heads(qs, n_head), split_heads(k, n_head), split_heads(v, n_head)
+    kT = xp.empty((B, n_head, hs, Tk), dtype=q.dtype)  # K^T per head, contiguous: NumPy's
+    # matmul runs 2.5x slower with a transposed view as its right operand
     y = xp.empty((B, T, n_head, hs), dtype=q.dtype)
     yh = y.transpose(0, 2, 1, 3)  # (B, NH, T, hs) view
+    z = xp.empty((B, n_head, T, 1), dtype=q.dtype)
     bounds = [(t0, min(t0 + tile, T)) for t0 in range(0, T, tile)]
     tiles = [(t0, t1, xp.empty((B, n_head, t1 - t0, t1 + P), dtype=q.dtype)) for t0, t1 in bounds]
     masks = {n: causal_mask_bias(n, n, q.dtype) for n in {t1 - t0 for t0, t1 in bounds} if n > 1}
 
     def run(b0, b1):
-        for t0, t1, att in tiles:
+        xp.multiply(q[b0:b1], 1.0 / math.sqrt(hs), out=qs[b0:b1])
+        kT[b0:b1] = kh[b0:b1].transpose(0, 1, 3, 2)
+        for t0, t1, e in tiles:
             kend = t1 + P
-            s = att[b0:b1]  # (b, NH, tq, kend), this thread's rows
-            xp.matmul(qh[b0:b1, :, t0:t1], kh[b0:b1, :, :kend].transpose(0, 1, 3, 2), out=s)
-            s *= scale
+            s = e[b0:b1]  # (b, NH, tq, kend), this thread's rows
+            xp.matmul(qh[b0:b1, :, t0:t1], kT[b0:b1, :, :, :kend], out=s)
             if t1 - t0 > 1:  # keys t0+P .. kend-1 form the tile's diagonal block: causal there
                 s[..., t0 + P:kend] += masks[t1 - t0]
-            _softmax_inplace(s)
-            yh[b0:b1, :, t0:t1] = xp.matmul(s, vh[b0:b1, :, :kend])
+            s -= s.max(axis=-1, keepdims=True)
+            xp.exp(s, out=s)
+            zt = s.sum(axis=-1, keepdims=True)
+            z[b0:b1, :, t0:t1] = zt
+            yt = xp.matmul(s, vh[b0:b1, :, :kend])  # (b, NH, tq, hs)
+            yt /= zt
+            yh[b0:b1, :, t0:t1] = yt
     parallel_chunks(B, run)
-    return y.reshape(B, T, C), TiledAttentionCache(qh, kh, vh, tiles)
+    return y.reshape(B, T, C), TiledAttentionCache(qh, kh, vh, tiles, z, y)
 
 
 def attention_backward_fast(dout, cache: TiledAttentionCache):
-    """:func:`~minilora.nn.ops.attention_backward` tile by tile (the tiles of :func:`attention_forward_fast`);
-    dk and dv sum the contributions of every tile that saw each key. Batch shared over the
-    threads as in the forward."""
+    """:func:`~minilora.nn.ops.attention_backward` tile by tile (the tiles of
+    :func:`attention_forward_fast`); dk and dv sum the contributions of every tile that saw
+    each key. With a = e / z the weights, qs = q / sqrt(hs) and y = a v::
+
+        datt = dy v^T                  r = rowsum(datt * a) = rowsum(dy * y)   (on (T, hs))
+        G = e * (datt - r)             ds = G / z   (the softmax's backward)
+        dv = e^T (dy / z)              dq = (G k) / (z sqrt(hs))      dk = G^T (qs / z)
+
+    so of the large (tq, Tk) block only ``datt - r`` and ``* e`` are passes; every 1 / z and
+    1 / sqrt(hs) falls on a (T, hs) operand. Batch shared over the threads as in the forward."""
     if isinstance(cache, AttentionCache):  # the forward took the plain op (small input)
         return attention_backward(dout, cache)
-    qh, kh, vh, tiles = cache
+    qh, kh, vh, tiles, z, y = cache
     B, NH, T, hs = qh.shape
     Tk = kh.shape[2]
     P = Tk - T
     scale = 1.0 / math.sqrt(hs)
-    dy = split_heads(dout, NH)  # (B, NH, T, hs)
+    d4 = dout.reshape(B, T, NH, hs)
+    dy = d4.transpose(0, 2, 1, 3)  # (B, NH, T, hs) view
     dq = xp.empty((B, T, NH, hs), dtype=qh.dtype)
     dk = xp.zeros((B, Tk, NH, hs), dtype=qh.dtype)
     dv = xp.zeros((B, Tk, NH, hs), dtype=qh.dtype)
     dqh, dkh, dvh = (a.transpose(0, 2, 1, 3) for a in (dq, dk, dv))  # (B, NH, ., hs) views
+    largest = max(e[0].size for _, _, e in tiles)
 
     def run(b0, b1):
-        for t0, t1, att in tiles:
+        # per-row factors of this thread's sequences, on (T, hs)-sized operands
+        r = xp.einsum("btnh,btnh->bnt", d4[b0:b1], y[b0:b1])[..., None]  # rowsum(dy * y)
+        rz = 1.0 / z[b0:b1]
+        dyz = dy[b0:b1] * rz  # dy / z
+        qz = qh[b0:b1] * rz  # qs / z
+        rz *= scale  # 1 / (z sqrt(hs)), for dq
+        vT = xp.ascontiguousarray(vh[b0:b1].transpose(0, 1, 3, 2))  # as kT in the forward
+        buf = xp.empty((b1 - b0) * largest, dtype=qh.dtype)  # the datt / G block
+        for t0, t1, e in tiles:
             kend = t1 + P
-            a, dyt = att[b0:b1], dy[b0:b1, :, t0:t1]
-            datt = xp.matmul(dyt, vh[b0:b1, :, :kend].transpose(0, 1, 3, 2))  # (b, NH, tq, kend)
-            dvh[b0:b1, :, :kend] += xp.matmul(a.transpose(0, 1, 3, 2), dyt)
-            ds = _softmax_backward_inplace(datt, a)
-            ds *= scale
-            dqh[b0:b1, :, t0:t1] = xp.matmul(ds, kh[b0:b1, :, :kend])
-            dkh[b0:b1, :, :kend] += xp.matmul(ds.transpose(0, 1, 3, 2), qh[b0:b1, :, t0:t1])
+            et = e[b0:b1]
+            g = buf[:et.size].reshape(et.shape)
+            xp.matmul(dy[b0:b1, :, t0:t1], vT[..., :kend], out=g)
+            dvh[b0:b1, :, :kend] += xp.matmul(et.transpose(0, 1, 3, 2), dyz[:, :, t0:t1])
+            g -= r[:, :, t0:t1]
+            g *= et
+            dqt = xp.matmul(g, kh[b0:b1, :, :kend])
+            dqt *= rz[:, :, t0:t1]
+            dqh[b0:b1, :, t0:t1] = dqt
+            dkh[b0:b1, :, :kend] += xp.matmul(g.transpose(0, 1, 3, 2), qz[:, :, t0:t1])
     parallel_chunks(B, run)
     C = NH * hs
     return dq.reshape(B, T, C), dk.reshape(B, Tk, C), dv.reshape(B, Tk, C)
@@ -289,12 +326,32 @@ def attention_backward_fast(dout, cache: TiledAttentionCache):
 MIN_ROWS_PER_THREAD = 256
 
 
-def matmul_rows(a, b, min_rows: int = MIN_ROWS_PER_THREAD):
-    """``a @ b`` (a: (m, k), b: (k, n)) with the rows of a shared over the CPU threads, each
-    thread one BLAS call writing its rows of the result; one call with one thread."""
+def matmul_rows(a, b, min_rows: int = MIN_ROWS_PER_THREAD, bias=None):
+    """``a @ b (+ bias)`` (a: (m, k), b: (k, n), bias: (n,)) with the rows of a shared over the
+    CPU threads, each thread one BLAS call writing its rows of the result (and adding the bias
+    to them while they are in its cache); one call with one thread."""
     out = xp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-    parallel_chunks(a.shape[0], lambda i0, i1: xp.matmul(a[i0:i1], b, out=out[i0:i1]),
-                    min_per_thread=min_rows)
+
+    def rows(i0, i1):
+        xp.matmul(a[i0:i1], b, out=out[i0:i1])
+        if bias is not None:
+            out[i0:i1] += bias
+    parallel_chunks(a.shape[0], rows, min_per_thread=min_rows)
+    return out
+
+
+def add(a, b, out=None):
+    """``a + b`` for two arrays of one shape (a residual connection), into ``out`` (may be
+    ``a`` itself) or a new array, rows shared over the CPU threads. Small arrays (a decoding
+    step's) or broadcasting: one NumPy call."""
+    if a.size <= SMALL_FLOATS or a.shape != b.shape:
+        return xp.add(a, b, out=out)
+    out = xp.empty_like(a) if out is None else out
+    a2, b2, o2 = (t.reshape(-1, a.shape[-1]) for t in (a, b, out))
+
+    def rows(i0, i1):
+        xp.add(a2[i0:i1], b2[i0:i1], out=o2[i0:i1])
+    parallel_chunks(a2.shape[0], rows, min_per_thread=max(1, BLOCK_FLOATS // a2.shape[1]))
     return out
 
 
@@ -305,9 +362,7 @@ def linear_forward_fast(x, w, b=None, keep_x: bool = True):
     if x.dtype != w.dtype:  # mixed precision: the plain op (NumPy's promotion rules)
         return linear_forward(x, w, b, keep_x)
     d_out, d_in = w.shape
-    out = matmul_rows(x.reshape(-1, d_in), w.T)
-    if b is not None:
-        out += b
+    out = matmul_rows(x.reshape(-1, d_in), w.T, bias=b)
     return out.reshape(*x.shape[:-1], d_out), (x if keep_x else None, w, b is not None)
 
 
