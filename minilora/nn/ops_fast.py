@@ -59,24 +59,32 @@ def blocked_always():
         SMALL_FLOATS = saved
 
 
-def _row_blocks(n_rows: int, row_len: int, block) -> None:
-    """Call ``block(r0, r1, scratch)`` over row blocks of about :data:`BLOCK_FLOATS` floats that
-    cover rows 0 .. n_rows-1, the blocks shared out over the CPU threads
-    (:func:`minilora.threads.parallel_chunks`); ``scratch`` is a per-thread ``(rows, row_len)``
-    buffer factory. On CuPy: one block, all rows (the GPU is parallel already)."""
-    rows = n_rows if is_cupy() else max(1, min(n_rows, BLOCK_FLOATS // max(1, row_len)))
+def block_rows(n_rows: int, row_len: int) -> int:
+    """Rows per block of :func:`_row_blocks`: about :data:`BLOCK_FLOATS` floats (all rows on
+    CuPy). The same for any thread count."""
+    return n_rows if is_cupy() else max(1, min(n_rows, BLOCK_FLOATS // max(1, row_len)))
 
-    def chunk(i0, i1):
+
+def _row_blocks(n_rows: int, row_len: int, block) -> None:
+    """Call ``block(r0, r1, scratch)`` over row blocks of :func:`block_rows` rows that cover
+    rows 0 .. n_rows-1 (every block starts at a multiple of it), the blocks shared out over the
+    CPU threads (:func:`minilora.threads.parallel_chunks`); ``scratch`` is a per-thread
+    ``(rows, row_len)`` buffer factory. On CuPy: one block, all rows (the GPU is parallel
+    already)."""
+    rows = block_rows(n_rows, row_len)
+    n_blocks = -(-n_rows // rows)
+
+    def chunk(k0, k1):
         scratch = {}
 
         def buf(dtype):  # one scratch block per thread and dtype, reused across its blocks
             if dtype not in scratch:
                 scratch[dtype] = xp.empty((rows, row_len), dtype=dtype)
             return scratch[dtype]
-        for r0 in range(i0, i1, rows):
-            r1 = min(r0 + rows, i1)
+        for k in range(k0, k1):
+            r0, r1 = k * rows, min((k + 1) * rows, n_rows)
             block(r0, r1, lambda dtype: buf(dtype)[: r1 - r0])
-    parallel_chunks(n_rows, chunk, min_per_thread=rows)
+    parallel_chunks(n_blocks, chunk)
 
 
 def _row_mean(a2, C):
@@ -114,32 +122,48 @@ def layernorm_forward_fast(x, w, b, eps=1e-5):
 
 
 def layernorm_backward_fast(dout, cache, need_dx=True, need_dw=True):
-    """:func:`~minilora.nn.ops.layernorm_backward` with row means as matrix-vector products, the column sums
-    by ``einsum`` and a vector-matrix product, and dx in row blocks over the threads."""
+    """:func:`~minilora.nn.ops.layernorm_backward` in row blocks shared over the threads, with
+    every row mean and column sum as a BLAS matrix-vector product::
+
+        m1 = mean(dout * w) = dout @ (w / C)            m2 = mean(dnorm * norm) = (dout * norm) @ (w / C)
+        dx = (dout * w - m1 - norm * m2) * rstd         dw, db: column sums of dout * norm, dout
+
+    dw and db are summed block by block (the blocks do not depend on the thread count, so
+    neither do the sums)."""
     norm, w, rstd = cache
     if norm.size <= SMALL_FLOATS:
         return layernorm_backward(dout, cache, need_dx, need_dw)
     C = w.shape[0]
     n2, d2 = norm.reshape(-1, C), dout.reshape(-1, C)  # (N, C)
     r2 = rstd.reshape(-1, 1)
-    dx = dw = db = None
-    if need_dx:
-        dx = xp.empty_like(d2)
+    N = n2.shape[0]
+    rows = block_rows(N, C)
+    n_blocks = -(-N // rows)
+    dx = xp.empty_like(d2) if need_dx else None
+    parts = xp.empty((2, n_blocks, C), dtype=d2.dtype) if need_dw else None  # dw, db per block
+    wc = (w / C).reshape(C, 1)
 
-        def block(r0, r1, scratch):
-            ns, dnorm, tmp = n2[r0:r1], dx[r0:r1], scratch(d2.dtype)
-            xp.multiply(d2[r0:r1], w, out=dnorm)
-            xp.multiply(dnorm, ns, out=tmp)
-            m2 = _row_mean(tmp, C)  # mean(dnorm * norm): (rows, 1)
-            dnorm -= _row_mean(dnorm, C)
-            dnorm -= xp.multiply(ns, m2, out=tmp)
-            dnorm *= r2[r0:r1]
-        _row_blocks(n2.shape[0], C, block)
-        dx = dx.reshape(dout.shape)
+    def block(r0, r1, scratch):
+        ds, ns = d2[r0:r1], n2[r0:r1]
+        dn = xp.multiply(ds, ns, out=scratch(d2.dtype))  # dout * norm
+        if need_dw:
+            ones = xp.ones((1, r1 - r0), dtype=d2.dtype)
+            k = r0 // rows
+            xp.matmul(ones, dn, out=parts[0, k:k + 1])
+            xp.matmul(ones, ds, out=parts[1, k:k + 1])
+        if need_dx:
+            m2 = xp.matmul(dn, wc)  # (rows, 1)
+            m1 = xp.matmul(ds, wc)
+            o = dx[r0:r1]
+            xp.multiply(ds, w, out=o)
+            o -= m1
+            o -= xp.multiply(ns, m2, out=dn)
+            o *= r2[r0:r1]
+    _row_blocks(N, C, block)
+    dw = db = None
     if need_dw:
-        dw = xp.einsum("ij,ij->j", d2, n2)
-        db = xp.matmul(xp.ones((1, d2.shape[0]), dtype=d2.dtype), d2).reshape(C)
-    return dx, dw, db
+        dw, db = parts.sum(axis=1)
+    return (dx.reshape(dout.shape) if need_dx else None), dw, db
 
 
 def gelu_forward_fast(x):
