@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import html
 import inspect
 import json
 import os
@@ -91,8 +92,6 @@ class Listing:
         return f"# {self.path}, line {self.line}\n{self.source}"
 
     def _repr_html_(self) -> str:
-        import html
-
         try:  # Pygments comes with IPython, so it is there wherever a notebook runs
             from pygments import highlight
             from pygments.formatters import HtmlFormatter
@@ -113,7 +112,7 @@ def show_source(obj) -> None:
     IPython it prints the plain text, with the file and line number first.
     """
     listing = Listing(obj)
-    try:
+    try:  # lazy: IPython is there only where a notebook runs (the chapters extra)
         from IPython import get_ipython
         from IPython.display import display
     except ImportError:
