@@ -216,7 +216,7 @@ class LoraConfig(JsonConfig):
             ``m / ||W0 + scaling B A||_row · (W0 + scaling B A)`` (see :mod:`minilora.lora.dora`).
             Linear targets only (not ``wte``), as a float base (not QLoRA).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     r: int = field(default=8, metadata={"help": "rank of the update (A is (r, d_in))"})

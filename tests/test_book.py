@@ -22,7 +22,7 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ROOT / "chapters"
 BOOK = CHAPTERS / "_book"
-PAGE = "04-lora-and-qlora"          # the chapter page the browser opens: Chinese titles, figures
+PAGE = "05-lora-and-qlora"          # the chapter page the browser opens: Chinese titles, figures
 
 
 def _toc_files(toc: dict) -> list[str]:

@@ -18,7 +18,7 @@ Per module, with ΔW = s · B A (B (d_out, r), A (r, d_in)):
   uncertain (``intruder_uncertain``). DoRA modules use the merged DoRA weight
   m · (W_0 + ΔW) / ||W_0 + ΔW||_row for the intruders.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ matches a dot-separated suffix of the path); the first matching key in the dict'
 
 A legacy ``adapter_model.bin`` is a pickle (it can run code when loaded) and is refused.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

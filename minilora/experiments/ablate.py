@@ -30,7 +30,7 @@ debugging). One failing cell never stops the others: failures come back with a o
 Each worker sets its BLAS thread count before NumPy loads (the Nanny's pre-spawn environment),
 so two workers on two cores do not oversubscribe them.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ Four modules, read in this order:
 Variants: :mod:`minilora.lora.dora` (DoRA, ``LoraConfig(use_dora=True)``) and
 :mod:`minilora.lora.adalora` (AdaLoRA: SVD form, importance-scored rank budget).
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from minilora.config import LORA_TARGETS
 from minilora.lora.adalora import AdaLoraConfig, AdaLoRALinear, adalora_layers

@@ -2,7 +2,7 @@
 the kept ranks in ``rank_pattern``; whole modules trained beside it in ``modules_to_save``, in
 PEFT 0.21's layout, ``base_model.model.lm_head.weight``, the older one read too).
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def export_adalora_peft(path_dir, model: Module, config: AdaLoraConfig,
     triplets, saved under their own keys (``base_model.model.lm_head.weight``) and named in the
     config, as peft 0.21 does.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = adalora_layers(model)
     if not layers or any(m.merged for m in layers.values()):
@@ -79,7 +79,7 @@ def import_adalora_peft(path_dir, model: Module) -> tuple[AdaLoraConfig, dict]:
     ``{layer name: kept triplets}``. Each layer holds the file's rows; ``ranknum`` stays
     ``init_r`` (so c = lora_alpha / (init_r + 1e-5), as PEFT computes after reloading).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     d, cfg_path, w_path = read_peft_dir(path_dir, LoRAError)
     if d.get("peft_type") != "ADALORA":

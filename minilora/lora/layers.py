@@ -21,7 +21,7 @@ Model-level helpers (:mod:`minilora.lora.inject`, :mod:`minilora.lora.files`)::
 
 Names: ΔW is ``delta_w`` in code, never ``dW`` (that would read as a gradient).
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class LoRAError(MiniloraError, ValueError):
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
@@ -161,7 +161,7 @@ class LoRALinear(_LoRABase):
         rng: int seed or NumPy Generator for the factors' initial values (drawn on the CPU).
         dropout_rng: int seed or Generator for the dropout masks (default: drawn from ``rng``).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     kind = "LoRALinear"
@@ -303,7 +303,7 @@ class LoRAEmbedding(_LoRABase):
         base: the Embedding to wrap (its weight array is adopted).
         r, lora_alpha, use_rslora, init_lora_weights, rng: as for :class:`LoRALinear`.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     kind = "LoRAEmbedding"

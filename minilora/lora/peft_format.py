@@ -66,7 +66,7 @@ float32 copy of our weights is exact). A copy that differs (a resized or trained
 refused, saying so: a trained full layer is imported only when the config names it in
 ``modules_to_save``.
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def peft_state_dict(model, bias: str = "none", modules_to_save=()) -> dict:
     """Our adapter tensors under PEFT's saved key names (see the module docstring's table);
     ``modules_to_save``: module paths whose every parameter is saved whole.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = lora_layers(model)
     out = {}
@@ -134,7 +134,7 @@ def peft_config_dict(config: LoraConfig, base_model_name_or_path=None,
                      modules_to_save=()) -> dict:
     """The ``adapter_config.json`` object for ``config`` (PEFT field names and defaults).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     init = config.init_lora_weights
     return {
@@ -179,7 +179,7 @@ def export_peft(path_dir, model, config: LoraConfig, base_model_name_or_path=Non
         modules_to_save: module paths (``lm_head``, ``ln_f``) saved whole beside the factors
             (:mod:`minilora.nn.modules_to_save`), named in the config as PEFT does.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = lora_layers(model)
     if not layers:
@@ -261,7 +261,7 @@ def import_peft(path_dir, model) -> LoraConfig:
     have exactly the file's targets. Keys, kinds (Linear vs embedding factors), shapes and the
     config are checked with one clear error each before any weight is written.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     d, cfg_path, w_path = read_peft_dir(path_dir)
     try:

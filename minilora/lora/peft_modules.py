@@ -3,7 +3,7 @@ the base-layer copies PEFT writes with ``save_embedding_layers`` (accepted when 
 base weight). Used by :func:`minilora.lora.peft_format.import_peft` and the AdaLoRA import; the saved
 modules are then loaded by :func:`minilora.nn.modules_to_save.load_saved_modules`.
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 

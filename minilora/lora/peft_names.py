@@ -1,7 +1,7 @@
 """The names of a PEFT LoRA file: its two file names, the key prefix, minilora's module paths
 mapped to LLaMA-style ones and back, and the error a bad file raises.
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _map_name(name: str, table, direction: str) -> str:
 def to_peft_module(name: str) -> str:
     """``blocks.0.attn.q`` -> ``model.layers.0.self_attn.q_proj`` (see :data:`PEFT_MODULE_MAP`).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     return _map_name(name, _TO_PEFT, "LLaMA-style")
 
@@ -75,7 +75,7 @@ def to_peft_module(name: str) -> str:
 def from_peft_module(name: str) -> str:
     """``model.layers.0.self_attn.q_proj`` -> ``blocks.0.attn.q``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     return _map_name(name, _FROM_PEFT, "minilora")
 

@@ -24,7 +24,7 @@ Backward (y = x @ W0.T + b the base output, g = dout)::
 Merge folds the vector into the weight: rows of W0 (and b) times l for output scaling, columns of
 W0 times l for input scaling; unmerge divides again (refused if some l is 0).
 
-Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
+Chapter: chapters/04-lora-notes.ipynb (the PEFT taxonomy)
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ class IA3Linear(Module):
     trainable vector ``ia3_l``: (d_out, 1) output scaling, (1, d_in) input scaling (PEFT's
     shapes). Adopts the base's ``weight`` and ``bias`` arrays. See the module docstring.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     def __init__(self, base: Linear, feedforward: bool, l0=None):
@@ -218,7 +218,7 @@ class IA3Linear(Module):
 def ia3_layers(model: Module) -> dict:
     """``{module name: IA3Linear}`` in tree order.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
 
@@ -227,7 +227,7 @@ def inject_ia3(model: Module, config: IA3Config) -> dict:
     """Wrap every targeted Linear of ``model`` in an :class:`IA3Linear`, freeze everything else;
     returns ``{"trainable", "total", "percent", "targets"}``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     if not isinstance(config, IA3Config):
         raise TypeError(f"config must be an IA3Config, got {type(config).__name__}")
@@ -254,7 +254,7 @@ def inject_ia3(model: Module, config: IA3Config) -> dict:
 def merge_ia3(model: Module) -> list:
     """Merge every (IA)³ layer; returns their names.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = ia3_layers(model)
     for m in layers.values():
@@ -265,7 +265,7 @@ def merge_ia3(model: Module) -> list:
 def unmerge_ia3(model: Module) -> list:
     """Unmerge every merged (IA)³ layer; returns their names.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     names = [n for n, m in ia3_layers(model).items() if m.merged]
     for n in names:
@@ -277,7 +277,7 @@ def count_ia3_parameters(config: IA3Config, model_config) -> int:
     """Closed form: per block C for each of q, k, v, o, down (output-scaled; 4C for up) or,
     input-scaled, C (q, k, v, o, up) / 4C (down). Default k, v, down-input: L (C + C + 4C).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     C, L = model_config.n_embd, model_config.n_layer
     d_in = {"q": C, "k": C, "v": C, "o": C, "up": C, "down": 4 * C}
@@ -304,7 +304,7 @@ def save_ia3(path, model: Module, config: IA3Config, modules_to_save=()) -> None
     module paths trained whole beside the vectors, stored in the same file
     (:mod:`minilora.nn.modules_to_save`).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     _check_unmerged(model, "save_ia3")
     arrays = ia3_state_dict(model)
@@ -320,7 +320,7 @@ def load_ia3(path, model: Module) -> IA3Config:
     """Inject a file from :func:`save_ia3` into a fresh base GPT; returns its config. Saved
     whole modules (``modules_to_save``) are copied in after the vectors and stay trainable.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     arrays, meta = read_typed(path, IA3_FORMAT, "(IA)³ file")
     config = config_from_meta(path, meta, "ia3_config", IA3Config, "(IA)³ file")
@@ -350,7 +350,7 @@ def export_ia3_peft(path_dir, model: Module, config: IA3Config) -> Path:
     """Write PEFT's IA3 adapter directory: keys ``base_model.model.<path>.ia3_l`` (no
     ``.weight``) and a config with ``peft_type "IA3"``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     _check_unmerged(model, "export_ia3_peft")
     prefix = peft_format.KEY_PREFIX
@@ -372,7 +372,7 @@ def export_ia3_peft(path_dir, model: Module, config: IA3Config) -> Path:
 def import_ia3_peft(path_dir, model: Module) -> IA3Config:
     """Load PEFT's IA3 adapter directory into a fresh base GPT; returns the config.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     d, cfg_path, w_path = read_peft_dir(path_dir, PeftError)
     if d.get("peft_type") != "IA3":

@@ -18,7 +18,7 @@ path to write, and returns that path:
 and intruders need the base weights); :func:`fig_svd_milton` is the ``minilora figures`` entry
 that redraws the committed Milton run from ``results/svd/milton-lora/records.json``.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 
