@@ -16,7 +16,7 @@ PKG = pathlib.Path(minilora.__file__).parent
 
 LAYERS = [
     ["", "errors"],                                         # 0 the package root, error classes
-    ["backend"],                                            # 1 NumPy or CuPy
+    ["backend", "threads"],                                 # 1 NumPy or CuPy; CPU threads
     ["config", "io"],                                       # 2 configs, the typed file format
     ["nn", "data"],                                         # 3 ops and layers; corpora, tokenizer
     ["model", "optim", "sample", "gradcheck", "memory", "paged"],  # 4 the GPT and its training parts

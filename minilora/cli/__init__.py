@@ -25,12 +25,15 @@ import os
 import sys
 import textwrap
 
-from minilora import backend
+from minilora import backend, threads
 from minilora.cli import ablate, adapters, bench, course, finetune, model, quant, svd
 from minilora.cli.common import MiniloraParser, _formatter, close_outputs
 from minilora.errors import MiniloraError
 
 GROUPS = (model, finetune, quant, adapters, bench, ablate, svd, course)
+#: the thread phase (minilora.threads) each command runs in; the rest train
+PHASE_OF = {"sample": "decode", "svd": "analysis", "delta-w": "analysis", "quantize": "analysis",
+            "loftq": "analysis"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +63,9 @@ def main(argv=None) -> int:
     ok = False
     try:
         backend.check_env()
-        args.func(args)
+        threads.check_env()  # MINILORA_THREADS=0 is refused like a bad flag
+        with threads.phase(PHASE_OF.get(args.command, "train")):
+            args.func(args)
         ok = True
     except MiniloraError as e:
         if os.environ.get("MINILORA_DEBUG"):

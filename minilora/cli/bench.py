@@ -49,7 +49,7 @@ def add_parsers(sub):
     s.add_argument("--quick", action="store_true",
                    help="smoke run: the small config, 2 timed steps after 1 warm-up, a small "
                         "sgemm (explicit --configs / --steps still apply); figures are rough")
-    s.add_argument("--threads", type=POSITIVE, default=2, help="BLAS / torch threads (default 2)")
+    s.add_argument("--threads", type=POSITIVE, default=2, help="minilora's thread pool (one BLAS thread each) and torch's threads (default 2)")
     s.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     s.add_argument("--only", default=None,
                    help=f"comma-separated measurements ({', '.join(n for n, _ in MEASUREMENTS)};"

@@ -48,6 +48,7 @@ try:  # optional (the ablate extra): reads and limits the BLAS threads of the pr
 except ImportError:  # then the environment set before the worker started is all there is
     threadpoolctl = None
 
+from minilora import threads
 from minilora.analysis import (
     effective_rank,
     lowrank_svd,
@@ -211,7 +212,10 @@ def start_cluster(workers: int = 2, blas_threads: int = 1, scheduler: str | None
             raise SweepError(f"--scheduler {scheduler}: cannot connect ({e})") from None
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     env.update({v: str(blas_threads) for v in BLAS_ENV})
-    env["MINILORA_THREADS"] = "1"  # the cores go to the workers and their BLAS, not to a pool each
+    if blas_threads == 1:  # minilora's pool on each worker's share of the cores (unless the
+        env[threads.POOL_VAR] = threads.child_env(workers)[threads.POOL_VAR]  # user set it)
+    else:  # the BLAS threads itself: one pool is enough
+        env[threads.POOL_VAR] = "1"
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
                                            processes=True, dashboard_address=":0",

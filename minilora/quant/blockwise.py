@@ -17,7 +17,7 @@ bytes, :func:`dequantize_packed`)
 All array maths goes through ``xp`` (NumPy or CuPy). Nothing here loops over blocks in Python;
 on NumPy the work is done in slices of ~128 K elements (a whole number of blocks each) so that the
 float32 temporaries stay in the CPU cache (1.5-2x faster than whole-array passes), and the slices
-are shared out over the CPU's cores (:func:`minilora.backend.parallel_chunks`).
+are shared out over the CPU's cores (:func:`minilora.threads.parallel_chunks`).
 
 Chapter: chapters/06-nf4-step-by-step.ipynb
 """
@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 import numbers
 
-from minilora.backend import is_cupy, parallel_chunks, xp
+from minilora.backend import is_cupy, xp
+from minilora.threads import parallel_chunks
 from minilora.quant.checks import (
     QuantError,
     _raise_not_finite,
