@@ -25,13 +25,15 @@ from minilora.errors import UsageError
 from minilora.experiments.paths import base_model_path
 from minilora.experiments.scoring import format_scores, score_adapters
 from minilora.experiments.studies.claim import run_claim
-from minilora.lora import load_adapter, save_adapter
+from minilora.experiments.tasks import TASKS
+from minilora.lora import load_adapter, read_adapter, save_adapter
 from minilora.lora.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     export_peft,
     import_peft,
 )
+from minilora.nn.modules_to_save import split_saved_modules
 
 
 def cmd_score(args):
@@ -39,8 +41,9 @@ def cmd_score(args):
         raise UsageError("nothing to score: give --adapter FILE (or leave out --no-base)")
     for a in args.adapter:
         check_input_file(a, "--adapter")
-    if args.eval_examples is not None and args.task not in ("sentiment", "lexicon"):
-        raise UsageError(f"--eval-examples is for the labelled tasks (sentiment, lexicon); "
+    if args.eval_examples is not None and TASKS[args.task].kind != "classification":
+        labelled = ", ".join(n for n, t in TASKS.items() if t.kind == "classification")
+        raise UsageError(f"--eval-examples is for the labelled tasks ({labelled}); "
                          f"--task {args.task} is scored on --eval-batches windows")
     _use_backend(args)
     model, tok, _ = _load(args.ckpt, args.allow_nonfinite)
@@ -73,9 +76,16 @@ def cmd_adapter_export_peft(args):
     out = output(args.out, "--out", command="export-peft", name=_stem(args.adapter), args=args)
     _use_backend(args)
     model, _, _ = _load(args.base)
+    _, _, saved = split_saved_modules(read_adapter(args.adapter)[0])
     config = load_adapter(args.adapter, model)
+<<<<<<< HEAD
     out = export_peft(out, model, config, str(args.base or base_model_path()))
     written("PEFT adapter", f"{out}/ ({WEIGHTS_NAME}, {CONFIG_NAME})")
+=======
+    out = export_peft(args.out, model, config, str(args.base or base_model_path()), saved)
+    print(f"written: {out / WEIGHTS_NAME} and {out / CONFIG_NAME}"
+          + (f" (with the whole module(s) {', '.join(saved)})" if saved else ""))
+>>>>>>> main
 
 
 def cmd_adapter_import_peft(args):
@@ -86,6 +96,7 @@ def cmd_adapter_import_peft(args):
                  suffix=".safetensors", kind="file", args=args)
     _use_backend(args)
     model, _, _ = _load(args.base)
+<<<<<<< HEAD
     config = import_peft(args.peft_dir, model)
     save_adapter(out, model, config)
     print(f"imported {args.peft_dir} (r={config.r}, targets {','.join(config.target_modules)})")
@@ -97,6 +108,12 @@ def _stem(path) -> str:
     finetune's ``adapter.safetensors``."""
     p = Path(path)
     return p.parent.name if p.stem == "adapter" and p.parent.name else p.stem
+=======
+    config, saved = import_peft(args.peft_dir, model, return_modules=True)
+    save_adapter(args.out, model, config, saved)
+    print(f"imported {args.peft_dir} (r={config.r}, targets {','.join(config.target_modules)}"
+          + (f", whole module(s) {', '.join(saved)}" if saved else "") + f"); written: {args.out}")
+>>>>>>> main
 
 
 def cmd_adapter_claim(args):
@@ -201,8 +218,9 @@ def add_parsers(sub):
             """))
     s.add_argument("--adapter", action="append", default=[],
                    help="adapter file; repeat for several (each row of a batch picks one)")
-    s.add_argument("--task", choices=["milton", "python", "sentiment", "lexicon"],
-                   default="milton")
+    s.add_argument("--task", choices=list(TASKS), default="milton",
+                   help="; ".join(f"{n}: {t.about}" for n, t in TASKS.items())
+                   + " (default milton)")
     s.add_argument("--no-base", action="store_true", help="leave out the base model's row")
     s.add_argument("--eval-batches", type=POSITIVE, default=16, help="fixed scoring windows")
     s.add_argument("--batch-size", type=POSITIVE, default=8, help="windows per batch")

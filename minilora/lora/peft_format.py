@@ -254,8 +254,10 @@ def _our_name(key: str, where: str) -> tuple[str, str]:
                           "or a module named in modules_to_save (lora_bias is not supported)")
 
 
-def import_peft(path_dir, model) -> LoraConfig:
-    """Load a PEFT LoRA directory into ``model``; returns the adapter's :class:`LoraConfig`.
+def import_peft(path_dir, model, return_modules: bool = False):
+    """Load a PEFT LoRA directory into ``model``; returns the adapter's :class:`LoraConfig`
+    (with ``return_modules``: ``(config, the module paths saved whole)``, which a caller that
+    writes the adapter again must pass on).
 
     A model without LoRA layers is injected with the file's config first; one that has them must
     have exactly the file's targets. Keys, kinds (Linear vs embedding factors), shapes and the
@@ -279,7 +281,7 @@ def import_peft(path_dir, model) -> LoraConfig:
     if bad is not None:
         raise PeftFormatError(f"{str(w_path)!r}: tensor {bad!r} holds NaN or inf")
     config = _config_from_peft(d, ours, str(cfg_path))
-    raw, mts, saved_modules = take_saved_modules(raw, d, cfg_path, w_path)
+    raw, saved_tensors, saved_paths = take_saved_modules(raw, d, cfg_path, w_path)
     arrays, kinds = {}, {}
     for key, a in raw.items():
         name, kind = _our_name(key, str(w_path))
@@ -309,10 +311,10 @@ def import_peft(path_dir, model) -> LoraConfig:
     if missing:
         raise PeftFormatError(f"{str(w_path)!r}: the config has use_dora=true but the file holds "
                               f"no lora_magnitude_vector for {missing[:4]}")
-    if saved_modules:
-        load_saved_modules(model, saved_modules, mts, str(w_path), error=PeftFormatError)
+    if saved_paths:
+        load_saved_modules(model, saved_paths, saved_tensors, str(w_path), error=PeftFormatError)
     load_lora_state_dict(model, arrays)
-    return config
+    return (config, saved_paths) if return_modules else config
 
 
 __all__ = ["PEFT_MODULE_MAP", "PEFT_TARGET_NAMES", "PeftFormatError", "export_peft", "import_peft",
