@@ -78,14 +78,9 @@ def cmd_adapter_export_peft(args):
     model, _, _ = _load(args.base)
     _, _, saved = split_saved_modules(read_adapter(args.adapter)[0])
     config = load_adapter(args.adapter, model)
-<<<<<<< HEAD
-    out = export_peft(out, model, config, str(args.base or base_model_path()))
-    written("PEFT adapter", f"{out}/ ({WEIGHTS_NAME}, {CONFIG_NAME})")
-=======
-    out = export_peft(args.out, model, config, str(args.base or base_model_path()), saved)
-    print(f"written: {out / WEIGHTS_NAME} and {out / CONFIG_NAME}"
-          + (f" (with the whole module(s) {', '.join(saved)})" if saved else ""))
->>>>>>> main
+    out = export_peft(out, model, config, str(args.base or base_model_path()), saved)
+    written("PEFT adapter", f"{out}/ ({WEIGHTS_NAME}, {CONFIG_NAME}"
+            + (f"; with the whole module(s) {', '.join(saved)})" if saved else ")"))
 
 
 def cmd_adapter_import_peft(args):
@@ -96,10 +91,10 @@ def cmd_adapter_import_peft(args):
                  suffix=".safetensors", kind="file", args=args)
     _use_backend(args)
     model, _, _ = _load(args.base)
-<<<<<<< HEAD
-    config = import_peft(args.peft_dir, model)
-    save_adapter(out, model, config)
-    print(f"imported {args.peft_dir} (r={config.r}, targets {','.join(config.target_modules)})")
+    config, saved = import_peft(args.peft_dir, model, return_modules=True)
+    save_adapter(out, model, config, saved)
+    print(f"imported {args.peft_dir} (r={config.r}, targets {','.join(config.target_modules)}"
+          + (f", whole module(s) {', '.join(saved)}" if saved else "") + ")")
     written("adapter", out)
 
 
@@ -108,12 +103,6 @@ def _stem(path) -> str:
     finetune's ``adapter.safetensors``."""
     p = Path(path)
     return p.parent.name if p.stem == "adapter" and p.parent.name else p.stem
-=======
-    config, saved = import_peft(args.peft_dir, model, return_modules=True)
-    save_adapter(args.out, model, config, saved)
-    print(f"imported {args.peft_dir} (r={config.r}, targets {','.join(config.target_modules)}"
-          + (f", whole module(s) {', '.join(saved)}" if saved else "") + f"); written: {args.out}")
->>>>>>> main
 
 
 def cmd_adapter_claim(args):
