@@ -156,7 +156,7 @@ def test_the_checker_catches_an_upward_import_and_a_cycle():
 
 #: the only modules a function may import lazily: optional or slow-to-import dependencies
 LAZY_OK = ("cupy", "torch", "matplotlib", "nbformat", "nbclient", "scipy.stats", "dask",
-           "distributed", "nbgrader", "playwright")
+           "distributed", "nbgrader", "playwright", "IPython", "pygments")
 
 
 def test_imports_sit_at_the_top_of_the_file():
