@@ -27,13 +27,9 @@ from minilora.experiments.scoring import format_scores, score_adapters
 from minilora.experiments.studies.claim import run_claim
 from minilora.experiments.tasks import TASKS
 from minilora.lora import load_adapter, read_adapter, save_adapter
-from minilora.lora.peft_format import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    export_peft,
-    import_peft,
-)
+from minilora.lora.peft_io import export_peft, import_peft
 from minilora.nn.modules_to_save import split_saved_modules
+from minilora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 
 def cmd_score(args):
