@@ -35,6 +35,7 @@ from minilora.nn.ops import (
     layernorm_forward,
     linear_backward,
     linear_forward,
+    merge_heads,
     split_heads,
 )
 from minilora.threads import parallel_chunks
@@ -219,40 +220,41 @@ def gelu_backward_fast(dout, cache):
 
 class TiledAttentionCache(NamedTuple):
     """What :func:`attention_backward_fast` needs: the split heads (queries already scaled by
-    1 / sqrt(hs)), one block of unnormalised weights per query tile (tile i: queries t0 .. t1-1
-    over keys 0 .. t1 + P - 1), the softmax's row sums and the output."""
+    1 / sqrt(hs)), one block of unnormalised weights per query tile, stored keys-major (tile i:
+    keys 0 .. t1 + P - 1 by queries t0 .. t1-1), and the softmax's sums (one per query)."""
     qh: object   # (B, NH, T, hs) queries times 1 / sqrt(hs)
     kh: object   # (B, NH, Tk, hs)
     vh: object   # (B, NH, Tk, hs)
-    tiles: list  # [(t0, t1, e (B, NH, t1 - t0, t1 + P))], e = exp(s - rowmax s)
-    z: object    # (B, NH, T, 1) row sums of e: the attention weights are e / z
-    y: object    # (B, T, NH, hs) the output (the caller must not write to it)
+    tiles: list  # [(t0, t1, e (B, NH, t1 + P, t1 - t0))], e = exp(s^T - colmax s^T)
+    z: object    # (B, NH, 1, T) sums of e over the keys: the attention weights are e^T / z
 
 
 def attention_tile(T: int) -> int:
     """Queries per tile of :func:`attention_forward_fast`: 32 up to T = 128, then T / 4 (the
-    fastest of 16-128 on a 2-core CPU at the bench's T = 128 and 256)."""
+    fastest of 16-256 on the 2-core CPU at the bench's T = 128 and 256)."""
     return max(32, T // 4)
 
 
 def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
     """:func:`~minilora.nn.ops.attention_forward` over query tiles, skipping the masked half of
-    the T x T square, with the softmax's division moved to the small output.
+    the T x T square, with the scores keys-major and the softmax's division on the output.
 
     Tile [t0, t1) attends to keys 0 .. t1 + P - 1 only (queries see nothing later), so with n
     tiles the scores cost (n + 1) / 2n of the full square (0.625 at n = 4), and each tile's
     scores stay small enough for the cache during the softmax. Only the tile's diagonal block
-    needs the causal mask. Per tile, with q scaled by 1 / sqrt(hs) once beforehand::
+    needs the causal mask. Per tile and head, with qs = q / sqrt(hs) (scaled once)::
 
-        e = exp(s - rowmax s),  z = rowsum e,  y = (e v) / z        (= softmax(s) v)
+        S = k qs^T   (keys x queries)      e = exp(S - colmax S)      z = colsum e
+        y = (e^T v) / z                    (= softmax(qs k^T + mask) v)
 
-    so the large (tq, Tk) block is never scaled or divided: those passes fall on q (T, hs) and
-    on y (tq, hs), 8 x smaller at T = 256, hs = 32. The output is written straight into
-    (B, T, NH, hs) order, so merging the heads is free. The batch is shared out over the CPU
-    threads (:func:`minilora.threads.parallel_chunks`: the per-head GEMMs are too small for
-    BLAS to thread). Returns y (B, T, C), cache = :class:`TiledAttentionCache` (a small input,
-    e.g. a decoding step, takes the plain op and returns its
-    :class:`~minilora.nn.ops.AttentionCache`).
+    Keys-major, the max and the sum run down the columns, which NumPy vectorises along the
+    rows (4x faster than its reduction along each short row), and the mask is a contiguous
+    block; the large block is never scaled or divided: those passes fall on q and on y, 8x
+    smaller at T = 256, hs = 32. The output is written straight into (B, T, NH, hs) order, so
+    merging the heads is free. The batch is shared out over the CPU threads
+    (:func:`minilora.threads.parallel_chunks`: the per-head GEMMs are too small for BLAS to
+    thread). Returns y (B, T, C), cache = :class:`TiledAttentionCache` (a small input, e.g. a
+    decoding step, takes the plain op and returns its :class:`~minilora.nn.ops.AttentionCache`).
     """
     B, T, C = q.shape
     Tk = k.shape[1]
@@ -260,87 +262,88 @@ def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
         return attention_forward(q, k, v, n_head)
     P, hs = Tk - T, C // n_head
     tile = tile or attention_tile(T)
-    qs = xp.empty_like(q)  # q / sqrt(hs), written by each thread for its rows
+    qs = xp.empty_like(q)  # q / sqrt(hs), written by each thread for its sequences
     qh, kh, vh = split_heads(qs, n_head), split_heads(k, n_head), split_heads(v, n_head)
-    kT = xp.empty((B, n_head, hs, Tk), dtype=q.dtype)  # K^T per head, contiguous: NumPy's
-    # matmul runs 2.5x slower with a transposed view as its right operand
     y = xp.empty((B, T, n_head, hs), dtype=q.dtype)
     yh = y.transpose(0, 2, 1, 3)  # (B, NH, T, hs) view
-    z = xp.empty((B, n_head, T, 1), dtype=q.dtype)
+    z = xp.empty((B, n_head, 1, T), dtype=q.dtype)
     bounds = [(t0, min(t0 + tile, T)) for t0 in range(0, T, tile)]
-    tiles = [(t0, t1, xp.empty((B, n_head, t1 - t0, t1 + P), dtype=q.dtype)) for t0, t1 in bounds]
-    masks = {n: causal_mask_bias(n, n, q.dtype) for n in {t1 - t0 for t0, t1 in bounds} if n > 1}
+    tiles = [(t0, t1, xp.empty((B, n_head, t1 + P, t1 - t0), dtype=q.dtype)) for t0, t1 in bounds]
+    masks = {n: causal_mask_bias(n, n, q.dtype).T.copy()  # keys x queries
+             for n in {t1 - t0 for t0, t1 in bounds} if n > 1}
 
     def run(b0, b1):
         xp.multiply(q[b0:b1], 1.0 / math.sqrt(hs), out=qs[b0:b1])
-        kT[b0:b1] = kh[b0:b1].transpose(0, 1, 3, 2)
+        # qs^T per head, contiguous: NumPy's matmul is 2.5x slower on a transposed right operand
+        qT = xp.ascontiguousarray(qh[b0:b1].transpose(0, 1, 3, 2))  # (b, NH, hs, T)
         for t0, t1, e in tiles:
             kend = t1 + P
-            s = e[b0:b1]  # (b, NH, tq, kend), this thread's rows
-            xp.matmul(qh[b0:b1, :, t0:t1], kT[b0:b1, :, :, :kend], out=s)
+            s = e[b0:b1]  # (b, NH, kend, tq), this thread's sequences
+            xp.matmul(kh[b0:b1, :, :kend], qT[..., t0:t1], out=s)
             if t1 - t0 > 1:  # keys t0+P .. kend-1 form the tile's diagonal block: causal there
-                s[..., t0 + P:kend] += masks[t1 - t0]
-            s -= s.max(axis=-1, keepdims=True)
+                s[:, :, t0 + P:kend] += masks[t1 - t0]
+            s -= s.max(axis=-2, keepdims=True)
             xp.exp(s, out=s)
-            zt = s.sum(axis=-1, keepdims=True)
-            z[b0:b1, :, t0:t1] = zt
-            yt = xp.matmul(s, vh[b0:b1, :, :kend])  # (b, NH, tq, hs)
-            yt /= zt
+            zt = z[b0:b1, :, :, t0:t1]
+            s.sum(axis=-2, keepdims=True, out=zt)
+            yt = xp.matmul(s.transpose(0, 1, 3, 2), vh[b0:b1, :, :kend])  # (b, NH, tq, hs)
+            yt /= zt.transpose(0, 1, 3, 2)
             yh[b0:b1, :, t0:t1] = yt
     parallel_chunks(B, run)
-    return y.reshape(B, T, C), TiledAttentionCache(qh, kh, vh, tiles, z, y)
+    return y.reshape(B, T, C), TiledAttentionCache(qh, kh, vh, tiles, z)
 
 
 def attention_backward_fast(dout, cache: TiledAttentionCache):
     """:func:`~minilora.nn.ops.attention_backward` tile by tile (the tiles of
     :func:`attention_forward_fast`); dk and dv sum the contributions of every tile that saw
-    each key. With a = e / z the weights, qs = q / sqrt(hs) and y = a v::
+    each key. Keys-major, with a = e / z the weights (a column per query)::
 
-        datt = dy v^T                  r = rowsum(datt * a) = rowsum(dy * y)   (on (T, hs))
-        G = e * (datt - r)             ds = G / z   (the softmax's backward)
-        dv = e^T (dy / z)              dq = (G k) / (z sqrt(hs))      dk = G^T (qs / z)
+        D = v dy^T                     r = colsum(D * e) / z      (= rowsum(datt * att))
+        G = e * (D - r)                ds^T = G / z                (the softmax's backward)
+        dv = e (dy / z)                dq = (G^T k) / (z sqrt(hs))      dk = G (qs / z)
 
-    so of the large (tq, Tk) block only ``datt - r`` and ``* e`` are passes; every 1 / z and
-    1 / sqrt(hs) falls on a (T, hs) operand. Batch shared over the threads as in the forward."""
+    so the large (Tk, tq) block takes three passes (D * e, e * r, the difference) and a
+    column sum; every 1 / z and 1 / sqrt(hs) falls on a (tq, hs) operand. Batch shared over
+    the threads as in the forward."""
     if isinstance(cache, AttentionCache):  # the forward took the plain op (small input)
         return attention_backward(dout, cache)
-    qh, kh, vh, tiles, z, y = cache
+    qh, kh, vh, tiles, z = cache
     B, NH, T, hs = qh.shape
     Tk = kh.shape[2]
     P = Tk - T
     scale = 1.0 / math.sqrt(hs)
-    d4 = dout.reshape(B, T, NH, hs)
-    dy = d4.transpose(0, 2, 1, 3)  # (B, NH, T, hs) view
+    dy = split_heads(dout, NH)  # (B, NH, T, hs) view
     dq = xp.empty((B, T, NH, hs), dtype=qh.dtype)
-    dk = xp.zeros((B, Tk, NH, hs), dtype=qh.dtype)
-    dv = xp.zeros((B, Tk, NH, hs), dtype=qh.dtype)
-    dqh, dkh, dvh = (a.transpose(0, 2, 1, 3) for a in (dq, dk, dv))  # (B, NH, ., hs) views
+    dkh = xp.zeros((B, NH, Tk, hs), dtype=qh.dtype)  # heads first: contiguous accumulation
+    dvh = xp.zeros((B, NH, Tk, hs), dtype=qh.dtype)
+    dqh = dq.transpose(0, 2, 1, 3)  # (B, NH, T, hs) view
     largest = max(e[0].size for _, _, e in tiles)
 
     def run(b0, b1):
-        # per-row factors of this thread's sequences, on (T, hs)-sized operands
-        r = xp.einsum("btnh,btnh->bnt", d4[b0:b1], y[b0:b1])[..., None]  # rowsum(dy * y)
-        rz = 1.0 / z[b0:b1]
+        rz = 1.0 / z[b0:b1].transpose(0, 1, 3, 2)  # (b, NH, T, 1)
         dyz = dy[b0:b1] * rz  # dy / z
         qz = qh[b0:b1] * rz  # qs / z
         rz *= scale  # 1 / (z sqrt(hs)), for dq
-        vT = xp.ascontiguousarray(vh[b0:b1].transpose(0, 1, 3, 2))  # as kT in the forward
-        buf = xp.empty((b1 - b0) * largest, dtype=qh.dtype)  # the datt / G block
+        dyT = xp.ascontiguousarray(dy[b0:b1].transpose(0, 1, 3, 2))  # (b, NH, hs, T)
+        buf = xp.empty(2 * (b1 - b0) * largest, dtype=qh.dtype)  # two (kend, tq) blocks
         for t0, t1, e in tiles:
             kend = t1 + P
             et = e[b0:b1]
             g = buf[:et.size].reshape(et.shape)
-            xp.matmul(dy[b0:b1, :, t0:t1], vT[..., :kend], out=g)
-            dvh[b0:b1, :, :kend] += xp.matmul(et.transpose(0, 1, 3, 2), dyz[:, :, t0:t1])
-            g -= r[:, :, t0:t1]
+            tmp = buf[et.size:2 * et.size].reshape(et.shape)
+            xp.matmul(vh[b0:b1, :, :kend], dyT[..., t0:t1], out=g)  # D = datt^T
+            dvh[b0:b1, :, :kend] += xp.matmul(et, dyz[:, :, t0:t1])
             g *= et
-            dqt = xp.matmul(g, kh[b0:b1, :, :kend])
+            r = g.sum(axis=-2, keepdims=True)  # (b, NH, 1, tq)
+            r /= z[b0:b1, :, :, t0:t1]
+            g -= xp.multiply(et, r, out=tmp)  # G = e * (D - r)
+            dqt = xp.matmul(g.transpose(0, 1, 3, 2), kh[b0:b1, :, :kend])
             dqt *= rz[:, :, t0:t1]
             dqh[b0:b1, :, t0:t1] = dqt
-            dkh[b0:b1, :, :kend] += xp.matmul(g.transpose(0, 1, 3, 2), qz[:, :, t0:t1])
+            dkh[b0:b1, :, :kend] += xp.matmul(g, qz[:, :, t0:t1])
     parallel_chunks(B, run)
     C = NH * hs
-    return dq.reshape(B, T, C), dk.reshape(B, Tk, C), dv.reshape(B, Tk, C)
+    return (dq.reshape(B, T, C), merge_heads(dkh), merge_heads(dvh))
 
 
 # ----------------------------------------------------------------------------------------------
