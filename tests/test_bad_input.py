@@ -30,7 +30,8 @@ from minilora.config import GPTConfig, LoraConfig
 from minilora.data import CharTokenizer
 from minilora.io import read_typed
 from minilora.lora import inject_lora, save_adapter
-from minilora.lora.peft_format import WEIGHTS_NAME, export_peft, import_peft
+from minilora.lora.peft_io import export_peft, import_peft
+from minilora.peft_format import WEIGHTS_NAME
 from minilora.model import GPT
 
 NAN_TENSOR = "blocks.0.attn.q.weight"
@@ -150,7 +151,7 @@ ROWS = [
     # -- adapter, score, bench -----------------------------------------------------------------
     (["adapter", "merge", "missing.safetensors", "--out", "m.safetensors"], "does not exist"),
     (["adapter", "merge", "{ad}", "--out", "DIR"], "--out 'DIR' is a directory"),
-    (["adapter", "merge", "{ad}"], "the following arguments are required: --out"),
+    (["adapter", "merge", "{ad}"], "was built for another base model"),
     (["adapter", "export-peft", "{ad}", "--out", "FILE"], "--out 'FILE' is an existing file"),
     (["adapter", "import-peft", "missing", "--out", "a.safetensors"], "is not a directory"),
     (["adapter", "import-peft", "{peft}", "--out", "DIR"], "--out 'DIR' is a directory"),
@@ -287,7 +288,7 @@ def test_import_peft_accepts_an_embedding_copy_equal_to_the_base(fixtures):
     to the base (here rounded to float16) is checked and dropped, a different one refused."""
     from minilora.checkpoint import load_checkpoint
     from minilora.lora import lora_state_dict
-    from minilora.lora.peft_format import PeftFormatError
+    from minilora.peft_format import PeftFormatError
 
     ref, _, _ = load_checkpoint(fixtures["ck"])
     import_peft(fixtures["peft"], ref)

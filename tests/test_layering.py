@@ -17,7 +17,7 @@ PKG = pathlib.Path(minilora.__file__).parent
 LAYERS = [
     ["", "errors"],                                         # 0 the package root, error classes
     ["backend", "threads"],                                 # 1 NumPy or CuPy; CPU threads
-    ["config", "io"],                                       # 2 configs, the typed file format
+    ["config", "io", "peft_format"],                        # 2 configs, the typed file format, PEFT's
     ["nn", "data"],                                         # 3 ops and layers; corpora, tokenizer
     ["model", "optim", "sample", "gradcheck", "memory", "paged"],  # 4 the GPT and its training parts
     ["checkpoint", "train"],                                # 5 files of models, the training loop

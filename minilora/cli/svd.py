@@ -15,10 +15,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from minilora.analysis import SUBSPACES
-from minilora.cli.common import POSITIVE, _formatter, check_output_dir, float_range
+from minilora.cli.common import POSITIVE, _formatter, add_overwrite, float_range, output
 from minilora.errors import MiniloraError, UsageError
 from minilora.experiments.figures.svd import svd_figures
-from minilora.experiments.paths import RUNS, base_model_path
+from minilora.experiments.paths import base_model_path
 from minilora.experiments.svd_report import (
     adapter_label,
     analyze,
@@ -68,8 +68,7 @@ def cmd_svd(args):
                 from None
     if args.base is not None and args.no_base:
         raise UsageError("--base and --no-base exclude each other")
-    out = check_output_dir(Path(args.out) if args.out else
-                           RUNS / "svd" / adapter_label(args.path), "--out")
+    out = output(args.out, "--out", command="svd", name=adapter_label(args.path), args=args)
     adapter = _flag("PATH", open_adapter, _existing("PATH", args.path), args.adapter_name)
     names = _flag("--modules", select_modules, adapter, args.modules)
     other = None
@@ -153,7 +152,7 @@ def add_parsers(sub):
     s.add_argument("--modules", metavar="REGEX", default=None,
                    help="analyse only module paths where this regular expression is found")
     s.add_argument("--out", metavar="DIR", default=None,
-                   help="output directory (default: runs/svd/<adapter name>)")
+                   help="output directory (default: a new runs/svd/<adapter name>)")
     s.add_argument("--top-k", type=POSITIVE, default=10, metavar="K",
                    help="intruders: examine the top k singular vectors of W0 + ΔW")
     s.add_argument("--eps", type=float_range(0, 1, lo_open=True), default=0.5, metavar="E",
@@ -165,6 +164,7 @@ def add_parsers(sub):
                    help="base matrices wider than this use a randomized SVD")
     s.add_argument("--base-rank", type=POSITIVE, default=64, metavar="M",
                    help="randomized SVD: top singular vectors of W0 kept")
+    add_overwrite(s, "the report in --out")
     s.add_argument("--no-figures", action="store_true", help="write the tables only")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_svd)

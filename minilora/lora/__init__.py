@@ -6,7 +6,7 @@ Four modules, read in this order:
                                     (forward, hand-written backward, merge / unmerge)
 * :mod:`minilora.lora.inject`       on a whole model: inject, freeze, merge, unmerge, count
 * :mod:`minilora.lora.files`        adapter files (the factors alone) and state dicts
-* :mod:`minilora.lora.peft_format`  Hugging Face PEFT's ``adapter_model.safetensors`` +
+* :mod:`minilora.lora.peft_io`  Hugging Face PEFT's ``adapter_model.safetensors`` +
                                     ``adapter_config.json``, both ways
 
 Variants: :mod:`minilora.lora.dora` (DoRA, ``LoraConfig(use_dora=True)``) and

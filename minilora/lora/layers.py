@@ -35,6 +35,7 @@ from minilora.config import LORA_INITS, ConfigError, _check_float, _check_int
 from minilora.errors import MiniloraError
 from minilora.lora.init import embedding_factors, linear_factors
 from minilora.nn import ops, ops_fast
+from minilora.peft_format import lora_scaling  # PEFT's meaning of r, lora_alpha
 from minilora.nn.layers import Embedding, Linear, Module
 
 
@@ -45,14 +46,6 @@ class LoRAError(MiniloraError, ValueError):
 # ----------------------------------------------------------------------------------------------
 # shared pieces
 # ----------------------------------------------------------------------------------------------
-def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
-    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023).
-
-    Chapter: chapters/04-lora-notes.ipynb
-    """
-    return lora_alpha / (math.sqrt(r) if use_rslora else r)
-
-
 def _check_rank(r, d_in: int, d_out: int, what: str) -> None:
     _check_int("r", r)
     if r > min(d_in, d_out):

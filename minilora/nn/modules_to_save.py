@@ -37,9 +37,7 @@ from __future__ import annotations
 from minilora import backend
 from minilora.errors import PeftError
 from minilora.nn.layers import Module
-
-#: the key infix of a saved module's tensors (PEFT's name for the trained copy of a module)
-MTS_INFIX = ".modules_to_save.default"
+from minilora.peft_format import MTS_INFIX  # PEFT's name for the trained copy of a module
 
 
 def _module_paths(model: Module) -> dict:
@@ -207,7 +205,7 @@ def load_saved_modules(model: Module, paths, arrays: dict, where: str,
     return saved
 
 
-__all__ = ["MTS_INFIX", "SavedModules", "add_modules_to_save", "check_saved_modules",
+__all__ = ["SavedModules", "add_modules_to_save", "check_saved_modules",
            "count_modules_to_save",
            "load_saved_modules",
            "modules_to_save_state_dict", "resolve_modules_to_save", "saved_modules_tensors",
