@@ -133,8 +133,8 @@ class ModuleRecord:
     intruder_method: str | None = None  # "dense", "lanczos (certified)", "dense (full SVDs)",
                                         # "randomized (bounds)"
     intruder_certificate: float | None = None  # Lanczos: the largest error bound on a max |cos|
-    svd_method: str | None = None     # how W_0's spectrum was had: "full", "full (cached)",
-                                      # "randomized(...)"
+    svd_method: str | None = None     # how W_0's spectrum was had: "full" (computed or read
+                                      # from the cache), "randomized(...)", "top-1 (Lanczos)"
 
     def row(self) -> dict:
         """The scalar fields (name -> value) for a CSV/Markdown row; arrays are left out except
@@ -288,13 +288,12 @@ def _with_base(dec, W, B, A, scale, magnitude, top_k, eps, intruders, cache, ful
         out["svd_method"] = "full"
     elif intruders == "exact" or max(W.shape) <= full_svd_max_dim:
         cache = MemoryCache() if cache is None else cache
-        before = cache.hits
         base = cache.get(W)
         s0 = base.s
         res = intruders_lowrank(W, base, dec, k, eps)
         out.update(_intruder_fields(res.found, res.found.count, res.found.count, res.method,
                                     res.max_error))
-        out["svd_method"] = ("full (cached)" if cache.hits > before else "full")
+        out["svd_method"] = "full"          # cached or not: the same numbers (the run says which)
     else:                                            # "approx": randomized, a certain range
         m = min(max(base_rank, r, k), min(W.shape))
         U0, s0, _ = randomized_svd(W, m, oversample=oversample, power_iters=power_iters,
