@@ -37,7 +37,7 @@ scalings may differ. Adapters that change the base itself are refused: ``bias`` 
 "none" (trained biases belong to the base tensors, shared by every row) and ``"pissa"`` (its base
 is the residual W0 - ΔW0, not W0).
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class AdapterRegistry:
         active: the name of the adapter in use (None: the base).
         merged: whether ``active`` is merged into W0.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     def __init__(self, model: Module):

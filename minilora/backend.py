@@ -20,7 +20,6 @@ Chapter: chapters/01-foundations.ipynb
 """
 from __future__ import annotations
 
-import concurrent.futures
 import importlib.util
 import os
 import sys
@@ -242,84 +241,6 @@ def cpu_rng(seed_or_rng=None):
 def cpu_module():
     """NumPy, for CPU-side work that is not the compute path (I/O, analysis, plots)."""
     return _np
-
-
-# -- CPU threads for element-wise work ----------------------------------------------------------
-def _usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def cpu_threads() -> int:
-    """How many threads minilora's own CPU work is split over (1 on CuPy): the element-wise
-    passes, the attention tiles' batch, the rows of each linear layer's GEMMs, AdamW.
-
-    ``MINILORA_THREADS`` if set. Otherwise it depends on how the BLAS threads: with
-    ``OPENBLAS_NUM_THREADS=1`` (or ``OMP_NUM_THREADS=1``) every core this process may run on
-    (minilora shares each GEMM's rows over them, one single-threaded BLAS call per thread: the
-    fastest setting on a small CPU); with BLAS threads of its own (the variables above 1, or
-    unset: OpenBLAS then takes every core) 1, because two thread pools on the same cores slow
-    each other down (OpenBLAS's idle workers spin, and it serialises concurrent calls).
-    """
-    if is_cupy():
-        return 1
-    for var in ("MINILORA_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(var, "").strip()
-        if not value:
-            continue
-        try:
-            n = max(1, int(value))
-        except ValueError:
-            raise BackendError(f"{var}={value!r} is not a whole number of threads") from None
-        if var == "MINILORA_THREADS":
-            return n
-        return _usable_cores() if n == 1 else 1
-    return 1
-
-
-_pool: dict[str, Any] = {"executor": None, "size": 0}
-
-
-def parallel_chunks(n: int, fn, threads: int | None = None, min_per_thread: int = 1) -> None:
-    """Call ``fn(i0, i1)`` on contiguous chunks that cover ``range(n)``, one chunk per thread.
-
-        chunks: [0, n/t), [n/t, 2n/t), ...   with t = min(threads, n)
-
-    NumPy releases the GIL inside ufuncs on large arrays, so chunks of element-wise work run on
-    separate cores. ``fn`` must write only its own part of any shared output and keep its own
-    scratch buffers. One plain call ``fn(0, n)`` on CuPy (the GPU is already parallel), with one
-    thread, or for n < 2. The first exception raised in a chunk is raised here.
-
-    Args:
-        n: number of items (e.g. cache-sized slices of a tensor).
-        fn: ``fn(i0, i1)`` processes items i0 .. i1-1.
-        threads: default :func:`cpu_threads`.
-        min_per_thread: fewer threads when there are fewer items than this per thread (a thread
-            costs a hand-off; small tensors are done in one call).
-    """
-    t = min(cpu_threads() if threads is None else max(1, int(threads)),
-            n // max(1, int(min_per_thread)))
-    if t <= 1:
-        if n > 0:
-            fn(0, n)
-        return
-    if _pool["size"] < t:
-        if _pool["executor"] is not None:
-            _pool["executor"].shutdown(wait=True)
-        _pool["executor"] = concurrent.futures.ThreadPoolExecutor(
-            max_workers=t, thread_name_prefix="minilora")
-        _pool["size"] = t
-    bounds = [n * k // t for k in range(t + 1)]
-    futures = [_pool["executor"].submit(fn, bounds[k], bounds[k + 1]) for k in range(1, t)]
-    try:
-        fn(bounds[0], bounds[1])                      # the calling thread does the first chunk
-    finally:
-        done = [f.exception() for f in futures]       # wait for all before raising anything
-    for e in done:
-        if e is not None:
-            raise e
 
 
 class _Unusable:

@@ -173,7 +173,7 @@ class LoraConfig(JsonConfig):
     """Which layers get a low-rank update ΔW = scaling · B A, and how it starts.
 
     Field names and meanings follow Hugging Face PEFT's ``LoraConfig``, so the fields map onto a
-    real ``adapter_config.json`` (see :mod:`minilora.lora.peft_format`).
+    real ``adapter_config.json`` (see :mod:`minilora.lora.peft_io`).
 
     scaling = lora_alpha / r              (``use_rslora=False``, LoRA's original choice)
     scaling = lora_alpha / sqrt(r)        (``use_rslora=True``, rank-stabilised LoRA)
@@ -216,7 +216,7 @@ class LoraConfig(JsonConfig):
             ``m / ||W0 + scaling B A||_row · (W0 + scaling B A)`` (see :mod:`minilora.lora.dora`).
             Linear targets only (not ``wte``), as a float base (not QLoRA).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     r: int = field(default=8, metadata={"help": "rank of the update (A is (r, d_in))"})

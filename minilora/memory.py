@@ -18,7 +18,7 @@ of the cache one forward pass returns) and *measures* the peak of one steady tra
 ``tracemalloc`` (NumPy registers its buffers with it), so the accounting and the measurement can be
 compared. On CuPy only the computed part is given.
 
-Chapter: chapters/04-lora-and-qlora.ipynb (the LoRA section: memory of full, LoRA and QLoRA).
+Chapter: chapters/05-lora-and-qlora.ipynb (the LoRA section: memory of full, LoRA and QLoRA).
 """
 from __future__ import annotations
 

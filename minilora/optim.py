@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 
 from minilora import backend
-from minilora.backend import parallel_chunks, xp
+from minilora.backend import xp
+from minilora.threads import parallel_chunks
 from minilora.errors import MiniloraError, UsageError
 
 

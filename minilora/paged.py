@@ -50,7 +50,7 @@ What minilora does:
   and writes a per-step trace (``minilora paged-demo`` -> ``results/paged/trace.json``, figure
   ``paged`` in ``minilora figures``).
 
-Chapter: chapters/04-lora-and-qlora.ipynb (section 10, the saved trace of ``minilora paged-demo``)
+Chapter: chapters/05-lora-and-qlora.ipynb (section 10, the saved trace of ``minilora paged-demo``)
 """
 from __future__ import annotations
 

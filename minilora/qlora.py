@@ -30,7 +30,7 @@ initialisation reproduces W only when lora_alpha == r; we divide (as PEFT's and 
 so it holds for any lora_alpha. PEFT quantises without double quantisation inside the loop; we
 use the layer's own options, so the loop sees exactly the base the model will use.
 
-Chapter: chapters/04-lora-and-qlora.ipynb
+Chapter: chapters/05-lora-and-qlora.ipynb
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ class QLoRALinear(LoRALinear):
         ``init_lora_weights`` may not be "pissa" (needs a float W0) or "loftq" (use
         :func:`loftq_init` / :func:`inject_qlora`, which also choose the codes).
 
-    Chapter: chapters/04-lora-and-qlora.ipynb
+    Chapter: chapters/05-lora-and-qlora.ipynb
     """
 
     kind = "QLoRALinear"
@@ -185,7 +185,7 @@ def inject_qlora(model: Module, config: LoraConfig, quant: QuantConfig | None = 
         LoRAError: LoRA layers already present, or a target outside the blocks;
         ValueError: NaN/inf weights (naming the layer); ConfigError: a bad rank.
 
-    Chapter: chapters/04-lora-and-qlora.ipynb
+    Chapter: chapters/05-lora-and-qlora.ipynb
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
@@ -296,7 +296,7 @@ def save_qlora_adapter(path, model: Module, config: LoraConfig, quant: QuantConf
     ``modules_to_save``: module paths trained whole beside the factors, stored in the same file
     (see :mod:`minilora.nn.modules_to_save`).
 
-    Chapter: chapters/04-lora-and-qlora.ipynb
+    Chapter: chapters/05-lora-and-qlora.ipynb
     """
     layers = lora_layers(model)
     if not layers or not all(isinstance(m, QLoRALinear) for m in layers.values()):
@@ -326,7 +326,7 @@ def load_qlora_adapter(path, base_path, allow_nonfinite: bool = False):
         CheckpointError: not a QLoRA adapter, or the rebuilt base differs (another base
         checkpoint, or a quantisation that did not reproduce the codes).
 
-    Chapter: chapters/04-lora-and-qlora.ipynb
+    Chapter: chapters/05-lora-and-qlora.ipynb
     """
     arrays, meta = read_typed(path, QLORA_ADAPTER_FORMAT, "QLoRA adapter", allow_nonfinite)
     config = config_from_meta(path, meta, "lora_config", LoraConfig, "QLoRA adapter")

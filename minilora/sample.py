@@ -22,7 +22,7 @@ import sys
 import numpy as np
 from tqdm.auto import tqdm
 
-from minilora import backend
+from minilora import backend, threads
 from minilora.backend import xp
 from minilora.errors import UsageError
 
@@ -71,6 +71,7 @@ def _check_cache_support(model) -> None:
                          "cannot generate with a KV cache; pass use_cache=False")
 
 
+@threads.in_phase("decode")
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              rng=0, *, use_cache: bool = True, keep: int | None = None, progress=None):
     """Extend ``idx`` (B, T) by ``max_new_tokens`` sampled tokens; returns (B, T + new).

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from minilora import backend
+from minilora import backend, threads
 from minilora.checkpoint import FORMAT as CKPT_FORMAT
 from minilora.checkpoint import save_checkpoint
 from minilora.config import TrainConfig
@@ -133,6 +132,7 @@ def read_resumable(out_dir, cfg: TrainConfig) -> tuple[dict, dict]:
     return arrays, meta
 
 
+@threads.in_phase("train")
 def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, resume=False,
           progress=True, step_callback=None, batch_fn=None, forward_backward=None) -> History:
     """Train ``model`` in place; returns a :class:`History`.
@@ -265,9 +265,3 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
             metrics_f.close()
     hist.seconds = time.perf_counter() - t_run
     return hist
-
-
-def threads_hint() -> str:
-    """The BLAS thread settings in force (for benchmark and log headers)."""
-    keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    return ", ".join(f"{k}={os.environ[k]}" for k in keys if k in os.environ) or "BLAS default"

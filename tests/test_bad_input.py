@@ -30,7 +30,8 @@ from minilora.config import GPTConfig, LoraConfig
 from minilora.data import CharTokenizer
 from minilora.io import read_typed
 from minilora.lora import inject_lora, save_adapter
-from minilora.lora.peft_format import WEIGHTS_NAME, export_peft, import_peft
+from minilora.lora.peft_io import export_peft, import_peft
+from minilora.peft_format import WEIGHTS_NAME
 from minilora.model import GPT
 
 NAN_TENSOR = "blocks.0.attn.q.weight"
@@ -150,7 +151,7 @@ ROWS = [
     # -- adapter, score, bench -----------------------------------------------------------------
     (["adapter", "merge", "missing.safetensors", "--out", "m.safetensors"], "does not exist"),
     (["adapter", "merge", "{ad}", "--out", "DIR"], "--out 'DIR' is a directory"),
-    (["adapter", "merge", "{ad}"], "the following arguments are required: --out"),
+    (["adapter", "merge", "{ad}"], "was built for another base model"),
     (["adapter", "export-peft", "{ad}", "--out", "FILE"], "--out 'FILE' is an existing file"),
     (["adapter", "import-peft", "missing", "--out", "a.safetensors"], "is not a directory"),
     (["adapter", "import-peft", "{peft}", "--out", "DIR"], "--out 'DIR' is a directory"),
@@ -261,13 +262,15 @@ def test_bad_environment_is_one_line_exit_2(env, argv, fragment, workdir):
     _check_one_line(r.returncode, r.stderr, fragment)
 
 
-def test_method_flag_defaults_match_the_parser():
-    """finetune refuses a method flag changed from its default for another method: the table of
-    defaults it compares with must be the parser's."""
+def test_method_flags_default_to_not_given():
+    """finetune refuses a method flag given for a method whose config lacks its field: so every
+    method flag's parser default is "not given" (None; the method's own default applies)."""
     from minilora.cli.finetune import METHOD_FLAGS
 
     args = cli.build_parser().parse_args(["finetune"])
-    assert {n: d for n, d, _ in METHOD_FLAGS} == {n: getattr(args, n) for n, _, _ in METHOD_FLAGS}
+    switches = ("no_double_quant", "rslora")    # store_true: not given = False
+    assert {n: getattr(args, n) for n, _ in METHOD_FLAGS} == \
+        {n: False if n in switches else None for n, _ in METHOD_FLAGS}
 
 
 def test_help_shows_the_ranges(capsys):
@@ -285,7 +288,7 @@ def test_import_peft_accepts_an_embedding_copy_equal_to_the_base(fixtures):
     to the base (here rounded to float16) is checked and dropped, a different one refused."""
     from minilora.checkpoint import load_checkpoint
     from minilora.lora import lora_state_dict
-    from minilora.lora.peft_format import PeftFormatError
+    from minilora.peft_format import PeftFormatError
 
     ref, _, _ = load_checkpoint(fixtures["ck"])
     import_peft(fixtures["peft"], ref)

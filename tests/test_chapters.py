@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,12 +54,22 @@ def test_first_code_cell_is_the_parameters_cell_with_full_mode(path):
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
-def test_committed_outputs_present_and_fresh(path):
+def test_committed_outputs_present_and_code_unchanged(path):
     """Every code cell but the parameters cell has an output, and the code hash stored by
-    ``--full --write`` matches the code as committed."""
+    ``--full --write`` matches the code as committed. (Whether the *library* code a chapter ran
+    changed since is the slow test below and CI's ``--check``: every library commit makes
+    chapters stale, and they are re-run together.)"""
     nb = nbformat.read(path, as_version=4)
-    assert notebooks.freshness_problems(nb, path.name) == []
+    assert notebooks.freshness_problems(nb, path.name, library=False) == []
     assert nb.metadata["minilora"]["mode"] == "full"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_committed_outputs_fresh_against_the_library(path):
+    """The library files each chapter ran are unchanged since its outputs were made."""
+    nb = nbformat.read(path, as_version=4)
+    assert notebooks.library_problems(nb, path.name) == []
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
@@ -117,13 +128,45 @@ def test_a_notebook_without_parameters_cell_is_refused():
 def test_freshness_problems_names_stale_code_and_missing_outputs():
     nb = _sample()
     assert any("never run" in p for p in notebooks.freshness_problems(nb, "s"))
-    nb.metadata["minilora"] = {"code_hash": notebooks.code_hash(nb), "mode": "full"}
+    nb.metadata["minilora"] = {"code_hash": notebooks.code_hash(nb), "mode": "full", "library": {}}
     problems = notebooks.freshness_problems(nb, "s")
     assert problems == ["s: code cell 2 has no output ('print(SMALL)')"]   # parameters cell exempt
     nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="False\n")]
     assert notebooks.freshness_problems(nb, "s") == []
     nb.cells[2].source = "print(not SMALL)"
     assert any("code changed" in p for p in notebooks.freshness_problems(nb, "s"))
+
+
+def _fake_library(root: Path) -> dict:
+    """A package tree under ``root`` with two modules; returns their stored hashes."""
+    (root / "minilora" / "nn").mkdir(parents=True)
+    (root / "minilora" / "nn" / "ops.py").write_text("def gelu(x):\n    return x\n")
+    (root / "minilora" / "lora.py").write_text("RANK = 8\n")
+    return notebooks.library_hashes(["minilora/nn/ops.py", "minilora/lora.py"], root)
+
+
+def test_library_change_makes_a_chapter_stale_and_names_the_file(tmp_path):
+    nb = _sample()
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="False\n")]
+    stored = _fake_library(tmp_path)
+    assert all(len(h) == 16 for h in stored.values())
+    nb.metadata["minilora"] = {"code_hash": notebooks.code_hash(nb), "mode": "full",
+                               "library": stored}
+    assert notebooks.freshness_problems(nb, "c", root=tmp_path) == []
+    # a file the chapter did not run changes: still fresh
+    (tmp_path / "minilora" / "cli.py").write_text("changed = True\n")
+    assert notebooks.freshness_problems(nb, "c", root=tmp_path) == []
+    # one function it ran changes: stale, and the message names the file
+    (tmp_path / "minilora" / "nn" / "ops.py").write_text("def gelu(x):\n    return 2 * x\n")
+    problems = notebooks.freshness_problems(nb, "c", root=tmp_path)
+    assert len(problems) == 1 and "minilora/nn/ops.py (changed)" in problems[0], problems
+    assert "minilora/lora.py" not in problems[0]
+    assert notebooks.freshness_problems(nb, "c", root=tmp_path, library=False) == []
+    (tmp_path / "minilora" / "lora.py").unlink()
+    assert "minilora/lora.py (removed)" in notebooks.library_problems(nb, "c", tmp_path)[0]
+    # outputs made before the library was recorded are stale too
+    del nb.metadata["minilora"]["library"]
+    assert "no record of the library code" in notebooks.library_problems(nb, "c", tmp_path)[0]
 
 
 def test_cli_refuses_to_write_quick_mode_outputs(tmp_path, monkeypatch):
@@ -158,5 +201,39 @@ def test_quick_execution_injects_small_true_and_leaves_the_file_alone(tmp_path):
     notebooks.main(["--execute", "--full", "--write", str(p)])
     written = json.loads(p.read_text())
     assert written["metadata"]["minilora"]["code_hash"] == notebooks.code_hash(nbformat.read(p, 4))
+    assert written["metadata"]["minilora"]["library"] == {}        # it imports nothing of ours
+    assert len(written["cells"]) == 3                               # the library probe is gone
     assert written["cells"][-1]["outputs"][0]["text"] == ["False\n"] or \
         written["cells"][-1]["outputs"][0]["text"] == "False\n"
+
+
+@pytest.mark.slow
+def test_check_reports_a_chapter_stale_when_a_library_function_it_uses_changes(tmp_path, capsys):
+    """End to end: a chapter that uses ``minilora.nn.ops`` is run and written; ``--check`` passes;
+    in a copy of the package where ``gelu_forward`` changed the chapter is stale (naming ops.py),
+    while a change to a module the chapter never imported leaves it fresh."""
+    pytest.importorskip("nbclient")
+    nb = _nb(("code", "SMALL = False", ("parameters",)),
+             ("code", "from minilora.nn.ops import gelu_forward\nimport numpy as np\n"
+                      "print(gelu_forward(np.zeros(2))[0])", ()))
+    p = tmp_path / "c.ipynb"
+    nbformat.write(nb, p)
+    notebooks.main(["--execute", "--full", "--write", str(p)])
+    capsys.readouterr()
+    notebooks.main(["--check", str(p)])
+    assert "fresh" in capsys.readouterr().out
+    written = nbformat.read(p, as_version=4)
+    files = written.metadata["minilora"]["library"]
+    assert "minilora/nn/ops.py" in files and "minilora/cli/svd.py" not in files
+    root = tmp_path / "copy"
+    shutil.copytree(notebooks.library_root() / "minilora", root / "minilora",
+                    ignore=shutil.ignore_patterns("__pycache__", "_shipped"))
+    assert notebooks.library_problems(written, "c", root) == []
+    (root / "minilora" / "cli" / "svd.py").write_text("# changed\n")
+    assert notebooks.library_problems(written, "c", root) == []
+    ops = root / "minilora" / "nn" / "ops.py"
+    src = ops.read_text()
+    assert "def gelu_forward(" in src
+    ops.write_text(src.replace("def gelu_forward(", "def gelu_forward(  # changed\n        ", 1))
+    problems = notebooks.library_problems(written, "c", root)
+    assert len(problems) == 1 and "minilora/nn/ops.py (changed)" in problems[0]

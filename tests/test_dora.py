@@ -17,7 +17,7 @@ from minilora.lora import (
     save_adapter,
     unmerge_lora,
 )
-from minilora.lora.peft_format import export_peft, import_peft
+from minilora.lora.peft_io import export_peft, import_peft
 from minilora.model import GPT
 from minilora.nn.layers import Linear
 

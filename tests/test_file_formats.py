@@ -1,7 +1,7 @@
 """Every kind of file committed in the repository still loads with today's reader.
 
 The kinds: the shipped checkpoint (``minilora-checkpoint-v1``), a LoRA adapter
-(``minilora-adapter-v1``, the Milton adapter chapter 04 reads), a QLoRA adapter
+(``minilora-adapter-v1``, the Milton adapter chapter 05 reads), a QLoRA adapter
 (``minilora-qlora-adapter-v1``) and a PEFT-method file (``minilora-peft-v1``, prompt tuning), the
 last two kept under ``tests/data/formats/`` as written by earlier versions. All of them go through
 one reader, :func:`minilora.io.read_typed`.

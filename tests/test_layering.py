@@ -16,8 +16,8 @@ PKG = pathlib.Path(minilora.__file__).parent
 
 LAYERS = [
     ["", "errors"],                                         # 0 the package root, error classes
-    ["backend"],                                            # 1 NumPy or CuPy
-    ["config", "io"],                                       # 2 configs, the typed file format
+    ["backend", "threads"],                                 # 1 NumPy or CuPy; CPU threads
+    ["config", "io", "peft_format"],                        # 2 configs, the typed file format, PEFT's
     ["nn", "data"],                                         # 3 ops and layers; corpora, tokenizer
     ["model", "optim", "sample", "gradcheck", "memory", "paged"],  # 4 the GPT and its training parts
     ["checkpoint", "train"],                                # 5 files of models, the training loop
@@ -156,7 +156,7 @@ def test_the_checker_catches_an_upward_import_and_a_cycle():
 
 #: the only modules a function may import lazily: optional or slow-to-import dependencies
 LAZY_OK = ("cupy", "torch", "matplotlib", "nbformat", "nbclient", "scipy.stats", "dask",
-           "distributed", "nbgrader", "playwright")
+           "distributed", "nbgrader", "playwright", "IPython", "pygments")
 
 
 def test_imports_sit_at_the_top_of_the_file():

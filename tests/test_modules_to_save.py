@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from minilora import backend
 from minilora.config import GPTConfig, LoraConfig
 from minilora.lora import inject_lora, merge_lora, unmerge_lora
-from minilora.lora.peft_format import export_peft, import_peft
+from minilora.lora.peft_io import export_peft, import_peft
 from minilora.model import GPT
 from minilora.optim import AdamW
 from minilora.peft import (
@@ -112,7 +112,7 @@ def test_config_naming_a_module_the_file_lacks(tmp_path):
                if "lm_head" not in k}
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
     (tmp_path / "adapter_config.json").write_text(json.dumps(d))
-    from minilora.lora.peft_format import PeftFormatError
+    from minilora.peft_format import PeftFormatError
     with pytest.raises(PeftFormatError, match="modules_to_save names"):
         import_peft(tmp_path, fixture_gpt(ref))
 

@@ -14,16 +14,8 @@ from safetensors.numpy import load_file, save_file
 from minilora import backend
 from minilora.config import GPTConfig, LoraConfig
 from minilora.lora import LoRAError, inject_lora, lora_layers, merge_lora
-from minilora.lora.peft_format import (
-    CONFIG_NAME,
-    PEFT_MODULE_MAP,
-    WEIGHTS_NAME,
-    PeftFormatError,
-    export_peft,
-    from_peft_module,
-    import_peft,
-    to_peft_module,
-)
+from minilora.lora.peft_io import export_peft, import_peft
+from minilora.peft_format import CONFIG_NAME, PEFT_MODULE_MAP, WEIGHTS_NAME, PeftFormatError, from_peft_module, to_peft_module
 from minilora.model import GPT
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)

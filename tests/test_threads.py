@@ -1,11 +1,12 @@
-"""backend.parallel_chunks / cpu_threads, and the NF4 quantiser split over threads."""
+"""minilora's pool (threads.parallel_chunks), and the NF4 quantiser split over threads. The policy
+(the setting chosen per phase) is tested in tests/test_thread_policy.py."""
 import threading
 
 import numpy as np
 import pytest
 from conftest import use_backend
 
-from minilora import backend
+from minilora import threads
 from minilora.quant.blockwise import (
     dequantize_blockwise,
     dequantize_packed,
@@ -15,24 +16,24 @@ from minilora.quant.nf4 import NF4_CODE
 from minilora.quant.packing import pack_nibbles
 
 
-@pytest.mark.parametrize("n,threads", [(0, 3), (1, 3), (7, 3), (10, 4), (5, 1), (3, 8)])
-def test_chunks_cover_each_item_once_in_order(n, threads):
+@pytest.mark.parametrize("n,nthreads", [(0, 3), (1, 3), (7, 3), (10, 4), (5, 1), (3, 8)])
+def test_chunks_cover_each_item_once_in_order(n, nthreads):
     seen, lock = [], threading.Lock()
 
     def fn(i0, i1):
         with lock:
             seen.append((i0, i1))
 
-    backend.parallel_chunks(n, fn, threads=threads)
+    threads.parallel_chunks(n, fn, threads=nthreads)
     items = sorted(i for i0, i1 in seen for i in range(i0, i1))
     assert items == list(range(n))                        # every item exactly once
     assert all(i1 > i0 for i0, i1 in seen)                # no empty chunks
-    assert len(seen) == (min(threads, n) if n else 0)
+    assert len(seen) == (min(nthreads, n) if n else 0)
 
 
 def test_min_per_thread_limits_the_split():
     calls = []
-    backend.parallel_chunks(10, lambda i0, i1: calls.append((i0, i1)), threads=8, min_per_thread=4)
+    threads.parallel_chunks(10, lambda i0, i1: calls.append((i0, i1)), threads=8, min_per_thread=4)
     assert sorted(calls) == [(0, 5), (5, 10)]             # 10 // 4 = 2 threads
 
 
@@ -45,34 +46,18 @@ def test_an_error_in_any_chunk_is_raised_after_all_finish():
         done.append(i0)
 
     with pytest.raises(ValueError, match="chunk 0"):
-        backend.parallel_chunks(4, fn, threads=4)
+        threads.parallel_chunks(4, fn, threads=4)
     assert sorted(done) == [1, 2, 3]
     with pytest.raises(KeyError):
-        backend.parallel_chunks(4, lambda i0, i1: {}[i0] if i0 == 2 else None, threads=4)
-
-
-def test_thread_count_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv("MINILORA_THREADS", "3")
-    assert backend.cpu_threads() == 3
-    monkeypatch.delenv("MINILORA_THREADS")
-    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert backend.cpu_threads() == 1  # OpenBLAS threads over every core: ours stay out of it
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
-    assert backend.cpu_threads() == 1
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # single-threaded BLAS: ours take the cores
-    assert backend.cpu_threads() == backend._usable_cores()
-    monkeypatch.setenv("MINILORA_THREADS", "many")
-    with pytest.raises(backend.BackendError, match="MINILORA_THREADS='many'"):
-        backend.cpu_threads()
+        threads.parallel_chunks(4, lambda i0, i1: {}[i0] if i0 == 2 else None, threads=4)
 
 
 def test_one_call_on_cupy(monkeypatch):
     monkeypatch.setenv("MINILORA_THREADS", "4")
     use_backend("cupy_strict")
     calls = []
-    backend.parallel_chunks(40, lambda i0, i1: calls.append((i0, i1)))
-    assert backend.cpu_threads() == 1 and calls == [(0, 40)]
+    threads.parallel_chunks(40, lambda i0, i1: calls.append((i0, i1)))
+    assert threads.cpu_threads() == 1 and calls == [(0, 40)]
 
 
 @pytest.mark.parametrize("n", [64 * 2048 * 9 + 37, 64 * 2048 * 2])

@@ -14,7 +14,7 @@ Float64 NumPy on the CPU, whatever backend trained the model (arrays are copied 
 * :mod:`.peft_files` any PEFT LoRA adapter directory, one module at a time
 * :mod:`.adapter_analysis` one record per module of an adapter (with another adapter / base)
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from minilora.analysis.adapter_analysis import (
                                    INTRUDER_MODES,

@@ -34,7 +34,7 @@ flag says otherwise (real GPT-2 adapters carry ``fan_in_fan_out: false``). A mod
 weight the base does not hold under its own name may share a tied one (``lm_head`` and the
 token embedding): ``base_note`` says so.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ at n = 256 and 0.06 at n = 4096 (never below 1/sqrt(n)), so choose ε against th
 Vectors are columns of U (d_out, ·), the output side of y = W x, with W stored (d_out, d_in) as
 PyTorch's ``nn.Linear`` stores it (the side the reference code compares).
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ s·R_B R_Aᵀ = U_c diag(σ) V_cᵀ gives the SVD of ΔW exactly (Q_B and Q_A ha
 Cost: O((d_out + d_in) r²) time and memory, against O(d_out d_in min(d_out, d_in)) for the dense
 SVD: for d = 4096 and r = 16 that is about 2 MB of float64 instead of a 128 MB matrix.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

@@ -30,12 +30,10 @@ matches a dot-separated suffix of the path); the first matching key in the dict'
 
 A legacy ``adapter_model.bin`` is a pickle (it can run code when loaded) and is refused.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 
-import json
-import math
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -49,11 +47,15 @@ from minilora.analysis.safetensors_lazy import (
     is_lfs_pointer,
     lfs_pointer_error,
 )
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-CONFIG_NAME = "adapter_config.json"
-KEY_PREFIX = "base_model.model."
+from minilora.peft_format import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    PeftFormatError,
+    lora_scaling,
+    read_peft_config,
+)
 #: key part -> (role, layer kind)
 PARTS = {"lora_A": ("A", "linear"), "lora_B": ("B", "linear"),
          "lora_embedding_A": ("A", "embedding"), "lora_embedding_B": ("B", "embedding"),
@@ -76,13 +78,6 @@ class LoraModule(NamedTuple):
     a_key: str
     b_key: str
     magnitude_key: str | None   # DoRA's m, when present
-
-
-def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
-    """s = lora_alpha / r (LoRA) or lora_alpha / sqrt(r) (rsLoRA)."""
-    if r < 1:
-        raise AdapterFileError(f"r must be >= 1, got {r}")
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def match_pattern(patterns, module: str) -> str | None:
@@ -211,15 +206,8 @@ class PeftAdapter:
                                    f"without which the scaling of ΔW is unknown")
         if is_lfs_pointer(cfg):
             raise lfs_pointer_error(cfg)
-        try:
-            config = json.loads(cfg.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise AdapterFileError(f"{cfg}: not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise AdapterFileError(f"{cfg}: expected a JSON object")
-        if config.get("peft_type", "LORA") != "LORA":
-            raise AdapterFileError(f"{cfg}: peft_type is {config['peft_type']!r}; only LoRA "
-                                   f"adapters (peft_type 'LORA') are read")
+        # every field we use checked (type, range, null): one line naming the file and field
+        config = read_peft_config(cfg, ("LORA",), AdapterFileError)
         self.path, self.config = path, config
         self.weights = SafetensorsFile(weights)
         self.modules, self.skipped = self._group(adapter_name)
@@ -277,8 +265,11 @@ class PeftAdapter:
                 raise AdapterFileError(
                     f"{CONFIG_NAME} gives module {module!r} rank {r} (r / rank_pattern) but its "
                     f"tensors have rank {r_file}: the config does not describe these weights")
-            modules[module] = LoraModule(module, kind, d_out, d_in, r, alpha,
-                                         lora_scaling(r, alpha, use_rslora), a_key, b_key,
+            try:
+                scale = lora_scaling(r, alpha, use_rslora)
+            except PeftFormatError as e:
+                raise AdapterFileError(f"{cfg_name(self.path)}: module {module!r}: {e}") from None
+            modules[module] = LoraModule(module, kind, d_out, d_in, r, alpha, scale, a_key, b_key,
                                          entry["m"][0] if "m" in entry else None)
         skipped = [SkippedTensor(key, *_with_shape(self.weights.shape(key),
                                                    *_skip_reason(key, self.config, modules)))
@@ -331,6 +322,10 @@ class PeftAdapter:
             return self.modules[name]
         except KeyError:
             raise AdapterFileError(f"{self.path}: no LoRA module named {name!r}") from None
+
+
+def cfg_name(path) -> str:
+    return str(Path(path) / CONFIG_NAME)
 
 
 def read_peft_adapter(path, adapter_name: str | None = None) -> PeftAdapter:

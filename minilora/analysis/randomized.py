@@ -20,7 +20,7 @@ singular values are off by up to 20 % and ||W - U diag(s) Vh||_2 = 1.76 σ_11; w
 q = 4 they are within 1.1e-6 (relative) and the residual is σ_11 (1 + 2e-11), i.e. optimal. The
 test asserts 1e-5 and 1e-6 for q = 4.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

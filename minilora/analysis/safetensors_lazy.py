@@ -18,7 +18,7 @@ directory holding ``model.safetensors`` or a sharded checkpoint (``model.safeten
 whose ``weight_map`` names the shard of every tensor), and finds the weight of a LoRA module by
 its name (:meth:`BaseWeights.find`).
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

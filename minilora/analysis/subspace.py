@@ -29,7 +29,7 @@ ordered by importance (singular value), so "the top i" is ``U[:, :i]``.
   ||W_q||_F = 61.95) gives r/12288 · 61.95 = 0.020 at r = 4 and 0.323 at r = 64 (printed: 0.02
   and 0.33; the top singular vectors of a Gaussian matrix are uniformly random).
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ the CPU in float64 first, see :func:`as_float64`) or its singular values ``s`` (
     W = U diag(s) Vh,   U (d_out, p), s (p,), Vh (p, d_in),   p = min(d_out, d_in),
     s[0] >= s[1] >= ... >= s[p-1] >= 0.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

@@ -22,11 +22,10 @@ For each configuration (``small``: T 128, 4 layers, C 128, 4 heads, B 16; ``medi
     allocator statistics), and, the comparable figure, the growth of the resident-set high-water
     mark over two steps in a fresh child process per framework (see :func:`_rss_child_run`).
 
-Threads: PyTorch takes ``torch.set_num_threads(threads)``. NumPy's BLAS reads its thread count
-when it is loaded; with ``threadpoolctl`` installed we set it to ``threads`` at run time, without
-it the count is whatever ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` said at start-up (else all
-cores): set them before starting Python, e.g. ``OPENBLAS_NUM_THREADS=2 minilora bench``. The
-memory child processes always get them set.
+Threads: the library's own setting for training (:mod:`minilora.threads`: one BLAS thread,
+minilora's pool on ``threads`` threads, the environment's variables as overrides), and
+``torch.set_num_threads(threads)`` for PyTorch: the default setting a user gets is what is
+measured. The memory child processes get the same.
 
 PyTorch is optional and never imported at module level: it is loaded inside
 :func:`minilora.bench.core._import_torch` and the comparison is skipped, with a note, when it is absent.
@@ -57,7 +56,7 @@ from minilora.bench.core import (
     Section,
     _import_torch,
     bench_configs,
-    blas_threads,
+    bench_threads,
     load_average,
     machine_info,
     measure_sgemm,
@@ -106,7 +105,7 @@ def run_bench(configs, steps: int = 10, threads: int = 2, torch_compare: bool = 
     Args:
         configs: names from :func:`bench_configs` ("small", "medium"; "micro" for tests).
         steps: timed steps per framework (median reported), after ``warmup`` untimed ones.
-        threads: BLAS threads (via threadpoolctl if installed) and ``torch.set_num_threads``.
+        threads: minilora's pool (one BLAS thread each) and ``torch.set_num_threads``.
         torch_compare: also time PyTorch (skipped with a note if it cannot be imported).
         out: optional path; the results are written there as JSON (atomically).
         memory, progress, sgemm_sizes, pause_s: for tests and quick runs.
@@ -144,9 +143,8 @@ def run_bench(configs, steps: int = 10, threads: int = 2, torch_compare: bool = 
 
     result = {"machine": machine_info(torch), "steps": steps, "warmup": warmup,
               "torch_compare": torch is not None, "torch_note": torch_note, "configs": {}}
-    with blas_threads(threads) as blas:
-        result["threads"] = {"requested": threads, "numpy_blas": blas,
-                             "minilora": backend.cpu_threads(),
+    with bench_threads(threads) as setting:
+        result["threads"] = {"requested": threads, "minilora": setting,
                              "torch": torch.get_num_threads() if torch is not None else None}
         m = result["machine"]
         print_fn(f"minilora bench: {m['cpu_model']}, {m['cores']} cores "
@@ -155,17 +153,8 @@ def run_bench(configs, steps: int = 10, threads: int = 2, torch_compare: bool = 
                  f"backend {m['backend']}, torch {m['torch'] or '-'}"
                  f"{' (' + m['torch_blas'] + ')' if torch is not None else ''}")
         print_fn(f"load average (1, 5, 15 min): {m['load_average'] or 'unknown'}")
-        print_fn(f"threads: requested {threads}; NumPy BLAS via {blas['control']} "
-                 f"[{blas['setting']}]; torch {result['threads']['torch'] or '-'}")
-        ours = backend.cpu_threads()
-        print_fn(f"minilora's own threads (rows of each GEMM, element-wise blocks): {ours}")
-        if (blas["control"] != "threadpoolctl" and blas["blas_threads"] not in (threads,)
-                and ours != threads):
-            print_fn(f"  note: NumPy's BLAS thread count cannot be changed without threadpoolctl; "
-                     f"start with OPENBLAS_NUM_THREADS=1 MINILORA_THREADS={threads} (the fastest: "
-                     f"minilora shares each GEMM's rows) or OPENBLAS_NUM_THREADS={threads} "
-                     f"(now: {blas['setting']}, i.e. "
-                     f"{blas['blas_threads'] or 'all ' + str(m['usable_cores'])} threads)")
+        print_fn(f"threads: {setting['in_force']}; torch {result['threads']['torch'] or '-'}; "
+                 f"variables: {setting['environment']}")
         if torch_note:
             print_fn(f"PyTorch comparison skipped: {torch_note}")
         if progress:

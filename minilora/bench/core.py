@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from minilora import backend
+from minilora import backend, threads
 from minilora.bench.torch_reference import reference
 from minilora.config import GPTConfig
 from minilora.experiments.presets import PRESETS
 from minilora.model import GPT
 from minilora.nn.ops_fast import matmul_rows
 from minilora.optim import AdamW
-from minilora.train import threads_hint
 
 LR = 1e-3
 GRAD_CLIP = 1.0
@@ -88,34 +87,18 @@ def _import_torch():
 
 
 @contextlib.contextmanager
-def blas_threads(threads: int):
-    """Limit NumPy's BLAS to ``threads`` inside the block when threadpoolctl is installed.
-
-    Yields a description of what is in force.
-    """
-    try:
-        threadpoolctl = importlib.import_module("threadpoolctl")
-    except ImportError:
-        yield {"control": "environment (threadpoolctl not installed)",
-               "setting": _threads_env(), "blas_threads": _env_threads()}
-        return
-    with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
-        info = [d for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"]
-        yield {"control": "threadpoolctl", "setting": _threads_env(),
-               "blas_threads": threads,
-               "libraries": [f"{d.get('internal_api')} {d.get('version')}: "
-                             f"{d.get('num_threads')} threads" for d in info]}
+def bench_threads(pool: int | None = None):
+    """The library's thread setting for training (:func:`minilora.threads.phase` "train"), with
+    minilora's pool at ``pool`` threads when given. Yields a description of what is in force."""
+    with threads.phase("train", pool=pool) as setting:
+        yield {"blas": setting.blas, "pool": setting.pool, "why": setting.why,
+               "in_force": threads.describe(), "environment": _threads_env()}
 
 
 def _threads_env() -> str:
-    return threads_hint()
-
-
-def _env_threads():
-    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        if os.environ.get(k, "").strip().isdigit():
-            return int(os.environ[k])
-    return None  # OpenBLAS default: all cores
+    """The thread variables the user set (for the benchmark header)."""
+    keys = (threads.POOL_VAR, *threads.BLAS_VARS, *threads.OTHER_VARS)
+    return ", ".join(f"{k}={os.environ[k]}" for k in keys if k in os.environ) or "none set"
 
 
 def _cpu_model() -> str:
@@ -190,7 +173,7 @@ def measure_sgemm(threads: int, sizes=(1024, 1536, 2048), reps: int = 3, torch=N
 
     2 n^3 FLOPs per product. Run under the same thread settings as the model steps: with a
     single-threaded BLAS the rows are shared over minilora's threads
-    (:func:`minilora.backend.cpu_threads`), as the linear layers do.
+    (:func:`minilora.threads.cpu_threads`), as the linear layers do.
     """
     rng = np.random.default_rng(0)
     out = {"sizes": list(sizes), "numpy_flops_per_s": {}, "torch_flops_per_s": {}}

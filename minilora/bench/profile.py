@@ -130,7 +130,7 @@ def linear_gemms(config, batch_size: int) -> list:
 
 def compare_gemms(ctx: BenchContext, reps: int = 5) -> dict | None:
     """Median time of each of :func:`linear_gemms`' products as minilora runs them (rows shared
-    over :func:`minilora.backend.cpu_threads`, one BLAS call per thread, as the layers do) and
+    over :func:`minilora.threads.cpu_threads`, one BLAS call per thread, as the layers do) and
     as ``torch.mm`` runs them (same shapes, float32 operands, torch's threads), summed over one
     step (None without torch): how much of the step-time gap is the GEMMs rather than the rest.
     All NumPy products first, a pause, then all torch ones (one library's idle BLAS threads spin

@@ -7,7 +7,7 @@ is the memory-bandwidth ceiling for anything that reads the tensor once and writ
 ``ratio = nf4_roundtrip_gbps / copy_gbps`` says how far the quantiser is from that ceiling
 (target >= 0.25). If torch + bitsandbytes are importable, their CPU path is timed on the same data.
 
-Chapter: chapters/03-nf4-step-by-step.ipynb
+Chapter: chapters/06-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def bench_quant(n: int = 2 ** 22, repeats: int = 5, blocksize: int = 64, seed: i
         ``ratio`` (round-trip GB/s over copy GB/s), ``target_ratio`` (0.25), and ``bnb_*``
         entries when bitsandbytes is importable (else ``bnb_available: False``).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     np = backend.cpu_module()
     x_np = np.random.default_rng(seed).standard_normal(n, dtype=np.float32)

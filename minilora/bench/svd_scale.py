@@ -19,7 +19,7 @@ child's own address space: ru_maxrss would not do, because Linux carries the for
 peak (here, the ~300 MiB spent writing the adapter) into the child's ru_maxrss across exec.
 ru_maxrss is printed too where /proc is missing. Targets: < 60 s and < 1 GiB.
 
-Chapter: chapters/05-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

@@ -155,8 +155,12 @@ def measure_rss_in_child(config_name: str, framework: str, threads: int, steps: 
     """Run :func:`_rss_child_run` in a fresh Python with the BLAS/OpenMP threads set."""
     spec = {"config": config_name, "framework": framework, "threads": threads, "steps": steps}
     env = dict(os.environ)
-    for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[k] = str(threads)
+    if framework == "torch":
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[k] = str(threads)
+    else:  # the library's setting, as in the parent (minilora.threads)
+        env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                    "MINILORA_THREADS": str(threads)})
     env["MINILORA_BACKEND"] = "numpy"
     root = str(Path(__file__).resolve().parents[2])  # the folder holding the minilora package
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

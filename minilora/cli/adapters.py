@@ -14,23 +14,22 @@ from minilora.cli.common import (
     _formatter,
     _load,
     _use_backend,
+    add_overwrite,
     check_block_size,
     check_input_file,
-    check_output_dir,
-    check_output_file,
     float_range,
+    output,
+    written,
 )
 from minilora.errors import UsageError
 from minilora.experiments.paths import base_model_path
 from minilora.experiments.scoring import format_scores, score_adapters
 from minilora.experiments.studies.claim import run_claim
-from minilora.lora import load_adapter, save_adapter
-from minilora.lora.peft_format import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    export_peft,
-    import_peft,
-)
+from minilora.experiments.tasks import TASKS
+from minilora.lora import load_adapter, read_adapter, save_adapter
+from minilora.lora.peft_io import export_peft, import_peft
+from minilora.nn.modules_to_save import split_saved_modules
+from minilora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 
 def cmd_score(args):
@@ -38,8 +37,9 @@ def cmd_score(args):
         raise UsageError("nothing to score: give --adapter FILE (or leave out --no-base)")
     for a in args.adapter:
         check_input_file(a, "--adapter")
-    if args.eval_examples is not None and args.task not in ("sentiment", "lexicon"):
-        raise UsageError(f"--eval-examples is for the labelled tasks (sentiment, lexicon); "
+    if args.eval_examples is not None and TASKS[args.task].kind != "classification":
+        labelled = ", ".join(n for n, t in TASKS.items() if t.kind == "classification")
+        raise UsageError(f"--eval-examples is for the labelled tasks ({labelled}); "
                          f"--task {args.task} is scored on --eval-batches windows")
     _use_backend(args)
     model, tok, _ = _load(args.ckpt, args.allow_nonfinite)
@@ -53,48 +53,62 @@ def cmd_score(args):
 
 def cmd_adapter_merge(args):
     check_input_file(args.adapter, "adapter")
-    check_output_file(args.out, "--out")
+    out = output(args.out, "--out", command="merge", name=_stem(args.adapter),
+                 suffix=".safetensors", kind="file", args=args)
     _use_backend(args)
     model, tok, _ = _load(args.base)
     config = load_adapter(args.adapter, model)
     merge_and_unload(model)
-    save_checkpoint(args.out, model, tok, extra={
+    save_checkpoint(out, model, tok, extra={
         "merged_adapter": str(args.adapter), "lora_config": config.to_dict(),
         "base": str(args.base or base_model_path())})
     print(f"merged {args.adapter} (r={config.r}, targets {','.join(config.target_modules)}) into "
-          f"the base: {model.num_parameters():,} parameters written to {args.out}")
+          f"the base: {model.num_parameters():,} parameters")
+    written("merged checkpoint", out)
 
 
 def cmd_adapter_export_peft(args):
     check_input_file(args.adapter, "adapter")
-    check_output_dir(args.out, "--out")
+    out = output(args.out, "--out", command="export-peft", name=_stem(args.adapter), args=args)
     _use_backend(args)
     model, _, _ = _load(args.base)
+    _, _, saved = split_saved_modules(read_adapter(args.adapter)[0])
     config = load_adapter(args.adapter, model)
-    out = export_peft(args.out, model, config, str(args.base or base_model_path()))
-    print(f"written: {out / WEIGHTS_NAME} and {out / CONFIG_NAME}")
+    out = export_peft(out, model, config, str(args.base or base_model_path()), saved)
+    written("PEFT adapter", f"{out}/ ({WEIGHTS_NAME}, {CONFIG_NAME}"
+            + (f"; with the whole module(s) {', '.join(saved)})" if saved else ")"))
 
 
 def cmd_adapter_import_peft(args):
     if not Path(args.peft_dir).is_dir():
         raise UsageError(f"DIR {args.peft_dir!r} is not a directory (a PEFT adapter directory "
                          "holds adapter_config.json and adapter_model.safetensors)")
-    check_output_file(args.out, "--out")
+    out = output(args.out, "--out", command="import-peft", name=Path(args.peft_dir).name,
+                 suffix=".safetensors", kind="file", args=args)
     _use_backend(args)
     model, _, _ = _load(args.base)
-    config = import_peft(args.peft_dir, model)
-    save_adapter(args.out, model, config)
-    print(f"imported {args.peft_dir} (r={config.r}, targets {','.join(config.target_modules)}); "
-          f"written: {args.out}")
+    config, saved = import_peft(args.peft_dir, model, return_modules=True)
+    save_adapter(out, model, config, saved)
+    print(f"imported {args.peft_dir} (r={config.r}, targets {','.join(config.target_modules)}"
+          + (f", whole module(s) {', '.join(saved)}" if saved else "") + ")")
+    written("adapter", out)
+
+
+def _stem(path) -> str:
+    """A default output name from an input path: the file stem, or the folder's name for
+    finetune's ``adapter.safetensors``."""
+    p = Path(path)
+    return p.parent.name if p.stem == "adapter" and p.parent.name else p.stem
 
 
 def cmd_adapter_claim(args):
-    check_output_dir(args.out, "--out")
-    check_output_dir(args.runs, "--runs")
+    out = output(args.out, "--out", command="claim", name="claim", kind="collection", args=args)
+    runs = output(args.runs, "--runs", command="claim", name="adapters", kind="collection",
+                  args=args)
     _use_backend(args)
-    run_claim(args.out, tuple(t for t in args.tasks.split(",") if t), args.steps, args.r,
+    run_claim(out, tuple(t for t in args.tasks.split(",") if t), args.steps, args.r,
               args.alpha, eval_batches=args.eval_batches, eval_examples=args.eval_examples,
-              runs_dir=args.runs, progress=not args.no_progress)
+              runs_dir=runs, progress=not args.no_progress)
 
 
 def add_parsers(sub):
@@ -105,8 +119,9 @@ def add_parsers(sub):
               minilora adapter merge runs/milton/adapter.safetensors --out runs/milton-merged.safetensors
               minilora adapter export-peft runs/milton/adapter.safetensors --out runs/milton-peft
               minilora adapter import-peft runs/milton-peft --out runs/milton2.safetensors
-              minilora adapter claim                  # ~10 min on 2 CPU cores -> runs/multi_adapter
-              minilora adapter claim --out results/multi_adapter   # update the committed claim.json
+              minilora adapter claim                  # ~10 min on 2 CPU cores -> runs/claim/claim
+              minilora adapter claim --out results/multi_adapter --runs runs/multi_adapter \
+                  --overwrite                         # update the committed claim.json
             """))
     a.set_defaults(func=lambda args: a.print_help())
     asub = a.add_subparsers(dest="adapter_command", metavar="ACTION")
@@ -118,7 +133,9 @@ def add_parsers(sub):
               minilora sample --ckpt runs/milton.safetensors --prompt "Of Man's first"
             """))
     s.add_argument("adapter", help="adapter file (from finetune --out or save_adapter)")
-    s.add_argument("--out", required=True, help="the merged checkpoint to write")
+    s.add_argument("--out", default=None, help="the merged checkpoint to write (default: a new "
+                   "runs/merge/NAME.safetensors)")
+    add_overwrite(s, "the --out file")
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
     _add_backend(s)
     s.set_defaults(func=cmd_adapter_merge)
@@ -129,8 +146,10 @@ def add_parsers(sub):
               minilora adapter export-peft runs/milton/adapter.safetensors --out runs/milton-peft
             """))
     s.add_argument("adapter", help="adapter file")
-    s.add_argument("--out", required=True,
-                   help="directory for adapter_model.safetensors + adapter_config.json")
+    s.add_argument("--out", default=None,
+                   help="directory for adapter_model.safetensors + adapter_config.json "
+                        "(default: a new runs/export-peft/NAME)")
+    add_overwrite(s, "the --out directory's earlier export")
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
     _add_backend(s)
     s.set_defaults(func=cmd_adapter_export_peft)
@@ -141,7 +160,9 @@ def add_parsers(sub):
               minilora adapter import-peft runs/milton-peft --out runs/milton2.safetensors
             """))
     s.add_argument("peft_dir", metavar="DIR", help="PEFT adapter directory")
-    s.add_argument("--out", required=True, help="adapter file to write")
+    s.add_argument("--out", default=None, help="adapter file to write (default: a new "
+                   "runs/import-peft/NAME.safetensors)")
+    add_overwrite(s, "the --out file")
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
     _add_backend(s)
     s.set_defaults(func=cmd_adapter_import_peft)
@@ -149,13 +170,17 @@ def add_parsers(sub):
     s = asub.add_parser("claim", help="per-task LoRAs hot-swapped vs one general LoRA",
                         formatter_class=_formatter, epilog=textwrap.dedent("""\
             examples:
-              minilora adapter claim                          # writes runs/multi_adapter/claim.json
+              minilora adapter claim                          # writes runs/claim/claim/claim.json
               minilora adapter claim --tasks milton,python,sentiment --steps 200 --out /tmp/claim
-              minilora adapter claim --out results/multi_adapter   # update the committed claim.json
+              minilora adapter claim --out results/multi_adapter --runs runs/multi_adapter \
+                  --overwrite                                  # update the committed claim.json
             """))
-    s.add_argument("--out", default="runs/multi_adapter",
-                   help="where claim.json goes (committed copy: results/multi_adapter)")
-    s.add_argument("--runs", default="runs/multi_adapter", help="where the adapters go")
+    s.add_argument("--out", default=None,
+                   help="where claim.json goes (default: a new runs/claim/claim; committed: "
+                        "results/multi_adapter)")
+    s.add_argument("--runs", default=None,
+                   help="where the adapters go (default: a new runs/claim/adapters)")
+    add_overwrite(s, "claim.json in --out and the adapters in --runs")
     s.add_argument("--tasks", default="milton,python", help="comma-separated, at least two")
     s.add_argument("--steps", type=POSITIVE, default=200,
                    help="steps per task (general: steps x tasks)")
@@ -178,8 +203,9 @@ def add_parsers(sub):
             """))
     s.add_argument("--adapter", action="append", default=[],
                    help="adapter file; repeat for several (each row of a batch picks one)")
-    s.add_argument("--task", choices=["milton", "python", "sentiment", "lexicon"],
-                   default="milton")
+    s.add_argument("--task", choices=list(TASKS), default="milton",
+                   help="; ".join(f"{n}: {t.about}" for n, t in TASKS.items())
+                   + " (default milton)")
     s.add_argument("--no-base", action="store_true", help="leave out the base model's row")
     s.add_argument("--eval-batches", type=POSITIVE, default=16, help="fixed scoring windows")
     s.add_argument("--batch-size", type=POSITIVE, default=8, help="windows per batch")

@@ -12,18 +12,25 @@ from minilora.cli.common import (
     _formatter,
     _recompute_chunk,
     _use_backend,
+    add_overwrite,
     check_input_file,
-    check_output_dir,
     flag_hint,
     float_range,
+    output,
+    written,
 )
 from minilora.config import LoraConfig, QuantConfig
 from minilora.errors import UsageError
 from minilora.experiments.figures import FIGURES, make_figures
 from minilora.experiments.finetune import finetune, format_result
 from minilora.experiments.methods import METHODS, Extras
-from minilora.experiments.results_table import run_missing, write_table
-from minilora.experiments.tasks import task_recipe
+from minilora.experiments.results_table import (
+    DEFAULT_ROOT,
+    run_missing,
+    table_text,
+    write_table,
+)
+from minilora.experiments.tasks import TASKS, task_recipe
 from minilora.io import CheckpointError
 from minilora.lora import AdaLoraConfig
 from minilora.peft import (
@@ -34,65 +41,74 @@ from minilora.peft import (
     PromptConfig,
 )
 
-#: method-specific flags: (attribute, its default, the methods that read it). A flag changed from
-#: its default for a method that ignores it is refused rather than silently dropped.
+#: method-specific flags: (attribute, the methods whose config has the field it sets). A flag
+#: given for a method whose config lacks the field is refused rather than silently dropped.
 METHOD_FLAGS = (
-    ("r", 8, ("lora", "qlora")), ("alpha", 16.0, ("lora", "qlora")),
-    ("dropout", 0.0, ("lora", "qlora")), ("targets", None, ("lora", "qlora")),
-    ("init", "true", ("lora", "qlora")), ("rslora", False, ("lora", "qlora")),
-    ("bias", "none", ("lora", "qlora")), ("quant_type", "nf4", ("qlora",)),
-    ("blocksize", 64, ("qlora",)), ("no_double_quant", False, ("qlora",)),
-    ("loftq_iter", 5, ("qlora",)), ("bottleneck", 16, ("adapter",)),
-    ("prefix_len", 16, ("prefix",)), ("prompt_len", 16, ("prompt",)),
+    ("r", ("lora", "qlora", "dora")), ("alpha", ("lora", "qlora", "dora", "adalora")),
+    ("dropout", ("lora", "qlora", "dora", "adalora")),
+    ("targets", ("lora", "qlora", "dora", "adalora")),
+    ("init", ("lora", "qlora", "dora")), ("rslora", ("lora", "qlora", "dora")),
+    ("bias", ("lora", "qlora", "dora")), ("quant_type", ("qlora",)),
+    ("blocksize", ("qlora",)), ("no_double_quant", ("qlora",)),
+    ("loftq_iter", ("qlora",)), ("init_r", ("adalora",)), ("target_r", ("adalora",)),
+    ("bottleneck", ("adapter",)), ("prefix_len", ("prefix",)), ("prompt_len", ("prompt",)),
 )
 
 
 def cmd_finetune(args):
     chunk = _recompute_chunk(args)
-    unused = [f"--{name.replace('_', '-')}" for name, default, methods in METHOD_FLAGS
-              if args.method not in methods and getattr(args, name) != default]
+    unused = [f"--{name.replace('_', '-')}" for name, methods in METHOD_FLAGS
+              if args.method not in methods and getattr(args, name) not in (None, False)]
     if unused:
         raise UsageError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply "
                          f"to --method {args.method}")
     if args.base is not None:
         check_input_file(args.base, "--base")
-    if args.out is not None:
-        check_output_dir(args.out, "--out")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR (the run directory to continue)")
     if args.resume and args.method == "adalora":
         raise UsageError("--resume is not supported for adalora: the checkpoint does not hold "
                          "the rank allocator's importance scores; start the run again")
-    if args.eval_examples is not None and args.task not in ("sentiment", "lexicon"):
-        raise UsageError(f"--eval-examples is for the labelled tasks (sentiment, lexicon); "
+    if args.eval_examples is not None and TASKS[args.task].kind != "classification":
+        labelled = ", ".join(n for n, t in TASKS.items() if t.kind == "classification")
+        raise UsageError(f"--eval-examples is for the labelled tasks ({labelled}); "
                          f"--task {args.task} is scored on --eval-batches windows")
+    out = output(args.out, "--out", command="finetune", name=f"{args.method}-{args.task}",
+                 args=args, can_resume=True)
     _use_backend(args)
     method_cfg = None
     if args.method in ("lora", "qlora", "dora"):
-        init = {"true": True, "false": False}.get(args.init.lower(), args.init)
+        init = args.init or "true"
+        init = {"true": True, "false": False}.get(init.lower(), init)
         targets = args.targets or ",".join(task_recipe(args.task).get("lora_targets", ("q", "v"))
                                            if args.method == "lora" else ("q", "v"))
-        method_cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+        method_cfg = LoraConfig(r=args.r or 8,
+                                lora_alpha=16.0 if args.alpha is None else args.alpha,
+                                lora_dropout=args.dropout or 0.0,
                                 target_modules=tuple(t for t in targets.split(",") if t),
-                                use_rslora=args.rslora, init_lora_weights=init, bias=args.bias,
-                                use_dora=args.method == "dora")
+                                use_rslora=args.rslora, init_lora_weights=init,
+                                bias=args.bias or "none", use_dora=args.method == "dora")
         if args.method == "qlora":  # the 4-bit base: NF4 (+ double quant), LoftQ steps
-            quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize,
+            quant = QuantConfig(quant_type=args.quant_type or "nf4",
+                                blocksize=args.blocksize or 64,
                                 double_quant=not args.no_double_quant,
-                                loftq_iter=args.loftq_iter)
+                                loftq_iter=args.loftq_iter or 5)
             method_cfg = (method_cfg, quant)
     elif args.method in ("adapter", "prefix", "prompt", "bitfit"):
-        method_cfg = {"adapter": lambda: AdapterConfig(bottleneck=args.bottleneck),
-                      "prefix": lambda: PrefixConfig(prefix_len=args.prefix_len),
-                      "prompt": lambda: PromptConfig(prompt_len=args.prompt_len),
+        method_cfg = {"adapter": lambda: AdapterConfig(bottleneck=args.bottleneck or 16),
+                      "prefix": lambda: PrefixConfig(prefix_len=args.prefix_len or 16),
+                      "prompt": lambda: PromptConfig(prompt_len=args.prompt_len or 16),
                       "bitfit": BitFitConfig}[args.method]()
     elif args.method == "ia3":
         method_cfg = IA3Config()
     elif args.method == "adalora":  # the schedule needs the number of steps
         steps = args.steps or task_recipe(args.task).get("train", {}).get("max_steps", 200)
+        init_r = args.init_r or 12
         method_cfg = AdaLoraConfig(
-            init_r=args.init_r, target_r=args.target_r, lora_dropout=args.dropout,
-            lora_alpha=args.alpha / args.r * args.init_r,  # c = alpha / r, LoRA's scale
+            init_r=init_r, target_r=args.target_r or min(8, init_r),
+            lora_dropout=args.dropout or 0.0,
+            # c = lora_alpha / init_r; the default 24 = 2 x 12 matches LoRA's 16 / 8
+            lora_alpha=2.0 * init_r if args.alpha is None else args.alpha,
             target_modules=tuple(t for t in (args.targets or "q,v").split(",") if t),
             tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 40), total_step=steps)
     mts = tuple(m for m in (args.modules_to_save or "").split(",") if m)
@@ -105,7 +121,7 @@ def cmd_finetune(args):
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed)
     try:
         r = finetune(args.method, args.task, method_cfg, overrides, base_path=args.base,
-                     out_dir=args.out, progress=not args.no_progress,
+                     out_dir=out, progress=not args.no_progress,
                      eval_batches=args.eval_batches, eval_examples=args.eval_examples,
                      lm_weight=args.lm_weight, resume=args.resume, save_every=args.save_every,
                      recompute=args.recompute, recompute_chunk=chunk,
@@ -113,25 +129,31 @@ def cmd_finetune(args):
     except CheckpointError as e:
         raise flag_hint(e) from None
     print(format_result(r))
-    if args.out:
-        print(f"written: {args.out}/result.json and {args.out}/{r['weights_file']}")
+    print(f"result: {out / 'result.json'}")
+    written("adapter" if args.method != "full" else "model", out / r["weights_file"])
 
 
 def cmd_results(args):
-    root = args.root or ("runs/finetune" if args.run else "results/finetune")
-    check_output_dir(root, "--out")
+    if args.run:   # the runs go into the named root or runs/results, extended run by run
+        root = output(args.root, "--out", command="results", name="finetune", kind="sweep")
+    else:
+        root = Path(args.root or DEFAULT_ROOT)
+        if not root.is_dir():
+            raise UsageError(f"--out {str(root)!r} is not a directory")
     if not args.run and not any(Path(root).glob("*/result.json")):
         raise UsageError(f"no runs under {root}/*/result.json; make them with `minilora results "
                          "--run` or `minilora finetune --out ...`")
-    args.root = root
     _use_backend(args)
     if args.run:
-        run_missing(args.root, args.tasks.split(",") if args.tasks else None,
+        run_missing(root, args.tasks.split(",") if args.tasks else None,
                     args.methods.split(",") if args.methods else None,
                     progress=not args.no_progress)
-    text, path = write_table(args.root)
-    print(text)
-    print(f"written: {path}")
+    if args.run or args.root is not None:  # the table goes beside the runs the user named
+        text, path = write_table(root)
+        print(text)
+        written("table", path)
+    else:
+        print(table_text(root))
 
 
 def cmd_figures(args):
@@ -139,19 +161,20 @@ def cmd_figures(args):
     if unknown:
         raise UsageError(f"--only: unknown figure(s) {', '.join(unknown)}; allowed: "
                          f"{', '.join(FIGURES)}")
-    check_output_dir(args.figures, "--figures")
+    figures = output(args.figures, "--figures", command="figures",
+                     name=Path(args.results).resolve().name, kind="collection", args=args)
     if not Path(args.results).is_dir():
         raise UsageError(f"--results {args.results!r} is not a directory")
-    done = make_figures(args.only.split(",") if args.only else None, args.results, args.figures)
+    done = make_figures(args.only.split(",") if args.only else None, args.results, figures)
     skipped = [n for n, v in done.items() if isinstance(v, str)]
-    print(f"{len(done) - len(skipped)} figure(s) written to {args.figures}/"
+    print(f"{len(done) - len(skipped)} figure(s) written to {figures}/"
           + (f"; {len(skipped)} skipped (results missing, see above)" if skipped else ""))
 
 
 def add_parsers(sub):
     """Add this group's subcommands to the ``minilora`` parser."""
-    s = sub.add_parser("finetune", help="fine-tune the base model: full, LoRA, Houlsby adapters, "
-                       "prefix, prompt, BitFit; like for like",
+    s = sub.add_parser("finetune", help=f"fine-tune the base model, like for like: "
+                       f"{', '.join(METHODS)}",
                        formatter_class=_formatter, epilog=textwrap.dedent("""\
             examples:
               minilora finetune --method lora --task milton --r 8 --alpha 16 --targets q,v
@@ -172,34 +195,35 @@ def add_parsers(sub):
               minilora finetune --method bitfit --task lexicon --modules-to-save lm_head
             """))
     s.add_argument("--method", choices=list(METHODS), default="lora")
-    s.add_argument("--task", choices=["milton", "python", "sentiment", "lexicon"],
-                   default="milton", help="milton / python: held-out loss; sentiment (movie-review "
-                   "sentences) / lexicon (VADER words): accuracy (default milton)")
-    s.add_argument("--r", type=POSITIVE, default=8, help="LoRA rank (default 8)")
-    s.add_argument("--alpha", type=float_range(0, lo_open=True), default=16.0,
-                   help="lora_alpha (default 16)")
-    s.add_argument("--dropout", type=float_range(0, 1, hi_open=True), default=0.0,
+    s.add_argument("--task", choices=list(TASKS), default="milton",
+                   help="; ".join(f"{n}: {t.about}" for n, t in TASKS.items())
+                   + " (default milton)")
+    s.add_argument("--r", type=POSITIVE, default=None, help="LoRA rank (lora, qlora, dora; default 8)")
+    s.add_argument("--alpha", type=float_range(0, lo_open=True), default=None,
+                   help="lora_alpha (default 16; adalora: 24 = 2 x --init-r, its scale "
+                        "lora_alpha / init_r matching LoRA's 16 / 8)")
+    s.add_argument("--dropout", type=float_range(0, 1, hi_open=True), default=None,
                    help="lora_dropout (default 0)")
     s.add_argument("--targets", default=None,
                    help="comma-separated modules: q,k,v,o,up,down,wte,lm_head (default q,v; "
                         "lora on sentiment: q,k,v,o,up,down,lm_head)")
-    s.add_argument("--init", default="true",
+    s.add_argument("--init", default=None,
                    help="init_lora_weights: true (PEFT default), false, gaussian, swap, pissa; "
                         "qlora: loftq (LoftQ split of W0 into 4-bit Q + B A)")
     s.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) (rsLoRA)")
-    s.add_argument("--bias", choices=["none", "all", "lora_only"], default="none")
-    s.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default="nf4",
+    s.add_argument("--bias", choices=["none", "all", "lora_only"], default=None,
+                   help="biases trained with the factors (default none)")
+    s.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default=None,
                    help="qlora: 4-bit code of the frozen base (default nf4)")
-    s.add_argument("--blocksize", type=POSITIVE, default=64,
+    s.add_argument("--blocksize", type=POSITIVE, default=None,
                    help="qlora: weights per absmax block (default 64)")
     s.add_argument("--no-double-quant", action="store_true",
                    help="qlora: keep float32 block scales (4.5 instead of 4.127 bits/weight)")
-    s.add_argument("--loftq-iter", type=POSITIVE, default=5,
+    s.add_argument("--loftq-iter", type=POSITIVE, default=None,
                    help="qlora --init loftq: alternating steps T (default 5; PEFT: 1)")
-    s.add_argument("--init-r", type=POSITIVE, default=12,
-                   help="adalora: triplets per layer at the start (default 12); its lora_alpha "
-                        "is --alpha / --r x --init-r, so its scale matches LoRA's alpha / r")
-    s.add_argument("--target-r", type=POSITIVE, default=8,
+    s.add_argument("--init-r", type=POSITIVE, default=None,
+                   help="adalora: triplets per layer at the start (default 12)")
+    s.add_argument("--target-r", type=POSITIVE, default=None,
                    help="adalora: average triplets per layer at the end, <= --init-r (default 8)")
     s.add_argument("--loraplus-ratio", type=float_range(0, lo_open=True), default=None,
                    help="LoRA+: learning rate of the B factors = ratio x A's (> 0; the paper "
@@ -210,11 +234,11 @@ def add_parsers(sub):
     s.add_argument("--modules-to-save-lr", type=float_range(0, lo_open=True), default=None,
                    help="peak learning rate of the --modules-to-save modules (default: the "
                         "method's, as in PEFT; full fine-tuning uses 1e-3)")
-    s.add_argument("--bottleneck", type=POSITIVE, default=16,
+    s.add_argument("--bottleneck", type=POSITIVE, default=None,
                    help="adapter: Houlsby bottleneck width m (default 16)")
-    s.add_argument("--prefix-len", type=POSITIVE, default=16,
+    s.add_argument("--prefix-len", type=POSITIVE, default=None,
                    help="prefix: keys/values per layer P (default 16)")
-    s.add_argument("--prompt-len", type=POSITIVE, default=16,
+    s.add_argument("--prompt-len", type=POSITIVE, default=None,
                    help="prompt: soft prompt vectors P (default 16)")
     s.add_argument("--steps", type=POSITIVE, default=None,
                    help="training steps (default 200; sentiment: 400)")
@@ -236,12 +260,14 @@ def add_parsers(sub):
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
     s.add_argument("--out", default=None,
                    help="run directory: result.json, the adapter/model, metrics.jsonl and a "
-                        "resumable ckpt.safetensors; checked before the base is loaded")
+                        "resumable ckpt.safetensors (default: a new runs/finetune/METHOD-TASK); "
+                        "checked before the base is loaded")
     s.add_argument("--save-every", type=POSITIVE, default=None,
-                   help="with --out: save a resumable checkpoint every N steps (default: every "
-                        "tenth of the run)")
+                   help="save a resumable checkpoint every N steps (default: every tenth of "
+                        "the run)")
     s.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (same flags)")
+    add_overwrite(s, "the run in --out (its files are removed first)")
     s.add_argument("--recompute", action="store_true",
                    help="activation recomputation: keep only each block's input in the forward "
                         "and run the block again in the backward (same gradients, less memory, "
@@ -260,7 +286,7 @@ def add_parsers(sub):
             examples:
               minilora results                 the table of the saved runs in results/finetune/
               minilora results --run           run every missing (task, method) pair into
-                                               runs/finetune/ and print their table
+                                               runs/results/finetune/ and write their table
               minilora results --run --tasks milton --methods lora,full
               minilora results --run --out results/finetune   update the committed runs
             """))
@@ -269,23 +295,30 @@ def add_parsers(sub):
     s.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
     s.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     s.add_argument("--out", "--root", dest="root", default=None,
-                   help="where the runs are (default: results/finetune to read; runs/finetune "
-                        "with --run, so committed results change only with --out results/...)")
+                   help="where the runs are (default: results/finetune to read, printing the "
+                        "table; runs/results/finetune with --run, so committed results change "
+                        "only with --out results/...); a named directory gets table.md")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_backend(s)
     s.set_defaults(func=cmd_results)
 
 
-    s = sub.add_parser("figures", help="make every figure in figures/ from the saved results/",
+    s = sub.add_parser("figures", help="draw every figure from saved results (into runs/figures/; "
+                       "figures/ only when named)",
                        formatter_class=_formatter, epilog=textwrap.dedent("""\
             examples:
-              minilora figures                      all figures whose results exist
+              minilora figures                      all figures whose results exist, drawn
+                                                    into a new runs/figures/results
               minilora figures --only base_pretrain
+              minilora figures --figures figures --overwrite   redraw the committed figures
             A PNG is rewritten only when its bytes change, so an unchanged figure stays
             byte-identical in git.
             """))
     s.add_argument("--only", default=None, help="comma-separated figure names (default: all)")
     s.add_argument("--results", default="results", help="where the saved results are")
-    s.add_argument("--figures", default="figures", help="where the PNGs go")
+    s.add_argument("--figures", default=None,
+                   help="where the PNGs go (default: a new runs/figures/NAME, NAME the results "
+                        "directory's; the committed ones: --figures figures --overwrite)")
+    add_overwrite(s, "PNGs of the same names in --figures")
     s.set_defaults(func=cmd_figures)
 

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from minilora.analysis import INTRUDER_MODES, SUBSPACES, BaseSvdCache, default_cache_dir
 from minilora.analysis.exact_intruders import CACHE_ENV, cache_report_text
-from minilora.cli.common import POSITIVE, _formatter, check_output_dir, float_range
+from minilora.cli.common import POSITIVE, _formatter, add_overwrite, float_range, output
 from minilora.errors import MiniloraError, UsageError
-from minilora.experiments.paths import RUNS, base_model_path
+from minilora.experiments.paths import base_model_path
 from minilora.experiments.svd_report import (
     AdapterInput,
     check_pair,
@@ -104,9 +104,9 @@ def cmd_svd(args):
         raise UsageError("--other compares one adapter with another; with several PATHs every "
                          "pair is compared already (leave --other out)")
     labels = unique_labels(paths)
-    default_out = RUNS / "svd" / (labels[0] if len(labels) == 1 else
-                                  f"{labels[0]}+{len(labels) - 1}")
-    out = check_output_dir(Path(args.out) if args.out else default_out, "--out")
+    out = output(args.out, "--out", command="svd",
+                 name=labels[0] if len(labels) == 1 else f"{labels[0]}+{len(labels) - 1}",
+                 args=args)
     inputs = []
     for p, label in zip(paths, labels):
         adapter = _flag("PATH", open_adapter, p, args.adapter_name)
@@ -251,7 +251,7 @@ def add_parsers(sub):
     s.add_argument("--modules", metavar="REGEX", default=None,
                    help="analyse only module paths where this regular expression is found")
     s.add_argument("--out", metavar="DIR", default=None,
-                   help="output directory (default: runs/svd/<adapter name>)")
+                   help="output directory (default: a new runs/svd/<adapter name>)")
     s.add_argument("--top-k", type=POSITIVE, default=10, metavar="K",
                    help="intruders: examine the top k singular vectors of W0 + ΔW")
     s.add_argument("--eps", type=float_range(0, 1, lo_open=True), default=0.5, metavar="E",
@@ -287,6 +287,7 @@ def add_parsers(sub):
     s.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run the modules on a running Dask scheduler (e.g. tcp://host:8786); "
                         "its workers need the files and the cache directory at the same paths")
+    add_overwrite(s, "the report in --out")
     s.add_argument("--no-figures", action="store_true", help="write the tables only")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_entry)

@@ -66,7 +66,7 @@ def encode_classification(pairs, tokenizer: CharTokenizer, block_size: int,
     Returns:
         ``(X, Y)``: int32 arrays of shape ``(n, block_size)``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     n = len(pairs)
     X = np.full((n, block_size), tokenizer.encode("\n")[0], dtype=np.int32)

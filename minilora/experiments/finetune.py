@@ -12,7 +12,7 @@ the method's learning rate) differ. Each run reports
 Tasks and their recipes: :mod:`minilora.experiments.tasks`; methods:
 :mod:`minilora.experiments.methods`.
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ How to read φ: two random r-dimensional subspaces of R^d already have E φ(i, j
 every table prints beside it. At minilora's width (d = 160) and r = 8 the baseline of φ(r, r) is
 0.05; at LLaMA-7B's width (4096) it is 0.004.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

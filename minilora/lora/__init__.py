@@ -6,13 +6,13 @@ Four modules, read in this order:
                                     (forward, hand-written backward, merge / unmerge)
 * :mod:`minilora.lora.inject`       on a whole model: inject, freeze, merge, unmerge, count
 * :mod:`minilora.lora.files`        adapter files (the factors alone) and state dicts
-* :mod:`minilora.lora.peft_format`  Hugging Face PEFT's ``adapter_model.safetensors`` +
+* :mod:`minilora.lora.peft_io`  Hugging Face PEFT's ``adapter_model.safetensors`` +
                                     ``adapter_config.json``, both ways
 
 Variants: :mod:`minilora.lora.dora` (DoRA, ``LoraConfig(use_dora=True)``) and
 :mod:`minilora.lora.adalora` (AdaLoRA: SVD form, importance-scored rank budget).
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from minilora.config import LORA_TARGETS
 from minilora.lora.adalora import AdaLoraConfig, AdaLoRALinear, adalora_layers

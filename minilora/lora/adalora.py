@@ -40,7 +40,7 @@ Backward of the layer (u = h @ B.T, h = x_d @ P.T, P = A ⊙ E)::
     dB = c dout^T h,  dh = c dout @ B,  dP = dh^T x_d,  dA = dP ⊙ E,  dE = Σ_j (dP ⊙ A)_{:, j},
     dx = dout @ W0 + dropout_backward(dh @ P)
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ class AdaLoRALinear(Module):
     ``lora_B`` (d_out, r) -- PEFT's names and shapes. ``ranknum`` (the divisor of the scale)
     stays at the initial rank even when a file holds fewer rows, as in PEFT.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     kind = "AdaLoRALinear"
@@ -235,6 +235,6 @@ class AdaLoRALinear(Module):
 def adalora_layers(model: Module) -> dict:
     """``{module name: AdaLoRALinear}`` in tree order.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     return {n: m for n, m in model.named_modules() if isinstance(m, AdaLoRALinear)}

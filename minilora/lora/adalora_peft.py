@@ -2,29 +2,35 @@
 the kept ranks in ``rank_pattern``; whole modules trained beside it in ``modules_to_save``, in
 PEFT 0.21's layout, ``base_model.model.lm_head.weight``, the older one read too).
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save
 
 from minilora import backend
-from minilora.io import atomic_write_bytes, atomic_write_json
 from minilora.lora.adalora import AdaLoraConfig, adalora_layers
 from minilora.lora.adalora_train import inject_adalora
 from minilora.lora.layers import LoRAError
-from minilora.lora.peft_format import KEY_PREFIX, from_peft_module, to_peft_module
-from minilora.lora.peft_modules import take_saved_modules
-from minilora.lora.peft_names import PEFT_TARGET_NAMES, read_peft_dir
 from minilora.nn.layers import Module
 from minilora.nn.modules_to_save import (
     check_saved_modules,
     load_saved_modules,
     modules_to_save_state_dict,
+)
+from minilora.peft_format import (
+    KEY_PREFIX,
+    PeftFormatError,
+    from_peft_module,
+    peft_config,
+    peft_key,
+    read_peft_dir,
+    saved_modules_peft_tensors,
+    take_saved_modules,
+    to_peft_module,
+    write_peft_dir,
 )
 
 
@@ -41,7 +47,7 @@ def export_adalora_peft(path_dir, model: Module, config: AdaLoraConfig,
     triplets, saved under their own keys (``base_model.model.lm_head.weight``) and named in the
     config, as peft 0.21 does.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = adalora_layers(model)
     if not layers or any(m.merged for m in layers.values()):
@@ -56,22 +62,17 @@ def export_adalora_peft(path_dir, model: Module, config: AdaLoraConfig,
         pattern[f"{peft}.lora_E"] = keep.tolist() + [False] * (config.init_r - keep.size)
         A, E2, B = (backend.to_numpy(m.params[k]) for k in ("lora_A", "lora_E", "lora_B"))
         for k, a in (("lora_A", A[keep]), ("lora_E", E2[keep]), ("lora_B", B[:, keep])):
-            tensors[f"{KEY_PREFIX}{peft}.{k}"] = np.ascontiguousarray(a)
-    for name, a in modules_to_save_state_dict(model, modules_to_save).items():
-        module, _, tensor = name.rpartition(".")
-        tensors[f"{KEY_PREFIX}{to_peft_module(module)}.{tensor}"] = backend.to_numpy(a)
-    path_dir = Path(path_dir)
-    atomic_write_bytes(path_dir / "adapter_model.safetensors",
-                       save(tensors, metadata={"format": "pt"}))
-    d = {"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
-         "inference_mode": True, "r": 8, "bias": "none", "fan_in_fan_out": False,
-         "init_lora_weights": True, "use_dora": False, "use_rslora": False,
-         "modules_to_save": [to_peft_module(p) for p in modules_to_save] or None,
-         "target_modules": [PEFT_TARGET_NAMES[t] for t in config.target_modules],
-         "rank_pattern": pattern}
-    d.update({k: v for k, v in config.to_dict().items() if k not in ("target_modules", "seed")})
-    atomic_write_json(path_dir / "adapter_config.json", d)
-    return path_dir
+            tensors[peft_key(name, k)] = a
+    tensors.update(saved_modules_peft_tensors(
+        {n: backend.to_numpy(a) for n, a in modules_to_save_state_dict(model, modules_to_save).items()}))
+    fields = {"r": 8, "bias": "none", "init_lora_weights": True, "use_dora": False,
+              "use_rslora": False, "rank_pattern": pattern,
+              **{k: v for k, v in config.to_dict().items() if k not in ("target_modules", "seed")}}
+    try:
+        return write_peft_dir(path_dir, tensors, peft_config(
+            "ADALORA", fields, config.target_modules, modules_to_save))
+    except PeftFormatError as e:
+        raise LoRAError(f"export_adalora_peft: {e}") from None
 
 
 def import_adalora_peft(path_dir, model: Module) -> tuple[AdaLoraConfig, dict]:
@@ -79,11 +80,9 @@ def import_adalora_peft(path_dir, model: Module) -> tuple[AdaLoraConfig, dict]:
     ``{layer name: kept triplets}``. Each layer holds the file's rows; ``ranknum`` stays
     ``init_r`` (so c = lora_alpha / (init_r + 1e-5), as PEFT computes after reloading).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
-    d, cfg_path, w_path = read_peft_dir(path_dir, LoRAError)
-    if d.get("peft_type") != "ADALORA":
-        raise LoRAError(f"{str(cfg_path)!r}: peft_type is {d.get('peft_type')!r}, not 'ADALORA'")
+    d, raw, _, cfg_path, w_path = read_peft_dir(path_dir, ("ADALORA",), LoRAError)
     if d.get("fan_in_fan_out") or d.get("use_dora"):
         raise LoRAError(f"{str(cfg_path)!r}: fan_in_fan_out / use_dora are not supported for "
                         "AdaLoRA files")
@@ -91,9 +90,7 @@ def import_adalora_peft(path_dir, model: Module) -> tuple[AdaLoraConfig, dict]:
                                 "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
                                 "total_step") if d.get(k) is not None}
     config = AdaLoraConfig(target_modules=tuple(d.get("target_modules") or ()), **fields)
-    with safe_open(str(w_path), framework="numpy") as f:
-        raw = {k: f.get_tensor(k) for k in f.keys()}
-    raw, saved, saved_paths = take_saved_modules(raw, d, cfg_path, w_path, LoRAError)
+    raw, saved, saved_paths = take_saved_modules(raw, d, str(cfg_path), LoRAError)
     arrays = {}
     for key, a in raw.items():
         path, _, tensor = key[len(KEY_PREFIX):].rpartition(".")

@@ -2,7 +2,7 @@
 (with its gradient), the importance-scored :class:`RankAllocator` that prunes triplets to the budget
 schedule, and :class:`AdaLoraModel`, the GPT wrapper that runs both (:func:`inject_adalora`).
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _fro_and_grad(G, want_grad: bool):
 def orth_regularizer(model: Module) -> float:
     """R = (1 / N) Σ (||A A^T - I||_F + ||B^T B - I||_F), N = 2 x layers (PEFT's ``regu_loss``).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = adalora_layers(model)
     total = 0.0
@@ -48,7 +48,7 @@ def orth_regularizer(model: Module) -> float:
 def orth_regularizer_backward(model: Module, weight: float = 1.0) -> None:
     """Add ``weight * dR/dA`` and ``weight * dR/dB`` into the layers' gradients (trainable only).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = adalora_layers(model)
     n = 2 * len(layers)
@@ -73,7 +73,7 @@ class RankAllocator:
     Call :meth:`update_and_allocate` after every optimizer step with the 0-based step, while the
     gradients of that step are still in the layers' ``grads``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     def __init__(self, layers: dict, config: AdaLoraConfig):
@@ -195,7 +195,7 @@ class AdaLoraModel(LanguageModelMixin, Module):
     :class:`minilora.optim.AdamW` after every update) runs the :class:`RankAllocator`. Shares the
     GPT's children, so parameter names are the GPT's.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     def __init__(self, gpt, config: AdaLoraConfig):
@@ -240,7 +240,7 @@ def inject_adalora(model: Module, config: AdaLoraConfig) -> dict:
     """Wrap the targeted Linears of ``model`` in :class:`AdaLoRALinear` (init_r triplets each)
     and freeze the rest; returns ``{"trainable", "total", "percent", "targets"}``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     if not isinstance(config, AdaLoraConfig):
         raise TypeError(f"config must be an AdaLoraConfig, got {type(config).__name__}")

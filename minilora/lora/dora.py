@@ -32,7 +32,7 @@ dV = -(c / n)[:, None] ⊙ V, so dA += s B^T dV and dB += s dV A^T.
 
 Merge: W0 <- W' (the norm is kept, as PEFT keeps it, so unmerge restores W0 = W' · n / m - s B A).
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class DoRALinear(LoRALinear):
         detach_norm: treat the norm as a constant in backward (the paper's trick, PEFT's code);
             False gives the exact gradient.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     kind = "DoRALinear"

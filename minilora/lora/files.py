@@ -6,7 +6,7 @@ trained beside it (``modules_to_save``: ``lm_head.modules_to_save.default.weight
 and in the JSON header the :class:`LoraConfig`, the adapted module names, the saved modules and
 the base model's config.
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def lora_state_dict(model: Module, bias: str = "none") -> dict:
     Same dotted names as ``model.named_parameters()`` (``blocks.0.attn.q.lora_A``), on the
     active backend (not copies).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     biases = _bias_predicate(model, bias)
     return {n: p for n, p in model.named_parameters()
@@ -46,7 +46,7 @@ def load_lora_state_dict(model: Module, arrays: dict, strict: bool = True) -> No
     first mismatching tensor. With ``strict`` every LoRA factor of the model must be present.
     All checks run before any parameter is written.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = lora_layers(model)
     if not layers:
@@ -90,7 +90,7 @@ def save_adapter(path, model: Module, config: LoraConfig, modules_to_save=()) ->
     ``modules_to_save``: module paths trained whole beside the factors (``("lm_head",)``),
     stored in the same file (see :mod:`minilora.nn.modules_to_save`).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = lora_layers(model)
     if not layers:
@@ -117,7 +117,7 @@ def read_adapter(path, model: Module | None = None,
     otherwise. Used by :func:`load_adapter` and by the many-adapter registry
     (:mod:`minilora.adapters`).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     arrays, meta = read_typed(path, ADAPTER_FORMAT, "adapter", allow_nonfinite)
     config = config_from_meta(path, meta, "lora_config", LoraConfig, "adapter")
@@ -134,7 +134,7 @@ def load_adapter(path, model: Module) -> LoraConfig:
     must have exactly the saved targets. Shapes are checked with clear errors. Saved whole
     modules (``modules_to_save``) are copied into the model after the factors and left trainable.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     arrays, config = read_adapter(path, model)
     arrays, saved, paths = split_saved_modules(arrays)

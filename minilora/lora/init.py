@@ -13,7 +13,7 @@ from the same factors; the wrappers in :mod:`minilora.lora.layers` then move the
 
 For an Embedding PEFT starts the other way round: A (r, V) = 0 and B (C, r) ~ N(0, 1).
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
     merge_lora(model)      # W0 += ΔW in every wrapper: inference at the base's cost
     unmerge_lora(model)    # W0 -= ΔW: the factors train again
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from minilora.nn.layers import Embedding, Linear, Module
 def lora_layers(model: Module) -> dict:
     """``{module name: wrapper}`` for every LoRA layer in ``model``, in tree order.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     return {n: m for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
@@ -53,7 +53,7 @@ def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
         bias: 'none' (no bias trains), 'all' (every bias, LayerNorm biases included) or
             'lora_only' (the biases of the adapted layers).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     biases = _bias_predicate(model, bias)
     model.set_trainable(lambda name: name.rsplit(".", 1)[-1].startswith("lora_") or name in biases)
@@ -78,7 +78,7 @@ def inject_lora(model: Module, config: LoraConfig) -> dict:
         LoRAError: if the model already holds LoRA layers, or no module matches.
         ConfigError: if r exceeds min(d_in, d_out) of a target.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}")
@@ -124,7 +124,7 @@ def inject_lora(model: Module, config: LoraConfig) -> dict:
 def set_lora_training(model: Module, training: bool) -> None:
     """Switch LoRA dropout on (training) or off (evaluation) in every LoRALinear of ``model``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     for m in lora_layers(model).values():
         if isinstance(m, LoRALinear):
@@ -137,7 +137,7 @@ def merge_lora(model: Module, safe_merge: bool = False) -> list:
     With ``safe_merge`` every ΔW is checked before any weight is written, so a NaN anywhere leaves
     the whole model untouched.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = lora_layers(model)
     if not layers:
@@ -160,7 +160,7 @@ def merge_lora(model: Module, safe_merge: bool = False) -> list:
 def unmerge_lora(model: Module) -> list:
     """Unmerge every merged LoRA layer (``W0 -= ΔW``); returns the unmerged module names.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     names = []
     for n, m in lora_layers(model).items():
@@ -176,7 +176,7 @@ def prepare_for_adapter(model: Module, config: LoraConfig) -> None:
     the same adapted layer names and, in every layer, the same r and scaling; its trainable set
     is then reset for ``config.bias``. Raises :class:`LoRAError` naming the first mismatch.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = lora_layers(model)
     if not layers:
@@ -206,7 +206,7 @@ def count_lora_parameters(config: LoraConfig, model_config) -> int:
     v, o) + 4C (up) + C (down) + 2C (LayerNorms), plus C for ln_f); 'lora_only' the biases of the
     adapted Linears (C for q/k/v/o/down, 4C for up; wte and lm_head have none).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     C, V, L, r = model_config.n_embd, model_config.vocab_size, model_config.n_layer, config.r
     per_block = {"q": 2 * C, "k": 2 * C, "v": 2 * C, "o": 2 * C, "up": 5 * C, "down": 5 * C}

@@ -21,7 +21,7 @@ Model-level helpers (:mod:`minilora.lora.inject`, :mod:`minilora.lora.files`)::
 
 Names: ΔW is ``delta_w`` in code, never ``dW`` (that would read as a gradient).
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from minilora.config import LORA_INITS, ConfigError, _check_float, _check_int
 from minilora.errors import MiniloraError
 from minilora.lora.init import embedding_factors, linear_factors
 from minilora.nn import ops, ops_fast
+from minilora.peft_format import lora_scaling  # PEFT's meaning of r, lora_alpha
 from minilora.nn.layers import Embedding, Linear, Module
 
 
@@ -45,14 +46,6 @@ class LoRAError(MiniloraError, ValueError):
 # ----------------------------------------------------------------------------------------------
 # shared pieces
 # ----------------------------------------------------------------------------------------------
-def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
-    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023).
-
-    Chapter: chapters/02-lora-notes.ipynb
-    """
-    return lora_alpha / (math.sqrt(r) if use_rslora else r)
-
-
 def _check_rank(r, d_in: int, d_out: int, what: str) -> None:
     _check_int("r", r)
     if r > min(d_in, d_out):
@@ -161,7 +154,7 @@ class LoRALinear(_LoRABase):
         rng: int seed or NumPy Generator for the factors' initial values (drawn on the CPU).
         dropout_rng: int seed or Generator for the dropout masks (default: drawn from ``rng``).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     kind = "LoRALinear"
@@ -303,7 +296,7 @@ class LoRAEmbedding(_LoRABase):
         base: the Embedding to wrap (its weight array is adopted).
         r, lora_alpha, use_rslora, init_lora_weights, rng: as for :class:`LoRALinear`.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     kind = "LoRAEmbedding"

@@ -8,7 +8,7 @@ For the whole batch and per segment g = [s, e) of rows that share adapter g::
 Inference only: the mixed layers have no backward. :class:`minilora.adapters.AdapterRegistry`
 puts them into the model tree in place of the LoRA wrappers.
 
-Chapter: chapters/02-lora-notes.ipynb
+Chapter: chapters/04-lora-notes.ipynb
 """
 from __future__ import annotations
 

@@ -30,16 +30,14 @@ tensors under the module's path (``base_model.model.lm_head.weight``) and recogn
 Cost: a saved module trains all of its numbers (``lm_head``: V C = 97 x 160 = 15,520 in the
 shipped model) and its AdamW moments (2 more copies).
 
-Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
+Chapter: chapters/04-lora-notes.ipynb (the PEFT taxonomy)
 """
 from __future__ import annotations
 
 from minilora import backend
 from minilora.errors import PeftError
 from minilora.nn.layers import Module
-
-#: the key infix of a saved module's tensors (PEFT's name for the trained copy of a module)
-MTS_INFIX = ".modules_to_save.default"
+from minilora.peft_format import MTS_INFIX  # PEFT's name for the trained copy of a module
 
 
 def _module_paths(model: Module) -> dict:
@@ -52,7 +50,7 @@ def resolve_modules_to_save(model: Module, names) -> list:
     matches no module with parameters, or for a module that a PEFT method already wraps (a LoRA
     target, an (IA)³ layer: train the adapter *or* the whole module, not both).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     if isinstance(names, str):
         names = tuple(n for n in names.split(",") if n)
@@ -102,7 +100,7 @@ def add_modules_to_save(model: Module, names) -> SavedModules:
     :class:`SavedModules`. Call it after the method has set its trainable set (inject_lora,
     apply_peft, ...), which freezes everything else.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     paths = resolve_modules_to_save(model, names)
     saved = SavedModules(model, paths)
@@ -115,7 +113,7 @@ def add_modules_to_save(model: Module, names) -> SavedModules:
 def modules_to_save_state_dict(model: Module, paths) -> dict:
     """``{parameter name: array}`` of the modules at ``paths`` (the arrays themselves).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     modules = dict(model.named_modules())
     missing = [p for p in paths if p not in modules]
@@ -127,7 +125,7 @@ def modules_to_save_state_dict(model: Module, paths) -> dict:
 def count_modules_to_save(model: Module, names) -> int:
     """Numbers that the modules ``names`` add to the trainable count (all of their parameters).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     modules = dict(model.named_modules())
     return sum(int(a.size) for p in resolve_modules_to_save(model, names)
@@ -141,7 +139,7 @@ def saved_modules_tensors(model: Module, paths) -> dict:
     (:func:`minilora.lora.save_adapter`, ``save_qlora_adapter``, ``save_peft``, ``save_ia3``) adds
     them with ``modules_to_save=paths``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     modules_to_save_state_dict(model, paths)    # one clear error for a path the model lacks
     modules = dict(model.named_modules())
@@ -153,7 +151,7 @@ def split_saved_modules(arrays: dict) -> tuple[dict, dict, list]:
     the saved modules' keys lose their ``.modules_to_save.default`` infix
     (``lm_head.weight``), ready for :func:`load_saved_modules`.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     rest, saved, paths = {}, {}, []
     for key, a in arrays.items():
@@ -173,7 +171,7 @@ def check_saved_modules(model: Module, paths, arrays: dict, where: str,
     without writing anything; returns the model's arrays they will be copied into. Loaders call
     it before they write the method's own tensors.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     modules = _module_paths(model)
     missing = [p for p in paths if p not in modules]
@@ -198,7 +196,7 @@ def load_saved_modules(model: Module, paths, arrays: dict, where: str,
     previous arrays back. Names and shapes are checked before anything is written (``error``:
     the exception class, one message naming ``where``). Call it after the method is applied.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     wanted = check_saved_modules(model, paths, arrays, where, error)
     saved = add_modules_to_save(model, paths)   # keeps copies of the base arrays first
@@ -207,7 +205,7 @@ def load_saved_modules(model: Module, paths, arrays: dict, where: str,
     return saved
 
 
-__all__ = ["MTS_INFIX", "SavedModules", "add_modules_to_save", "check_saved_modules",
+__all__ = ["SavedModules", "add_modules_to_save", "check_saved_modules",
            "count_modules_to_save",
            "load_saved_modules",
            "modules_to_save_state_dict", "resolve_modules_to_save", "saved_modules_tensors",

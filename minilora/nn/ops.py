@@ -52,7 +52,8 @@ def linear_forward(x, w, b=None, keep_x: bool = True):
     """
     d_out, d_in = w.shape
     # one (N, d_in) @ (d_in, d_out) GEMM: a stacked (B, T, d_in) @ 2-D matmul would be B small ones
-    out = xp.matmul(x.reshape(-1, d_in), w.T).reshape(*x.shape[:-1], d_out)
+    n = math.prod(x.shape[:-1])  # not reshape(-1, ...): a rank-0 layer has d_in = 0
+    out = xp.matmul(x.reshape(n, d_in), w.T).reshape(*x.shape[:-1], d_out)
     if b is not None:
         out += b
     return out, (x if keep_x else None, w, b is not None)
@@ -69,14 +70,14 @@ def linear_backward(dout, cache, need_dx=True, need_dw=True, need_db=True):
     """
     x, w, has_bias = cache
     d_out, d_in = w.shape
-    dout2 = dout.reshape(-1, d_out)  # (N, d_out)
+    dout2 = dout.reshape(math.prod(dout.shape[:-1]), d_out)  # (N, d_out); d_out may be 0
     dx = xp.matmul(dout2, w).reshape(*dout.shape[:-1], d_in) if need_dx else None  # (..., d_in)
     dw = db = None
     if need_dw:
         if x is None:
             raise UsageError("linear_backward: dw was asked for, but the forward pass ran with "
                              "keep_x=False (the weight was frozen then); unfreeze before forward")
-        dw = xp.matmul(dout2.T, x.reshape(-1, d_in))  # (d_out, d_in)
+        dw = xp.matmul(dout2.T, x.reshape(dout2.shape[0], d_in))  # (d_out, d_in)
     if need_db and has_bias:  # column sums as a vector-matrix product: BLAS beats sum(axis=0)
         db = xp.matmul(xp.ones((1, dout2.shape[0]), dtype=dout2.dtype), dout2).reshape(d_out)
     return dx, dw, db

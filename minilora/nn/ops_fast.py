@@ -21,7 +21,8 @@ import contextlib
 import math
 from typing import NamedTuple
 
-from minilora.backend import is_cupy, parallel_chunks, xp
+from minilora.backend import is_cupy, xp
+from minilora.threads import parallel_chunks
 from minilora.nn.ops import (
     GELU_C,
     GELU_K,
@@ -63,7 +64,7 @@ def blocked_always():
 def _row_blocks(n_rows: int, row_len: int, block) -> None:
     """Call ``block(r0, r1, scratch)`` over row blocks of about :data:`BLOCK_FLOATS` floats that
     cover rows 0 .. n_rows-1, the blocks shared out over the CPU threads
-    (:func:`minilora.backend.parallel_chunks`); ``scratch`` is a per-thread ``(rows, row_len)``
+    (:func:`minilora.threads.parallel_chunks`); ``scratch`` is a per-thread ``(rows, row_len)``
     buffer factory. On CuPy: one block, all rows (the GPU is parallel already)."""
     rows = n_rows if is_cupy() else max(1, min(n_rows, BLOCK_FLOATS // max(1, row_len)))
 
@@ -217,7 +218,7 @@ def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
     scores stay small enough for the cache during the softmax. Only the tile's diagonal block
     needs the causal mask. The output is written straight into (B, T, NH, hs) order, so merging
     the heads is free. The batch is shared out over the CPU threads
-    (:func:`minilora.backend.parallel_chunks`: the per-head GEMMs are too small for BLAS to
+    (:func:`minilora.threads.parallel_chunks`: the per-head GEMMs are too small for BLAS to
     thread). Returns y (B, T, C), cache = :class:`TiledAttentionCache` (a small input, e.g. a
     decoding step, takes the plain op and returns its :class:`~minilora.nn.ops.AttentionCache`).
     """
@@ -300,7 +301,7 @@ def matmul_rows(a, b, min_rows: int = MIN_ROWS_PER_THREAD):
 def linear_forward_fast(x, w, b=None, keep_x: bool = True):
     """:func:`~minilora.nn.ops.linear_forward` with the rows of x shared over the CPU threads
     (:func:`matmul_rows`); same cache. One call when there is one thread
-    (:func:`minilora.backend.cpu_threads`), as when BLAS threads itself."""
+    (:func:`minilora.threads.cpu_threads`), as when BLAS threads itself."""
     if x.dtype != w.dtype:  # mixed precision: the plain op (NumPy's promotion rules)
         return linear_forward(x, w, b, keep_x)
     d_out, d_in = w.shape

@@ -15,7 +15,7 @@ Modules: :mod:`~minilora.peft.houlsby`, :mod:`~minilora.peft.prefix` (prefix + p
 :mod:`~minilora.peft.bitfit`, and :mod:`~minilora.peft.files` (apply / count / save / load for
 all of them). LoRA itself lives in :mod:`minilora.lora`.
 
-Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
+Chapter: chapters/04-lora-notes.ipynb (the PEFT taxonomy)
 """
 from minilora.errors import PeftError
 from minilora.nn.modules_to_save import (

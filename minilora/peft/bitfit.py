@@ -1,6 +1,6 @@
 """BitFit: only the existing biases train (a selective method: no new numbers at all).
 
-Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
+Chapter: chapters/04-lora-notes.ipynb (the PEFT taxonomy)
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def apply_bitfit(model: Module, config: BitFitConfig) -> dict:
     """Freeze every parameter except the biases (see :class:`BitFitConfig`); returns the report
     ``{"trainable", "total", "percent", "targets": [bias names]}``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     if not isinstance(config, BitFitConfig):
         raise TypeError(f"config must be a BitFitConfig, got {type(config).__name__}")

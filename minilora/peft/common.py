@@ -1,7 +1,7 @@
 """What every PEFT method here shares: two small helpers (the error class, PeftError, lives in
 minilora.errors).
 
-Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
+Chapter: chapters/04-lora-notes.ipynb (the PEFT taxonomy)
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
     save_peft("houlsby.safetensors", model, config)              # the small tensors + the config
     model2, config = load_peft("houlsby.safetensors", fresh_base_gpt)
 
-Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
+Chapter: chapters/04-lora-notes.ipynb (the PEFT taxonomy)
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def apply_peft(model, config):
     """Apply the method ``config`` stands for to a GPT; returns the model to train (the same
     object for adapters and BitFit, a wrapper for prefix and prompt tuning).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     method = _method_of(config)
     if method == "adapter":
@@ -88,7 +88,7 @@ def count_peft_parameters(config, model_config: GPTConfig) -> int:
     bitfit:  L (4C [q,k,v,o] + 4C [up] + C [down]) if the Linears have biases,
              + L 2C + C with layernorm (the biases of ln_1, ln_2, ln_f)
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     L, C = model_config.n_layer, model_config.n_embd
     method = _method_of(config)
@@ -120,7 +120,7 @@ def save_peft(path, model, config, modules_to_save=()) -> None:
     ``modules_to_save``: module paths trained whole beside the method, stored in the same file
     (:mod:`minilora.nn.modules_to_save`).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     method = _method_of(config)
     arrays = peft_state_dict(model, config)
@@ -142,7 +142,7 @@ def load_peft(path, model, allow_nonfinite: bool = False):
     must be one of the method's parameters with the same shape; all are checked before anything
     is written. Saved whole modules (``modules_to_save``) are copied in last and stay trainable.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     arrays, meta = read_typed(path, PEFT_FORMAT, "PEFT file", allow_nonfinite)
     method = meta.get("method")

@@ -5,7 +5,7 @@ is the base model exactly. :class:`HoulsbyAdapter` wraps the block's Linear (it 
 ``weight`` / ``bias`` arrays under the same names, so a base checkpoint still loads by name) and
 adds two child Linears ``adapter_down`` / ``adapter_up``; the model stays a GPT.
 
-Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
+Chapter: chapters/04-lora-notes.ipynb (the PEFT taxonomy)
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class HoulsbyAdapter(Module):
         zero_up: W_up = 0 and b_up = 0, so ``out == y`` exactly at step 0.
         rng: int seed or NumPy Generator (drawn on the CPU).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     def __init__(self, base: Linear, bottleneck: int, init_std: float = 1e-2,
@@ -169,7 +169,7 @@ def inject_adapters(model: Module, config: AdapterConfig) -> dict:
     Returns ``{"trainable", "total", "percent", "targets"}`` like :func:`minilora.lora.inject_lora`.
     Raises :class:`PeftError` if the model already has adapters or has no such layers.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig, got {type(config).__name__}")

@@ -24,7 +24,7 @@ Backward (y = x @ W0.T + b the base output, g = dout)::
 Merge folds the vector into the weight: rows of W0 (and b) times l for output scaling, columns of
 W0 times l for input scaling; unmerge divides again (refused if some l is 0).
 
-Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
+Chapter: chapters/04-lora-notes.ipynb (the PEFT taxonomy)
 """
 from __future__ import annotations
 
@@ -32,27 +32,17 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save
-
 from minilora import backend
 from minilora.backend import xp
 from minilora.config import LORA_TARGET_ALIASES, ConfigError, JsonConfig
 from minilora.errors import PeftError
 from minilora.io import (
-    atomic_write_bytes,
-    atomic_write_json,
     check_same_base,
     config_from_meta,
     read_typed,
     write_typed,
 )
 
-# the module, not its names: lora.peft_format imports minilora.peft (modules_to_save), so when
-# it is imported first this package is loaded while peft_format is still half-initialised
-from minilora.lora import peft_format
-from minilora.lora.peft_names import PEFT_TARGET_NAMES, read_peft_dir
 from minilora.nn import ops
 from minilora.nn.layers import Linear, Module
 from minilora.nn.modules_to_save import (
@@ -60,6 +50,16 @@ from minilora.nn.modules_to_save import (
     load_saved_modules,
     saved_modules_tensors,
     split_saved_modules,
+)
+from minilora.peft_format import (
+    KEY_PREFIX,
+    PEFT_TARGET_NAMES,
+    PeftFormatError,
+    from_peft_module,
+    peft_config,
+    peft_key,
+    read_peft_dir,
+    write_peft_dir,
 )
 
 IA3_TARGETS = ("q", "k", "v", "o", "up", "down")
@@ -123,7 +123,7 @@ class IA3Linear(Module):
     trainable vector ``ia3_l``: (d_out, 1) output scaling, (1, d_in) input scaling (PEFT's
     shapes). Adopts the base's ``weight`` and ``bias`` arrays. See the module docstring.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     def __init__(self, base: Linear, feedforward: bool, l0=None):
@@ -218,7 +218,7 @@ class IA3Linear(Module):
 def ia3_layers(model: Module) -> dict:
     """``{module name: IA3Linear}`` in tree order.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
 
@@ -227,7 +227,7 @@ def inject_ia3(model: Module, config: IA3Config) -> dict:
     """Wrap every targeted Linear of ``model`` in an :class:`IA3Linear`, freeze everything else;
     returns ``{"trainable", "total", "percent", "targets"}``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     if not isinstance(config, IA3Config):
         raise TypeError(f"config must be an IA3Config, got {type(config).__name__}")
@@ -254,7 +254,7 @@ def inject_ia3(model: Module, config: IA3Config) -> dict:
 def merge_ia3(model: Module) -> list:
     """Merge every (IA)³ layer; returns their names.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     layers = ia3_layers(model)
     for m in layers.values():
@@ -265,7 +265,7 @@ def merge_ia3(model: Module) -> list:
 def unmerge_ia3(model: Module) -> list:
     """Unmerge every merged (IA)³ layer; returns their names.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     names = [n for n, m in ia3_layers(model).items() if m.merged]
     for n in names:
@@ -277,7 +277,7 @@ def count_ia3_parameters(config: IA3Config, model_config) -> int:
     """Closed form: per block C for each of q, k, v, o, down (output-scaled; 4C for up) or,
     input-scaled, C (q, k, v, o, up) / 4C (down). Default k, v, down-input: L (C + C + 4C).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     C, L = model_config.n_embd, model_config.n_layer
     d_in = {"q": C, "k": C, "v": C, "o": C, "up": C, "down": 4 * C}
@@ -304,7 +304,7 @@ def save_ia3(path, model: Module, config: IA3Config, modules_to_save=()) -> None
     module paths trained whole beside the vectors, stored in the same file
     (:mod:`minilora.nn.modules_to_save`).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     _check_unmerged(model, "save_ia3")
     arrays = ia3_state_dict(model)
@@ -320,7 +320,7 @@ def load_ia3(path, model: Module) -> IA3Config:
     """Inject a file from :func:`save_ia3` into a fresh base GPT; returns its config. Saved
     whole modules (``modules_to_save``) are copied in after the vectors and stay trainable.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     arrays, meta = read_typed(path, IA3_FORMAT, "(IA)³ file")
     config = config_from_meta(path, meta, "ia3_config", IA3Config, "(IA)³ file")
@@ -350,45 +350,36 @@ def export_ia3_peft(path_dir, model: Module, config: IA3Config) -> Path:
     """Write PEFT's IA3 adapter directory: keys ``base_model.model.<path>.ia3_l`` (no
     ``.weight``) and a config with ``peft_type "IA3"``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     _check_unmerged(model, "export_ia3_peft")
-    prefix = peft_format.KEY_PREFIX
-    tensors = {f"{prefix}{peft_format.to_peft_module(n.rpartition('.')[0])}.ia3_l":
-               np.ascontiguousarray(backend.to_numpy(a)) for n, a in ia3_state_dict(model).items()}
-    path_dir = Path(path_dir)
-    atomic_write_bytes(path_dir / "adapter_model.safetensors", save(tensors,
-                                                                   metadata={"format": "pt"}))
-    atomic_write_json(path_dir / "adapter_config.json", {
-        "peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
-        "revision": None, "inference_mode": True, "fan_in_fan_out": False,
-        "target_modules": [PEFT_TARGET_NAMES[t] for t in config.target_modules],
+    tensors = {peft_key(n.rpartition('.')[0], "ia3_l"): backend.to_numpy(a)
+               for n, a in ia3_state_dict(model).items()}
+    config_d = peft_config("IA3", {
         "feedforward_modules": [PEFT_TARGET_NAMES[t] for t in config.feedforward_modules],
-        "init_ia3_weights": config.init_ia3_weights, "modules_to_save": None,
-        "exclude_modules": None})
-    return path_dir
+        "init_ia3_weights": config.init_ia3_weights}, config.target_modules)
+    try:
+        return write_peft_dir(path_dir, tensors, config_d)
+    except PeftFormatError as e:
+        raise PeftError(f"export_ia3_peft: {e}") from None
 
 
 def import_ia3_peft(path_dir, model: Module) -> IA3Config:
     """Load PEFT's IA3 adapter directory into a fresh base GPT; returns the config.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
-    d, cfg_path, w_path = read_peft_dir(path_dir, PeftError)
-    if d.get("peft_type") != "IA3":
-        raise PeftError(f"{str(cfg_path)!r}: peft_type is {d.get('peft_type')!r}, not 'IA3'")
+    d, raw, _, cfg_path, w_path = read_peft_dir(path_dir, ("IA3",), PeftError)
     if d.get("fan_in_fan_out") or d.get("modules_to_save"):
         raise PeftError(f"{str(cfg_path)!r}: fan_in_fan_out / modules_to_save are not supported "
                         "for (IA)³ files")
     config = IA3Config(target_modules=tuple(d.get("target_modules") or ()),
                        feedforward_modules=tuple(d.get("feedforward_modules") or ()))
-    with safe_open(str(w_path), framework="numpy") as f:
-        raw = {k: f.get_tensor(k) for k in f.keys()}
     arrays = {}
     for key, a in raw.items():
-        if not (key.startswith(peft_format.KEY_PREFIX) and key.endswith(".ia3_l")):
+        if not (key.startswith(KEY_PREFIX) and key.endswith(".ia3_l")):
             raise PeftError(f"{str(w_path)!r}: key {key!r} is not an (IA)³ vector")
-        module = peft_format.from_peft_module(key[len(peft_format.KEY_PREFIX):-len(".ia3_l")])
+        module = from_peft_module(key[len(KEY_PREFIX):-len(".ia3_l")])
         arrays[module + ".ia3_l"] = a
     inject_ia3(model, config)
     missing = sorted(set(ia3_state_dict(model)) - set(arrays))

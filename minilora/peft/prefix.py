@@ -11,7 +11,7 @@ holds the new parameters in one child (``prefix`` / ``prompt``) and *shares* the
 so every base parameter keeps its name (``blocks.0.attn.q.weight``), ``forward_backward(x, y)``
 and ``AdamW(model)`` work unchanged, and the logits cover exactly the T real tokens.
 
-Chapter: chapters/02-lora-notes.ipynb (the PEFT taxonomy)
+Chapter: chapters/04-lora-notes.ipynb (the PEFT taxonomy)
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ class PrefixTuningModel(_GPTWrapper):
     softmax mass, so unlike a zero-initialised LoRA or adapter the logits differ from the base's
     at step 0 (the ``"vocab"`` init makes them the base's own keys/values of real tokens).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     extra_name = "prefix"
@@ -216,7 +216,7 @@ class PromptTuningModel(_GPTWrapper):
     this model accepts), so the harness's length checks stay right; the base's own config is
     ``gpt.config``.
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
 
     extra_name = "prompt"
@@ -307,7 +307,7 @@ def base_prefix_kv(gpt, idx):
 def add_prefix(gpt, config: PrefixConfig) -> PrefixTuningModel:
     """Freeze ``gpt`` and return it wrapped with a trainable prefix (see :class:`PrefixConfig`).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     if not isinstance(config, PrefixConfig):
         raise TypeError(f"config must be a PrefixConfig, got {type(config).__name__}")
@@ -327,7 +327,7 @@ def add_prefix(gpt, config: PrefixConfig) -> PrefixTuningModel:
 def add_prompt(gpt, config: PromptConfig) -> PromptTuningModel:
     """Freeze ``gpt`` and return it wrapped with a trainable soft prompt (:class:`PromptConfig`).
 
-    Chapter: chapters/02-lora-notes.ipynb
+    Chapter: chapters/04-lora-notes.ipynb
     """
     if not isinstance(config, PromptConfig):
         raise TypeError(f"config must be a PromptConfig, got {type(config).__name__}")

@@ -11,7 +11,7 @@ Read in this order:
 * :mod:`minilora.quant.double`    - double quantisation of the absmax values, bits per parameter;
 * :mod:`minilora.quant.state`     - ``QuantState`` and its safetensors + JSON file format.
 
-Chapter: chapters/03-nf4-step-by-step.ipynb
+Chapter: chapters/06-nf4-step-by-step.ipynb
 """
 from minilora.quant.blockwise import (
                                       absmax_per_block,

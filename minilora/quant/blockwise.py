@@ -17,16 +17,17 @@ bytes, :func:`dequantize_packed`)
 All array maths goes through ``xp`` (NumPy or CuPy). Nothing here loops over blocks in Python;
 on NumPy the work is done in slices of ~128 K elements (a whole number of blocks each) so that the
 float32 temporaries stay in the CPU cache (1.5-2x faster than whole-array passes), and the slices
-are shared out over the CPU's cores (:func:`minilora.backend.parallel_chunks`).
+are shared out over the CPU's cores (:func:`minilora.threads.parallel_chunks`).
 
-Chapter: chapters/03-nf4-step-by-step.ipynb
+Chapter: chapters/06-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 
 import math
 import numbers
 
-from minilora.backend import is_cupy, parallel_chunks, xp
+from minilora.backend import is_cupy, xp
+from minilora.threads import parallel_chunks
 from minilora.quant.checks import (
     QuantError,
     _raise_not_finite,
@@ -75,7 +76,7 @@ def absmax_per_block(x, blocksize: int):
     Returns:
         float32 array of shape (ceil(n / blocksize),).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     blocksize = check_blocksize(blocksize)
     flat = as_float32_flat(x)
@@ -104,7 +105,7 @@ def scale_to_unit(x, absmax, blocksize: int, out=None):
     Returns:
         float32 array of shape (n_blocks * blocksize,), values in [-1, 1].
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     x = xp.asarray(x, dtype=xp.float32)
     if out is None:
@@ -128,7 +129,7 @@ def midpoints(code):
     Returns:
         float32 array of shape (K-1,).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     c = xp.asarray(code, dtype=xp.float32)
     return (c[:-1] + c[1:]) / xp.float32(2.0)
@@ -174,7 +175,7 @@ def nearest_code(scaled, code, out=None):
     Returns:
         uint8 array of the same shape as ``scaled``, values in 0..K-1.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     c = check_code(code)
     s = xp.asarray(scaled, dtype=xp.float32)
@@ -214,7 +215,7 @@ def quantize_blockwise(x, code, blocksize: int):
         TypeError / ValueError for a non-float, empty or non-finite ``x``, a bad ``blocksize``
         or an unsorted ``code``.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     blocksize = check_blocksize(blocksize)
     c = check_code(code)
@@ -309,7 +310,7 @@ def dequantize_blockwise(q, absmax, code, blocksize: int, shape=None, dtype="flo
     Returns:
         array of shape ``shape`` and dtype ``dtype``.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     blocksize = check_blocksize(blocksize)
     c = check_code(code, require_sorted=False)
@@ -358,7 +359,7 @@ def dequantize_packed(packed, absmax, code, blocksize: int, n: int, shape=None,
     Returns:
         array of shape ``shape`` and dtype ``dtype``.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     blocksize = check_blocksize(blocksize)
     c = check_code(code, n_entries=16, require_sorted=False)

@@ -1,7 +1,7 @@
 """Input checks for the quantisers, one clear :class:`QuantError` each: block sizes, code tables,
 float32 inputs, block counts (step 1 of the recipe in :mod:`minilora.quant.blockwise`).
 
-Chapter: chapters/03-nf4-step-by-step.ipynb
+Chapter: chapters/06-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def check_blocksize(blocksize, name: str = "blocksize") -> int:
     Returns:
         int.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
         raise TypeError(f"{name} must be a positive integer (e.g. 64); got {blocksize!r} "
@@ -53,7 +53,7 @@ def check_code(code, n_entries: int | None = None, require_sorted: bool = True, 
     Returns:
         float32 array of shape (K,).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     c = xp.asarray(code)
     if c.dtype.kind not in "fiu":
@@ -85,7 +85,7 @@ def as_float32_flat(x, name: str = "x"):
     Returns:
         float32 array of shape (n,); a view of ``x`` when it already is contiguous float32.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     a = xp.asarray(x)
     if a.dtype.kind != "f":
@@ -122,7 +122,7 @@ def n_blocks(n: int, blocksize: int) -> int:
     Returns:
         int.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     return -(-n // blocksize)
 
@@ -147,7 +147,7 @@ def linspace_float32(start: float, stop: float, num: int):
     Returns:
         NumPy float32 array of shape (num,).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     np = cpu_module()
     f32, f64 = np.float32, np.float64

@@ -17,7 +17,7 @@ block per tensor (a single absmax for the whole tensor).
 ``minilora quantize --compare`` runs :func:`run_comparison` and writes ``results/quant/*.json``;
 ``minilora figures`` draws them (``quant_error_vs_blocksize``, ``quant_code_histogram``).
 
-Chapter: chapters/03-nf4-step-by-step.ipynb
+Chapter: chapters/06-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def roundtrip_codes(x, quant_type: str, blocksize: int | None = 64, double_quant
         q: NumPy uint8 array of shape (n,), the code index of each element (for FP4 the index
            is the bit pattern, see :data:`minilora.quant.nf4.FP4_CODE`).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     code = get_code(quant_type)
     a = backend.asarray(x)
@@ -111,7 +111,7 @@ def quant_error(tensors, quant_type: str, blocksize: int | None = 64,
         dict with n, mean_abs_error, max_abs_error, rmse, relative_rmse (floats) and
         code_counts (16 ints: how many elements got each code index).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     if quant_type not in QUANT_TYPES:
         raise QuantError(f"quant_type must be one of {', '.join(QUANT_TYPES)}; got {quant_type!r}")
@@ -142,7 +142,7 @@ def gaussian_sample(n: int = 2 ** 20, seed: int = 0):
 def model_quant_weights(model) -> dict:
     """The weights ``minilora quantize`` quantises (blocks' q, k, v, o, up, down), name -> array.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
 
     return {name: p for name, p in model.named_parameters() if is_quant_target(name)}
@@ -163,7 +163,7 @@ def compare_codes(datasets: dict, quant_types=QUANT_TYPES, blocksizes=BLOCKSIZES
         list of records {data, quant_type, blocksize, double_quant: False, n, mean_abs_error,
         max_abs_error, rmse, relative_rmse, code_counts}.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     rows = []
     for data, tensors in datasets.items():
@@ -216,7 +216,7 @@ def article_examples(weight: float = 0.2121, article_level: float = 0.1997,
         dict of plain numbers (see the keys); every entry is checked in
         tests/test_quant_compare.py.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     out = {"weight": weight, "article_level": article_level}
     for qt in QUANT_TYPES:

@@ -19,7 +19,7 @@ is ``QuantState.nested``, its second level ``state2``), and ``bnb_4bit_use_doubl
 transformers' ``BitsAndBytesConfig``. The paper calls the 8-bit type "FP8"; the code uses
 bitsandbytes' *dynamic* 8-bit map, built here by :func:`create_dynamic_map`.
 
-Chapter: chapters/03-nf4-step-by-step.ipynb
+Chapter: chapters/06-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bi
     Returns:
         NumPy float32 array of shape (2**total_bits,), sorted.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     f32 = _np.float32
     non_sign_bits = total_bits - 1
@@ -117,7 +117,7 @@ def double_quantize(absmax, blocksize: int = DOUBLE_QUANT_BLOCKSIZE, code=None):
         absmax2: float32 array of shape (ceil(n_blocks / blocksize),).
         offset: float32 scalar (0-d array).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     blocksize = check_blocksize(blocksize)
     a = xp.asarray(absmax)
@@ -147,7 +147,7 @@ def double_dequantize(q8, absmax2, offset, blocksize: int = DOUBLE_QUANT_BLOCKSI
     Returns:
         float32 array of shape (n_blocks,).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     out = dequantize_blockwise(q8, absmax2, DYNAMIC_MAP if code is None else code, blocksize)
     out += xp.asarray(offset, dtype=xp.float32)  # a 0-d device array on CuPy: no float32() of it
@@ -174,7 +174,7 @@ def bits_per_param(blocksize: int = 64, double_quant: bool = False,
     Returns:
         float, bits per element.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     blocksize = check_blocksize(blocksize)
     blocksize2 = check_blocksize(blocksize2, "blocksize2")
@@ -203,7 +203,7 @@ def measured_bits_per_param(packed, state) -> float:
         float; equals ``bits_per_param(state.blocksize, state.double_quant, state.blocksize2,
         n=state.n)``.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     nbytes = xp.asarray(packed).nbytes + state.absmax.nbytes
     if state.double_quant:

@@ -2,7 +2,7 @@
 ``ElementwiseKernel`` (the NumPy path, and CuPy without the kernel, use
 :func:`minilora.quant.blockwise.scale_to_unit` then :func:`~minilora.quant.blockwise.nearest_code`).
 
-Chapter: chapters/03-nf4-step-by-step.ipynb
+Chapter: chapters/06-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ The dequantisation is :func:`minilora.quant.blockwise.dequantize_packed` on ``xp
 layer runs on NumPy and CuPy. The quantisation itself (setup, once) is the CPU/``xp`` code of
 :mod:`minilora.quant.nf4`.
 
-Chapter: chapters/nf4-and-double-quant.ipynb
+Chapter: chapters/05-lora-and-qlora.ipynb
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class QuantWeight:
         keep_dequantized: if True, the first :meth:`dequantize` keeps its float32 result and
             later calls reuse it (faster, but the float copy is held: no memory saving).
 
-    Chapter: chapters/nf4-and-double-quant.ipynb
+    Chapter: chapters/05-lora-and-qlora.ipynb
     """
 
     def __init__(self, packed, state: QuantState, keep_dequantized: bool = False):
@@ -179,7 +179,7 @@ class QuantLinear(Module):
     gets no gradient, no optimizer state and is not cast by ``astype`` (the dequantised copy is
     cast to the input's dtype instead, which is how a float64 gradient check runs through it).
 
-    Chapter: chapters/nf4-and-double-quant.ipynb
+    Chapter: chapters/05-lora-and-qlora.ipynb
     """
 
     def __init__(self, qweight: QuantWeight, bias=None):

@@ -2,7 +2,7 @@
 
 CPU by design: the SVDs run in float64 NumPy; the quantisation itself runs on ``xp``.
 
-Chapter: chapters/04-lora-and-qlora.ipynb
+Chapter: chapters/05-lora-and-qlora.ipynb
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def loftq_init(w, r: int, n_iter: int = 5, quant_type: str = "nf4", blocksize: i
     Returns:
         :class:`LoftQResult`.
 
-    Chapter: chapters/04-lora-and-qlora.ipynb
+    Chapter: chapters/05-lora-and-qlora.ipynb
     """
     w = check_finite_weight(w, name)
     d_out, d_in = w.shape

@@ -11,7 +11,7 @@ The quantised checkpoint is one safetensors file (written atomically) with
 * a JSON header entry ``"minilora"``: format, model config, tokenizer and, per quantised tensor,
   its :class:`QuantState` metadata.
 
-Chapter: chapters/03-nf4-step-by-step.ipynb
+Chapter: chapters/06-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 

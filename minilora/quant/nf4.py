@@ -12,7 +12,7 @@ decides where the 16 levels sit:
 Naming follows bitsandbytes: ``code`` (table), ``absmax`` (one scale per block), ``blocksize=64``,
 ``q`` (indices), ``packed`` (uint8, two codes per byte, high nibble first), ``QuantState``.
 
-Chapter: chapters/03-nf4-step-by-step.ipynb
+Chapter: chapters/06-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True):
     Returns:
         NumPy float32 array, shape (16,) (or (15,) with ``use_extra_value=False``), sorted.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     # lazy: scipy.stats takes ~0.3 s to import, and only building the table needs it
     from scipy.stats import norm
@@ -135,7 +135,7 @@ def int4_symmetric_code():
     Returns:
         NumPy float32 array of shape (16,): [-8/7, -1, -6/7, ..., 6/7, 1], sorted.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     return (_np.arange(-8, 8, dtype=_np.float32) / _np.float32(7.0)).astype(_np.float32)
 
@@ -154,7 +154,7 @@ def get_code(quant_type: str):
     Returns:
         read-only NumPy float32 array of shape (16,), index = 4-bit code.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     if quant_type not in _CODES:
         raise QuantError(f"quant_type must be one of {', '.join(QUANT_TYPES)}; got {quant_type!r}")
@@ -188,7 +188,7 @@ def quantize_4bit(x, code, blocksize: int = 64, double_quant: bool = False,
         packed: uint8 array of shape (ceil(n / 2),).
         state: :class:`QuantState` with what dequantisation needs.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     blocksize = check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
@@ -233,7 +233,7 @@ def check_packed_matches(packed, state: QuantState):
     Raises:
         TypeError for a wrong type / dtype, ValueError for a size mismatch or a broken state.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState; got {type(state).__name__}")
@@ -261,7 +261,7 @@ def dequantize_4bit(packed, state: QuantState):
     Returns:
         array of shape ``state.shape`` and dtype ``state.dtype``.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     packed = check_packed_matches(packed, state)
     # = dequantize_blockwise(unpack_nibbles(packed, n), absmax, code, ...), one lookup per byte
@@ -285,7 +285,7 @@ def quantize_nf4(x, blocksize: int = 64, double_quant: bool = False):
     Returns:
         packed: uint8 (ceil(n / 2),);  state: QuantState (quant_type 'nf4').
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     return quantize_4bit(x, NF4_CODE, blocksize, double_quant, quant_type="nf4")
 
@@ -293,7 +293,7 @@ def quantize_nf4(x, blocksize: int = 64, double_quant: bool = False):
 def dequantize_nf4(packed, state: QuantState):
     """Inverse of :func:`quantize_nf4`; returns an array of ``state.shape``, ``state.dtype``.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     _check_type(state, "nf4")
     return dequantize_4bit(packed, state)
@@ -302,7 +302,7 @@ def dequantize_nf4(packed, state: QuantState):
 def quantize_fp4(x, blocksize: int = 64, double_quant: bool = False):
     """FP4 (E2M1) quantisation: :func:`quantize_4bit` with :data:`FP4_CODE`.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     return quantize_4bit(x, FP4_CODE, blocksize, double_quant, quant_type="fp4")
 
@@ -310,7 +310,7 @@ def quantize_fp4(x, blocksize: int = 64, double_quant: bool = False):
 def dequantize_fp4(packed, state: QuantState):
     """Inverse of :func:`quantize_fp4`.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     _check_type(state, "fp4")
     return dequantize_4bit(packed, state)
@@ -319,7 +319,7 @@ def dequantize_fp4(packed, state: QuantState):
 def quantize_int4(x, blocksize: int = 64, double_quant: bool = False):
     """Symmetric absmax int4 quantisation: :func:`quantize_4bit` with :data:`INT4_CODE`.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     return quantize_4bit(x, INT4_CODE, blocksize, double_quant, quant_type="int4")
 
@@ -327,7 +327,7 @@ def quantize_int4(x, blocksize: int = 64, double_quant: bool = False):
 def dequantize_int4(packed, state: QuantState):
     """Inverse of :func:`quantize_int4`.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     _check_type(state, "int4")
     return dequantize_4bit(packed, state)

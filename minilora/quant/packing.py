@@ -1,7 +1,7 @@
 """Step 5 of the recipe: two 4-bit codes per byte, the first element in the high nibble
 (bitsandbytes' layout), and back.
 
-Chapter: chapters/03-nf4-step-by-step.ipynb
+Chapter: chapters/06-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def pack_nibbles(q, pad: int = 0):
     Returns:
         uint8 array of shape (ceil(n / 2),).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     q = xp.asarray(q)
     if q.dtype.kind not in "iu":
@@ -68,7 +68,7 @@ def unpack_nibbles(packed, n: int):
     Returns:
         uint8 array of shape (n,).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
     packed = xp.asarray(packed)
     if packed.dtype != xp.uint8:

@@ -6,7 +6,7 @@ Field names follow bitsandbytes' ``QuantState`` (``absmax``, ``shape``, ``code``
 nested ``state2`` (``state2.absmax``, ``state2.code``, ``state2.blocksize``), which are our flat
 ``absmax2``, ``code2``, ``blocksize2``.
 
-Chapter: chapters/03-nf4-step-by-step.ipynb
+Chapter: chapters/06-nf4-step-by-step.ipynb
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class QuantState:
         code2: (256,) float32 8-bit table of the second level (double_quant only).
         blocksize2: second-level block size (default 256).
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
 
     absmax: Any
@@ -87,7 +87,7 @@ class QuantState:
     def double_quant(self) -> bool:
         """True when ``absmax`` holds 8-bit codes (bnb: ``nested`` / ``compress_statistics``).
 
-        Chapter: chapters/03-nf4-step-by-step.ipynb
+        Chapter: chapters/06-nf4-step-by-step.ipynb
         """
         return self.absmax2 is not None
 
@@ -95,7 +95,7 @@ class QuantState:
     def n(self) -> int:
         """Number of quantised elements, n = prod(shape).
 
-        Chapter: chapters/03-nf4-step-by-step.ipynb
+        Chapter: chapters/06-nf4-step-by-step.ipynb
         """
         return math.prod(self.shape)
 
@@ -103,7 +103,7 @@ class QuantState:
     def n_blocks(self) -> int:
         """Number of first-level blocks, ceil(n / blocksize).
 
-        Chapter: chapters/03-nf4-step-by-step.ipynb
+        Chapter: chapters/06-nf4-step-by-step.ipynb
         """
         return n_blocks(self.n, self.blocksize)
 
@@ -115,7 +115,7 @@ class QuantState:
         Returns:
             float32 array of shape (n_blocks,).
 
-        Chapter: chapters/03-nf4-step-by-step.ipynb
+        Chapter: chapters/06-nf4-step-by-step.ipynb
         """
         if self.double_quant:
             return double_dequantize(self.absmax, self.absmax2, self.offset, self.blocksize2,
@@ -133,7 +133,7 @@ class QuantState:
         Returns:
             list of str.
 
-        Chapter: chapters/03-nf4-step-by-step.ipynb
+        Chapter: chapters/06-nf4-step-by-step.ipynb
         """
         out = []
 
@@ -187,7 +187,7 @@ class QuantState:
         Returns:
             self, when valid.
 
-        Chapter: chapters/03-nf4-step-by-step.ipynb
+        Chapter: chapters/06-nf4-step-by-step.ipynb
         """
         p = self.problems()
         if p:
@@ -203,7 +203,7 @@ class QuantState:
             meta: format, version, quant_type, blocksize, shape, dtype, double_quant,
                 blocksize2, offset (a float, or None).
 
-        Chapter: chapters/03-nf4-step-by-step.ipynb
+        Chapter: chapters/06-nf4-step-by-step.ipynb
         """
         self.validate()
         np = cpu_module()
@@ -229,7 +229,7 @@ class QuantState:
         Raises:
             ValueError naming the missing / unexpected keys or the inconsistent sizes.
 
-        Chapter: chapters/03-nf4-step-by-step.ipynb
+        Chapter: chapters/06-nf4-step-by-step.ipynb
         """
         if not isinstance(meta, dict) or not isinstance(tensors, dict):
             raise QuantError("QuantState needs a dict of tensors and a dict of metadata")
@@ -274,7 +274,7 @@ class QuantState:
         Returns:
             (safetensors path, json path).
 
-        Chapter: chapters/03-nf4-step-by-step.ipynb
+        Chapter: chapters/06-nf4-step-by-step.ipynb
         """
         tensors, meta = self.to_tensors_and_meta()
         text = json.dumps(meta, indent=2, sort_keys=True)
@@ -292,7 +292,7 @@ class QuantState:
             FileNotFoundError if a file is missing; ValueError if the files are unreadable,
             disagree with each other, or describe an inconsistent state.
 
-        Chapter: chapters/03-nf4-step-by-step.ipynb
+        Chapter: chapters/06-nf4-step-by-step.ipynb
         """
         st_path, json_path = _paths(path_prefix)
         with open(json_path, encoding="utf-8") as f:

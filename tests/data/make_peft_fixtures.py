@@ -463,7 +463,7 @@ def llama_named_gpt(tg, base: dict) -> nn.Module:
 def check_exporter_names(model):
     """The replica's module paths are the ones minilora's exporter writes (when importable)."""
     try:
-        from minilora.lora.peft_format import to_peft_module
+        from minilora.peft_format import to_peft_module
     except ImportError as e:  # minilora's deps are not in this venv, or the module moved
         print(f"note: minilora's exporter map not checked ({e})")
         return

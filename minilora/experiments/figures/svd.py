@@ -26,7 +26,7 @@ the shortest name that tells the types apart (``attn.c_proj`` / ``mlp.c_proj``, 
 and intruders need the base weights); :func:`fig_svd_milton` is the ``minilora figures`` entry
 that redraws the committed Milton run from ``results/svd/milton-lora/records.json``.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The full-size experiments of chapters 00, 05 and 06, run once; JSON under results/chapters/.
+"""The full-size experiments of chapters 02, 03 and 07, run once; JSON under results/chapters/.
 
     OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python -m minilora.experiments.studies.chapter_runs NAME ...
 

@@ -26,7 +26,7 @@ Evaluations use the harness's own fixed windows (:func:`minilora.experiments.fin
 seed 12345, the same batch shapes), and each study first checks that it reproduces the record's
 task loss for the trained weights.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

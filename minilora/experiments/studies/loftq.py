@@ -19,7 +19,7 @@ def loftq_residual_study(model: Module, ranks=(4, 8, 16), n_iter: int = 10,
     ``residual_norms`` / ``quant_error_norm`` / ``weight_norm`` and the mean relative residual
     per iteration (t = 0 is plain quantisation, B A = 0).
 
-    Chapter: chapters/04-lora-and-qlora.ipynb
+    Chapter: chapters/05-lora-and-qlora.ipynb
     """
     quant = quant or QuantConfig()
     modules = dict(model.named_modules())

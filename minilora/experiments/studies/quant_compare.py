@@ -44,7 +44,7 @@ def run_comparison(results_dir="results", n_gaussian: int = 2 ** 20, seed: int =
     Returns:
         {"error_table": ..., "error_vs_blocksize": ..., "code_histogram": ...} as written.
 
-    Chapter: chapters/03-nf4-step-by-step.ipynb
+    Chapter: chapters/06-nf4-step-by-step.ipynb
     """
 
     path = Path(ckpt) if ckpt is not None else base_model_path()
