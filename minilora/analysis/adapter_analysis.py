@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, NamedTuple
 
 import numpy as np
+from scipy.sparse.linalg import svds
 
 from minilora.analysis.exact_intruders import MemoryCache, intruders_lowrank
 from minilora.analysis.intruders import intruder_dimensions
@@ -51,8 +52,7 @@ from minilora.analysis.module_paths import layer_index, module_type
 from minilora.analysis.peft_files import PeftAdapter, read_peft_adapter
 from minilora.analysis.randomized import randomized_svd
 from minilora.analysis.safetensors_lazy import AdapterFileError, BaseWeights
-from minilora.analysis.subspace import phi_grid, phi_null_quantiles, phi_random_expectation, \
-    project_onto
+from minilora.analysis.subspace import phi_grid, phi_null_quantiles, phi_random_expectation
 from minilora.analysis.svd import (
     AnalysisError,
     as_float64,
@@ -328,7 +328,6 @@ def _top_singular_value(W) -> np.ndarray:
     singular value is well conditioned: its error is at most the residual)."""
     if min(W.shape) <= 512:
         return np.linalg.svd(W, compute_uv=False)[:1]
-    from scipy.sparse.linalg import svds
     return svds(W, k=1, tol=0, v0=np.random.default_rng(0).standard_normal(min(W.shape)),
                 return_singular_vectors=False)[:1]
 

@@ -27,7 +27,7 @@ Every decision rests on a number with a baseline beside it:
   - "one dominates": the magnitude ratio is beyond 10 (either way), whatever the overlaps: a merge
     is mostly the larger update.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from minilora.analysis.adapter_analysis import subspace_basis
 from minilora.analysis.lowrank import lowrank_svd
 from minilora.analysis.module_paths import layer_index, module_type
 from minilora.analysis.subspace import phi_grid, phi_null_quantiles, phi_random_expectation
@@ -87,7 +88,6 @@ def _phi_at(U1, U2, i, j) -> float:
 def compare_modules(name: str, a: int, b: int, fa, fb, subspace: str = "A") -> PairRecord:
     """A :class:`PairRecord` for module ``name`` of adapters ``a`` and ``b``; ``fa``, ``fb`` are
     (B, A, scale) in y = ΔW x orientation (module docstring for the verdict)."""
-    from minilora.analysis.adapter_analysis import subspace_basis
     (Ba, Aa, sa), (Bb, Ab, sb) = fa, fb
     Ua, Ub = subspace_basis(Ba, Aa, sa, subspace), subspace_basis(Bb, Ab, sb, subspace)
     if Ua.shape[0] != Ub.shape[0]:

@@ -42,7 +42,7 @@ Cost per module, with the base SVD cached: O(d_out d_in r) for W_0 V_Δ and O(n�
 projections, plus Lanczos; against O(d_out d_in min(d_out, d_in)) for a fresh SVD of W_t. The one
 full SVD per base matrix (the cache's entry) is the dominant cost of a cold run.
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from scipy.linalg import eigh
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from minilora.analysis.intruders import Intruders
 from minilora.analysis.svd import SVD, AnalysisError, as_float64
@@ -237,7 +239,6 @@ class _DiagLowRank:
 
 
 def _top_dense(M: _DiagLowRank, k: int):
-    from scipy.linalg import eigh
     lam, vec = eigh(M.dense(), subset_by_index=[M.n - k, M.n - 1])
     return lam[::-1], vec[:, ::-1]
 
@@ -245,7 +246,6 @@ def _top_dense(M: _DiagLowRank, k: int):
 def _top_lanczos(M: _DiagLowRank, k: int):
     """Top k + 1 Ritz pairs and, for the top k, certified error bounds on the vectors (sin θ),
     or None when the certificate cannot be given."""
-    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
     op = LinearOperator((M.n, M.n), matvec=M.matvec, dtype=np.float64)
     v0 = np.random.default_rng(0).standard_normal(M.n)
     try:

@@ -16,7 +16,7 @@ matrices with the same last name), ``encoder.block.2.layer.0.SelfAttention.q`` a
 * the **natural order** sorts paths component by component, numbers as numbers, so layer 2 comes
   before layer 10 (file order, which is alphabetical in a safetensors file, runs 0, 1, 10, 11, 2).
 
-Chapter: chapters/07-delta-w-analysis.ipynb
+Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 

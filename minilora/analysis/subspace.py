@@ -146,7 +146,7 @@ def phi_null_quantiles(i: int, j: int, d: int, levels: tuple = NULL_LEVELS) -> t
     if b >= d or a + b > d and a == d:
         return tuple(1.0 for _ in levels)
     if a == 1:
-        from scipy.stats import beta
+        from scipy.stats import beta  # lazy: scipy.stats takes ~0.3 s to import
         return tuple(float(beta.ppf(q, b / 2, (d - b) / 2)) for q in levels)
     rng = np.random.default_rng([i, j, d])
     vals = []

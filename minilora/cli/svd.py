@@ -22,6 +22,8 @@ from minilora.analysis import INTRUDER_MODES, SUBSPACES, BaseSvdCache, default_c
 from minilora.analysis.exact_intruders import CACHE_ENV, cache_report_text
 from minilora.cli.common import POSITIVE, _formatter, add_overwrite, float_range, output
 from minilora.errors import MiniloraError, UsageError
+from minilora.experiments.ablate import _dask
+from minilora.experiments.figures.svd import svd_figures
 from minilora.experiments.paths import base_model_path
 from minilora.experiments.svd_report import (
     AdapterInput,
@@ -35,7 +37,6 @@ from minilora.experiments.svd_report import (
     unique_labels,
 )
 from minilora.experiments.svd_tables import run_text, write_report
-from minilora.io import ensure_writable_dir
 
 
 def _flag(flag: str, fn, *a):
@@ -153,7 +154,6 @@ def cmd_svd(args):
     if not args.serial and not peft:
         args.serial = True                 # minilora adapters are small: always in-process
     if not args.serial:
-        from minilora.experiments.ablate import _dask
         try:
             _dask()
         except MiniloraError as e:
@@ -164,7 +164,6 @@ def cmd_svd(args):
               "tables are written", file=sys.stderr)
         figures = False
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    _flag("--out", ensure_writable_dir, out)
     # -- the analysis ---------------------------------------------------------------------------
     total = len({n for inp in inputs for n in inp.names})
     bar = tqdm(total=total, desc="svd", unit="module", file=sys.stderr, leave=False,
@@ -199,7 +198,6 @@ def cmd_svd(args):
                         "base_rank": args.base_rank, "keep_going": args.keep_going}}
     paths = write_report(out, run, meta, f"ΔW analysis of {title}")
     if figures:
-        from minilora.experiments.figures.svd import svd_figures   # lazy: needs matplotlib
         paths += svd_figures(run, out, title)
     failed = sum(1 for a in run.adapters for t in a.not_analysed if t["tensor"] is None)
     if run.cache is not None and run.cache.get("path"):

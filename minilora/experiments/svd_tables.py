@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import minilora
-from minilora.analysis import ModuleRecord, type_labels
+from minilora.analysis import ModuleRecord, natural_sorted
 from minilora.analysis.decisions import RANK_CRITERIA, PairRecord, adapter_summary, rank_pattern
 from minilora.experiments.svd_report import (
     RECORDS_FORMAT,
@@ -270,7 +270,6 @@ def side_by_side(run: SvdRun) -> tuple[list[str], list[list[str]]]:
         fields += [("amplification", "amp."), ("intruder_count", "intr.")]
     by = [{r.module: r for r in a.records} for a in run.adapters]
     names = list(dict.fromkeys(m for a in run.adapters for m in (r.module for r in a.records)))
-    from minilora.analysis import natural_sorted
     names = natural_sorted(names)
     headers = ["module"] + [f"{h} {lab}" for lab in labels for _, h in fields]
     rows = []
