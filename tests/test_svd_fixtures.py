@@ -302,3 +302,79 @@ def test_certified_lanczos_equals_the_dense_count(shape):
         np.testing.assert_allclose(got.found.similarities, sims, atol=1e-10)
         if got.method.startswith("lanczos"):
             assert got.max_error < np.min(np.abs(sims - 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# truncation
+# ---------------------------------------------------------------------------------------------
+def _best_rank_k(D, k):
+    U, s, Vh = np.linalg.svd(D, full_matrices=False)
+    return (U[:, :k] * s[:k]) @ Vh[:k], float(np.sum(s[:k] ** 2) / np.sum(s ** 2))
+
+
+def test_truncate_peft_keeps_the_best_rank_k_and_says_the_energy(tmp_path, capsys):
+    from minilora.analysis import read_peft_adapter
+    out = tmp_path / "tr"
+    rc, stdout, stderr = run(["adapter", "truncate", str(DATA / "gpt2_conv1d_true"),
+                              "--energy", "0.9", "--out", str(out)], capsys)
+    assert rc == 0, stderr
+    ref = reference("gpt2_conv1d_true")
+    new = read_peft_adapter(out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is False and cfg["lora_alpha"] == cfg["r"]
+    for m, (delta, _) in ref.items():
+        k = new.modules[m].r
+        want, kept = _best_rank_k(delta, k)
+        assert kept >= 0.9 and (k == 1 or _best_rank_k(delta, k - 1)[1] < 0.9)
+        np.testing.assert_allclose(new.delta_weight(m), want, atol=1e-6 * np.abs(delta).max())
+        line = next(x for x in stdout.splitlines() if x.startswith(m + " "))
+        assert f"{kept:.4f}" in line
+    assert "energy kept" in stdout and f"written to {out}" in stdout
+
+
+@pytest.mark.slow      # imports torch, transformers and peft (about 10 s)
+def test_truncated_peft_directory_loads_in_real_peft(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+    out = tmp_path / "tr"
+    rc, _, stderr = run(["adapter", "truncate", str(DATA / "gpt2_conv1d_true"), "--suggested",
+                         "rank_90", "--out", str(out)], capsys)
+    assert rc == 0, stderr
+    cfg = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=16,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    model.load_state_dict(load_file(str(GPT2_BASE / "model.safetensors")), strict=False)
+    pm = PeftModel.from_pretrained(model, str(out)).to(torch.float64)
+    ref = np.load(DATA / "gpt2_conv1d_true" / "reference.npz", allow_pickle=False)
+    seen = 0
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "lora_A", {}):
+            path = name[len("base_model.model."):]
+            got = mod.get_delta_weight("default").detach().numpy()
+            want, _ = _best_rank_k(ref[f"delta/{path}"], mod.r["default"])
+            np.testing.assert_allclose(got, want, atol=1e-6 * np.abs(want).max())
+            seen += 1
+    assert seen == 8
+
+
+def test_truncate_a_minilora_adapter_file(tmp_path, capsys):
+    from minilora.experiments.svd_report import open_adapter
+    src = Path(__file__).resolve().parent.parent / "chapters" / "assets" / "milton-lora" / \
+        "adapter.safetensors"
+    if not src.exists():
+        pytest.skip("the Milton adapter is not here")
+    out = tmp_path / "milton-r2.safetensors"
+    rc, stdout, stderr = run(["adapter", "truncate", str(src), "--rank", "2", "--out", str(out)],
+                             capsys)
+    assert rc == 0, stderr
+    a, b = open_adapter(src), open_adapter(out)
+    for m in a.modules:
+        B, A = a.factors(m)
+        want, _ = _best_rank_k(a.scale * B @ A, 2)
+        Bk, Ak = b.factors(m)
+        np.testing.assert_allclose(b.scale * Bk @ Ak, want, atol=1e-5 * np.abs(want).max())
+    assert b.config.r == 2
