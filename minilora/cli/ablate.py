@@ -29,6 +29,7 @@ from minilora.experiments.ablate_records import (
 )
 from minilora.experiments.studies.delta_w import STUDIES, run_delta_w_study
 from minilora.experiments.studies.delta_w_common import OUT as DELTA_W_OUT
+from minilora.experiments.paths import command_line
 from minilora.experiments.tasks import TASKS
 from minilora.io import atomic_write_text
 
@@ -132,7 +133,10 @@ def cmd_delta_w(args):
     out = output(args.out, "--out", command="delta-w", name=Path(args.sweep).resolve().name,
                  kind="collection", args=args)
     run_delta_w_study(args.sweep, out, args.runs, only=only, steps=args.steps,
-                      phi_ranks=tuple(args.phi_ranks), budget=budget[0])
+                      phi_ranks=tuple(args.phi_ranks), budget=budget[0],
+                      made_by=command_line(), progress=not args.no_progress)
+    written("studies", f"{out}/ (draw them: minilora figures --results {out.parent})"
+            if out.name == "delta_w" else out)
 
 
 def add_parsers(sub):
@@ -202,11 +206,17 @@ def add_parsers(sub):
                        "full FT vs LoRA, intruder dimensions, fixed budget (JSON for figures)",
                        formatter_class=_formatter, epilog=textwrap.dedent(f"""\
             Reads <sweep>/cells/*.json and the weights the cells kept under --runs; writes one
-            JSON per study into --out; `minilora figures` draws them.
+            JSON per study into --out; `minilora figures` draws them. A study (or part of one)
+            whose cells the sweep lacks is skipped with one line naming the `minilora ablate`
+            command that adds them; the others run.
 
             examples:
-              minilora delta-w --sweep results/ablate --out results/delta_w
+              minilora ablate --ranks 2,8 --targets q,v --seeds 0,1 --full --steps 50 \
+                  --out runs/study/ablate
+              minilora delta-w --sweep runs/study/ablate --out runs/study/delta_w
+              minilora figures --results runs/study
               minilora delta-w --only phi,intruders
+              minilora delta-w --out results/delta_w --overwrite   # the committed studies
 
             studies: {', '.join(STUDIES)}
             """))
@@ -223,6 +233,7 @@ def add_parsers(sub):
                    help="use the cells of this step count (needed if the sweep mixes several)")
     s.add_argument("--phi-ranks", type=int_list(1), default=[8, 64],
                    help="the two ranks φ compares (default 8,64)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--budget", default="q:8",
                    help="TARGETS:R whose trainable parameters are the fixed budget (default q:8)")
     s.set_defaults(func=cmd_delta_w)

@@ -166,9 +166,13 @@ def cmd_figures(args):
     if not Path(args.results).is_dir():
         raise UsageError(f"--results {args.results!r} is not a directory")
     done = make_figures(args.only.split(",") if args.only else None, args.results, figures)
-    skipped = [n for n, v in done.items() if isinstance(v, str)]
-    print(f"{len(done) - len(skipped)} figure(s) written to {figures}/"
-          + (f"; {len(skipped)} skipped (results missing, see above)" if skipped else ""))
+    skipped = [n for n, v in done.items() if isinstance(v, str) and v.startswith("skipped")]
+    failed = [n for n, v in done.items() if isinstance(v, str) and v.startswith("failed")]
+    print(f"{len(done) - len(skipped) - len(failed)} figure(s) written to {figures}/"
+          + (f"; {len(skipped)} skipped (what each needs: see above)" if skipped else "")
+          + (f"; {len(failed)} FAILED: {', '.join(failed)}" if failed else ""))
+    if failed:
+        raise SystemExit(1)
 
 
 def add_parsers(sub):

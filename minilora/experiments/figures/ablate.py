@@ -19,7 +19,7 @@ from minilora.experiments.figures.delta_w import (
 )
 from minilora.experiments.studies.delta_w_common import (
     BUDGET_COMMAND,
-    STUDY_COMMAND,
+    study_command,
 )
 
 #: order of the target sets in legends (the sweep's), then anything else
@@ -62,7 +62,8 @@ def fig_pareto(results: Path, figures: Path) -> list:
             if x["r"] and lab in ("q,v", "all-linear"):
                 ax.annotate(f"r={x['r']}", (x["forgetting"], x["task_metric"]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points", color=target_color(lab))
-        for lab in seen - {"full"}:  # each target set's ranks joined in order
+        for lab in sorted(seen - {"full"}, key=_order):  # each set's ranks joined in order
+            # (sorted: a set's order changes with the process's hash seed, and so would the PNG)
             sel = sorted((x for x in rows if x["targets"] == lab), key=lambda x: x["r"])
             ax.plot([x["forgetting"] for x in sel], [x["task_metric"] for x in sel], lw=0.6,
                     color=target_color(lab), alpha=0.6)
@@ -120,7 +121,8 @@ def fig_rank(results: Path, figures: Path) -> list:
 def fig_budget(results: Path, figures: Path) -> list:
     """The fixed trainable-parameter budget (the LoRA paper's Table 5 shape) as bars."""
     d = read_json(Path(results) / "delta_w" / "budget.json",
-                  f"{BUDGET_COMMAND}; then {STUDY_COMMAND} --only budget")
+                  f"{BUDGET_COMMAND}; then "
+                  + study_command(Path(results) / "ablate", Path(results) / "delta_w", "budget"))
     rows = d["rows"]
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

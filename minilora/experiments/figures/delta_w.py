@@ -2,12 +2,13 @@
 
 Every figure is drawn from those records alone; the commands that make them are in
 :mod:`minilora.experiments.studies.delta_w` (``SWEEP_COMMAND``, ``BUDGET_COMMAND``,
-``STUDY_COMMAND``). Seeds are error bars (sample std); random baselines are drawn beside the
+``study_command``). Seeds are error bars (sample std); random baselines are drawn beside the
 measured values.
 """
 from __future__ import annotations
 
 import statistics
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ from minilora.experiments.figures.common import (
     save_figure,
 )
 from minilora.experiments.studies.delta_w_common import (
-    STUDY_COMMAND,
     SWEEP_COMMAND,
+    study_command,
 )
 
 _KINDS = ("q", "k", "v", "o", "up", "down")
@@ -31,8 +32,9 @@ _TARGET_COLORS = {"q,v": "#3c78d0", "all-linear": "#d08c3c", "full": "#c0392b", 
 
 
 def study_record(results: Path, name: str) -> dict:
+    only = {"pretrained_spectra": "spectra"}.get(name, name)
     return read_json(Path(results) / "delta_w" / f"{name}.json",
-                     f"{STUDY_COMMAND} --only {name.split('.')[0]}")
+                     study_command(Path(results) / "ablate", Path(results) / "delta_w", only))
 
 
 def sweep_cells(results: Path) -> list[dict]:
@@ -216,12 +218,16 @@ def fig_full_vs_lora(results: Path, figures: Path) -> list:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     er = d["effective_rank"]
     ax = axes[0]
+    # the LoRAs on every linear (else the sweep's widest target set) against full FT
+    sets = [x["targets"] for x in er if x["targets"] != "full"]
+    lora_tl = "all-linear" if "all-linear" in sets else max(
+        sorted(set(sets)), key=lambda t: (len(t.split(",")), sets.count(t)), default=None)
     for i, kind in enumerate(_KINDS):
-        sel = sorted((x for x in er if x["targets"] == "all-linear" and x["kind"] == kind),
+        sel = sorted((x for x in er if x["targets"] == lora_tl and x["kind"] == kind),
                      key=lambda x: x["r"])
         if sel:
             ax.plot([x["r"] for x in sel], [x["effective_rank"] for x in sel], marker="o",
-                    color=f"C{i}", label=f"LoRA all-linear, {kind}")
+                    color=f"C{i}", label=f"LoRA {lora_tl}, {kind}")
         full = [x for x in er if x["targets"] == "full" and x["kind"] == kind]
         if full:
             ax.axhline(full[0]["effective_rank"], color=f"C{i}", ls="--", lw=1,
@@ -237,6 +243,12 @@ def fig_full_vs_lora(results: Path, figures: Path) -> list:
     tr = d["truncation"]
     for ax, key, lab in ((axes[1], "task_loss", "Milton test loss (nats/char)"),
                          (axes[2], "forgetting", "forgetting (Δ Shakespeare loss, nats/char)")):
+        if tr is None:  # a sweep without full fine-tuning: nothing to truncate
+            why = (d.get("skipped") or {}).get("truncation", "the sweep has no full FT cell")
+            ax.text(0.5, 0.5, "\n".join(textwrap.wrap(f"not drawn: {why}", 48)),
+                    ha="center", va="center", fontsize=7, transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
         ranks = tr["ranks"]
         vals = np.array([[row[key] for row in f["rows"] if row["r"] is not None]
                          for f in tr["full"]])
@@ -263,6 +275,8 @@ def fig_full_vs_lora(results: Path, figures: Path) -> list:
         ax.set_ylabel(lab)
         ax.legend(fontsize=6)
     axes[1].set_title("Truncated full-FT ΔW vs LoRA at the same rank", fontsize=9)
+    if tr is None:
+        axes[1].set_title("Truncated full-FT ΔW vs LoRA (needs full fine-tuning)", fontsize=9)
     axes[2].set_title("... and what each forgets", fontsize=9)
     fig.tight_layout()
     return [save_figure(fig, Path(figures) / "delta_w_full_vs_lora.png")]
