@@ -126,7 +126,7 @@ ROWS = [
     (["finetune", "--eval-batches", "99999999999", "--out", "{fx}/new"],
      "eval_batches 99,999,999,999 (--eval-batches)"),
     (["pretrain", "--n-embd", "40000", "--n-head", "4", "--out", "{fx}/new"],
-     "--n-embd 40000 --n-layer 4: a model of about"),
+     "--n-embd 40000 --n-layer 2: a model of about"),
     (["pretrain", "--batch-size", "100000000", "--out", "{fx}/new"],
      "batch_size 100000000: a training step"),
     (["score", "--batch-size", "1000000"], "one scoring batch of 1000000 x 128 tokens"),
