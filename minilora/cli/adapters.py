@@ -6,6 +6,7 @@ from pathlib import Path
 
 from minilora.adapters import merge_and_unload
 from minilora.checkpoint import save_checkpoint
+from minilora.cli import truncate
 from minilora.cli.common import (
     POSITIVE,
     _adapter_registry,
@@ -128,6 +129,7 @@ def add_parsers(sub):
               minilora adapter merge runs/milton/adapter.safetensors --out runs/milton-merged.safetensors
               minilora adapter export-peft runs/milton/adapter.safetensors --out runs/milton-peft
               minilora adapter import-peft runs/milton-peft --out runs/milton2.safetensors
+              minilora adapter truncate runs/milton-peft --energy 0.95 --out runs/milton-e95
               minilora adapter claim                  # ~10 min on 2 CPU cores -> runs/claim/claim
               minilora adapter claim --out results/multi_adapter --runs runs/multi_adapter \
                   --overwrite                         # update the committed claim.json
@@ -175,6 +177,8 @@ def add_parsers(sub):
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
     _add_backend(s)
     s.set_defaults(func=cmd_adapter_import_peft)
+
+    truncate.add_parser(asub)
 
     s = asub.add_parser("claim", help="per-task LoRAs hot-swapped vs one general LoRA",
                         formatter_class=_formatter, epilog=textwrap.dedent("""\
