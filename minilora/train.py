@@ -238,14 +238,14 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
                             step=step_done, rng_state=rng.bit_generator.state, extra=extra)
             saved_step = step_done
 
-    def stopped(step, what, cause):
+    def stopped(step, what, cause, resumable=True):
         if out is None:
             where = "no checkpoint is kept (no out_dir)"
         elif saved_step is None:
             where = f"no checkpoint was saved yet (every {cfg.ckpt_every} steps into {out})"
         else:
-            where = (f"the last good checkpoint is {out / CKPT_NAME} (after {saved_step} steps; "
-                     "continue with resume=True)")
+            where = (f"the last good checkpoint is {out / CKPT_NAME} (after {saved_step} steps"
+                     + ("; continue with resume=True, or --resume)" if resumable else ")"))
         return NonFiniteError(f"{what} at step {step}: {cause}. Training stopped; {where}")
 
     bar = None
@@ -282,7 +282,7 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
                             f"{min(DIVERGENCE_WINDOW, len(hist.train))} steps, against "
                             f"{hist.train[0]['loss']:.3f} at step {hist.train[0]['step']})",
                             f"the steps at learning rate up to {lr:.3g} made it worse; try a "
-                            "lower learning rate")
+                            "lower learning rate", resumable=False)
                 raise DivergenceError(str(e))
             done = step + 1
             if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
