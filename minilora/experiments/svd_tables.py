@@ -16,8 +16,9 @@ What one run writes into its output directory:
   suggests;
 * ``records.json``: everything (format ``minilora-svd-records-v2``, schema version, minilora's
   version, each adapter's path, kind and full config, the base, the options, every record with
-  its arrays as lists, what was not analysed, the pairs, the warnings, the cache's counters);
-  a non-finite float is ``null`` (JSON has no NaN), and reading it back restores NaN.
+  its arrays as lists, what was not analysed, the pairs, the warnings);
+  a non-finite float is ``null`` (JSON has no NaN), and reading it back restores NaN. The same
+  inputs write the same bytes, whatever the execution (serial or Dask, cached or not).
 """
 from __future__ import annotations
 
@@ -444,7 +445,9 @@ def _record_json(r) -> dict:
 def records_json(run: SvdRun, meta: dict | None = None) -> dict:
     """The whole run as JSON (module docstring): ``format``, ``schema_version``,
     ``minilora_version``, ``meta`` (inputs and options), ``adapters`` (label, path, kind, config,
-    summary, records, not_analysed), ``pairs``, ``warnings``, ``cache``."""
+    summary, rank suggestions, records, not_analysed), ``pairs``, ``warnings``. Nothing that
+    depends on how the run went (time, cache, serial or Dask): the same inputs give the same
+    bytes."""
     return {
         "format": RECORDS_FORMAT, "schema_version": SCHEMA_VERSION,
         "minilora_version": minilora.__version__, **(meta or {}),
@@ -455,8 +458,7 @@ def records_json(run: SvdRun, meta: dict | None = None) -> dict:
                       "records": [_record_json(r) for r in a.records],
                       "not_analysed": _jsonable(a.not_analysed)} for a in run.adapters],
         "pairs": [_record_json(p) for p in run.pairs],
-        "warnings": list(run.warnings), "cache": _jsonable(run.cache),
-        "execution": run.execution, "seconds": run.seconds,
+        "warnings": list(run.warnings),
     }
 
 
@@ -503,8 +505,7 @@ def run_from_json(path) -> SvdRun:
     data = read_run(path)
     adapters = [AdapterResult(a["label"], a["path"], a["kind"], a["config"], a["records"],
                               a["not_analysed"]) for a in data["adapters"]]
-    return SvdRun(adapters, data["pairs"], data.get("warnings", []), data.get("cache"),
-                  data.get("seconds", 0.0), data.get("execution", "serial"))
+    return SvdRun(adapters, data["pairs"], data.get("warnings", []))
 
 
 def write_report(out_dir, run: SvdRun, meta: dict | None = None, title: str = "") -> list[Path]:
