@@ -134,11 +134,11 @@ def fig_svd_spectrum(records, path, title: str = "") -> Path:
         ax.set_xlabel("index i", fontsize=8)
         if ax.get_subplotspec().is_first_col():
             ax.set_ylabel("σ_i(ΔW) (log scale)", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[t], marker="o", ms=3, label=labels[t])
                for t in types]
-    fig.legend(handles=handles, loc="upper right", fontsize=7, title="module", title_fontsize=7)
+    fig.legend(handles=handles, loc="upper right", fontsize=8, title="module", title_fontsize=8)
     total = len(_layers(records))
     shown = "" if len(layers) == total else f" ({len(layers)} of {total} layers shown)"
     fig.suptitle(f"{title + ': ' if title else ''}singular values of ΔW = s·B·A per layer{shown}",
