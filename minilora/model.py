@@ -91,7 +91,7 @@ def _init_params(config: GPTConfig, rng, dtype):
 class LanguageModelMixin:
     """The two training-loop entry points, written once for anything with the GPT's
     ``forward(idx) -> (logits, cache)`` / ``backward(dlogits, cache)`` / ``zero_grad()`` contract
-    (the GPT itself, and the prefix/prompt-tuning wrappers of :mod:`minilora.peft`)."""
+    (the GPT itself, and the prefix/prompt-tuning wrappers of :mod:`minilora.methods`)."""
 
     def loss(self, idx, targets):
         """Forward only: mean cross-entropy (nats per token) as a Python float."""

@@ -7,7 +7,7 @@ import numpy as np
 
 from minilora.config import QuantConfig
 from minilora.nn.layers import Module
-from minilora.qlora import _block_linears
+from minilora.methods.qlora import _block_linears
 from minilora.quant.loftq import loftq_init
 
 
