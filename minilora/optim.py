@@ -20,9 +20,9 @@ import math
 from typing import Callable, NamedTuple
 
 from minilora import backend
-from minilora.backend import xp
-from minilora.threads import parallel_chunks
+from minilora.backend import is_cupy, xp
 from minilora.errors import MiniloraError, UsageError
+from minilora.threads import parallel_chunks
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -56,6 +56,11 @@ def clip_grad_norm(grads: list, max_norm: float) -> float:
         for g in grads:
             g *= scale
     return norm
+
+
+#: elements per slice of one parameter's AdamW update (64 KiB of float32: the four arrays' slices
+#: and the scratch stay in the core's L2 cache through the update's passes)
+UPDATE_BLOCK = 1 << 14
 
 
 class NonFiniteError(MiniloraError, FloatingPointError):
@@ -174,20 +179,40 @@ class AdamW:
         return norm
 
     def _update_one(self, name: str, p, g, bc2: float, step_size: float) -> None:
-        """The AdamW update of one parameter, in place, with one scratch buffer."""
-        b1, b2 = self.beta1, self.beta2
+        """The AdamW update of one parameter, in place, with one scratch buffer, over slices of
+        :data:`UPDATE_BLOCK` elements (the update's passes run on one slice while it is in the
+        core's cache instead of streaming the whole tensor from memory per pass; the same
+        floats as one pass over the whole, element by element)."""
         scale = 1.0 if self.lr_scale is None else self.lr_scale(name)
         self._before_update(name)
         m, v = self.m[name], self.v[name]
-        tmp = g * (1.0 - b1)  # the one scratch buffer of this parameter's update
+        decay = (1.0 - self.lr * scale * self.weight_decay
+                 if self.weight_decay and p.ndim >= 2 else None)
+        arrays = (p, g, m, v)
+        n = p.size
+        if (is_cupy() or n <= UPDATE_BLOCK
+                or not all(a.flags.c_contiguous and a.shape == p.shape for a in arrays)):
+            self._update_kernel(*arrays, g * (1.0 - self.beta1), decay, bc2, step_size, scale)
+            return
+        flat = [a.reshape(-1) for a in arrays]  # views: every array is C-contiguous
+        tmp = xp.empty(UPDATE_BLOCK, dtype=g.dtype)
+        for i0 in range(0, n, UPDATE_BLOCK):
+            i1 = min(i0 + UPDATE_BLOCK, n)
+            ps, gs, ms, vs = (a[i0:i1] for a in flat)
+            self._update_kernel(ps, gs, ms, vs, xp.multiply(gs, 1.0 - self.beta1, out=tmp[:i1 - i0]),
+                                decay, bc2, step_size, scale)
+
+    def _update_kernel(self, p, g, m, v, tmp, decay, bc2, step_size, scale) -> None:
+        """AdamW on one slice, in place; ``tmp`` holds ``(1 - beta1) g`` on entry (the scratch)."""
+        b1, b2 = self.beta1, self.beta2
         m *= b1
         m += tmp
         xp.multiply(g, g, out=tmp)
         tmp *= 1.0 - b2
         v *= b2
         v += tmp
-        if self.weight_decay and p.ndim >= 2:
-            p *= 1.0 - self.lr * scale * self.weight_decay  # decoupled: no 1/sqrt(v)
+        if decay is not None:
+            p *= decay  # decoupled: no 1/sqrt(v)
         xp.sqrt(v, out=tmp)  # denom = sqrt(v) / sqrt(bc2) + eps (as torch computes it)
         tmp *= 1.0 / math.sqrt(bc2)
         tmp += self.eps

@@ -155,14 +155,21 @@ def test_planted_intruder_found_by_full_and_randomized_svd(tmp_path, rng):
     ad, base, W0, u = planted(tmp_path, rng)
     full, = analyze_adapter(ad, base=base, top_k=10, eps=0.5)
     assert full.intruder_count >= 1 and 0 in full.intruder_indices and full.svd_method == "full"
-    rand, = analyze_adapter(ad, base=base, top_k=10, eps=0.5, full_svd_max_dim=32, base_rank=48)
+    # exact is the default whatever the size; the randomized path is asked for and gives bounds
+    same, = analyze_adapter(ad, base=base, top_k=10, eps=0.5, full_svd_max_dim=32, base_rank=48)
+    assert same.intruder_count == full.intruder_count and same.svd_method == "full"
+    rand, = analyze_adapter(ad, base=base, top_k=10, eps=0.5, full_svd_max_dim=32, base_rank=48,
+                            intruders="approx")
     assert rand.svd_method.startswith("randomized(base_rank=48, k=10")
+    assert rand.intruder_method == "randomized (bounds)"
+    assert rand.intruder_count_min <= full.intruder_count <= rand.intruder_count_max
+    assert (rand.intruder_count is None) == (rand.intruder_count_min != rand.intruder_count_max)
     assert 0 in rand.intruder_indices
     # against only the top 48 pre-trained vectors the best |cos| can only be lower (a max over a
     # subset); the full answer lies between it and the tail bound, hence "uncertain" intruders
     assert np.all(rand.intruder_similarities <= full.intruder_similarities + 1e-6)
-    assert rand.intruder_count >= full.intruder_count
-    assert 1 <= rand.intruder_uncertain <= rand.intruder_count
+    assert rand.intruder_count_max >= full.intruder_count
+    assert 1 <= rand.intruder_uncertain <= rand.intruder_count_max and rand.intruder_count is None
     # amplification does not depend on the SVD method (it uses ΔW's exact vectors)
     assert rand.amplification == pytest.approx(full.amplification)
 

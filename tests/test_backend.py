@@ -1,7 +1,9 @@
 """The backend switch, and the rule that only backend.py names numpy/cupy in the compute path."""
 import ast
 import pathlib
+import sys
 
+import numpy as np
 import pytest
 
 import minilora
@@ -97,3 +99,16 @@ def test_cpu_rng_rejects_bad_seeds():
         backend.cpu_rng(1.5)
     g = backend.cpu_rng(3)
     assert backend.cpu_rng(g) is g
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_large_temporaries_reuse_freed_memory_instead_of_fresh_pages():
+    """backend.reuse_freed_memory (applied at import): a freed 16 MiB array's pages serve the
+    next one, so allocating it again costs no page faults (without it: ~4,000)."""
+    import resource
+    assert backend.reuse_freed_memory()
+    np.ones(1 << 22, dtype=np.float32)  # 16 MiB, freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        np.ones(1 << 22, dtype=np.float32)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 500

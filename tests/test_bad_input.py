@@ -153,7 +153,7 @@ ROWS = [
     # -- adapter, score, bench -----------------------------------------------------------------
     (["adapter", "merge", "missing.safetensors", "--out", "m.safetensors"], "does not exist"),
     (["adapter", "merge", "{ad}", "--out", "DIR"], "--out 'DIR' is a directory"),
-    (["adapter", "merge", "{ad}"], "the following arguments are required: --out"),
+    (["adapter", "merge", "{ad}"], "was built for another base model"),
     (["adapter", "export-peft", "{ad}", "--out", "FILE"], "--out 'FILE' is an existing file"),
     (["adapter", "import-peft", "missing", "--out", "a.safetensors"], "is not a directory"),
     (["adapter", "import-peft", "{peft}", "--out", "DIR"], "--out 'DIR' is a directory"),

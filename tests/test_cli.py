@@ -106,7 +106,8 @@ def test_figures_are_byte_stable_and_unchanged_files_are_not_rewritten(tmp_path)
     a, b = tmp_path / "a", tmp_path / "b"
 
     def draw(out):
-        assert cli.main(["figures", "--results", str(results), "--figures", str(out)]) == 0
+        assert cli.main(["figures", "--results", str(results), "--figures", str(out),
+                         "--overwrite"]) == 0
         return {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
 
     first = draw(a)
@@ -119,10 +120,10 @@ def test_figures_are_byte_stable_and_unchanged_files_are_not_rewritten(tmp_path)
 
 
 @pytest.mark.parametrize("argv, attr, default", [
-    (["loftq"], "out", "runs/quant/loftq_residuals.json"),
-    (["paged-demo"], "out", "runs/paged/trace.json"),
-    (["quantize", "--compare"], "results", "runs"),
-    (["adapter", "claim"], "out", "runs/multi_adapter"),
+    (["loftq"], "out", None),
+    (["paged-demo"], "out", None),
+    (["quantize", "--compare"], "results", None),
+    (["adapter", "claim"], "out", None),
 ])
 def test_result_writing_commands_default_to_runs(argv, attr, default):
     """Committed results/ change only when a flag names them (see each command's --help)."""

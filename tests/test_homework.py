@@ -2,6 +2,12 @@
 
 * every assignment is a valid nbgrader source (metadata, markers, points) and its reference
   solution scores full marks with ``minilora.course.grade``;
+* the homework measures the student: a wrapper of minilora's own implementation
+  (``tests/data/homework/<assignment>/wrapper_library.py``) scores zero on every test, although it
+  would pass them all but for the NumPy-only rule; no setup or visible test cell imports a
+  reference implementation (expected values are numbers in the cells, and the hidden tests,
+  which the student version lacks, check other inputs); the reference solution agrees with
+  minilora's implementation, so the numbers are right;
 * every planted wrong answer (``tests/data/homework/<assignment>/wrong_*.py``) scores less, and
   the tests its header names fail with the message it names (``# expect-fail: TEST: TEXT``);
 * a student file that does not parse, raises at import, hangs or prints megabytes gets a clear
@@ -11,6 +17,7 @@
 """
 import ast
 import json
+import warnings
 import re
 import shutil
 import subprocess
@@ -35,6 +42,7 @@ ASSIGNMENTS = ["layernorm_backward", "lora_linear", "lora_merge", "nf4_block",
                "subspace_similarity"]
 DATA = Path(__file__).parent / "data" / "homework"
 WRONG = sorted(DATA.glob("*/wrong_*.py"))
+WRAPPERS = sorted(DATA.glob("*/wrapper_library.py"))
 EXPECT = re.compile(r"^# expect-(fail|pass): (\w+)(?:: (.*))?$")
 
 
@@ -43,13 +51,18 @@ def _notebook(name):
 
 
 def _released(name):
-    """The notebook as nbgrader releases it: each solution region -> raise NotImplementedError."""
+    """The notebook as nbgrader releases it: each solution region -> raise NotImplementedError,
+    each hidden-test region removed."""
     nb = _notebook(name)
     pattern = re.compile(r"( *)### BEGIN SOLUTION\n.*?### END SOLUTION\n?", re.DOTALL)
+    hidden = re.compile(r"### BEGIN HIDDEN TESTS\n.*?### END HIDDEN TESTS\n?", re.DOTALL)
     for c in nb["cells"]:
-        if c["metadata"].get("nbgrader", {}).get("solution"):
+        meta = c["metadata"].get("nbgrader", {})
+        if meta.get("solution"):
             c["source"] = pattern.sub(r"\1# YOUR CODE HERE\n\1raise NotImplementedError()\n",
                                       "".join(c["source"]))
+        elif meta.get("grade"):
+            c["source"] = hidden.sub("", "".join(c["source"]))
     return nb
 
 
@@ -121,9 +134,127 @@ def test_released_notebook_scores_zero_and_says_not_implemented(name, tmp_path):
     _assert_no_traceback(report)
 
 
-def test_every_assignment_has_two_planted_wrong_answers():
+def test_every_assignment_has_two_planted_wrong_answers_and_a_library_wrapper():
     for name in ASSIGNMENTS:
         assert len(list((DATA / name).glob("wrong_*.py"))) >= 2, name
+        assert (DATA / name / "wrapper_library.py").is_file(), name
+
+
+# ----------------------------------------------------------------------------------------------
+# the homework measures the student
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", WRAPPERS, ids=lambda p: p.parent.name)
+def test_a_wrapper_of_the_library_scores_zero_on_every_test(path):
+    report = grade(path.parent.name, path, timeout=20)
+    assert report.max_score > 0 and report.score == 0, format_report(report)
+    for t in report.tests:
+        assert "may use NumPy only" in t.reason and " used minilora." in t.reason, t.reason
+    _assert_no_traceback(report)
+
+
+def _cells(name, kind):
+    return [c["source"] for c in read_assignment(name) if c["kind"] == kind]
+
+
+@pytest.mark.parametrize("path", WRAPPERS, ids=lambda p: p.parent.name)
+def test_the_wrappers_are_right_answers_but_for_the_numpy_rule(path):
+    """In this process, with ``numpy_only`` made a no-op, every test of the assignment passes
+    with the wrapper: its zero above comes from the NumPy-only rule, not from a wrong wrapper."""
+    name = path.parent.name
+    ns = {"__name__": "wrapper_check"}
+    for src in _cells(name, "setup"):
+        exec(compile(src, f"{name} setup", "exec"), ns)  # noqa: S102 - the assignment's own cell
+    ns["numpy_only"] = lambda student: student
+    exec(compile(path.read_text(), str(path), "exec"), ns)  # noqa: S102
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, src in enumerate(_cells(name, "test")):
+            exec(compile(src, f"{name} test {i}", "exec"), ns)  # noqa: S102 - raises if it fails
+
+
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_no_cell_a_student_sees_reaches_a_reference_implementation(name):
+    """The setup cells and the visible part of the test cells import NumPy, the standard library
+    and the checks only: no answer is one import away."""
+    from minilora.course.assignments import student_notebook
+    allowed = ("numpy", "warnings", "math", "minilora.course.checks")
+    for cell in student_notebook(name)["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.walk(ast.parse("".join(cell["source"]))):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module]
+            else:
+                continue
+            assert all(m in allowed for m in mods), f"{name}: a student cell imports {mods}"
+
+
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_the_graded_copy_has_hidden_tests_that_the_student_version_lacks(name):
+    from minilora.course.assignments import student_notebook
+    tests = _cells(name, "test")
+    assert sum("### BEGIN HIDDEN TESTS" in src for src in tests) >= 1, name
+    released = json.dumps(student_notebook(name))
+    assert "HIDDEN TESTS" not in released and "hidden test:" not in released
+
+
+def _reference(name):
+    """The namespace of the assignment's setup cells and reference solution."""
+    ns = {"__name__": "reference_check"}
+    for src in _cells(name, "setup") + [reference_solution(name)]:
+        exec(compile(src, f"{name} reference", "exec"), ns)  # noqa: S102 - the assignment's code
+    return ns
+
+
+def test_the_reference_solutions_agree_with_the_library():
+    """The expected values in the test cells are the reference solution's (it scores full marks);
+    here the reference solution is checked against minilora's own implementations."""
+    from minilora.analysis import intruders_from_weights, subspace_similarity
+    from minilora.methods.lora import LoRALinear
+    from minilora.nn import ops
+    from minilora.nn.layers import Linear
+    from minilora.quant import NF4_CODE, pack_nibbles, quantize_blockwise
+
+    rng = np.random.default_rng(0)
+    ref = _reference("layernorm_backward")
+    x, dout, w = rng.standard_normal((3, 4, 7)), rng.standard_normal((3, 4, 7)), rng.standard_normal(7)
+    _, cache = ops.layernorm_forward(x, w, np.zeros(7), eps=0.2)
+    for got, want in zip(ref["layernorm_backward"](dout, x, w, 0.2), ops.layernorm_backward(dout, cache)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+    ref = _reference("lora_linear")
+    x, dout = rng.standard_normal((2, 3, 6)), rng.standard_normal((2, 3, 5))
+    W0, b, A, B = (rng.standard_normal(s) for s in ((5, 6), (5,), (3, 6), (5, 3)))
+    layer = LoRALinear(Linear(W0.copy(), b.copy()), r=3, lora_alpha=6.0, init_lora_weights=False)
+    layer.params["lora_A"], layer.params["lora_B"] = A.copy(), B.copy()
+    y, c = layer.forward(x)
+    np.testing.assert_allclose(ref["lora_forward"](x, W0, b, A, B, 2.0), y, rtol=1e-12)
+    dx, dA, dB = ref["lora_backward"](dout, x, W0, A, B, 2.0)
+    np.testing.assert_allclose(dx, layer.backward(dout, c), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dA, layer.grads["lora_A"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dB, layer.grads["lora_B"], rtol=1e-10, atol=1e-12)
+    merge = _reference("lora_merge")["MergeableLoRA"](W0, b, A, B, 2.0)
+    np.testing.assert_allclose(merge.delta_weight(), layer.delta_weight(), rtol=1e-12)
+
+    ref = _reference("nf4_block")
+    code = np.asarray(NF4_CODE, dtype=np.float32)
+    assert ref["code"].dtype == np.float32 and np.array_equal(ref["code"], code)
+    x = (rng.standard_normal(64) * 0.3).astype(np.float32)
+    q, absmax = ref["quantize_block"](x, code)
+    q_lib, absmax_lib = quantize_blockwise(x, code, 64)
+    assert np.array_equal(q, q_lib) and absmax == float(absmax_lib[0])
+    assert np.array_equal(ref["pack_codes"](q), pack_nibbles(q_lib))
+
+    ref = _reference("subspace_similarity")
+    A1, A2 = rng.standard_normal((4, 10)), rng.standard_normal((6, 10))
+    U1, U2 = (np.linalg.svd(a, full_matrices=False)[2].T for a in (A1, A2))
+    assert abs(ref["phi"](A1, A2, 3, 5) - subspace_similarity(U1, U2, 3, 5)) < 1e-12
+    W0 = rng.standard_normal((20, 12))
+    Wt = W0 + 3 * np.outer(rng.standard_normal(20), rng.standard_normal(12))
+    assert ref["count_intruders"](W0, Wt, k=6, eps=0.6) == \
+        intruders_from_weights(W0, Wt, k=6, eps=0.6).count
 
 
 @pytest.mark.parametrize("path", WRONG, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -293,6 +424,53 @@ def test_python_dash_m_entry_point(tmp_path):
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "score: 10/10" in proc.stdout
+
+
+def test_numpy_only_refuses_minilora_and_other_packages_and_lets_numpy_through():
+    from minilora.nn import ops
+
+    def mine(x):
+        import fractions  # noqa: F401 - a standard-library import inside is fine
+        return np.linalg.svd(x)[1].sum() + len([1, 2])
+
+    def wraps(x):
+        return ops.gelu_forward(x)[0]
+
+    def uses_scipy(x):
+        import scipy.linalg
+        return scipy.linalg.svd(x)
+
+    def raises(x):
+        raise ValueError("my own error")
+
+    assert checks.numpy_only(mine)(np.eye(3)) == 3.0 + 2
+    with pytest.raises(AssertionError, match=r"^wraps used minilora\.nn\.ops\.gelu_forward: the "
+                                             r"graded functions may use NumPy only"):
+        checks.numpy_only(wraps)(np.eye(2))
+    with pytest.raises(AssertionError, match=r"^uses_scipy used scipy"):
+        checks.numpy_only(uses_scipy)(np.eye(2))
+    with pytest.raises(ValueError, match="my own error"):      # the student's errors pass through
+        checks.numpy_only(raises)(1)
+
+    class Layer:
+        def __init__(self, w):
+            self.w = w
+
+        def forward(self, x):
+            return x @ self.helper()
+
+        def helper(self):                                   # a guarded method calling another
+            return self.w.T
+
+        def cheat(self, x):
+            return ops.gelu_forward(x)[0]
+
+    guarded = checks.numpy_only(Layer)(np.eye(2))
+    assert type(guarded).__name__ == "Layer" and isinstance(guarded, Layer)
+    assert np.array_equal(guarded.forward(np.ones((1, 2))), np.ones((1, 2)))
+    with pytest.raises(AssertionError, match=r"^Layer\.cheat used minilora\.nn\.ops"):
+        guarded.cheat(np.eye(2))
+    assert sys.getprofile() is None                         # the hook is always removed
 
 
 def test_checks_messages():

@@ -198,7 +198,7 @@ def test_caches_with_more_than_three_fields_are_named(rng, monkeypatch):
     _, cache = blk.forward(x)
     assert cache._fields == ("ln_1", "attn", "ln_2", "mlp")
     assert cache.attn._fields == ("q", "k", "v", "attn", "o", "past")
-    assert cache.attn.attn._fields == ("qh", "kh", "vh", "tiles")
+    assert cache.attn.attn._fields == ("qh", "kh", "vh", "tiles", "z")
     gpt = GPT(GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=C), 0,
               dtype="float64")
     _, gcache = gpt.forward(backend.asarray(rng.integers(0, 7, size=(1, 3))))

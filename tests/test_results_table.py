@@ -59,7 +59,7 @@ def test_run_missing_runs_only_the_gaps(tmp_path, monkeypatch):
     def fake(method, task, out_dir=None, progress=True):
         calls.append((task, method))
         r = _record(task, method, 10, 1.7)
-        out_dir.mkdir(parents=True)
+        out_dir.mkdir(parents=True, exist_ok=True)  # made and locked by run_missing first
         (out_dir / "result.json").write_text(json.dumps(r))
         return dict(r, metric="m", task_metric_base=2.0, task_metric=1.7,
                     shakespeare_loss_base=1.5, shakespeare_loss=1.75)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from scipy.stats import beta
 
 from minilora import cli
 from minilora.checkpoint import load_checkpoint, save_checkpoint
@@ -154,7 +155,7 @@ def test_pair_phi_equals_the_dense_subspace_similarity(tmp_path, capsys):
                               str(DATA / "llama_lora_b"), "--modules", "q_proj|v_proj",
                               "--out", str(out)], capsys)
     assert rc == 0, stderr
-    assert "random φ(1,1)" in stdout and "max(r,r')/d" in stdout
+    assert "null p95" in stdout and "max(r,r')/d" in stdout
     rows = csv_rows(out)
     assert len(rows) == 6 and all(m.endswith(("q_proj", "v_proj")) for m in rows)
     records = {r.module: r for r in read_records(out / "records.json")[0]}
@@ -165,6 +166,12 @@ def test_pair_phi_equals_the_dense_subspace_similarity(tmp_path, capsys):
         close(rows[m], "phi_full", grid[-1, -1])
         close(rows[m], "phi_baseline_top1", 1 / d)
         close(rows[m], "phi_baseline_full", max(grid.shape) / d)
+        # the null of φ(1,1) is exact: cos² of a uniform unit vector with a fixed one in R^d is
+        # Beta(1/2, (d-1)/2)
+        close(rows[m], "phi_null95_top1", beta.ppf(0.95, 0.5, (d - 1) / 2))
+        close(rows[m], "phi_null975_top1", beta.ppf(0.975, 0.5, (d - 1) / 2))
+        assert float(rows[m]["phi_baseline_full"]) < float(rows[m]["phi_null95_full"]) \
+            < float(rows[m]["phi_null975_full"]) <= 1
         np.testing.assert_allclose(records[m].phi_grid, grid, rtol=1e-9, atol=1e-12)
     assert {p.name for p in out.glob("svd_phi*.png")} == {
         "svd_phi.png", "svd_phi_q_proj.png", "svd_phi_v_proj.png"}
@@ -246,7 +253,8 @@ def test_minilora_adapter_with_its_base_and_a_second_adapter(tiny, tmp_path, cap
         grid = phi_dense(A, a2[f"{m}.lora_A"].astype(np.float64))
         close(rows[m], "phi_full", grid[-1, -1], rtol=1e-6)
     assert rows["wte"]["kind"] == "embedding" and rows["blocks.0.attn.q"]["kind"] == "linear"
-    assert json.loads((out / "records.json").read_text())["adapter_kind"] == "minilora"
+    saved = json.loads((out / "records.json").read_text())
+    assert saved["adapters"][0]["kind"] == "minilora" and saved["schema_version"] == 2
 
 
 def test_minilora_adapter_defaults_to_the_shipped_base(tmp_path, capsys):
@@ -263,7 +271,8 @@ def test_minilora_adapter_defaults_to_the_shipped_base(tmp_path, capsys):
     assert rc == 0, stderr
     assert "amplification" in stdout
     meta = json.loads((tmp_path / "o" / "records.json").read_text())
-    assert meta["base"] == "shipped" and len(meta["records"]) == model.config.n_layer
+    assert meta["base"] == "shipped"
+    assert len(meta["adapters"][0]["records"]) == model.config.n_layer
     rc, stdout, _ = run(["svd", str(tmp_path / "adapter.safetensors"), "--no-base",
                          "--no-figures", "--out", str(tmp_path / "o2")], capsys)
     assert rc == 0 and "amplification" not in stdout

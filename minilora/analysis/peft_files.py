@@ -40,7 +40,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minilora.analysis.safetensors_lazy import AdapterFileError, SafetensorsFile
+from minilora.analysis.module_paths import natural_key, natural_sorted
+from minilora.analysis.safetensors_lazy import (
+    AdapterFileError,
+    SafetensorsFile,
+    is_lfs_pointer,
+    lfs_pointer_error,
+)
 from minilora.peft_format import (
     CONFIG_NAME,
     KEY_PREFIX,
@@ -54,6 +60,10 @@ from minilora.peft_format import (
 PARTS = {"lora_A": ("A", "linear"), "lora_B": ("B", "linear"),
          "lora_embedding_A": ("A", "embedding"), "lora_embedding_B": ("B", "embedding"),
          "lora_magnitude_vector": ("m", None)}
+
+
+def _with_shape(shape, module, reason):
+    return module, tuple(shape), reason
 
 
 class LoraModule(NamedTuple):
@@ -104,10 +114,62 @@ def _split_key(key: str):
         rest = rest[:-1]
     if rest == ["bias"] or len(rest) > 1:      # lora_B.bias (lora_bias=True) or not ours
         return None
-    module = ".".join(parts[:i])
-    module = module[len(KEY_PREFIX):] if module.startswith(KEY_PREFIX) else module
+    module = _strip_prefix(".".join(parts[:i]))
     role, kind = PARTS[parts[i]]
     return module, role, kind, (rest[0] if rest else None)
+
+
+def _strip_prefix(path: str) -> str:
+    return path[len(KEY_PREFIX):] if path.startswith(KEY_PREFIX) else path
+
+
+#: path components of PEFT's ``ModulesToSaveWrapper`` (a module listed in ``modules_to_save``)
+WRAPPER_PARTS = ("modules_to_save", "original_module")
+
+
+class SkippedTensor(NamedTuple):
+    """A tensor of the adapter file that is not analysed, and why."""
+    key: str          # the tensor's name in adapter_model.safetensors
+    module: str       # the module it belongs to (path without "base_model.model.")
+    shape: tuple
+    reason: str
+
+
+def _skip_reason(key: str, config: dict, lora_modules) -> tuple[str, str]:
+    """(module, reason) for a tensor that is not a LoRA factor (or a factor inside PEFT's
+    modules_to_save wrapper)."""
+    parts = _strip_prefix(key).split(".")
+    if WRAPPER_PARTS[0] in parts or WRAPPER_PARTS[1] in parts:
+        i = min(parts.index(w) for w in WRAPPER_PARTS if w in parts)
+        return (".".join(parts[:i]),
+                f"inside PEFT's modules_to_save wrapper ({parts[i]}): the module is trained and "
+                f"saved in full, so a LoRA under it is not its update (older PEFT versions wrote "
+                f"these paths)")
+    leaf = parts[-1]
+    if len(parts) >= 2 and parts[-2] == "lora_B" and leaf == "bias" or (
+            len(parts) >= 3 and parts[-3] == "lora_B" and leaf == "bias"):
+        module = ".".join(parts[:parts.index("lora_B")])
+        return module, ("lora_bias: a trained bias added to the layer's output beside s·B·A; "
+                        "it is not part of ΔW = s·B·A")
+    module = ".".join(parts[:-1])
+    owner = module[:-len(".base_layer")] if module.endswith(".base_layer") else module
+    saved = config.get("modules_to_save") or []
+    if isinstance(saved, str):
+        saved = [saved]
+    if any(owner == m or owner.endswith("." + m) for m in saved):
+        return owner, ("modules_to_save: a fully trained copy of the module (a full update, "
+                       "not a low-rank one)")
+    if owner in lora_modules:
+        return owner, ("a full copy of the base weight of an adapted module (PEFT's "
+                       "save_embedding_layers, e.g. after resizing the vocabulary): not a "
+                       "low-rank update")
+    if leaf == "bias":
+        return owner, "a trained bias (bias='all' or 'lora_only'): not part of ΔW = s·B·A"
+    if owner.split(".")[-1] in ("lm_head", "embed_tokens", "wte", "embed_out", "shared",
+                                "word_embeddings", "embed_in"):
+        return owner, ("a full copy of an embedding or output layer (PEFT's "
+                       "save_embedding_layers): not a low-rank update")
+    return owner, "not a LoRA factor (no lora_A / lora_B / lora_embedding_A / B in its name)"
 
 
 class PeftAdapter:
@@ -116,8 +178,11 @@ class PeftAdapter:
     Attributes:
         path: the adapter directory.
         config: the parsed ``adapter_config.json`` (unknown keys kept, ignored).
-        modules: module name -> :class:`LoraModule`, in file order.
-        other_keys: tensors that are not LoRA factors (biases, ``modules_to_save`` copies, ...).
+        modules: module name -> :class:`LoraModule`, in natural order (layer 2 before 10).
+        skipped: :class:`SkippedTensor` for every tensor that is not analysed, with its reason
+            (``modules_to_save`` copies, ``lora_B.bias``, embedding copies, PEFT's wrapper
+            paths, other adapters' tensors), in natural order.
+        other_keys: the keys of ``skipped``.
     """
 
     def __init__(self, path, adapter_name: str | None = None):
@@ -139,25 +204,33 @@ class PeftAdapter:
         if not cfg.is_file():
             raise AdapterFileError(f"{path}: no {CONFIG_NAME}; it holds r and lora_alpha, "
                                    f"without which the scaling of ΔW is unknown")
+        if is_lfs_pointer(cfg):
+            raise lfs_pointer_error(cfg)
         # every field we use checked (type, range, null): one line naming the file and field
         config = read_peft_config(cfg, ("LORA",), AdapterFileError)
         self.path, self.config = path, config
         self.weights = SafetensorsFile(weights)
-        self.modules, self.other_keys = self._group(adapter_name)
+        self.modules, self.skipped = self._group(adapter_name)
+        self.other_keys = [t.key for t in self.skipped]
 
     def _group(self, adapter_name):
         found, other = {}, []
         splits = {key: _split_key(key) for key in self.weights.keys()}
+        for key, split in splits.items():     # LoRA under PEFT's wrapper: reported, not analysed
+            if split is not None and set(split[0].split(".")) & set(WRAPPER_PARTS):
+                splits[key] = None
         names = {s[3] for s in splits.values() if s is not None} - {None}
         if adapter_name is None and len(names) > 1:
             raise AdapterFileError(f"{self.weights.path}: holds several adapters "
                                    f"({', '.join(sorted(names))}); pass adapter_name")
+        elsewhere = []
         for key, split in splits.items():
             if split is None:
                 other.append(key)
                 continue
             module, role, kind, name = split
             if adapter_name is not None and name not in (adapter_name, None):
+                elsewhere.append((key, module, name))
                 continue
             entry = found.setdefault(module, {})
             if role in entry:
@@ -198,20 +271,46 @@ class PeftAdapter:
                 raise AdapterFileError(f"{cfg_name(self.path)}: module {module!r}: {e}") from None
             modules[module] = LoraModule(module, kind, d_out, d_in, r, alpha, scale, a_key, b_key,
                                          entry["m"][0] if "m" in entry else None)
-        return modules, other
+        skipped = [SkippedTensor(key, *_with_shape(self.weights.shape(key),
+                                                   *_skip_reason(key, self.config, modules)))
+                   for key in other]
+        skipped += [SkippedTensor(key, module, self.weights.shape(key),
+                                  f"belongs to adapter {name!r}, not to {adapter_name!r}")
+                    for key, module, name in elsewhere]
+        skipped.sort(key=lambda t: natural_key(t.key))
+        return {n: modules[n] for n in natural_sorted(modules)}, skipped
 
     def factors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(B (d_out, r), A (r, d_in)) of module ``name`` in float64, y = ΔW x orientation, ΔW = s·B A.
         Only these two tensors are read from disk."""
         m = self._module(name)
-        A = self.weights.read(m.a_key).reshape(m.r, m.d_in)
-        B = self.weights.read(m.b_key).reshape(m.d_out, m.r)
+        A = self._finite(m.a_key, name).reshape(m.r, m.d_in)
+        B = self._finite(m.b_key, name).reshape(m.d_out, m.r)
         return B, A
+
+    def _finite(self, key: str, module: str) -> np.ndarray:
+        a = self.weights.read(key)
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise AdapterFileError(
+                f"{self.weights.path}: module {module}: tensor {key!r} holds "
+                f"{int(np.isnan(a).sum())} NaN and {int(np.isinf(a).sum())} infinite value(s) "
+                f"of {a.size} (first at index {np.unravel_index(int(np.argmax(bad)), a.shape)})")
+        return a
+
+    def check_module(self, name: str) -> None:
+        """Read module ``name``'s tensors and raise :class:`AdapterFileError` naming the file,
+        the module and the tensor if one holds NaN or inf (the DoRA magnitude included)."""
+        m = self._module(name)
+        for key in (m.a_key, m.b_key, m.magnitude_key):
+            if key is not None:
+                self._finite(key, name)
 
     def magnitude(self, name: str) -> np.ndarray | None:
         """DoRA's magnitude vector m (d_out,) of module ``name``, or None for plain LoRA."""
         m = self._module(name)
-        return None if m.magnitude_key is None else self.weights.read(m.magnitude_key).reshape(-1)
+        return None if m.magnitude_key is None else self._finite(m.magnitude_key,
+                                                                 name).reshape(-1)
 
     def delta_weight(self, name: str) -> np.ndarray:
         """The dense ΔW = s · B A (d_out, d_in) of one module (for small modules and tests)."""

@@ -44,6 +44,25 @@ class AdapterFileError(MiniloraError, ValueError):
     """An adapter or model file is missing, unreadable, malformed or of an unsupported kind."""
 
 
+LFS_POINTER = b"version https://git-lfs"
+
+
+def is_lfs_pointer(path) -> bool:
+    """True when ``path`` is a Git LFS pointer (a small text file standing in for the real one:
+    ``version https://git-lfs.github.com/spec/v1``, ``oid sha256:...``, ``size ...``)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LFS_POINTER)) == LFS_POINTER
+    except OSError:
+        return False
+
+
+def lfs_pointer_error(path) -> AdapterFileError:
+    """The error for a Git LFS pointer found where a real file was expected."""
+    return AdapterFileError(f"{path}: this file is a Git LFS pointer, not the real file: fetch "
+                            f"the real file with `git lfs pull`")
+
+
 class TensorInfo(NamedTuple):
     """Where one tensor lives in its file."""
     dtype: str          # "F32", "BF16", ...
@@ -72,6 +91,8 @@ class SafetensorsFile:
         if not self.path.is_file():
             raise AdapterFileError(f"{self.path}: no such file")
         size = self.path.stat().st_size
+        if is_lfs_pointer(self.path):
+            raise lfs_pointer_error(self.path)
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:

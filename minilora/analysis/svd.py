@@ -100,6 +100,24 @@ def rank_for_energy(s, fraction: float = 0.9) -> int:
     return int(np.searchsorted(energy_curve(s), fraction - 1e-12) + 1)
 
 
+def knee_rank(s) -> int:
+    """The knee of the energy curve: the k (1-based) where E(k) lies farthest above the chord from
+    (1, E(1)) to (n, 1), n the number of non-zero values (the "kneedle" rule on the normalised
+    curve). 1 for a rank-one matrix or a curve that rises no faster than the chord; 0 for the zero
+    matrix. A suggestion for where extra rank stops paying, to read beside the energy ranks."""
+    s = _spectrum(s)
+    s = s[s > 0]
+    if s.size == 0:
+        return 0
+    if s.size <= 2:
+        return 1
+    e = np.cumsum(s ** 2) / np.sum(s ** 2)
+    x = np.arange(1, s.size + 1)
+    chord = e[0] + (1.0 - e[0]) * (x - 1) / (s.size - 1)
+    above = e - chord
+    return int(np.argmax(above) + 1) if above.max() > 1e-12 else 1
+
+
 def effective_rank(s) -> float:
     """Roy & Vetterli's (2007) entropy-based effective rank:
 

@@ -13,6 +13,10 @@ One error policy: a :class:`~minilora.errors.MiniloraError` (a user mistake: a b
 file, an unusable backend) is printed as one line ``minilora: error: ...`` and exits 2; any other
 exception is a bug in minilora and keeps its traceback. ``MINILORA_DEBUG=1`` shows the traceback
 for user errors too. Ctrl-C exits 130.
+
+One output policy: a command that writes opens each output with :func:`minilora.cli.common.output`
+(default under ``runs/<command>/``, nothing replaced without ``--overwrite``, one writer at a
+time); :func:`main` closes them when the command ends, whatever happened.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import textwrap
 
 from minilora import backend, threads
 from minilora.cli import ablate, adapters, bench, course, finetune, model, quant, svd
-from minilora.cli.common import MiniloraParser, _formatter
+from minilora.cli.common import MiniloraParser, _formatter, close_outputs
 from minilora.errors import MiniloraError
 
 GROUPS = (model, finetune, quant, adapters, bench, ablate, svd, course)
@@ -56,11 +60,13 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    ok = False
     try:
         backend.check_env()
         threads.check_env()  # MINILORA_THREADS=0 is refused like a bad flag
         with threads.phase(PHASE_OF.get(args.command, "train")):
             args.func(args)
+        ok = True
     except MiniloraError as e:
         if os.environ.get("MINILORA_DEBUG"):
             raise
@@ -69,6 +75,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("minilora: interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_outputs(ok)  # the outputs' locks released; what a refused command made, removed
     return 0
 
 

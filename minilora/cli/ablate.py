@@ -8,11 +8,13 @@ from pathlib import Path
 from minilora.cli.common import (
     POSITIVE,
     _formatter,
+    add_overwrite,
     check_input_file,
-    check_output_dir,
     float_range,
     int_list,
     int_range,
+    output,
+    written,
 )
 from minilora.errors import UsageError
 from minilora.experiments.ablate import MODES, run_sweep, time_modes
@@ -27,6 +29,7 @@ from minilora.experiments.ablate_records import (
 )
 from minilora.experiments.studies.delta_w import STUDIES, run_delta_w_study
 from minilora.experiments.studies.delta_w_common import OUT as DELTA_W_OUT
+from minilora.experiments.paths import command_line
 from minilora.experiments.tasks import TASKS
 from minilora.io import atomic_write_text
 
@@ -79,24 +82,26 @@ def cmd_ablate(args):
         raise UsageError("--serial and --scheduler exclude each other")
     if args.base is not None:
         check_input_file(args.base, "--base")
-    out = check_output_dir(args.out, "--out")
-    runs = check_output_dir(args.runs, "--runs")
     fields = dict(lr=args.lr, lora_alpha=args.alpha, eval_batches=args.eval_batches,
                   batch_size=args.batch_size, block_size=args.block_size, base=args.base)
     cells = grid(tasks, args.ranks or [], target_sets, args.seeds, args.steps, full=args.full,
                  pairs=pairs, **fields)
     if args.time_modes:
-        bench_dir = check_output_dir(args.time_modes, "--time-modes")
-        if bench_dir.exists() and any(bench_dir.iterdir()):
-            raise UsageError(f"--time-modes {str(bench_dir)!r} must be a new or empty directory")
+        bench_dir = output(args.time_modes, "--time-modes", command="ablate", name="time-modes",
+                           args=args)
         res = time_modes(cells, bench_dir)
         atomic_write_text(bench_dir / "time_modes.json", json.dumps(res, indent=2) + "\n")
-        print(f"written: {bench_dir / 'time_modes.json'}")
+        written("timings", bench_dir / "time_modes.json")
         return
+    # a sweep directory is extended, never overwritten: a cell's record is keyed by its whole
+    # configuration and written once; concurrent runs on one directory share the cells
+    out = output(args.out, "--out", command="ablate", name="results", kind="sweep")
+    runs = output(args.runs or DEFAULT_RUNS, "--runs", command="ablate", name="weights",
+                  kind="sweep")
     res = run_sweep(cells, out, runs, workers=args.workers, blas_threads=args.blas_threads,
                     serial=args.serial, scheduler=args.scheduler,
                     progress=not args.no_progress)
-    keys = {k for k in res["done"] + res["skipped"]}
+    keys = {k for k in res["done"] + res["skipped"] + res["shared"]}
     recs = [r for r in load_records(out) if r["key"] in keys]
     table = summary_table(recs)
     print(table)
@@ -104,7 +109,8 @@ def cmd_ablate(args):
     atomic_write_text(path, "# Ablation cells (mean ± std over seeds)\n\n"
                       + summary_table(load_records(out)) + "\n")
     print(f"{len(res['done'])} cell(s) run, {len(res['skipped'])} already done, "
-          f"{len(res['failed'])} failed in {res['seconds']:.0f} s; records in {out}/cells/, "
+          + (f"{len(res['shared'])} run by another process, " if res["shared"] else "")
+          + f"{len(res['failed'])} failed in {res['seconds']:.0f} s; records in {out}/cells/, "
           f"table of all records: {path}")
     if res["failed"]:
         raise SystemExit(1)
@@ -121,12 +127,16 @@ def cmd_delta_w(args):
     if len(args.phi_ranks) != 2 or args.phi_ranks[0] >= args.phi_ranks[1]:
         raise UsageError(f"--phi-ranks takes two ranks, smaller first (e.g. 8,64), got "
                          f"{','.join(map(str, args.phi_ranks))}")
-    out = check_output_dir(args.out, "--out")
     budget = _pairs(args.budget, "--budget")
     if len(budget) != 1:
         raise UsageError(f"--budget takes one TARGETS:R (e.g. q:8), got {args.budget!r}")
+    out = output(args.out, "--out", command="delta-w", name=Path(args.sweep).resolve().name,
+                 kind="collection", args=args)
     run_delta_w_study(args.sweep, out, args.runs, only=only, steps=args.steps,
-                      phi_ranks=tuple(args.phi_ranks), budget=budget[0])
+                      phi_ranks=tuple(args.phi_ranks), budget=budget[0],
+                      made_by=command_line(), progress=not args.no_progress)
+    written("studies", f"{out}/ (draw them: minilora figures --results {out.parent})"
+            if out.name == "delta_w" else out)
 
 
 def add_parsers(sub):
@@ -170,11 +180,12 @@ def add_parsers(sub):
     s.add_argument("--eval-batches", type=POSITIVE, default=16,
                    help="fixed windows for the held-out and Shakespeare losses (default 16)")
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
-    s.add_argument("--out", default="runs/ablate-results",
-                   help="records directory (default runs/ablate-results; the committed sweep "
-                        "is results/ablate)")
-    s.add_argument("--runs", default=str(DEFAULT_RUNS),
-                   help=f"where each cell keeps its weights (default {DEFAULT_RUNS})")
+    s.add_argument("--out", default=None,
+                   help="records directory, extended by every run (default runs/ablate/results; "
+                        "the committed sweep is results/ablate)")
+    s.add_argument("--runs", default=None,
+                   help=f"where each cell keeps its weights, in a folder named by its key "
+                        f"(default {DEFAULT_RUNS})")
     s.add_argument("--workers", type=POSITIVE, default=2,
                    help="LocalCluster worker processes, 1 thread each (default 2)")
     s.add_argument("--blas-threads", type=POSITIVE, default=1,
@@ -188,17 +199,24 @@ def add_parsers(sub):
     s.add_argument("--time-modes", default=None, metavar="DIR",
                    help="benchmark: run the cells once per mode (" + "; ".join(MODES) + ") into "
                         "the new directory DIR and report cells per hour (--out is not touched)")
+    add_overwrite(s, "the --time-modes directory")
     s.set_defaults(func=cmd_ablate)
 
     s = sub.add_parser("delta-w", help="the ΔW studies on a sweep's cells: φ, amplification, "
                        "full FT vs LoRA, intruder dimensions, fixed budget (JSON for figures)",
                        formatter_class=_formatter, epilog=textwrap.dedent(f"""\
             Reads <sweep>/cells/*.json and the weights the cells kept under --runs; writes one
-            JSON per study into --out; `minilora figures` draws them.
+            JSON per study into --out; `minilora figures` draws them. A study (or part of one)
+            whose cells the sweep lacks is skipped with one line naming the `minilora ablate`
+            command that adds them; the others run.
 
             examples:
-              minilora delta-w --sweep results/ablate --out results/delta_w
+              minilora ablate --ranks 2,8 --targets q,v --seeds 0,1 --full --steps 50 \
+                  --out runs/study/ablate
+              minilora delta-w --sweep runs/study/ablate --out runs/study/delta_w
+              minilora figures --results runs/study
               minilora delta-w --only phi,intruders
+              minilora delta-w --out results/delta_w --overwrite   # the committed studies
 
             studies: {', '.join(STUDIES)}
             """))
@@ -206,12 +224,16 @@ def add_parsers(sub):
                    "results/ablate)")
     s.add_argument("--runs", default=str(DEFAULT_RUNS),
                    help=f"the cells' weights (default {DEFAULT_RUNS})")
-    s.add_argument("--out", default=str(DELTA_W_OUT), help=f"default {DELTA_W_OUT}")
+    s.add_argument("--out", default=None,
+                   help="where the studies' JSON go (default: a new runs/delta-w/NAME, NAME the "
+                        f"sweep directory's; the committed ones: --out {DELTA_W_OUT} --overwrite)")
+    add_overwrite(s, "the studies' JSON files in --out")
     s.add_argument("--only", default=None, help="comma-separated studies (default: all)")
     s.add_argument("--steps", type=POSITIVE, default=None,
                    help="use the cells of this step count (needed if the sweep mixes several)")
     s.add_argument("--phi-ranks", type=int_list(1), default=[8, 64],
                    help="the two ranks φ compares (default 8,64)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--budget", default="q:8",
                    help="TARGETS:R whose trainable parameters are the fixed budget (default q:8)")
     s.set_defaults(func=cmd_delta_w)

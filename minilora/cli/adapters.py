@@ -5,6 +5,7 @@ import textwrap
 from pathlib import Path
 
 from minilora.checkpoint import save_checkpoint
+from minilora.cli import truncate
 from minilora.cli.common import (
     POSITIVE,
     _adapter_registry,
@@ -13,11 +14,12 @@ from minilora.cli.common import (
     _formatter,
     _load,
     _use_backend,
+    add_overwrite,
     check_block_size,
     check_input_file,
-    check_output_dir,
-    check_output_file,
     float_range,
+    output,
+    written,
 )
 from minilora.errors import UsageError
 from minilora.experiments.paths import base_model_path
@@ -62,7 +64,8 @@ def _describe(tuned) -> str:
 
 def cmd_adapter_merge(args):
     check_input_file(args.adapter, "adapter")
-    check_output_file(args.out, "--out")
+    out = output(args.out, "--out", command="merge", name=_stem(args.adapter),
+                 suffix=".safetensors", kind="file", args=args)
     method = method_of_file(args.adapter)
     if not method.can_merge:
         raise UsageError(f"{args.adapter}: a {method.name} adapter cannot be merged into the "
@@ -71,47 +74,60 @@ def cmd_adapter_merge(args):
     model, tok, _ = _load(args.base)
     tuned = method.load(args.adapter, model)
     merged = method.merge(tuned)
-    save_checkpoint(args.out, merged, tok, extra={
+    save_checkpoint(out, merged, tok, extra={
         "merged_adapter": str(args.adapter), "method": method.name,
         "method_config": method.record(tuned), "modules_to_save": list(tuned.modules_to_save),
         "base": str(args.base or base_model_path())})
     print(f"merged {args.adapter}: {_describe(tuned)} into the base: "
-          f"{merged.num_parameters():,} parameters written to {args.out}")
+          f"{merged.num_parameters():,} parameters")
+    written("merged checkpoint", out)
 
 
 def cmd_adapter_export_peft(args):
     check_input_file(args.adapter, "adapter")
-    check_output_dir(args.out, "--out")
     method = method_of_file(args.adapter)
-    if method.peft_type is None:   # before the base is loaded: one line, no work
+    if method.peft_type is None:   # before any output or work: one line naming why
         method.export_peft(args.out, None)
+    out = output(args.out, "--out", command="export-peft", name=_stem(args.adapter), args=args)
     _use_backend(args)
     model, _, _ = _load(args.base)
     tuned = method.load(args.adapter, model)
-    out = Path(method.export_peft(args.out, tuned, str(args.base or base_model_path())))
-    print(f"{_describe(tuned)}: written {out / WEIGHTS_NAME} and {out / CONFIG_NAME}")
+    out = Path(method.export_peft(out, tuned, str(args.base or base_model_path())))
+    written(f"PEFT adapter ({_describe(tuned)})", f"{out}/ ({WEIGHTS_NAME}, {CONFIG_NAME})")
 
 
 def cmd_adapter_import_peft(args):
     if not Path(args.peft_dir).is_dir():
         raise UsageError(f"DIR {args.peft_dir!r} is not a directory (a PEFT adapter directory "
                          "holds adapter_config.json and adapter_model.safetensors)")
-    check_output_file(args.out, "--out")
     method = method_of_file(args.peft_dir)
+    folder = not method.weights_file.endswith(".safetensors") or "/" in method.weights_file
+    out = output(args.out, "--out", command="import-peft", name=Path(args.peft_dir).name,
+                 suffix="" if folder else ".safetensors", kind="run" if folder else "file",
+                 args=args)
     _use_backend(args)
     model, _, _ = _load(args.base)
     tuned = method.import_peft(args.peft_dir, model)
-    method.save(args.out, tuned)
-    print(f"imported {args.peft_dir}: {_describe(tuned)}; written: {args.out}")
+    method.save(out, tuned)
+    print(f"imported {args.peft_dir}: {_describe(tuned)}")
+    written(f"{method.name} adapter", out)
+
+
+def _stem(path) -> str:
+    """A default output name from an input path: the file stem, or the folder's name for
+    finetune's ``adapter.safetensors``."""
+    p = Path(path)
+    return p.parent.name if p.stem == "adapter" and p.parent.name else p.stem
 
 
 def cmd_adapter_claim(args):
-    check_output_dir(args.out, "--out")
-    check_output_dir(args.runs, "--runs")
+    out = output(args.out, "--out", command="claim", name="claim", kind="collection", args=args)
+    runs = output(args.runs, "--runs", command="claim", name="adapters", kind="collection",
+                  args=args)
     _use_backend(args)
-    run_claim(args.out, tuple(t for t in args.tasks.split(",") if t), args.steps, args.r,
+    run_claim(out, tuple(t for t in args.tasks.split(",") if t), args.steps, args.r,
               args.alpha, eval_batches=args.eval_batches, eval_examples=args.eval_examples,
-              runs_dir=args.runs, progress=not args.no_progress)
+              runs_dir=runs, progress=not args.no_progress)
 
 
 def add_parsers(sub):
@@ -122,8 +138,10 @@ def add_parsers(sub):
               minilora adapter merge runs/milton/adapter.safetensors --out runs/milton-merged.safetensors
               minilora adapter export-peft runs/milton/adapter.safetensors --out runs/milton-peft
               minilora adapter import-peft runs/milton-peft --out runs/milton2.safetensors
-              minilora adapter claim                  # ~10 min on 2 CPU cores -> runs/multi_adapter
-              minilora adapter claim --out results/multi_adapter   # update the committed claim.json
+              minilora adapter truncate runs/milton-peft --energy 0.95 --out runs/milton-e95
+              minilora adapter claim                  # ~10 min on 2 CPU cores -> runs/claim/claim
+              minilora adapter claim --out results/multi_adapter --runs runs/multi_adapter \
+                  --overwrite                         # update the committed claim.json
             """))
     a.set_defaults(func=lambda args: a.print_help())
     asub = a.add_subparsers(dest="adapter_command", metavar="ACTION")
@@ -135,7 +153,9 @@ def add_parsers(sub):
               minilora sample --ckpt runs/milton.safetensors --prompt "Of Man's first"
             """))
     s.add_argument("adapter", help="adapter file (from finetune --out or save_adapter)")
-    s.add_argument("--out", required=True, help="the merged checkpoint to write")
+    s.add_argument("--out", default=None, help="the merged checkpoint to write (default: a new "
+                   "runs/merge/NAME.safetensors)")
+    add_overwrite(s, "the --out file")
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
     _add_backend(s)
     s.set_defaults(func=cmd_adapter_merge)
@@ -146,8 +166,10 @@ def add_parsers(sub):
               minilora adapter export-peft runs/milton/adapter.safetensors --out runs/milton-peft
             """))
     s.add_argument("adapter", help="adapter file")
-    s.add_argument("--out", required=True,
-                   help="directory for adapter_model.safetensors + adapter_config.json")
+    s.add_argument("--out", default=None,
+                   help="directory for adapter_model.safetensors + adapter_config.json "
+                        "(default: a new runs/export-peft/NAME)")
+    add_overwrite(s, "the --out directory's earlier export")
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
     _add_backend(s)
     s.set_defaults(func=cmd_adapter_export_peft)
@@ -158,21 +180,29 @@ def add_parsers(sub):
               minilora adapter import-peft runs/milton-peft --out runs/milton2.safetensors
             """))
     s.add_argument("peft_dir", metavar="DIR", help="PEFT adapter directory")
-    s.add_argument("--out", required=True, help="adapter file to write")
+    s.add_argument("--out", default=None, help="adapter file to write (default: a new "
+                   "runs/import-peft/NAME.safetensors)")
+    add_overwrite(s, "the --out file")
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
     _add_backend(s)
     s.set_defaults(func=cmd_adapter_import_peft)
 
+    truncate.add_parser(asub)
+
     s = asub.add_parser("claim", help="per-task LoRAs hot-swapped vs one general LoRA",
                         formatter_class=_formatter, epilog=textwrap.dedent("""\
             examples:
-              minilora adapter claim                          # writes runs/multi_adapter/claim.json
+              minilora adapter claim                          # writes runs/claim/claim/claim.json
               minilora adapter claim --tasks milton,python,sentiment --steps 200 --out /tmp/claim
-              minilora adapter claim --out results/multi_adapter   # update the committed claim.json
+              minilora adapter claim --out results/multi_adapter --runs runs/multi_adapter \
+                  --overwrite                                  # update the committed claim.json
             """))
-    s.add_argument("--out", default="runs/multi_adapter",
-                   help="where claim.json goes (committed copy: results/multi_adapter)")
-    s.add_argument("--runs", default="runs/multi_adapter", help="where the adapters go")
+    s.add_argument("--out", default=None,
+                   help="where claim.json goes (default: a new runs/claim/claim; committed: "
+                        "results/multi_adapter)")
+    s.add_argument("--runs", default=None,
+                   help="where the adapters go (default: a new runs/claim/adapters)")
+    add_overwrite(s, "claim.json in --out and the adapters in --runs")
     s.add_argument("--tasks", default="milton,python", help="comma-separated, at least two")
     s.add_argument("--steps", type=POSITIVE, default=200,
                    help="steps per task (general: steps x tasks)")

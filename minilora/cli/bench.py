@@ -9,15 +9,18 @@ from minilora.cli.common import (
     _add_backend,
     _formatter,
     _use_backend,
-    check_output_file,
+    add_overwrite,
+    output,
 )
 
 DEFAULT_CONFIGS, DEFAULT_STEPS = "small,medium", 10
 
 
 def cmd_bench(args):
-    if args.out:
-        check_output_file(args.out, "--out")
+    out = None
+    if args.out:  # JSON only when asked for
+        out = output(args.out, "--out", command="bench", name="bench", suffix=".json",
+                     kind="file", args=args)
     _use_backend(args)
     configs, steps, extra = args.configs, args.steps, {}
     if args.quick:  # a smoke run: every measurement once, on the small config, seconds each
@@ -25,7 +28,7 @@ def cmd_bench(args):
         steps = 2 if args.steps == DEFAULT_STEPS else args.steps
         extra = dict(warmup=1, sgemm_sizes=(512,), pause_s=0.0)
     run_bench(configs=configs.split(","), steps=steps, threads=args.threads,
-              torch_compare=not args.no_torch, out=args.out,
+              torch_compare=not args.no_torch, out=out,
               only=args.only.split(",") if args.only else None, **extra)
 
 
@@ -36,7 +39,7 @@ def add_parsers(sub):
             examples:
               minilora bench                         # small and medium, vs PyTorch if installed
               minilora bench --configs small --steps 5 --no-torch
-              minilora bench --out results/bench.json
+              minilora bench --out results/bench.json --overwrite
               minilora bench --configs small --only peft_latency   # adapters vs LoRA latency
               minilora bench --quick                 # smoke run: small, 2 steps, ~2 minutes
             """))
@@ -52,6 +55,7 @@ def add_parsers(sub):
                    help=f"comma-separated measurements ({', '.join(n for n, _ in MEASUREMENTS)};"
                         " default: all)")
     s.add_argument("--out", default=None, help="also write the results as JSON here")
+    add_overwrite(s, "the --out file")
     _add_backend(s)
     s.set_defaults(func=cmd_bench)
 

@@ -7,9 +7,13 @@ for a bad flag, naming it); :func:`minilora.cli.main` prints it as one line and 
 Flags with a range use the ``type=`` functions below (:func:`int_range`, :func:`float_range`,
 :func:`int_list`): argparse calls them while parsing, so ``--eval-examples -5`` is refused before
 anything is loaded, with ``minilora: error: --eval-examples must be >= 1 (got -5)``; the help
-formatter adds the range to the flag's ``--help`` line. Output paths are checked with
-:func:`check_output_file` / :func:`check_output_dir` at the start of a command: they look at the
-disk without writing to it, so a refused command leaves nothing behind.
+formatter adds the range to the flag's ``--help`` line.
+
+Outputs: every path a command writes goes through :func:`output` at the start of the command
+(the policy of :mod:`minilora.experiments.paths`: a fresh ``runs/<command>/<name>`` by default,
+an existing output refused unless ``--overwrite`` / ``--resume``, a lock naming the writer, the
+path checked writable before any work). :func:`minilora.cli.main` closes the outputs when the
+command ends, removing what a refused or failed command created.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from minilora import backend
 from minilora.adapters import AdapterRegistry
 from minilora.checkpoint import load_checkpoint
 from minilora.errors import UsageError
-from minilora.experiments.paths import base_model_path
+from minilora.experiments.paths import Output, base_model_path
 from minilora.io import CheckpointError
 
 
@@ -182,6 +186,46 @@ def check_output_file(path, flag: str) -> Path:
         raise UsageError(f"{flag} {str(path)!r} lies under {str(anchor)!r}, which is a file")
     check_output_dir(path.parent, flag)
     return path
+
+
+#: the outputs the running command opened; :func:`close_outputs` (called by ``cli.main``) closes them
+_OPEN: list[Output] = []
+
+
+def add_overwrite(p, what: str = "the output") -> None:
+    """The ``--overwrite`` flag of a command that writes (see :func:`output`)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} if it already exists (default: refuse, so nothing is "
+                        "lost)")
+
+
+def output(path, flag: str, *, command: str, name: str, kind: str = "run", suffix: str = "",
+           args=None, can_resume: bool = False) -> Path:
+    """Check and open one output of the running command under the output policy
+    (:class:`minilora.experiments.paths.Output`) and return its path: ``path`` if the user gave
+    one, else a fresh ``runs/<command>/<name><suffix>``. ``args``: the parsed flags, whose
+    ``overwrite`` / ``resume`` apply. Refuses (one line naming ``flag``) an output that cannot be
+    written, is in use by another run, or already exists without ``--overwrite`` (or
+    ``--resume``). Closed by ``cli.main`` when the command ends."""
+    resume = bool(getattr(args, "resume", False))
+    overwrite = bool(getattr(args, "overwrite", False))
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    out = Output(path, kind=kind, flag=flag, command=command, name=name, suffix=suffix,
+                 resume=resume, overwrite=overwrite, can_resume=can_resume).check()
+    _OPEN.append(out)
+    return out.open()
+
+
+def close_outputs(ok: bool) -> None:
+    """Close every output :func:`output` opened (lock released; left empty: removed)."""
+    while _OPEN:
+        _OPEN.pop().close(ok)
+
+
+def written(what: str, path) -> None:
+    """The last line of a command: ``<what> written to <path>``."""
+    print(f"{what} written to {path}")
 
 
 def check_input_file(path, flag: str) -> Path:

@@ -15,18 +15,25 @@ from minilora.cli.common import (
     _formatter,
     _recompute_chunk,
     _use_backend,
+    add_overwrite,
     check_input_file,
-    check_output_dir,
     flag_hint,
     float_range,
     int_range,
+    output,
+    written,
 )
 from minilora.config import ConfigError
 from minilora.errors import UsageError
 from minilora.experiments.figures import FIGURES, make_figures
 from minilora.experiments.finetune import default_lora_config, finetune, format_result
 from minilora.experiments.methods import Extras
-from minilora.experiments.results_table import run_missing, write_table
+from minilora.experiments.results_table import (
+    DEFAULT_ROOT,
+    run_missing,
+    table_text,
+    write_table,
+)
 from minilora.experiments.tasks import TASKS, task_recipe
 from minilora.io import CheckpointError
 from minilora.methods.registry import METHODS, get_method
@@ -170,11 +177,9 @@ def cmd_finetune(args):
     except UsageError as e:
         raise UsageError(f"--method: {e}") from None
     steps = args.steps or task_recipe(args.task).get("train", {}).get("max_steps", 200)
-    method_cfg = method_config(args, steps)
+    method_cfg = method_config(args, steps)   # a flag the method's config lacks: refused here
     if args.base is not None:
         check_input_file(args.base, "--base")
-    if args.out is not None:
-        check_output_dir(args.out, "--out")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR (the run directory to continue)")
     if args.resume and not method.resumable:
@@ -183,6 +188,8 @@ def cmd_finetune(args):
         labelled = ", ".join(n for n, t in TASKS.items() if t.kind == "classification")
         raise UsageError(f"--eval-examples is for the labelled tasks ({labelled}); "
                          f"--task {args.task} is scored on --eval-batches windows")
+    out = output(args.out, "--out", command="finetune", name=f"{args.method}-{args.task}",
+                 args=args, can_resume=True)
     _use_backend(args)
     mts = tuple(m for m in (args.modules_to_save or "").split(",") if m)
     if mts or args.loraplus_ratio is not None:
@@ -194,7 +201,7 @@ def cmd_finetune(args):
     overrides = dict({k: v for k, v in given.items() if v is not None}, seed=args.seed)
     try:
         r = finetune(args.method, args.task, method_cfg, overrides, base_path=args.base,
-                     out_dir=args.out, progress=not args.no_progress,
+                     out_dir=out, progress=not args.no_progress,
                      eval_batches=args.eval_batches, eval_examples=args.eval_examples,
                      lm_weight=args.lm_weight, resume=args.resume, save_every=args.save_every,
                      recompute=args.recompute, recompute_chunk=chunk,
@@ -202,25 +209,31 @@ def cmd_finetune(args):
     except CheckpointError as e:
         raise flag_hint(e) from None
     print(format_result(r))
-    if args.out:
-        print(f"written: {args.out}/result.json and {args.out}/{r['weights_file']}")
+    print(f"result: {out / 'result.json'}")
+    written("adapter" if args.method != "full" else "model", out / r["weights_file"])
 
 
 def cmd_results(args):
-    root = args.root or ("runs/finetune" if args.run else "results/finetune")
-    check_output_dir(root, "--out")
+    if args.run:   # the runs go into the named root or runs/results, extended run by run
+        root = output(args.root, "--out", command="results", name="finetune", kind="sweep")
+    else:
+        root = Path(args.root or DEFAULT_ROOT)
+        if not root.is_dir():
+            raise UsageError(f"--out {str(root)!r} is not a directory")
     if not args.run and not any(Path(root).glob("*/result.json")):
         raise UsageError(f"no runs under {root}/*/result.json; make them with `minilora results "
                          "--run` or `minilora finetune --out ...`")
-    args.root = root
     _use_backend(args)
     if args.run:
-        run_missing(args.root, args.tasks.split(",") if args.tasks else None,
+        run_missing(root, args.tasks.split(",") if args.tasks else None,
                     args.methods.split(",") if args.methods else None,
                     progress=not args.no_progress)
-    text, path = write_table(args.root)
-    print(text)
-    print(f"written: {path}")
+    if args.run or args.root is not None:  # the table goes beside the runs the user named
+        text, path = write_table(root)
+        print(text)
+        written("table", path)
+    else:
+        print(table_text(root))
 
 
 def cmd_figures(args):
@@ -228,13 +241,18 @@ def cmd_figures(args):
     if unknown:
         raise UsageError(f"--only: unknown figure(s) {', '.join(unknown)}; allowed: "
                          f"{', '.join(FIGURES)}")
-    check_output_dir(args.figures, "--figures")
+    figures = output(args.figures, "--figures", command="figures",
+                     name=Path(args.results).resolve().name, kind="collection", args=args)
     if not Path(args.results).is_dir():
         raise UsageError(f"--results {args.results!r} is not a directory")
-    done = make_figures(args.only.split(",") if args.only else None, args.results, args.figures)
-    skipped = [n for n, v in done.items() if isinstance(v, str)]
-    print(f"{len(done) - len(skipped)} figure(s) written to {args.figures}/"
-          + (f"; {len(skipped)} skipped (results missing, see above)" if skipped else ""))
+    done = make_figures(args.only.split(",") if args.only else None, args.results, figures)
+    skipped = [n for n, v in done.items() if isinstance(v, str) and v.startswith("skipped")]
+    failed = [n for n, v in done.items() if isinstance(v, str) and v.startswith("failed")]
+    print(f"{len(done) - len(skipped) - len(failed)} figure(s) written to {figures}/"
+          + (f"; {len(skipped)} skipped (what each needs: see above)" if skipped else "")
+          + (f"; {len(failed)} FAILED: {', '.join(failed)}" if failed else ""))
+    if failed:
+        raise SystemExit(1)
 
 
 def add_parsers(sub):
@@ -293,12 +311,14 @@ def add_parsers(sub):
     s.add_argument("--base", default=None, help="base checkpoint (default: the shipped one)")
     s.add_argument("--out", default=None,
                    help="run directory: result.json, the adapter/model, metrics.jsonl and a "
-                        "resumable ckpt.safetensors; checked before the base is loaded")
+                        "resumable ckpt.safetensors (default: a new runs/finetune/METHOD-TASK); "
+                        "checked before the base is loaded")
     s.add_argument("--save-every", type=POSITIVE, default=None,
-                   help="with --out: save a resumable checkpoint every N steps (default: every "
-                        "tenth of the run)")
+                   help="save a resumable checkpoint every N steps (default: every tenth of "
+                        "the run)")
     s.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (same flags)")
+    add_overwrite(s, "the run in --out (its files are removed first)")
     s.add_argument("--recompute", action="store_true",
                    help="activation recomputation: keep only each block's input in the forward "
                         "and run the block again in the backward (same gradients, less memory, "
@@ -317,7 +337,7 @@ def add_parsers(sub):
             examples:
               minilora results                 the table of the saved runs in results/finetune/
               minilora results --run           run every missing (task, method) pair into
-                                               runs/finetune/ and print their table
+                                               runs/results/finetune/ and write their table
               minilora results --run --tasks milton --methods lora,full
               minilora results --run --out results/finetune   update the committed runs
             """))
@@ -326,23 +346,30 @@ def add_parsers(sub):
     s.add_argument("--tasks", default=None, help="comma-separated tasks (default: all)")
     s.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     s.add_argument("--out", "--root", dest="root", default=None,
-                   help="where the runs are (default: results/finetune to read; runs/finetune "
-                        "with --run, so committed results change only with --out results/...)")
+                   help="where the runs are (default: results/finetune to read, printing the "
+                        "table; runs/results/finetune with --run, so committed results change "
+                        "only with --out results/...); a named directory gets table.md")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_backend(s)
     s.set_defaults(func=cmd_results)
 
 
-    s = sub.add_parser("figures", help="make every figure in figures/ from the saved results/",
+    s = sub.add_parser("figures", help="draw every figure from saved results (into runs/figures/; "
+                       "figures/ only when named)",
                        formatter_class=_formatter, epilog=textwrap.dedent("""\
             examples:
-              minilora figures                      all figures whose results exist
+              minilora figures                      all figures whose results exist, drawn
+                                                    into a new runs/figures/results
               minilora figures --only base_pretrain
+              minilora figures --figures figures --overwrite   redraw the committed figures
             A PNG is rewritten only when its bytes change, so an unchanged figure stays
             byte-identical in git.
             """))
     s.add_argument("--only", default=None, help="comma-separated figure names (default: all)")
     s.add_argument("--results", default="results", help="where the saved results are")
-    s.add_argument("--figures", default="figures", help="where the PNGs go")
+    s.add_argument("--figures", default=None,
+                   help="where the PNGs go (default: a new runs/figures/NAME, NAME the results "
+                        "directory's; the committed ones: --figures figures --overwrite)")
+    add_overwrite(s, "PNGs of the same names in --figures")
     s.set_defaults(func=cmd_figures)
 

@@ -21,10 +21,11 @@ from minilora.cli.common import (
     _load,
     _recompute_chunk,
     _use_backend,
+    add_overwrite,
     check_input_file,
-    check_output_dir,
-    check_output_file,
     float_range,
+    output,
+    written,
 )
 from minilora.config import GPTConfig, TrainConfig
 from minilora.data import CharTokenizer, encode_corpus, load_shakespeare
@@ -43,12 +44,17 @@ def cmd_tour(args):
 
 def cmd_pretrain(args):
     chunk = _recompute_chunk(args)
-    check_output_dir(args.out, "--out")
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out DIR (the run directory to continue)")
     if args.resume and not (Path(args.out) / CKPT_NAME).is_file():
         raise UsageError(f"--resume: {str(Path(args.out) / CKPT_NAME)!r} does not exist (nothing "
                          "to continue; leave out --resume to start a new run)")
+    out = output(args.out, "--out", command="pretrain", name=args.preset, args=args,
+                 can_resume=True)
+    export = None
     if args.export:
-        check_output_file(args.export, "--export")
+        export = output(args.export, "--export", command="pretrain", name=args.preset,
+                        kind="file", args=args)
     _use_backend(args)
     preset = PRESETS[args.preset]
     mcfg = dict(preset["model"])
@@ -73,18 +79,18 @@ def cmd_pretrain(args):
           f"({model.num_parameters() * 4 / 1e6:.1f} MB float32), backend {backend.get_backend()}; "
           f"train {len(train_ids):,} chars, val {len(val_ids):,} chars (plays: {args.val_plays})")
     print(f"  model {json.dumps(model_cfg.to_dict())}\n  train {json.dumps(train_cfg.to_dict())}")
-    out = Path(args.out)
     hist = train(model, tok, train_ids, val_ids, train_cfg, out_dir=out, resume=args.resume,
                  progress=not args.no_progress)
     v = hist.final_val_loss
     print(f"done in {hist.seconds / 60:.1f} min: val loss {v:.4f} nats/char "
-          f"({v / 0.6931471805599453:.4f} bits/char); checkpoint {out / CKPT_NAME}")
-    if args.export:
-        save_checkpoint(args.export, model, tok, extra={
+          f"({v / 0.6931471805599453:.4f} bits/char)")
+    if export is not None:
+        save_checkpoint(export, model, tok, extra={
             "val_loss_nats_per_char": v, "val_plays": args.val_plays,
             "train_config": train_cfg.to_dict(), "train_seconds": round(hist.seconds, 1),
             "command": "minilora " + " ".join(sys.argv[1:])})
-        print(f"weights-only copy written to {args.export}")
+        written("weights-only copy", export)
+    written("checkpoint", out / CKPT_NAME)
 
 
 def cmd_sample(args):
@@ -136,8 +142,10 @@ def add_parsers(sub):
             """))
     s.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="model and training defaults (default: tiny)")
-    s.add_argument("--out", default="runs/pretrain", help="run directory (checkpoint, metrics.jsonl)")
+    s.add_argument("--out", default=None, help="run directory: checkpoint, metrics.jsonl "
+                   "(default: a new runs/pretrain/PRESET)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.safetensors")
+    add_overwrite(s, "the run in --out (and the --export file)")
     s.add_argument("--recompute", action="store_true",
                    help="activation recomputation: keep only each block's input in the forward "
                         "and run the block again in the backward (same gradients, less memory)")

@@ -11,10 +11,11 @@ from minilora.cli.common import (
     _formatter,
     _load,
     _use_backend,
-    check_output_dir,
-    check_output_file,
+    add_overwrite,
     float_range,
     int_list,
+    output,
+    written,
 )
 from minilora.config import QuantConfig
 from minilora.data import encode_corpus, load_shakespeare
@@ -33,15 +34,25 @@ def cmd_quantize(args):
         if args.out is not None:
             raise UsageError("--out is the quantised file; with --compare the JSON goes to "
                              "--results DIR")
-        check_output_dir(Path(args.results) / "quant", "--results")
+        if args.results is not None:
+            output(Path(args.results) / "quant", "--results", command="quantize", name="compare",
+                   kind="collection", args=args)
+            root = Path(args.results)
+        else:
+            root = output(None, "--results", command="quantize", name="compare",
+                          kind="collection")
     else:
-        check_output_file(args.out or "runs/quantized.safetensors", "--out")
+        if args.results is not None:
+            raise UsageError("--results is where --compare writes; the quantised file goes to "
+                             "--out FILE")
+        out = output(args.out, "--out", command="quantize", name=args.type,
+                     suffix=".safetensors", kind="file", args=args)
     _use_backend(args)
     if args.compare:
-        run_comparison(args.results, ckpt=args.ckpt)
+        run_comparison(root, ckpt=args.ckpt)
+        written("comparison", Path(root) / "quant")
         return
     model, tok, _ = _load(args.ckpt)
-    out = args.out or "runs/quantized.safetensors"
     rep = save_quantized(out, model, tok, args.type, args.blocksize, not args.no_double_quant)
     print(f"quantised {rep['quantized_tensors']} weight matrices ({rep['quantized_params']:,} "
           f"parameters) to {args.type}, block {args.blocksize}, double quant "
@@ -58,11 +69,12 @@ def cmd_quantize(args):
     lf, lq = evaluate(model, batches), evaluate(qmodel, batches)
     print(f"  Shakespeare validation loss: float32 {lf:.4f} -> {args.type} {lq:.4f} nats/char "
           f"({lq - lf:+.4f})")
-    print(f"written: {out}")
+    written("quantised checkpoint", out)
 
 
 def cmd_loftq(args):
-    check_output_file(args.out, "--out")
+    out = output(args.out, "--out", command="loftq", name="loftq_residuals", suffix=".json",
+                 kind="file", args=args)
     _use_backend(args)
     model, _, _ = _load(args.ckpt)
     ranks = args.ranks
@@ -77,9 +89,8 @@ def cmd_loftq(args):
         print(f"r={r}: mean ||W - Q - BA|| / ||W||: plain {args.quant_type} {rel[0]:.4f} -> "
               + " -> ".join(f"{x:.4f}" for x in rel[1:])
               + f"  (non-increasing in {v['monotone_layers']}/{v['n_layers']} layers)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(study, indent=2) + "\n")
-    print(f"written: {args.out}")
+    atomic_write_text(out, json.dumps(study, indent=2) + "\n")
+    written("LoftQ residuals", out)
 
 
 def cmd_paged_demo(args):
@@ -88,11 +99,13 @@ def cmd_paged_demo(args):
     if late:
         raise UsageError(f"--spike-steps {late} lie beyond the run: steps are 0..{args.steps - 1} "
                          f"(--steps {args.steps})")
-    if args.out:
-        check_output_file(args.out, "--out")
+    out = None
+    if args.out != "":
+        out = output(args.out, "--out", command="paged-demo", name="trace", suffix=".json",
+                     kind="file", args=args)
     _use_backend(args)
     try:
-        r = paged_demo(out=args.out or None, steps=args.steps, spike_steps=spikes,
+        r = paged_demo(out=out, steps=args.steps, spike_steps=spikes,
                        batch_size=args.batch_size, block_size=args.block_size,
                        spike_block_size=args.spike_block_size,
                        page_bytes=int(args.page_kib * 1024),
@@ -108,8 +121,8 @@ def cmd_paged_demo(args):
               f"{(t['bytes_in'] + t['bytes_out']) / MiB:.1f} MiB moved, modelled "
               f"{t['modelled_s'] * 1e3:.2f} ms at {args.bandwidth_gbs:g} GB/s")
     print(f"losses identical with and without paging: {r['losses_identical']}")
-    if args.out:
-        print(f"written: {args.out}")
+    if out is not None:
+        written("trace", out)
 
 
 def add_parsers(sub):
@@ -120,11 +133,13 @@ def add_parsers(sub):
               minilora quantize                                  # the shipped base model, NF4 + DQ
               minilora quantize --type fp4 --no-double-quant --out runs/fp4.safetensors
               minilora quantize --ckpt runs/base/ckpt.safetensors --blocksize 128
-              minilora quantize --compare     # NF4 vs FP4 vs int4 -> runs/quant/*.json
-              minilora quantize --compare --results results   # update the committed results/quant/
+              minilora quantize --compare     # NF4 vs FP4 vs int4 -> runs/quantize/compare/quant/
+              minilora quantize --compare --results results --overwrite  # the committed results/quant/
             """))
     s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
-    s.add_argument("--out", default=None, help="output file (default runs/quantized.safetensors)")
+    s.add_argument("--out", default=None,
+                   help="output file (default: a new runs/quantize/TYPE.safetensors)")
+    add_overwrite(s, "the --out file (with --compare: the JSON files in RESULTS/quant)")
     s.add_argument("--type", choices=["nf4", "fp4", "int4"], default="nf4")
     s.add_argument("--blocksize", type=POSITIVE, default=64, help="weights per absmax block")
     s.add_argument("--no-double-quant", action="store_true", help="keep absmax in float32")
@@ -134,9 +149,10 @@ def add_parsers(sub):
                    help="instead: compare nf4, fp4 and int4 (error, error vs block size, codes "
                         "used) on N(0,1) data and the checkpoint's weights; write "
                         "RESULTS/quant/*.json")
-    s.add_argument("--results", default="runs",
-                   help="--compare writes RESULTS/quant/*.json (default runs; give --results "
-                        "results to update the committed files)")
+    s.add_argument("--results", default=None,
+                   help="--compare writes RESULTS/quant/*.json (default: a new "
+                        "runs/quantize/compare; --results results --overwrite updates the "
+                        "committed files)")
     _add_backend(s)
     s.set_defaults(func=cmd_quantize)
 
@@ -144,9 +160,9 @@ def add_parsers(sub):
     s = sub.add_parser("loftq", help="LoftQ residual per iteration on the base model's weights",
                        formatter_class=_formatter, epilog=textwrap.dedent("""\
             examples:
-              minilora loftq                   # r 4,8,16, 10 steps, NF4 + DQ -> runs/quant/
+              minilora loftq                   # r 4,8,16, 10 steps, NF4 + DQ -> runs/loftq/
               minilora loftq --ranks 8 --iters 5 --out runs/loftq.json
-              minilora loftq --out results/quant/loftq_residuals.json   # update the committed one
+              minilora loftq --out results/quant/loftq_residuals.json --overwrite   # the committed one
             """))
     s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
     s.add_argument("--ranks", type=int_list(1), default=[4, 8, 16],
@@ -155,8 +171,10 @@ def add_parsers(sub):
     s.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default="nf4")
     s.add_argument("--blocksize", type=POSITIVE, default=64, help="weights per absmax block")
     s.add_argument("--no-double-quant", action="store_true")
-    s.add_argument("--out", default="runs/quant/loftq_residuals.json",
-                   help="the study's JSON (committed copy: results/quant/loftq_residuals.json)")
+    s.add_argument("--out", default=None,
+                   help="the study's JSON (default: a new runs/loftq/loftq_residuals.json; "
+                        "committed copy: results/quant/loftq_residuals.json)")
+    add_overwrite(s, "the --out file")
     _add_backend(s)
     s.set_defaults(func=cmd_loftq)
 
@@ -167,9 +185,9 @@ def add_parsers(sub):
             --spike-block-size tokens. Two runs: a tight budget (a normal step just fits) and a
             roomy one. Prints page events per step and writes the trace.
             examples:
-              minilora paged-demo                                  # writes runs/paged/trace.json
+              minilora paged-demo                                  # writes runs/paged-demo/trace.json
               minilora paged-demo --spike-steps 5 --page-kib 64 --bandwidth-gbs 25 --out ''
-              minilora paged-demo --out results/paged/trace.json   # update the committed trace
+              minilora paged-demo --out results/paged/trace.json --overwrite   # the committed trace
             """))
     s.add_argument("--steps", type=POSITIVE, default=10, help="training steps of each run")
     s.add_argument("--spike-steps", type=int_list(0, allow_empty=True), default=[3, 7],
@@ -185,7 +203,9 @@ def add_parsers(sub):
     s.add_argument("--budget-mb", type=float_range(0, lo_open=True), default=None,
                    help="device budget in MiB (default: what a normal step needs)")
     s.add_argument("--ckpt", default=None, help="checkpoint (default: the shipped base model)")
-    s.add_argument("--out", default="runs/paged/trace.json",
-                   help="trace JSON ('' to skip; committed copy: results/paged/trace.json)")
+    s.add_argument("--out", default=None,
+                   help="trace JSON (default: a new runs/paged-demo/trace.json; '' to skip; "
+                        "committed copy: results/paged/trace.json)")
+    add_overwrite(s, "the --out file")
     _add_backend(s)
     s.set_defaults(func=cmd_paged_demo)

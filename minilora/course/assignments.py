@@ -16,6 +16,7 @@ SOURCE_DIR = Path(__file__).resolve().parents[2] / "chapters" / "homework" / "so
 
 _MAGIC = re.compile(r"^\s*[%!]")  # IPython magics and shell escapes: not Python
 _MARKER = re.compile(r"^\s*### (BEGIN|END) SOLUTION\s*$")
+_HIDDEN = re.compile(r"^\s*### (BEGIN|END) HIDDEN TESTS\s*$")
 
 
 class GradeError(MiniloraError, ValueError):
@@ -126,11 +127,16 @@ STUDENT_DIR = SOURCE_DIR.parent / "student"
 
 def without_solutions(source: str) -> str:
     """``source`` with every BEGIN/END SOLUTION region replaced by :data:`STUB`, indented as the
-    region's first marker (what ``nbgrader generate_assignment`` does)."""
-    out, inside = [], False
+    region's first marker, and every BEGIN/END HIDDEN TESTS region removed (what ``nbgrader
+    generate_assignment`` does)."""
+    out, inside, hidden = [], False, False
     for line in source.splitlines():
-        m = _MARKER.match(line)
-        if m and m.group(1) == "BEGIN":
+        m, h = _MARKER.match(line), _HIDDEN.match(line)
+        if h:
+            hidden = h.group(1) == "BEGIN"
+        elif hidden:
+            continue
+        elif m and m.group(1) == "BEGIN":
             indent = line[:len(line) - len(line.lstrip())]
             out += [indent + s for s in STUB]
             inside = True
@@ -138,12 +144,14 @@ def without_solutions(source: str) -> str:
             inside = False
         elif not inside:
             out.append(line)
+    while out and not out[-1].strip():         # a hidden block at the end leaves no blank tail
+        out.pop()
     return "\n".join(out) + ("\n" if source.endswith("\n") else "")
 
 
 def student_notebook(assignment) -> dict:
     """The released version of an assignment: the source notebook with every solution region
-    stubbed out and no outputs, nbgrader metadata kept (so nbgrader and ``minilora grade`` grade
+    stubbed out, the hidden tests removed and no outputs, nbgrader metadata kept (so nbgrader and ``minilora grade`` grade
     a filled-in copy)."""
     nb = read_notebook(find_assignment(assignment), "assignment")
     for cell in nb["cells"]:

@@ -72,7 +72,7 @@ from minilora.experiments.ablate_records import (
     target_label,
 )
 from minilora.experiments.finetune import finetune
-from minilora.experiments.paths import base_model_path
+from minilora.experiments.paths import Lock, base_model_path, describe_lock
 from minilora.io import atomic_write_json, ensure_writable_dir
 from minilora.methods.lora import lora_scaling, read_adapter
 
@@ -239,9 +239,15 @@ def plan(cells, out) -> tuple[list[dict], list[dict], list[str]]:
     return done, todo, notes
 
 
+def cell_lock(out, key: str) -> Lock:
+    """The claim on cell ``key`` of the sweep in ``out`` (``cells/.<key>.lock``): the process
+    that holds it runs the cell; others leave it alone and read its record when it is done."""
+    return Lock(Path(out) / "cells" / f".{key}.lock")
+
+
 def run_sweep(cells, out, runs=None, workers: int = 2, blas_threads: int = 1,
               serial: bool = False, scheduler: str | None = None, progress: bool = True,
-              log=print, rerun_missing_weights: bool = False) -> dict:
+              log=print, rerun_missing_weights: bool = False, poll: float = 2.0) -> dict:
     """Run every cell of ``cells`` that has no complete record under ``<out>/cells/``.
 
     Args:
@@ -253,10 +259,17 @@ def run_sweep(cells, out, runs=None, workers: int = 2, blas_threads: int = 1,
         scheduler: the address of a running Dask scheduler instead of a LocalCluster.
         rerun_missing_weights: also re-run finished cells whose weights are gone from ``runs``
             (the ΔW studies need them; training is deterministic, so the record is the same).
+        poll: seconds between looks at cells another process is running.
 
-    Returns ``{"done": [keys run now], "skipped": [keys already done], "failed": {key: error},
-    "seconds": wall time}``. Raises :class:`SweepError` before any work if the output directory
-    is unusable or Dask is needed but missing.
+    Several processes may run one sweep directory at once: each cell is claimed
+    (:func:`cell_lock`) just before it starts, so every cell runs once; a process that runs
+    out of cells to claim waits for the others' cells and reads their records (a cell whose
+    process died is claimed and run again).
+
+    Returns ``{"done": [keys run now], "skipped": [keys already done], "shared": [keys another
+    process ran meanwhile], "failed": {key: error}, "seconds": wall time}``. Raises
+    :class:`SweepError` before any work if the output directory is unusable or Dask is needed
+    but missing.
     """
     cells = list({cell_key(c): c for c in cells}.values())   # the same cell once
     if not cells:
@@ -292,36 +305,109 @@ def run_sweep(cells, out, runs=None, workers: int = 2, blas_threads: int = 1,
            f" on {scheduler}" if scheduler else
            f" on {workers} Dask worker(s) x {blas_threads} BLAS thread(s)"))
     t0 = time.perf_counter()
-    results = []
+    results, shared = [], []
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress or not todo)
+    forced = {cell_key(c) for c in todo} if rerun_missing_weights else set()
+    pending = list(todo)
+
+    def claim_next():
+        """The next pending cell this process may run, with its lock held; None if every
+        pending cell is claimed by another process (cells they finished are taken off)."""
+        for cell in list(pending):
+            key = cell_key(cell)
+            if key not in forced and read_record(out / "cells" / f"{key}.json")[0] is not None:
+                pending.remove(cell)          # another process finished it meanwhile
+                shared.append(key)
+                bar.update(1)
+                continue
+            lock = cell_lock(out, key)
+            if lock.try_acquire(log) is not None:
+                continue
+            if key not in forced and read_record(out / "cells" / f"{key}.json")[0] is not None:
+                lock.release()                # finished just before we claimed it
+                pending.remove(cell)
+                shared.append(key)
+                bar.update(1)
+                continue
+            pending.remove(cell)
+            return cell, lock
+        return None
+
+    waiting_said = False
+
+    def wait_for_others():
+        nonlocal waiting_said
+        if not waiting_said:
+            holders = {describe_lock(h) for c in pending
+                       if (h := cell_lock(out, cell_key(c)).holder()) is not None}
+            log(f"{len(pending)} cell(s) are being run by another process "
+                f"({'; '.join(sorted(holders)) or 'just released'}); waiting for their records")
+            waiting_said = True
+        time.sleep(poll)
+
     if todo and serial:
-        for cell in todo:
-            results.append(run_cell(cell, str(out), str(runs), blas_threads))
+        while pending:
+            got = claim_next()
+            if got is None:
+                if pending:
+                    wait_for_others()
+                continue
+            cell, lock = got
+            try:
+                results.append(run_cell(cell, str(out), str(runs), blas_threads))
+            finally:
+                lock.release()
             _tick(bar, results)
     elif todo:
         client, cluster = start_cluster(workers, blas_threads, scheduler)
         _, distributed = _dask()
+        n_slots = workers if scheduler is None else max(
+            workers, len(client.scheduler_info().get("workers", {})))
+        flight = {}                            # future -> (key, lock)
         try:
-            futures = {client.submit(run_cell, c, str(out.resolve()), str(runs.resolve()),
-                                     blas_threads, key=f"cell-{cell_key(c)}", pure=False,
-                                     retries=0): cell_key(c) for c in todo}
-            for fut in distributed.as_completed(futures):
+            while pending or flight:
+                while len(flight) < n_slots:
+                    got = claim_next()
+                    if got is None:
+                        break
+                    cell, lock = got
+                    fut = client.submit(run_cell, cell, str(out.resolve()), str(runs.resolve()),
+                                        blas_threads, key=f"cell-{cell_key(cell)}", pure=False,
+                                        retries=0)
+                    flight[fut] = (cell_key(cell), lock)
+                if not flight:
+                    if pending:
+                        wait_for_others()
+                    continue
                 try:
-                    res = fut.result()
-                except Exception as e:  # noqa: BLE001 - a lost worker fails only its cell
-                    res = {"key": futures[fut], "status": "failed",
-                           "error": f"{type(e).__name__}: {e}".splitlines()[0], "seconds": None}
-                results.append(res)
-                _tick(bar, results)
+                    finished, _ = distributed.wait(list(flight), return_when="FIRST_COMPLETED",
+                                                   timeout=poll if pending else None)
+                except TimeoutError:           # nothing finished: look at the pending cells
+                    finished = []
+                for fut in finished:
+                    key, lock = flight.pop(fut)
+                    try:
+                        res = fut.result()
+                    except Exception as e:  # noqa: BLE001 - a lost worker fails only its cell
+                        res = {"key": key, "status": "failed",
+                               "error": f"{type(e).__name__}: {e}".splitlines()[0],
+                               "seconds": None}
+                    lock.release()
+                    results.append(res)
+                    _tick(bar, results)
         finally:
+            for _, lock in flight.values():
+                lock.release()
             client.close()
             if cluster is not None:
                 cluster.close()
     bar.close()
     failed = {r["key"]: r["error"] for r in results if r["status"] == "failed"}
     summary = {"done": [r["key"] for r in results if r["status"] == "done"],
-               "skipped": [r["key"] for r in done], "failed": failed,
+               "skipped": [r["key"] for r in done], "shared": shared, "failed": failed,
                "seconds": time.perf_counter() - t0}
+    if shared:
+        log(f"{len(shared)} cell(s) were run by another process on this sweep meanwhile")
     if failed:
         by_key = {cell_key(c): c for c in todo}
         log(f"{len(failed)} cell(s) failed (the others are saved):")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from minilora.errors import UsageError
 from minilora.experiments.finetune import finetune, format_result
+from minilora.experiments.paths import LOCK_NAME, Lock, Output, describe_lock
 from minilora.methods.registry import METHODS, RENAMED
 from minilora.experiments.tasks import TASKS
 from minilora.io import atomic_write_text
@@ -97,21 +98,46 @@ def run_missing(root=DEFAULT_ROOT, tasks=None, methods=None, progress: bool = Tr
             out = run_dir(root, task, method)
             if (out / "result.json").exists():
                 continue
-            log(f"running {method} on {task} -> {out}")
-            r = finetune(method, task, out_dir=out, progress=progress)
+            # a pair left unfinished by a killed run is run again (its files replaced); a pair
+            # that another process is running now is left to it
+            run = Output(out, kind="run", overwrite=True)
+            held = Lock(out / LOCK_NAME).holder()
+            if held is not None:
+                log(f"skipping {method} on {task}: {out} is being run by {describe_lock(held)}")
+                continue
+            run.check()
+            run.open(log)
+            ok = False
+            try:
+                if (out / "result.json").exists():
+                    continue
+                log(f"running {method} on {task} -> {out}")
+                r = finetune(method, task, out_dir=out, progress=progress)
+                ok = True
+            finally:
+                run.close(ok)
             log(format_result(r))
             done.append((task, method))
     return done
 
 
+class NoRuns(UsageError, FileNotFoundError):
+    """The results root holds no run (``<root>/*/result.json``)."""
+
+
+def table_text(root=DEFAULT_ROOT) -> str:
+    """The table of every saved run under ``root`` (Markdown)."""
+    rows = load_results(root)
+    if not rows:
+        raise NoRuns(f"no runs under {root}/*/result.json; make them with "
+                         "`minilora results --run` or `minilora finetune --out ...`")
+    return format_table(rows)
+
+
 def write_table(root=DEFAULT_ROOT) -> tuple[str, Path]:
     """Format the table of every saved run and write it to ``root/table.md`` (atomically)."""
 
-    rows = load_results(root)
-    if not rows:
-        raise FileNotFoundError(f"no runs under {root}/*/result.json; make them with "
-                                "`minilora results --run` or `minilora finetune --out ...`")
-    text = format_table(rows)
+    text = table_text(root)
     path = Path(root) / "table.md"
     atomic_write_text(path, text)
     return text, path

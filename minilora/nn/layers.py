@@ -306,8 +306,8 @@ class CausalSelfAttention(Module):
         dxk = self.k.backward(dk, cache.k, need_dx)
         dxv = self.v.backward(dv, cache.v, need_dx)
         if need_dx:
-            dx += dxk
-            dx += dxv
+            ops_fast.add(dx, dxk, out=dx)
+            ops_fast.add(dx, dxv, out=dx)
         return dx
 
 
@@ -351,17 +351,17 @@ class Block(Module):
         """x (B, T, C) -> (B, T, C), cache; ``past`` goes to the attention (:class:`PastKV`)."""
         a, c1 = self.ln_1.forward(x)
         a, ca = self.attn.forward(a, past)
-        h = x + a  # residual
+        h = ops_fast.add(x, a)  # residual
         m, c2 = self.ln_2.forward(h)
         m, cm = self.mlp.forward(m)
-        out = h + m  # residual
+        out = ops_fast.add(h, m)  # residual
         return out, BlockCache(c1, ca, c2, cm)
 
     def backward(self, dout, cache: BlockCache, need_dx: bool = True):
         """Returns dx (None when ``need_dx`` is False: nothing below trains)."""
         # out = h + mlp(ln_2(h)): both paths reach h
         dh = self.ln_2.backward(self.mlp.backward(dout, cache.mlp), cache.ln_2)
-        dh += dout
+        ops_fast.add(dh, dout, out=dh)
         # h = x + attn(ln_1(x)); without need_dx, attention's input gradient (three GEMMs) is
         # only computed when ln_1 itself trains
         need_da = need_dx or bool(self.ln_1.trainable)
@@ -370,5 +370,5 @@ class Block(Module):
         if need_da:
             dx = self.ln_1.backward(da, cache.ln_1, need_dx=need_dx)
         if need_dx:
-            dx += dh
+            ops_fast.add(dx, dh, out=dx)
         return dx

@@ -22,13 +22,10 @@ import math
 from typing import NamedTuple
 
 from minilora.backend import is_cupy, xp
-from minilora.threads import parallel_chunks
 from minilora.nn.ops import (
     GELU_C,
     GELU_K,
     AttentionCache,
-    _softmax_backward_inplace,
-    _softmax_inplace,
     attention_backward,
     attention_forward,
     causal_mask_bias,
@@ -38,8 +35,10 @@ from minilora.nn.ops import (
     layernorm_forward,
     linear_backward,
     linear_forward,
+    merge_heads,
     split_heads,
 )
+from minilora.threads import parallel_chunks
 
 #: floats per block of a blocked element-wise op (512 KiB of float32): a chain of passes over one
 #: block stays in the core's L2 cache instead of streaming the whole tensor from memory per pass
@@ -61,24 +60,32 @@ def blocked_always():
         SMALL_FLOATS = saved
 
 
-def _row_blocks(n_rows: int, row_len: int, block) -> None:
-    """Call ``block(r0, r1, scratch)`` over row blocks of about :data:`BLOCK_FLOATS` floats that
-    cover rows 0 .. n_rows-1, the blocks shared out over the CPU threads
-    (:func:`minilora.threads.parallel_chunks`); ``scratch`` is a per-thread ``(rows, row_len)``
-    buffer factory. On CuPy: one block, all rows (the GPU is parallel already)."""
-    rows = n_rows if is_cupy() else max(1, min(n_rows, BLOCK_FLOATS // max(1, row_len)))
+def block_rows(n_rows: int, row_len: int) -> int:
+    """Rows per block of :func:`_row_blocks`: about :data:`BLOCK_FLOATS` floats (all rows on
+    CuPy). The same for any thread count."""
+    return n_rows if is_cupy() else max(1, min(n_rows, BLOCK_FLOATS // max(1, row_len)))
 
-    def chunk(i0, i1):
+
+def _row_blocks(n_rows: int, row_len: int, block) -> None:
+    """Call ``block(r0, r1, scratch)`` over row blocks of :func:`block_rows` rows that cover
+    rows 0 .. n_rows-1 (every block starts at a multiple of it), the blocks shared out over the
+    CPU threads (:func:`minilora.threads.parallel_chunks`); ``scratch`` is a per-thread
+    ``(rows, row_len)`` buffer factory. On CuPy: one block, all rows (the GPU is parallel
+    already)."""
+    rows = block_rows(n_rows, row_len)
+    n_blocks = -(-n_rows // rows)
+
+    def chunk(k0, k1):
         scratch = {}
 
         def buf(dtype):  # one scratch block per thread and dtype, reused across its blocks
             if dtype not in scratch:
                 scratch[dtype] = xp.empty((rows, row_len), dtype=dtype)
             return scratch[dtype]
-        for r0 in range(i0, i1, rows):
-            r1 = min(r0 + rows, i1)
+        for k in range(k0, k1):
+            r0, r1 = k * rows, min((k + 1) * rows, n_rows)
             block(r0, r1, lambda dtype: buf(dtype)[: r1 - r0])
-    parallel_chunks(n_rows, chunk, min_per_thread=rows)
+    parallel_chunks(n_blocks, chunk)
 
 
 def _row_mean(a2, C):
@@ -116,32 +123,48 @@ def layernorm_forward_fast(x, w, b, eps=1e-5):
 
 
 def layernorm_backward_fast(dout, cache, need_dx=True, need_dw=True):
-    """:func:`~minilora.nn.ops.layernorm_backward` with row means as matrix-vector products, the column sums
-    by ``einsum`` and a vector-matrix product, and dx in row blocks over the threads."""
+    """:func:`~minilora.nn.ops.layernorm_backward` in row blocks shared over the threads, with
+    every row mean and column sum as a BLAS matrix-vector product::
+
+        m1 = mean(dout * w) = dout @ (w / C)            m2 = mean(dnorm * norm) = (dout * norm) @ (w / C)
+        dx = (dout * w - m1 - norm * m2) * rstd         dw, db: column sums of dout * norm, dout
+
+    dw and db are summed block by block (the blocks do not depend on the thread count, so
+    neither do the sums)."""
     norm, w, rstd = cache
     if norm.size <= SMALL_FLOATS:
         return layernorm_backward(dout, cache, need_dx, need_dw)
     C = w.shape[0]
     n2, d2 = norm.reshape(-1, C), dout.reshape(-1, C)  # (N, C)
     r2 = rstd.reshape(-1, 1)
-    dx = dw = db = None
-    if need_dx:
-        dx = xp.empty_like(d2)
+    N = n2.shape[0]
+    rows = block_rows(N, C)
+    n_blocks = -(-N // rows)
+    dx = xp.empty_like(d2) if need_dx else None
+    parts = xp.empty((2, n_blocks, C), dtype=d2.dtype) if need_dw else None  # dw, db per block
+    wc = (w / C).reshape(C, 1)
 
-        def block(r0, r1, scratch):
-            ns, dnorm, tmp = n2[r0:r1], dx[r0:r1], scratch(d2.dtype)
-            xp.multiply(d2[r0:r1], w, out=dnorm)
-            xp.multiply(dnorm, ns, out=tmp)
-            m2 = _row_mean(tmp, C)  # mean(dnorm * norm): (rows, 1)
-            dnorm -= _row_mean(dnorm, C)
-            dnorm -= xp.multiply(ns, m2, out=tmp)
-            dnorm *= r2[r0:r1]
-        _row_blocks(n2.shape[0], C, block)
-        dx = dx.reshape(dout.shape)
+    def block(r0, r1, scratch):
+        ds, ns = d2[r0:r1], n2[r0:r1]
+        dn = xp.multiply(ds, ns, out=scratch(d2.dtype))  # dout * norm
+        if need_dw:
+            ones = xp.ones((1, r1 - r0), dtype=d2.dtype)
+            k = r0 // rows
+            xp.matmul(ones, dn, out=parts[0, k:k + 1])
+            xp.matmul(ones, ds, out=parts[1, k:k + 1])
+        if need_dx:
+            m2 = xp.matmul(dn, wc)  # (rows, 1)
+            m1 = xp.matmul(ds, wc)
+            o = dx[r0:r1]
+            xp.multiply(ds, w, out=o)
+            o -= m1
+            o -= xp.multiply(ns, m2, out=dn)
+            o *= r2[r0:r1]
+    _row_blocks(N, C, block)
+    dw = db = None
     if need_dw:
-        dw = xp.einsum("ij,ij->j", d2, n2)
-        db = xp.matmul(xp.ones((1, d2.shape[0]), dtype=d2.dtype), d2).reshape(C)
-    return dx, dw, db
+        dw, db = parts.sum(axis=1)
+    return (dx.reshape(dout.shape) if need_dx else None), dw, db
 
 
 def gelu_forward_fast(x):
@@ -196,28 +219,39 @@ def gelu_backward_fast(dout, cache):
 
 
 class TiledAttentionCache(NamedTuple):
-    """What :func:`attention_backward_fast` needs: the split heads and one softmax block per
-    query tile (tile i: queries t0 .. t1-1 over keys 0 .. t1 + P - 1)."""
-    qh: object   # (B, NH, T, hs)
+    """What :func:`attention_backward_fast` needs: the split heads (queries already scaled by
+    1 / sqrt(hs)), one block of unnormalised weights per query tile, stored keys-major (tile i:
+    keys 0 .. t1 + P - 1 by queries t0 .. t1-1), and the softmax's sums (one per query)."""
+    qh: object   # (B, NH, T, hs) queries times 1 / sqrt(hs)
     kh: object   # (B, NH, Tk, hs)
     vh: object   # (B, NH, Tk, hs)
-    tiles: list  # [(t0, t1, att (B, NH, t1 - t0, t1 + P))]
+    tiles: list  # [(t0, t1, e (B, NH, t1 + P, t1 - t0))], e = exp(s^T - colmax s^T)
+    z: object    # (B, NH, 1, T) sums of e over the keys: the attention weights are e^T / z
 
 
 def attention_tile(T: int) -> int:
     """Queries per tile of :func:`attention_forward_fast`: 32 up to T = 128, then T / 4 (the
-    fastest of 16-128 on a 2-core CPU at the bench's T = 128 and 256)."""
+    fastest of 16-256 on the 2-core CPU at the bench's T = 128 and 256)."""
     return max(32, T // 4)
 
 
 def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
-    """:func:`~minilora.nn.ops.attention_forward` over query tiles, skipping the masked half of the T x T square.
+    """:func:`~minilora.nn.ops.attention_forward` over query tiles, skipping the masked half of
+    the T x T square, with the scores keys-major and the softmax's division on the output.
 
     Tile [t0, t1) attends to keys 0 .. t1 + P - 1 only (queries see nothing later), so with n
     tiles the scores cost (n + 1) / 2n of the full square (0.625 at n = 4), and each tile's
     scores stay small enough for the cache during the softmax. Only the tile's diagonal block
-    needs the causal mask. The output is written straight into (B, T, NH, hs) order, so merging
-    the heads is free. The batch is shared out over the CPU threads
+    needs the causal mask. Per tile and head, with qs = q / sqrt(hs) (scaled once)::
+
+        S = k qs^T   (keys x queries)      e = exp(S - colmax S)      z = colsum e
+        y = (e^T v) / z                    (= softmax(qs k^T + mask) v)
+
+    Keys-major, the max and the sum run down the columns, which NumPy vectorises along the
+    rows (4x faster than its reduction along each short row), and the mask is a contiguous
+    block; the large block is never scaled or divided: those passes fall on q and on y, 8x
+    smaller at T = 256, hs = 32. The output is written straight into (B, T, NH, hs) order, so
+    merging the heads is free. The batch is shared out over the CPU threads
     (:func:`minilora.threads.parallel_chunks`: the per-head GEMMs are too small for BLAS to
     thread). Returns y (B, T, C), cache = :class:`TiledAttentionCache` (a small input, e.g. a
     decoding step, takes the plain op and returns its :class:`~minilora.nn.ops.AttentionCache`).
@@ -228,58 +262,88 @@ def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
         return attention_forward(q, k, v, n_head)
     P, hs = Tk - T, C // n_head
     tile = tile or attention_tile(T)
-    qh, kh, vh = split_heads(q, n_head), split_heads(k, n_head), split_heads(v, n_head)
-    scale = 1.0 / math.sqrt(hs)
+    qs = xp.empty_like(q)  # q / sqrt(hs), written by each thread for its sequences
+    qh, kh, vh = split_heads(qs, n_head), split_heads(k, n_head), split_heads(v, n_head)
     y = xp.empty((B, T, n_head, hs), dtype=q.dtype)
     yh = y.transpose(0, 2, 1, 3)  # (B, NH, T, hs) view
+    z = xp.empty((B, n_head, 1, T), dtype=q.dtype)
     bounds = [(t0, min(t0 + tile, T)) for t0 in range(0, T, tile)]
-    tiles = [(t0, t1, xp.empty((B, n_head, t1 - t0, t1 + P), dtype=q.dtype)) for t0, t1 in bounds]
-    masks = {n: causal_mask_bias(n, n, q.dtype) for n in {t1 - t0 for t0, t1 in bounds} if n > 1}
+    tiles = [(t0, t1, xp.empty((B, n_head, t1 + P, t1 - t0), dtype=q.dtype)) for t0, t1 in bounds]
+    masks = {n: causal_mask_bias(n, n, q.dtype).T.copy()  # keys x queries
+             for n in {t1 - t0 for t0, t1 in bounds} if n > 1}
 
     def run(b0, b1):
-        for t0, t1, att in tiles:
+        xp.multiply(q[b0:b1], 1.0 / math.sqrt(hs), out=qs[b0:b1])
+        # qs^T per head, contiguous: NumPy's matmul is 2.5x slower on a transposed right operand
+        qT = xp.ascontiguousarray(qh[b0:b1].transpose(0, 1, 3, 2))  # (b, NH, hs, T)
+        for t0, t1, e in tiles:
             kend = t1 + P
-            s = att[b0:b1]  # (b, NH, tq, kend), this thread's rows
-            xp.matmul(qh[b0:b1, :, t0:t1], kh[b0:b1, :, :kend].transpose(0, 1, 3, 2), out=s)
-            s *= scale
+            s = e[b0:b1]  # (b, NH, kend, tq), this thread's sequences
+            xp.matmul(kh[b0:b1, :, :kend], qT[..., t0:t1], out=s)
             if t1 - t0 > 1:  # keys t0+P .. kend-1 form the tile's diagonal block: causal there
-                s[..., t0 + P:kend] += masks[t1 - t0]
-            _softmax_inplace(s)
-            yh[b0:b1, :, t0:t1] = xp.matmul(s, vh[b0:b1, :, :kend])
+                s[:, :, t0 + P:kend] += masks[t1 - t0]
+            s -= s.max(axis=-2, keepdims=True)
+            xp.exp(s, out=s)
+            zt = z[b0:b1, :, :, t0:t1]
+            s.sum(axis=-2, keepdims=True, out=zt)
+            yt = xp.matmul(s.transpose(0, 1, 3, 2), vh[b0:b1, :, :kend])  # (b, NH, tq, hs)
+            yt /= zt.transpose(0, 1, 3, 2)
+            yh[b0:b1, :, t0:t1] = yt
     parallel_chunks(B, run)
-    return y.reshape(B, T, C), TiledAttentionCache(qh, kh, vh, tiles)
+    return y.reshape(B, T, C), TiledAttentionCache(qh, kh, vh, tiles, z)
 
 
 def attention_backward_fast(dout, cache: TiledAttentionCache):
-    """:func:`~minilora.nn.ops.attention_backward` tile by tile (the tiles of :func:`attention_forward_fast`);
-    dk and dv sum the contributions of every tile that saw each key. Batch shared over the
-    threads as in the forward."""
+    """:func:`~minilora.nn.ops.attention_backward` tile by tile (the tiles of
+    :func:`attention_forward_fast`); dk and dv sum the contributions of every tile that saw
+    each key. Keys-major, with a = e / z the weights (a column per query)::
+
+        D = v dy^T                     r = colsum(D * e) / z      (= rowsum(datt * att))
+        G = e * (D - r)                ds^T = G / z                (the softmax's backward)
+        dv = e (dy / z)                dq = (G^T k) / (z sqrt(hs))      dk = G (qs / z)
+
+    so the large (Tk, tq) block takes three passes (D * e, e * r, the difference) and a
+    column sum; every 1 / z and 1 / sqrt(hs) falls on a (tq, hs) operand. Batch shared over
+    the threads as in the forward."""
     if isinstance(cache, AttentionCache):  # the forward took the plain op (small input)
         return attention_backward(dout, cache)
-    qh, kh, vh, tiles = cache
+    qh, kh, vh, tiles, z = cache
     B, NH, T, hs = qh.shape
     Tk = kh.shape[2]
     P = Tk - T
     scale = 1.0 / math.sqrt(hs)
-    dy = split_heads(dout, NH)  # (B, NH, T, hs)
+    dy = split_heads(dout, NH)  # (B, NH, T, hs) view
     dq = xp.empty((B, T, NH, hs), dtype=qh.dtype)
-    dk = xp.zeros((B, Tk, NH, hs), dtype=qh.dtype)
-    dv = xp.zeros((B, Tk, NH, hs), dtype=qh.dtype)
-    dqh, dkh, dvh = (a.transpose(0, 2, 1, 3) for a in (dq, dk, dv))  # (B, NH, ., hs) views
+    dkh = xp.zeros((B, NH, Tk, hs), dtype=qh.dtype)  # heads first: contiguous accumulation
+    dvh = xp.zeros((B, NH, Tk, hs), dtype=qh.dtype)
+    dqh = dq.transpose(0, 2, 1, 3)  # (B, NH, T, hs) view
+    largest = max(e[0].size for _, _, e in tiles)
 
     def run(b0, b1):
-        for t0, t1, att in tiles:
+        rz = 1.0 / z[b0:b1].transpose(0, 1, 3, 2)  # (b, NH, T, 1)
+        dyz = dy[b0:b1] * rz  # dy / z
+        qz = qh[b0:b1] * rz  # qs / z
+        rz *= scale  # 1 / (z sqrt(hs)), for dq
+        dyT = xp.ascontiguousarray(dy[b0:b1].transpose(0, 1, 3, 2))  # (b, NH, hs, T)
+        buf = xp.empty(2 * (b1 - b0) * largest, dtype=qh.dtype)  # two (kend, tq) blocks
+        for t0, t1, e in tiles:
             kend = t1 + P
-            a, dyt = att[b0:b1], dy[b0:b1, :, t0:t1]
-            datt = xp.matmul(dyt, vh[b0:b1, :, :kend].transpose(0, 1, 3, 2))  # (b, NH, tq, kend)
-            dvh[b0:b1, :, :kend] += xp.matmul(a.transpose(0, 1, 3, 2), dyt)
-            ds = _softmax_backward_inplace(datt, a)
-            ds *= scale
-            dqh[b0:b1, :, t0:t1] = xp.matmul(ds, kh[b0:b1, :, :kend])
-            dkh[b0:b1, :, :kend] += xp.matmul(ds.transpose(0, 1, 3, 2), qh[b0:b1, :, t0:t1])
+            et = e[b0:b1]
+            g = buf[:et.size].reshape(et.shape)
+            tmp = buf[et.size:2 * et.size].reshape(et.shape)
+            xp.matmul(vh[b0:b1, :, :kend], dyT[..., t0:t1], out=g)  # D = datt^T
+            dvh[b0:b1, :, :kend] += xp.matmul(et, dyz[:, :, t0:t1])
+            g *= et
+            r = g.sum(axis=-2, keepdims=True)  # (b, NH, 1, tq)
+            r /= z[b0:b1, :, :, t0:t1]
+            g -= xp.multiply(et, r, out=tmp)  # G = e * (D - r)
+            dqt = xp.matmul(g.transpose(0, 1, 3, 2), kh[b0:b1, :, :kend])
+            dqt *= rz[:, :, t0:t1]
+            dqh[b0:b1, :, t0:t1] = dqt
+            dkh[b0:b1, :, :kend] += xp.matmul(g, qz[:, :, t0:t1])
     parallel_chunks(B, run)
     C = NH * hs
-    return dq.reshape(B, T, C), dk.reshape(B, Tk, C), dv.reshape(B, Tk, C)
+    return (dq.reshape(B, T, C), merge_heads(dkh), merge_heads(dvh))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,12 +353,32 @@ def attention_backward_fast(dout, cache: TiledAttentionCache):
 MIN_ROWS_PER_THREAD = 256
 
 
-def matmul_rows(a, b, min_rows: int = MIN_ROWS_PER_THREAD):
-    """``a @ b`` (a: (m, k), b: (k, n)) with the rows of a shared over the CPU threads, each
-    thread one BLAS call writing its rows of the result; one call with one thread."""
+def matmul_rows(a, b, min_rows: int = MIN_ROWS_PER_THREAD, bias=None):
+    """``a @ b (+ bias)`` (a: (m, k), b: (k, n), bias: (n,)) with the rows of a shared over the
+    CPU threads, each thread one BLAS call writing its rows of the result (and adding the bias
+    to them while they are in its cache); one call with one thread."""
     out = xp.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-    parallel_chunks(a.shape[0], lambda i0, i1: xp.matmul(a[i0:i1], b, out=out[i0:i1]),
-                    min_per_thread=min_rows)
+
+    def rows(i0, i1):
+        xp.matmul(a[i0:i1], b, out=out[i0:i1])
+        if bias is not None:
+            out[i0:i1] += bias
+    parallel_chunks(a.shape[0], rows, min_per_thread=min_rows)
+    return out
+
+
+def add(a, b, out=None):
+    """``a + b`` for two arrays of one shape (a residual connection), into ``out`` (may be
+    ``a`` itself) or a new array, rows shared over the CPU threads. Small arrays (a decoding
+    step's) or broadcasting: one NumPy call."""
+    if a.size <= SMALL_FLOATS or a.shape != b.shape:
+        return xp.add(a, b, out=out)
+    out = xp.empty_like(a) if out is None else out
+    a2, b2, o2 = (t.reshape(-1, a.shape[-1]) for t in (a, b, out))
+
+    def rows(i0, i1):
+        xp.add(a2[i0:i1], b2[i0:i1], out=o2[i0:i1])
+    parallel_chunks(a2.shape[0], rows, min_per_thread=max(1, BLOCK_FLOATS // a2.shape[1]))
     return out
 
 
@@ -305,9 +389,7 @@ def linear_forward_fast(x, w, b=None, keep_x: bool = True):
     if x.dtype != w.dtype:  # mixed precision: the plain op (NumPy's promotion rules)
         return linear_forward(x, w, b, keep_x)
     d_out, d_in = w.shape
-    out = matmul_rows(x.reshape(-1, d_in), w.T)
-    if b is not None:
-        out += b
+    out = matmul_rows(x.reshape(-1, d_in), w.T, bias=b)
     return out.reshape(*x.shape[:-1], d_out), (x if keep_x else None, w, b is not None)
 
 

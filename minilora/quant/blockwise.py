@@ -27,7 +27,6 @@ import math
 import numbers
 
 from minilora.backend import is_cupy, xp
-from minilora.threads import parallel_chunks
 from minilora.quant.checks import (
     QuantError,
     _raise_not_finite,
@@ -37,6 +36,7 @@ from minilora.quant.checks import (
     n_blocks,
 )
 from minilora.quant.kernel import TINY, _scale_nearest_fused
+from minilora.threads import parallel_chunks
 
 # Elements per slice on NumPy (cache blocking); CuPy does the whole tensor in one go.
 _SLICE = 1 << 17

@@ -7,13 +7,16 @@ results are missing raises :class:`MissingResults` naming the command that makes
 """
 from __future__ import annotations
 
+import os
+import re
+import traceback
 from pathlib import Path
 
 from minilora.errors import UsageError
 from minilora.experiments.figures.ablate import fig_budget, fig_pareto, fig_rank
 from minilora.experiments.figures.adalora import fig_adalora_ranks
 from minilora.experiments.figures.adapters import fig_claim
-from minilora.experiments.figures.common import MissingResults
+from minilora.experiments.figures.common import MissingResults, pyplot
 from minilora.experiments.figures.delta_w import (
     fig_amplification,
     fig_full_vs_lora,
@@ -56,9 +59,16 @@ FIGURES = {
 
 
 def make_figures(names=None, results="results", figures="figures", log=print) -> dict:
-    """Make the named figures (default: all). Returns ``{name: [paths] or "skipped: why"}``."""
+    """Make the named figures (default: all), in :data:`FIGURES`' order. Returns ``{name: [paths]
+    or "skipped: why" or "failed: why"}``.
+
+    A figure whose results are missing (or too few for it) is skipped with one line saying what
+    it needs, its hint naming ``results`` where the command to make them writes; a figure that
+    fails (a bug) is reported in one line and the others are still drawn.
+    """
     results, figures = Path(results), Path(figures)
-    names = list(FIGURES) if not names else list(names)
+    names = list(FIGURES) if not names else [n for n in FIGURES if n in names] + \
+        [n for n in names if n not in FIGURES]
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         raise UsageError(f"unknown figure(s) {', '.join(unknown)}; allowed: {', '.join(FIGURES)}")
@@ -72,9 +82,26 @@ def make_figures(names=None, results="results", figures="figures", log=print) ->
             out[name] = [str(p) for p in paths]
             log(f"{name}: " + ", ".join(out[name]))
         except MissingResults as e:
-            out[name] = f"skipped: {e}"
-            log(f"{name}: skipped: {e}")
+            out[name] = f"skipped: {_hint_for(str(e), results)}"
+            log(f"{name}: {out[name]}")
+        except Exception as e:  # noqa: BLE001 - one figure's bug must not stop the others
+            pyplot().close("all")
+            if os.environ.get("MINILORA_DEBUG"):
+                raise
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            out[name] = (f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                         f" (at {Path(where.filename).name}:{where.lineno}; a bug in minilora, "
+                         "MINILORA_DEBUG=1 shows the traceback)")
+            log(f"{name}: {out[name]}")
     return out
+
+
+def _hint_for(text: str, results: Path) -> str:
+    """A missing-results hint with the committed ``results/`` replaced by the results directory
+    the figures were asked to draw from (the user's own, where their command should write)."""
+    if results == Path("results"):
+        return text
+    return re.sub(r"(?<![\w./-])results/", f"{results.as_posix()}/", text)
 
 
 __all__ = ["FIGURES", "MissingResults", "make_figures"]

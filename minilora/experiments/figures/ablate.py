@@ -8,6 +8,8 @@ from pathlib import Path
 
 from minilora.experiments.ablate_records import summary_rows
 from minilora.experiments.figures.common import (
+    BOOK_WIDTH,
+    MIN_FONT,
     pyplot,
     read_json,
     save_figure,
@@ -19,7 +21,7 @@ from minilora.experiments.figures.delta_w import (
 )
 from minilora.experiments.studies.delta_w_common import (
     BUDGET_COMMAND,
-    STUDY_COMMAND,
+    study_command,
 )
 
 #: order of the target sets in legends (the sweep's), then anything else
@@ -48,8 +50,9 @@ def fig_pareto(results: Path, figures: Path) -> list:
     one panel per task; seeds as error bars (sample std)."""
     tasks = _lm_tasks(results)
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(7.2 * len(tasks), 5.2), squeeze=False)
-    for ax, (task, rows, base) in zip(axes[0], tasks):
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(BOOK_WIDTH, 5.6 * len(tasks)),
+                             squeeze=False)
+    for ax, (task, rows, base) in zip(axes[:, 0], tasks):
         seen = set()
         for x in sorted(rows, key=lambda x: (_order(x["targets"]), x["r"] or 0)):
             lab = x["targets"]
@@ -60,9 +63,10 @@ def fig_pareto(results: Path, figures: Path) -> list:
                                                         "full fine-tuning"))
             seen.add(lab)
             if x["r"] and lab in ("q,v", "all-linear"):
-                ax.annotate(f"r={x['r']}", (x["forgetting"], x["task_metric"]), fontsize=6,
+                ax.annotate(f"r={x['r']}", (x["forgetting"], x["task_metric"]), fontsize=MIN_FONT,
                             xytext=(3, 3), textcoords="offset points", color=target_color(lab))
-        for lab in seen - {"full"}:  # each target set's ranks joined in order
+        for lab in sorted(seen - {"full"}, key=_order):  # each set's ranks joined in order
+            # (sorted: a set's order changes with the process's hash seed, and so would the PNG)
             sel = sorted((x for x in rows if x["targets"] == lab), key=lambda x: x["r"])
             ax.plot([x["forgetting"] for x in sel], [x["task_metric"] for x in sel], lw=0.6,
                     color=target_color(lab), alpha=0.6)
@@ -77,7 +81,8 @@ def fig_pareto(results: Path, figures: Path) -> list:
         handles, labels = ax.get_legend_handles_labels()
         order = sorted(range(len(labels)), key=lambda i: _order(labels[i].replace("LoRA ", "")
                                                                  .replace("full fine-tuning", "full")))
-        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="best")
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=MIN_FONT,
+                  loc="best")
     fig.suptitle("Learns less, forgets less? Task loss against forgetting", fontsize=10)
     fig.tight_layout()
     return [save_figure(fig, Path(figures) / "ablate_pareto.png")]
@@ -88,7 +93,8 @@ def fig_rank(results: Path, figures: Path) -> list:
     row of panels per task."""
     tasks = _lm_tasks(results)
     plt = pyplot()
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(BOOK_WIDTH, 3.8 * len(tasks)),
+                             squeeze=False)
     for (task, rows, _), pair in zip(tasks, axes):
         name = TASK_LABEL.get(task, task)
         for key, ax, lab in (("task_metric", pair[0], f"{name} test loss (nats/char)"),
@@ -111,7 +117,7 @@ def fig_rank(results: Path, figures: Path) -> list:
             ax.set_xlabel("LoRA rank r (lora_alpha = 2r)")
             ax.set_ylabel(lab)
             ax.set_title(name, fontsize=9)
-            ax.legend(fontsize=6, ncol=2)
+            ax.legend(fontsize=MIN_FONT, ncol=2)
     fig.suptitle("Rank ablation per target set (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     return [save_figure(fig, Path(figures) / "ablate_rank.png")]
@@ -120,10 +126,11 @@ def fig_rank(results: Path, figures: Path) -> list:
 def fig_budget(results: Path, figures: Path) -> list:
     """The fixed trainable-parameter budget (the LoRA paper's Table 5 shape) as bars."""
     d = read_json(Path(results) / "delta_w" / "budget.json",
-                  f"{BUDGET_COMMAND}; then {STUDY_COMMAND} --only budget")
+                  f"{BUDGET_COMMAND}; then "
+                  + study_command(Path(results) / "ablate", Path(results) / "delta_w", "budget"))
     rows = d["rows"]
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(BOOK_WIDTH, 3.8))
     names = [f"{x['targets']}\nr={x['r']}" for x in rows]
     for ax, key, lab in ((axes[0], "task_loss", "Milton test loss (nats/char) ↓"),
                          (axes[1], "forgetting", "forgetting (nats/char) ↓")):
@@ -135,7 +142,7 @@ def fig_budget(results: Path, figures: Path) -> list:
         if key == "task_loss":
             ax.set_ylim(lo - pad, hi + pad)
         ax.set_ylabel(lab)
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=MIN_FONT)
     fig.suptitle(f"Same budget, different targets: {d['budget']:,} trainable parameters "
                  f"(± {100 * d['tolerance']:.0f} %); {seeds_label(rows)}, std as error bars",
                  fontsize=10)

@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from minilora.experiments.figures.common import (
+    MIN_FONT,
     MissingResults,
+    book_axes,
     pyplot,
     read_json,
     save_figure,
@@ -31,8 +33,8 @@ def fig_adalora_ranks(results: Path, figures: Path) -> list:
                              "minilora finetune --method adalora --task milton --out "
                              "results/finetune/milton-adalora")
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False)
-    for ax, (run, rec) in zip(axes[0], runs):
+    fig, axes = book_axes(plt, len(runs), 3.4)
+    for ax, (run, rec) in zip(axes, runs):
         ranks = rec["final_ranks"]
         blocks = sorted({int(k.split(".")[1]) for k in ranks})
         kinds = sorted({k.rsplit(".", 1)[-1] for k in ranks})
@@ -46,6 +48,6 @@ def fig_adalora_ranks(results: Path, figures: Path) -> list:
         ax.set_xlabel("block")
         ax.set_ylabel("final rank (kept triplets)")
         ax.set_title(run, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=MIN_FONT)
     fig.suptitle("AdaLoRA: where the rank budget went", fontsize=10)
     return [save_figure(fig, Path(figures) / "adalora_ranks.png")]

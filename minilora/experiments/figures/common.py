@@ -6,6 +6,12 @@ raises :class:`MissingResults` naming the command that makes them.
 ``save_figure`` writes PNGs without a "Software" or date entry and leaves a file untouched when the
 new bytes equal the old ones, so re-running ``minilora figures`` on unchanged results changes no
 committed file.
+
+**Legible at 1x in the book.** The book's text column shows about :data:`COLUMN_PX` pixels of a
+figure at a 1280 px window. A figure is drawn at most :data:`BOOK_WIDTH` inches wide (~1,010 px
+at :data:`DPI`, shown at ~77 %) with no text under :data:`MIN_FONT` points (~10 px on screen);
+:func:`book_axes` lays out several panels at most two side by side instead of one long row.
+``tests/test_figures_legible.py`` draws every figure and checks both.
 """
 from __future__ import annotations
 
@@ -46,10 +52,41 @@ def pyplot():
     return plt
 
 
+#: the resolution of every saved figure (pixels per inch)
+DPI = 120
+#: how many pixels of a figure the book's text column shows at a 1280 px window
+COLUMN_PX = 780
+#: the widest a figure is drawn, in inches (~1,010 px: shown at ~77 % in the column)
+BOOK_WIDTH = 8.4
+#: the smallest text, in points (at BOOK_WIDTH: ~10 px on the reader's screen)
+MIN_FONT = 8
+
+
+def book_axes(plt, n: int, row_height: float, top=None, **kwargs):
+    """A figure :data:`BOOK_WIDTH` wide holding ``n`` panels, at most two side by side, each row
+    ``row_height`` inches tall; panel ``top`` (an index), if given, has the first row to itself.
+    Returns ``(fig, axes)`` with ``axes`` a list in panel order; ``kwargs`` go to
+    ``plt.figure``."""
+    order = list(range(n))
+    rows = []
+    if top is not None:
+        rows.append([top])
+        order.remove(top)
+    ncols = 1 if n == 1 else 2
+    rows += [order[i:i + ncols] for i in range(0, len(order), ncols)]
+    fig = plt.figure(figsize=(BOOK_WIDTH, row_height * len(rows)), **kwargs)
+    grid = fig.add_gridspec(len(rows), ncols)
+    axes = [None] * n
+    for r, row in enumerate(rows):
+        for c, i in enumerate(row):
+            axes[i] = fig.add_subplot(grid[r, :] if len(row) == 1 else grid[r, c])
+    return fig, axes
+
+
 def png_bytes(fig) -> bytes:
     """``fig`` as PNG bytes with no Software/date metadata (the same figure gives the same bytes)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
     return buf.getvalue()
 
 

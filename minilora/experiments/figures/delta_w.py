@@ -2,26 +2,30 @@
 
 Every figure is drawn from those records alone; the commands that make them are in
 :mod:`minilora.experiments.studies.delta_w` (``SWEEP_COMMAND``, ``BUDGET_COMMAND``,
-``STUDY_COMMAND``). Seeds are error bars (sample std); random baselines are drawn beside the
+``study_command``). Seeds are error bars (sample std); random baselines are drawn beside the
 measured values.
 """
 from __future__ import annotations
 
 import statistics
+import textwrap
 from pathlib import Path
 
 import numpy as np
 
 from minilora.experiments.ablate_records import load_records
 from minilora.experiments.figures.common import (
+    BOOK_WIDTH,
+    MIN_FONT,
     MissingResults,
+    book_axes,
     pyplot,
     read_json,
     save_figure,
 )
 from minilora.experiments.studies.delta_w_common import (
-    STUDY_COMMAND,
     SWEEP_COMMAND,
+    study_command,
 )
 
 _KINDS = ("q", "k", "v", "o", "up", "down")
@@ -31,8 +35,9 @@ _TARGET_COLORS = {"q,v": "#3c78d0", "all-linear": "#d08c3c", "full": "#c0392b", 
 
 
 def study_record(results: Path, name: str) -> dict:
+    only = {"pretrained_spectra": "spectra"}.get(name, name)
     return read_json(Path(results) / "delta_w" / f"{name}.json",
-                     f"{STUDY_COMMAND} --only {name.split('.')[0]}")
+                     study_command(Path(results) / "ablate", Path(results) / "delta_w", only))
 
 
 def sweep_cells(results: Path) -> list[dict]:
@@ -49,7 +54,7 @@ def integer_ticks(ax):
     )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
-    ax.tick_params(labelsize=6)
+    ax.tick_params(labelsize=MIN_FONT)
 
 
 def first_label():
@@ -84,7 +89,7 @@ def fig_pretrained_spectra(results: Path, figures: Path) -> list:
     """The singular spectrum of each of the base's block linears, one panel per kind."""
     d = study_record(results, "pretrained_spectra")
     plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(11, 6.4), sharey=True)
+    fig, axes = plt.subplots(3, 2, figsize=(BOOK_WIDTH, 9.6), sharey=True)
     cmap = plt.get_cmap("viridis")
     for ax, kind in zip(axes.ravel(), _KINDS):
         mats = [m for m in d["matrices"] if m["module"].split(".")[-1] == kind]
@@ -100,7 +105,7 @@ def fig_pretrained_spectra(results: Path, figures: Path) -> list:
                               f"{mats[0]['gaussian_effective_rank']:.0f})")
             ax.set_title(f"{kind} {tuple(mats[0]['shape'])}", fontsize=9)
         ax.set_xlabel("index i")
-        ax.legend(fontsize=5.5)
+        ax.legend(fontsize=MIN_FONT)
     for ax in axes[:, 0]:
         ax.set_ylabel("singular value σ_i")
     fig.suptitle("Spectra of the 36 pre-trained block matrices W (erank: Roy & Vetterli "
@@ -118,32 +123,44 @@ def fig_phi(results: Path, figures: Path) -> list:
     for label, comp in d["comparisons"].items():
         layers = sorted({m["layer"] for m in comp["modules"]})
         kinds = sorted({m["kind"] for m in comp["modules"]}, key=_KINDS.index)
-        fig, axes = plt.subplots(len(kinds), len(layers) + 1,
-                                 figsize=(2.1 * (len(layers) + 1) + 1, 2.7 * len(kinds) + 0.6),
+        # each kind's panels (its layers, then the baseline) in rows of at most 4
+        ncols = min(4, len(layers) + 1)
+        per_kind = -(-(len(layers) + 1) // ncols)
+        fig, grid = plt.subplots(len(kinds) * per_kind, ncols,
+                                 figsize=(BOOK_WIDTH, 2.3 * len(kinds) * per_kind + 0.7),
                                  squeeze=False, constrained_layout=True)
+        for row in range(len(kinds)):
+            for i in range(len(layers) + 1, per_kind * ncols):
+                grid[row * per_kind + i // ncols, i % ncols].set_axis_off()
+
+        def slot(row, i):
+            return grid[row * per_kind + i // ncols, i % ncols]
         ia, jb = comp["grid_shape"]
         ext = (0.5, jb + 0.5, ia + 0.5, 0.5)
         im = None
         for row, kind in enumerate(kinds):
             for col, layer in enumerate(layers):
                 m = next(x for x in comp["modules"] if x["kind"] == kind and x["layer"] == layer)
-                ax = axes[row, col]
+                ax = slot(row, col)
                 im = ax.imshow(np.asarray(m["grid"]), vmin=0, vmax=1, cmap="magma",
                                aspect="auto", extent=ext, interpolation="nearest")
-                ax.set_title(f"ΔW_{kind}, layer {layer}\nφ(1,1)={m['phi_11']:.2f}", fontsize=7)
+                ax.set_title(f"ΔW_{kind}, layer {layer}\nφ(1,1)={m['phi_11']:.2f}",
+                             fontsize=MIN_FONT)
                 integer_ticks(ax)
-                if col == 0:
-                    ax.set_ylabel(f"i (r={comp['a']['r']}, seed {comp['a']['seed']})", fontsize=7)
-                ax.set_xlabel(f"j (r={comp['b']['r']}, seed {comp['b']['seed']})", fontsize=7)
-            ax = axes[row, -1]
+                if col % ncols == 0:
+                    ax.set_ylabel(f"i (r={comp['a']['r']}, seed {comp['a']['seed']})",
+                                  fontsize=MIN_FONT)
+                ax.set_xlabel(f"j (r={comp['b']['r']}, seed {comp['b']['seed']})",
+                              fontsize=MIN_FONT)
+            ax = slot(row, len(layers))
             ax.imshow(np.asarray(comp["baseline_sampled_mean"]), vmin=0, vmax=1, cmap="magma",
                       aspect="auto", extent=ext, interpolation="nearest")
             ax.set_title(f"random subspaces\n(mean of {comp['n_samples']}; E φ = max(i,j)/"
-                         f"{comp['d']})", fontsize=7)
+                         f"{comp['d']})", fontsize=MIN_FONT)
             integer_ticks(ax)
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="φ(i, j) ∈ [0, 1]")
+        fig.colorbar(im, ax=grid.ravel().tolist(), shrink=0.8, label="φ(i, j) ∈ [0, 1]")
         fig.suptitle(f"Normalised subspace similarity of the A subspaces: {label.replace('_', ' ')}"
-                     f" (random baseline at right)", fontsize=9)
+                     f"\n(each matrix's last panel: the random baseline)", fontsize=9)
         paths.append(save_figure(fig, Path(figures) / f"delta_w_phi_{label}.png"))
     # the top-direction overlap per layer against its random spread (one summary panel)
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
@@ -161,7 +178,7 @@ def fig_phi(results: Path, figures: Path) -> list:
     ax.set_ylabel("φ(1, 1) = cos² of the top directions")
     ax.set_ylim(0, 1.02)
     ax.set_title("Do the top directions of two adapters agree? (φ(1,1) per layer)", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=MIN_FONT, ncol=2)
     fig.tight_layout()
     paths.append(save_figure(fig, Path(figures) / "delta_w_phi_top.png"))
     return paths
@@ -174,7 +191,7 @@ def fig_amplification(results: Path, figures: Path) -> list:
     rows = d["rows"]
     ranks = sorted({x["r"] for x in rows})
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(2, 1, figsize=(BOOK_WIDTH, 7.6))
     styles = {"proj_delta": ("ΔW's top-r", "-"), "proj_top": ("W's top-r", "--"),
               "proj_random_exact": ("random (expected)", ":"), "delta_fro": ("||ΔW||_F", "-.")}
     for kind, color in (("q", "C0"), ("v", "C3")):
@@ -201,7 +218,7 @@ def fig_amplification(results: Path, figures: Path) -> list:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("LoRA rank r (q,v adapters)")
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=MIN_FONT, ncol=2)
     fig.suptitle("Does ΔW amplify directions W already has? (mean ± std over layers and seeds)",
                  fontsize=10)
     fig.tight_layout()
@@ -213,15 +230,19 @@ def fig_full_vs_lora(results: Path, figures: Path) -> list:
     forgetting of the full-FT ΔW truncated to rank r beside LoRA trained at rank r."""
     d = study_record(results, "full_vs_lora")
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = book_axes(plt, 3, 4.0, top=0)
     er = d["effective_rank"]
     ax = axes[0]
+    # the LoRAs on every linear (else the sweep's widest target set) against full FT
+    sets = [x["targets"] for x in er if x["targets"] != "full"]
+    lora_tl = "all-linear" if "all-linear" in sets else max(
+        sorted(set(sets)), key=lambda t: (len(t.split(",")), sets.count(t)), default=None)
     for i, kind in enumerate(_KINDS):
-        sel = sorted((x for x in er if x["targets"] == "all-linear" and x["kind"] == kind),
+        sel = sorted((x for x in er if x["targets"] == lora_tl and x["kind"] == kind),
                      key=lambda x: x["r"])
         if sel:
             ax.plot([x["r"] for x in sel], [x["effective_rank"] for x in sel], marker="o",
-                    color=f"C{i}", label=f"LoRA all-linear, {kind}")
+                    color=f"C{i}", label=f"LoRA {lora_tl}, {kind}")
         full = [x for x in er if x["targets"] == "full" and x["kind"] == kind]
         if full:
             ax.axhline(full[0]["effective_rank"], color=f"C{i}", ls="--", lw=1,
@@ -233,10 +254,16 @@ def fig_full_vs_lora(results: Path, figures: Path) -> list:
     ax.set_xlabel("LoRA rank r")
     ax.set_ylabel("effective rank of ΔW (Roy & Vetterli)")
     ax.set_title("ΔW's effective rank: LoRA vs full fine-tuning", fontsize=9)
-    ax.legend(fontsize=5.5, ncol=2)
+    ax.legend(fontsize=MIN_FONT, ncol=2)
     tr = d["truncation"]
     for ax, key, lab in ((axes[1], "task_loss", "Milton test loss (nats/char)"),
                          (axes[2], "forgetting", "forgetting (Δ Shakespeare loss, nats/char)")):
+        if tr is None:  # a sweep without full fine-tuning: nothing to truncate
+            why = (d.get("skipped") or {}).get("truncation", "the sweep has no full FT cell")
+            ax.text(0.5, 0.5, "\n".join(textwrap.wrap(f"not drawn: {why}", 48)),
+                    ha="center", va="center", fontsize=MIN_FONT, transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
         ranks = tr["ranks"]
         vals = np.array([[row[key] for row in f["rows"] if row["r"] is not None]
                          for f in tr["full"]])
@@ -261,8 +288,10 @@ def fig_full_vs_lora(results: Path, figures: Path) -> list:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank r")
         ax.set_ylabel(lab)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=MIN_FONT)
     axes[1].set_title("Truncated full-FT ΔW vs LoRA at the same rank", fontsize=9)
+    if tr is None:
+        axes[1].set_title("Truncated full-FT ΔW vs LoRA (needs full fine-tuning)", fontsize=9)
     axes[2].set_title("... and what each forgets", fontsize=9)
     fig.tight_layout()
     return [save_figure(fig, Path(figures) / "delta_w_full_vs_lora.png")]
@@ -274,7 +303,7 @@ def fig_intruders(results: Path, figures: Path) -> list:
     null, counts = d["null"], d["counts"]
     eps, k = null["eps"], null["k"]
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = book_axes(plt, 3, 4.2, top=1)
     ax = axes[0]
     for i, (lev, v) in enumerate(null["levels"].items()):
         q = v["quantiles_by_rank"]
@@ -291,8 +320,8 @@ def fig_intruders(results: Path, figures: Path) -> list:
     ax.set_ylabel("max_i |cos(y_j, x_i)|")
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Null distribution ({null['matrices']} matrices × {null['n_draws']} draws; "
-                 "band: min to median)", fontsize=8)
-    ax.legend(fontsize=6)
+                 "band: min to median)", fontsize=MIN_FONT)
+    ax.legend(fontsize=MIN_FONT)
     ax = axes[1]
     groups = {}
     for c in counts:
@@ -307,12 +336,12 @@ def fig_intruders(results: Path, figures: Path) -> list:
                color=pyplot().get_cmap("viridis")(li / max(1, len(layers) - 1)),
                label=f"layer {layer}")
     ax.set_xticks(np.arange(len(order)) + 0.4 - width / 2)
-    ax.set_xticklabels([("full FT" if t == "full" else f"{t}\nr={r}") for t, r in order],
-                       fontsize=5.5, rotation=90)
+    ax.set_xticklabels([("full FT" if t == "full" else f"{t} r={r}") for t, r in order],
+                       fontsize=MIN_FONT, rotation=90)
     ax.set_ylabel(f"intruders per layer (ε={eps:g}, k={k}; mean over seeds)")
     ax.set_title(f"Intruder dimensions per layer ({', '.join(null['modules'])} matrices)",
-                 fontsize=8)
-    ax.legend(fontsize=6, ncol=2)
+                 fontsize=MIN_FONT)
+    ax.legend(fontsize=MIN_FONT, ncol=2)
     ax = axes[2]
     eps_grid = [float(e) for e in counts[0]["by_eps"]]
     for g in order:
@@ -327,8 +356,8 @@ def fig_intruders(results: Path, figures: Path) -> list:
     ax.axvline(eps, color="k", ls="--", lw=0.8)
     ax.set_xlabel("ε (cosine threshold)")
     ax.set_ylabel(f"intruders per adapted matrix among the top {k}")
-    ax.set_title("Intruders vs ε (the paper's Fig. 4 view)", fontsize=8)
-    ax.legend(fontsize=5.5, ncol=2)
+    ax.set_title("Intruders vs ε (the paper's Fig. 4 view)", fontsize=MIN_FONT)
+    ax.legend(fontsize=MIN_FONT, ncol=2)
     fig.tight_layout()
     return [save_figure(fig, Path(figures) / "delta_w_intruders.png")]
 
@@ -338,7 +367,7 @@ def fig_intruders_forgetting(results: Path, figures: Path) -> list:
     d = study_record(results, "intruders")
     counts, sc = d["counts"], d["scaling"]
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = book_axes(plt, 3, 4.2, top=0)
     ax = axes[0]
     seen = set()
     for c in counts:
@@ -352,8 +381,9 @@ def fig_intruders_forgetting(results: Path, figures: Path) -> list:
     ax.set_ylabel("forgetting (Δ Shakespeare loss, nats/char)")
     ax.set_title(f"Spearman ρ (intruder total vs forgetting): all cells "
                  f"{rho['all_cells']['rho']:.2f} (p={rho['all_cells']['p']:.2g}); LoRA only "
-                 f"{rho['lora_cells']['rho']:.2f} (p={rho['lora_cells']['p']:.2g})", fontsize=7)
-    ax.legend(fontsize=6)
+                 f"{rho['lora_cells']['rho']:.2f} (p={rho['lora_cells']['p']:.2g})",
+                 fontsize=MIN_FONT)
+    ax.legend(fontsize=MIN_FONT)
     for ax, key, lab in ((axes[1], "forgetting", "forgetting (nats/char)"),
                          (axes[2], "task_loss", "Milton test loss (nats/char)")):
         names, width = [], 0.25
@@ -371,7 +401,7 @@ def fig_intruders_forgetting(results: Path, figures: Path) -> list:
                        color=("C0", "C9")[s_i % 2],
                        label=once(f"control (nearest non-intruder) × {s['lambda']:g}"))
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, fontsize=7)
+        ax.set_xticklabels(names, fontsize=MIN_FONT)
         ax.set_ylabel(lab)
         if key == "task_loss":
             vals = [row["unchanged"][key] for row in sc] + [s[w][key] for row in sc
@@ -380,8 +410,8 @@ def fig_intruders_forgetting(results: Path, figures: Path) -> list:
             if vals:
                 lo, hi = min(vals), max(vals)
                 ax.set_ylim(lo - 0.2 * (hi - lo) - 1e-3, hi + 0.2 * (hi - lo) + 1e-3)
-        ax.legend(fontsize=6)
-    axes[1].set_title("Scaling each matrix's top intruder: forgetting", fontsize=8)
-    axes[2].set_title("... and the task loss", fontsize=8)
+        ax.legend(fontsize=MIN_FONT)
+    axes[1].set_title("Scaling each matrix's top intruder: forgetting", fontsize=MIN_FONT)
+    axes[2].set_title("... and the task loss", fontsize=MIN_FONT)
     fig.tight_layout()
     return [save_figure(fig, Path(figures) / "delta_w_intruders_forgetting.png")]

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from minilora.experiments.figures.common import (
+    BOOK_WIDTH,
+    MIN_FONT,
     MissingResults,
     pyplot,
     read_json,
@@ -25,7 +27,8 @@ def fig_error_vs_blocksize(results: Path, figures: Path) -> list[Path]:
     labels = [str(b) for b in res["blocksizes"]]
     plt = pyplot()
     datas = list(dict.fromkeys(r["data"] for r in res["rows"]))
-    fig, axes = plt.subplots(1, len(datas), figsize=(5.2 * len(datas), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(datas), figsize=(min(BOOK_WIDTH, 5.2 * len(datas)), 3.6),
+                             sharey=True)
     axes = np.atleast_1d(axes)
     for ax, data in zip(axes, datas):
         for qt in dict.fromkeys(r["quant_type"] for r in res["rows"]):
@@ -51,7 +54,8 @@ def fig_code_histogram(results: Path, figures: Path) -> list[Path]:
     types = list(dict.fromkeys(h["quant_type"] for h in hists))
     datas = list(dict.fromkeys(h["data"] for h in hists))
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(types), figsize=(5 * len(types), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(types), figsize=(min(BOOK_WIDTH, 3 * len(types)), 3.6),
+                             sharey=True)
     axes = np.atleast_1d(axes)
     width = 0.8 / len(datas)
     for ax, qt in zip(axes, types):
@@ -62,9 +66,9 @@ def fig_code_histogram(results: Path, figures: Path) -> list[Path]:
             ax.bar(np.arange(16) + (j - (len(datas) - 1) / 2) * width, frac, width,
                    label=_DATA_TITLES.get(data, data))
         levels = np.asarray(h["levels"])[order]
-        ax.set_xticks(range(16), [f"{v:.2f}" for v in levels], rotation=90, fontsize=7)
+        ax.set_xticks(range(16), [f"{v:.2f}" for v in levels], rotation=90, fontsize=MIN_FONT)
         ax.axhline(1 / 16, color="k", lw=0.8, ls="--")
-        ax.set_title(f"{qt} (code levels in value order)")
+        ax.set_title(f"{qt} (levels in value order)", fontsize=9)
         ax.set_xlabel("level")
     axes[0].set_ylabel("fraction of values (block 64)")
     axes[0].legend(fontsize=8)
@@ -117,22 +121,22 @@ def fig_qlora_compare(results: Path, figures: Path) -> list:
             continue
         recs.append((label, rec, colour))
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(BOOK_WIDTH, 3.6))
     x = range(len(recs))
     for ax, key, title in ((axes[0], "task_loss", "Milton test loss (nats/char)"),
                            (axes[1], "forgetting", "forgetting: Shakespeare loss change")):
         vals = [rec[key] for _, rec, _ in recs]
         ax.bar(x, vals, color=[c for _, _, c in recs])
         for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=MIN_FONT)
         if key == "task_loss":
             ax.axhline(recs[0][1]["task_loss_base"], ls="--", c="k", lw=0.8, label="float base")
             for i, (_, rec, _) in enumerate(recs):
                 if "task_metric_init" in rec:
                     ax.plot([i - 0.4, i + 0.4], [rec["task_metric_init"]] * 2, c="r", lw=1.2)
             ax.set_ylim(1.4, None)
-            ax.legend(fontsize=8, title="red: 4-bit model at step 0", title_fontsize=7,
+            ax.legend(fontsize=MIN_FONT, title="red: 4-bit model at step 0", title_fontsize=MIN_FONT,
                       loc="center right")
-        ax.set_xticks(list(x), [lab for lab, _, _ in recs], fontsize=7)
+        ax.set_xticks(list(x), [lab for lab, _, _ in recs], fontsize=MIN_FONT)
         ax.set_title(title, fontsize=10)
     return [save_figure(fig, Path(figures) / "qlora_compare.png")]

@@ -31,10 +31,12 @@ Chapter: chapters/08-delta-w-analysis.ipynb
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from minilora.analysis import (
     analyze_lora_module,
@@ -52,8 +54,6 @@ from minilora.experiments.ablate_records import DEFAULT_RUNS, load_records, targ
 from minilora.experiments.paths import base_model_path
 from minilora.experiments.studies.delta_w_common import (
     OUT,
-    STUDY_COMMAND,
-    SWEEP_COMMAND,
     Evaluator,
     StudyError,
     adapter_factors,
@@ -61,6 +61,7 @@ from minilora.experiments.studies.delta_w_common import (
     linear_names,
     one_cell,
     rounded,
+    sweep_command,
 )
 from minilora.experiments.studies.delta_w_fullft import (
     budget_table,
@@ -112,22 +113,31 @@ def random_phi_grid(d: int, i: int, j: int, n_samples: int = 200, seed: int = 0)
 
 
 def phi_study(records, runs=DEFAULT_RUNS, steps=None, modules=("q", "v"),
-              n_samples: int = 200, small: int = 8, large: int = 64, show: int = 16) -> dict:
+              n_samples: int = 200, small: int = 8, large: int = 64, show: int = 16,
+              bar=None, explain=str) -> dict:
     """φ(i, j) between A subspaces for r=small vs r=large (seed 0), r=small seed 0 vs seed 1,
     and r=large seed 0 vs seed 1, for ``modules`` of every layer, with the random baseline
-    (module docstring). The large-vs-large grid is kept for i, j <= ``show`` (and its diagonal)."""
+    (module docstring). The large-vs-large grid is kept for i, j <= ``show`` (and its diagonal).
+    A comparison whose cells the sweep lacks is left out (``"skipped"``: which cells, in the
+    words of ``explain(error)``); with none left, :class:`StudyError`."""
     pairs = {f"r{small}_vs_r{large}": ((small, 0), (large, 0)),
              f"r{small}_seed0_vs_seed1": ((small, 0), (small, 1)),
              f"r{large}_seed0_vs_seed1": ((large, 0), (large, 1))}
-    loaded = {}
-    for (ra, sa), (rb, sb) in pairs.values():
-        for r, s in ((ra, sa), (rb, sb)):
-            if (r, s) not in loaded:
-                loaded[(r, s)] = adapter_factors(one_cell(records, targets="q,v", r=r, seed=s,
-                                                      steps=steps), runs)
+    loaded, skipped, first = {}, {}, None
+    for label, ((ra, sa), (rb, sb)) in pairs.items():
+        try:
+            for r, s in ((ra, sa), (rb, sb)):
+                if (r, s) not in loaded:
+                    loaded[(r, s)] = adapter_factors(one_cell(records, targets="q,v", r=r,
+                                                              seed=s, steps=steps), runs)
+        except StudyError as e:
+            skipped[label] = explain(e)
+            first = first or e
     out = {"subspace": "A (right singular vectors of A, in R^d_in)", "comparisons": {}}
     d = None
     for label, ((ra, sa), (rb, sb)) in pairs.items():
+        if label in skipped:
+            continue
         (fa, sca), (fb, scb) = loaded[(ra, sa)], loaded[(rb, sb)]
         rows = []
         for n in sorted(fa):
@@ -141,6 +151,11 @@ def phi_study(records, runs=DEFAULT_RUNS, steps=None, modules=("q", "v"),
             rows.append({"module": n, "layer": int(n.split(".")[1]), "kind": n.split(".")[-1],
                          "grid": rounded(keep, 4), "diagonal": rounded(np.diag(g), 4),
                          "phi_11": float(g[0, 0]), "phi_full": float(g[-1, -1])})
+            if bar is not None:
+                bar.update(1)
+        if not rows:
+            skipped[label] = f"the adapters adapt none of {', '.join(modules)}"
+            continue
         ia, jb = (min(ra, show), min(rb, show)) if ra == rb == large else (ra, rb)
         mean, std = random_phi_grid(d, ia, jb, n_samples)
         # the diagonal φ(k, k) of two random r-dim subspaces, for the full-rank comparisons
@@ -154,6 +169,12 @@ def phi_study(records, runs=DEFAULT_RUNS, steps=None, modules=("q", "v"),
             "baseline_diagonal_mean": rounded(np.diag(dmean), 4),
             "baseline_diagonal_std": rounded(np.diag(dstd), 4),
             "n_samples": n_samples}
+    if not out["comparisons"]:
+        raise StudyError(f"{first or 'no comparison could run'} (φ compares q,v adapters at "
+                         f"r={small} and r={large}, seeds 0 and 1)",
+                         add=dict(ranks=(small, large), targets="q,v", seeds=(0, 1)))
+    if skipped:
+        out["skipped"] = skipped
     return out
 
 
@@ -162,7 +183,7 @@ def phi_study(records, runs=DEFAULT_RUNS, steps=None, modules=("q", "v"),
 
 
 def amplification_study(records, runs=DEFAULT_RUNS, steps=None, modules=("q", "v"),
-                        n_random: int = 50, base=None) -> dict:
+                        n_random: int = 50, base=None, bar=None) -> dict:
     """Per rank, layer and module: ||U_rᵀ W V_r||_F for ΔW's top-r singular vectors, W's own
     top-r and random orthonormal U, V (exact expectation and sampled mean ± std), ||ΔW||_F,
     ||W||_F, and ||ΔW||_F divided by each projection."""
@@ -189,8 +210,11 @@ def amplification_study(records, runs=DEFAULT_RUNS, steps=None, modules=("q", "v
                          "proj_random_std": float(np.std(rand, ddof=1)),
                          "amp_delta": m.amplification, "amp_top": m.delta_fro / m.w_proj_top,
                          "amp_random": m.delta_fro / m.w_proj_random})
+            if bar is not None:
+                bar.update(1)
     if not rows:
-        raise StudyError(f"no q,v LoRA cells in the sweep; run: {SWEEP_COMMAND}")
+        raise StudyError("the sweep has no q,v LoRA cell",
+                         add=dict(ranks=(1, 2, 4, 8, 16, 64), targets="q,v"))
     table = []
     for r in sorted({x["r"] for x in rows}):
         for kind in modules:
@@ -216,69 +240,121 @@ def sweep_setting(records, steps=None) -> tuple[list[dict], dict]:
             and (steps is None or x["config"]["steps"] == steps)]
     if not recs:
         raise StudyError(f"no Milton records{'' if steps is None else f' of {steps} steps'} in "
-                         f"the sweep; run: {SWEEP_COMMAND}")
+                         "the sweep (the ΔW studies run on Milton cells)",
+                         add=dict(ranks=(1, 2, 4, 8), targets="q,v;all-linear", full=True))
     step_counts = sorted({x["config"]["steps"] for x in recs})
     bases = sorted({x["config"]["base"] for x in recs})
     if len(step_counts) > 1 or len(bases) > 1:
         raise StudyError(f"the sweep mixes step counts {step_counts} or bases {bases}; choose "
                          "one with steps=... (--steps)")
     c = recs[0]["config"]
-    ranks = sorted({x["config"]["r"] for x in recs if x["config"]["method"] == "lora"
-                    and target_label(x["config"]["targets"]) == "all-linear"})
+    lora = [x["config"] for x in recs if x["config"]["method"] == "lora"]
+    # the truncation's ranks: those of the all-linear LoRAs it is compared with (else every
+    # LoRA rank of the sweep, else the usual grid)
+    ranks = (sorted({x["r"] for x in lora if target_label(x["targets"]) == "all-linear"})
+             or sorted({x["r"] for x in lora}) or [1, 2, 4, 8, 16, 64])
     return recs, {"base": None if c["base"] == "shipped" else c["base"], "steps": c["steps"],
+                  "cell": c,
                   "eval": dict(eval_batches=c["eval_batches"], batch_size=c["batch_size"],
                                block_size=c["block_size"]), "ranks": ranks}
 
 
 def run_delta_w_study(sweep="results/ablate", out=OUT, runs=DEFAULT_RUNS, only=None, steps=None,
-                      phi_ranks=(8, 64), budget=(("q",), 8), log=print) -> dict:
-    """Run the studies named in ``only`` (default: all of :data:`STUDIES`), each written to
-    ``<out>/<name>.json``, on the Milton cells of ``sweep`` (one step count: ``steps``).
-    ``phi_ranks``: the (small, large) ranks φ compares; ``budget``: (targets, r) whose trainable
-    parameters are the fixed budget of the budget table. Returns ``{name: path}``."""
+                      phi_ranks=(8, 64), budget=(("q",), 8), log=print, made_by=None,
+                      progress: bool = True) -> dict:
+    """Run the studies named in ``only`` (default: all of :data:`STUDIES`) that the sweep
+    supports, each written to ``<out>/<name>.json``, on the Milton cells of ``sweep`` (one step
+    count: ``steps``). ``phi_ranks``: the (small, large) ranks φ compares; ``budget``: (targets,
+    r) whose trainable parameters are the fixed budget of the budget table; ``made_by``: the
+    command that ran this (recorded in each file; default: this call). A study whose cells are
+    missing is skipped with one line saying which cells (and the ``minilora ablate`` command
+    that adds them to this sweep); parts of a study likewise (``"skipped"`` in its JSON). Returns
+    ``{name: path}`` of the studies written; raises :class:`StudyError` if none could run."""
     only = list(STUDIES) if not only else list(only)
     bad = [s for s in only if s not in STUDIES]
     if bad:
         raise StudyError(f"unknown study {', '.join(bad)}; allowed: {', '.join(STUDIES)}")
-    records, st = sweep_setting(load_records(sweep), steps)
+    try:
+        records, st = sweep_setting(load_records(sweep), steps)
+    except StudyError as e:
+        raise StudyError(_why(e, sweep, steps or 100, None)) from None
     base = st["base"]
     out = Path(out)
-    written = {}
+    made_by = made_by or (f"run_delta_w_study(sweep={str(sweep)!r}, out={str(out)!r}, "
+                          f"only={only!r}, steps={steps!r}, phi_ranks={tuple(phi_ranks)!r})")
+    written, skipped = {}, {}
     ev = None
     for name in only:
         t0 = time.perf_counter()
-        if name == "spectra":
-            data, path = pretrained_spectra(base), out / "pretrained_spectra.json"
-        elif name == "phi":
-            data = phi_study(records, runs, small=phi_ranks[0], large=phi_ranks[1])
-            path = out / "phi.json"
-        elif name == "amplification":
-            data, path = amplification_study(records, runs, base=base), out / "amplification.json"
-        elif name == "full_vs_lora":
-            ev = ev or Evaluator(base, **st["eval"])
-            data = {"effective_rank": effective_rank_table(records),
-                    "truncation": truncation_study(records, runs, st["ranks"], ev=ev)}
-            path = out / "full_vs_lora.json"
-        elif name == "budget":
-            data, path = budget_table(records, *budget), out / "budget.json"
-        else:
-            ev = ev or Evaluator(base, **st["eval"])
-            null = intruder_null(records, base=base)
-            counts = intruder_counts(records, null["eps"], null["k"])
-            lora = [x for x in counts if x["method"] == "lora"]
-            corr = {"all_cells": spearman([x["total"] for x in counts],
-                                          [x["forgetting"] for x in counts]),
-                    "lora_cells": spearman([x["total"] for x in lora],
-                                           [x["forgetting"] for x in lora]),
-                    "lora_cells_task_loss": spearman([x["total"] for x in lora],
-                                                     [x["task_loss"] for x in lora])}
-            data = {"null": null, "counts": counts, "spearman": corr,
-                    "scaling": intruder_scaling(records, null["eps"], null["k"], runs, ev=ev)}
-            path = out / "intruders.json"
+        log(f"{name}: running")
+        bar = tqdm(desc=name, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True,
+                   disable=not progress or not sys.stderr.isatty())
+        try:
+            if name == "spectra":
+                data, path = pretrained_spectra(base), out / "pretrained_spectra.json"
+            elif name == "phi":
+                data = phi_study(records, runs, small=phi_ranks[0], large=phi_ranks[1], bar=bar,
+                                 explain=lambda e: _why(e, sweep, st["steps"], st["cell"]))
+                path = out / "phi.json"
+            elif name == "amplification":
+                data = amplification_study(records, runs, base=base, bar=bar)
+                path = out / "amplification.json"
+            elif name == "full_vs_lora":
+                data = {"effective_rank": effective_rank_table(records), "skipped": {}}
+                try:
+                    ev = ev or Evaluator(base, **st["eval"])
+                    data["truncation"] = truncation_study(records, runs, st["ranks"], ev=ev,
+                                                          bar=bar)
+                except StudyError as e:
+                    data["truncation"] = None
+                    data["skipped"]["truncation"] = _why(e, sweep, st["steps"], st["cell"])
+                    log(f"{name}: truncation skipped: {data['skipped']['truncation']}")
+                path = out / "full_vs_lora.json"
+            elif name == "budget":
+                data, path = budget_table(records, *budget), out / "budget.json"
+            else:
+                ev = ev or Evaluator(base, **st["eval"])
+                null = intruder_null(records, base=base, bar=bar)
+                counts = intruder_counts(records, null["eps"], null["k"])
+                lora = [x for x in counts if x["method"] == "lora"]
+                corr = {"all_cells": spearman([x["total"] for x in counts],
+                                              [x["forgetting"] for x in counts]),
+                        "lora_cells": spearman([x["total"] for x in lora],
+                                               [x["forgetting"] for x in lora]),
+                        "lora_cells_task_loss": spearman([x["total"] for x in lora],
+                                                         [x["task_loss"] for x in lora])}
+                data = {"null": null, "counts": counts, "spearman": corr,
+                        "scaling": intruder_scaling(records, null["eps"], null["k"], runs, ev=ev,
+                                                    bar=bar)}
+                path = out / "intruders.json"
+        except StudyError as e:
+            skipped[name] = _why(e, sweep, st["steps"], st["cell"])
+            log(f"{name}: skipped: {skipped[name]}")
+            continue
+        finally:
+            bar.close()
+        for part, why in (data.get("skipped") or {}).items():
+            if name != "full_vs_lora":
+                log(f"{name}: {part} skipped: {why}")
         data["sweep"] = str(sweep)
         data["steps"] = st["steps"]
-        data["made_by"] = STUDY_COMMAND + f" --only {name}"
+        data["made_by"] = made_by
         atomic_write_json(path, data)
         written[name] = str(path)
         log(f"{name}: {path} ({time.perf_counter() - t0:.1f} s)")
+    if not written:
+        raise StudyError(f"no study could run on {sweep}: "
+                         + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    if skipped:
+        log(f"{len(written)} stud{'y' if len(written) == 1 else 'ies'} written, "
+            f"{len(skipped)} skipped ({', '.join(skipped)}: see above)")
     return written
+
+
+def _why(e: StudyError, sweep, steps, like) -> str:
+    """A study's missing cells, with the command that adds them to this sweep (``like``: one of
+    its cells, whose settings the new ones share)."""
+    text = str(e)
+    if getattr(e, "add", None):
+        text += f"; add them with: {sweep_command(sweep, steps, like=like, **e.add)}"
+    return text

@@ -18,12 +18,43 @@ from minilora.experiments.tasks import task_splits
 from minilora.methods.lora import lora_scaling, read_adapter
 from minilora.train import evaluate, fixed_batches
 
-SWEEP_COMMAND = ("minilora ablate --ranks 1,2,4,8,16,64 --targets 'q,v;all-linear' --seeds 0 "
-                 "--full --steps 100 --out results/ablate && minilora ablate --ranks 8,64 "
-                 "--targets q,v --seeds 1 --full --steps 100 --out results/ablate")
-BUDGET_COMMAND = ("minilora ablate --pairs 'q:8;k:8;v:8;o:8;q,k:4;q,v:4;q,k,v,o:2' --seeds 0 "
-                  "--steps 100 --out results/ablate")
-STUDY_COMMAND = "minilora delta-w --sweep results/ablate --out results/delta_w"
+def sweep_command(sweep, steps=100, ranks=None, targets=None, seeds=(0,), full=False,
+                  pairs=None, like: dict | None = None) -> str:
+    """The ``minilora ablate`` command that adds the given cells to the sweep in ``sweep``;
+    ``like``: a cell of that sweep, whose settings (base, batch, window, ...) the new cells
+    must share to join it."""
+    parts = ["minilora ablate"]
+    for flag, key, default in (("--base", "base", "shipped"), ("--batch-size", "batch_size", 8),
+                               ("--block-size", "block_size", 128),
+                               ("--eval-batches", "eval_batches", 16), ("--lr", "lr", None)):
+        if like is not None and like.get(key, default) != default:
+            parts.append(f"{flag} {like[key]}")
+    if ranks:
+        parts.append(f"--ranks {','.join(map(str, ranks))} --targets '{targets}'")
+    if pairs:
+        parts.append(f"--pairs '{pairs}'")
+    parts.append(f"--seeds {','.join(map(str, seeds))}")
+    if full:
+        parts.append("--full")
+    parts.append(f"--steps {steps} --out {Path(sweep).as_posix()}")
+    return " ".join(parts)
+
+
+def study_command(sweep, out, only=None) -> str:
+    """The ``minilora delta-w`` command that writes the studies of ``sweep`` into ``out``
+    (``--overwrite`` when ``out`` already holds files)."""
+    out = Path(out)
+    busy = out.is_dir() and any(out.iterdir())
+    return (f"minilora delta-w --sweep {Path(sweep).as_posix()} --out {out.as_posix()}"
+            + (f" --only {only}" if only else "") + (" --overwrite" if busy else ""))
+
+
+#: how the committed sweep and studies were made (results/ablate, results/delta_w READMEs)
+SWEEP_COMMAND = (sweep_command("results/ablate", 100, (1, 2, 4, 8, 16, 64), "q,v;all-linear",
+                               full=True) + " && "
+                 + sweep_command("results/ablate", 100, (8, 64), "q,v", seeds=(1,), full=True))
+BUDGET_COMMAND = sweep_command("results/ablate", 100, pairs="q:8;k:8;v:8;o:8;q,k:4;q,v:4;q,k,v,o:2")
+STUDY_COMMAND = "minilora delta-w --sweep results/ablate --out results/delta_w --overwrite"
 OUT = RESULTS / "delta_w"
 #: matrices whose left singular vectors of W_0 span R^d_out (d_out <= d_in): the intruder test is
 #: well posed there; mlp.up (640 x 160) has only 160 of 640 output directions, so any new
@@ -32,7 +63,12 @@ INTRUDER_MODULES = ("q", "k", "v", "o", "down")
 
 
 class StudyError(MiniloraError):
-    """The sweep lacks the cells (or their weights) a study needs; the message says which."""
+    """The sweep lacks the cells (or their weights) a study needs; the message says which, and
+    ``add`` (keyword arguments of :func:`sweep_command`) which cells would make it possible."""
+
+    def __init__(self, message: str, add: dict | None = None):
+        super().__init__(message)
+        self.add = add
 
 
 def rounded(x, digits=5):
@@ -67,7 +103,10 @@ def find_cells(records, method="lora", targets=None, r=None, seed=None, task="mi
 def one_cell(records, **kw) -> dict:
     found = find_cells(records, **kw)
     if not found:
-        raise StudyError(f"the sweep has no cell {kw}; run: {SWEEP_COMMAND}")
+        what = ", ".join(f"{k}={v}" for k, v in kw.items() if v is not None)
+        raise StudyError(f"the sweep has no LoRA cell with {what}",
+                         add=dict(ranks=(kw.get("r"),), targets=kw.get("targets", "q,v"),
+                                  seeds=(kw.get("seed") or 0,)))
     return found[0]
 
 
@@ -75,8 +114,9 @@ def adapter_factors(rec, runs=DEFAULT_RUNS) -> tuple[dict, float]:
     """``({module: (B, A)}, scale)`` of a LoRA cell's adapter, float64."""
     path = Path(runs) / rec["key"] / "adapter.safetensors"
     if not path.exists():
-        raise StudyError(f"weights of cell {rec['key']} missing ({path}); re-create them with "
-                         f"the sweep command and --runs {runs} (cells without weights re-run)")
+        raise StudyError(f"the weights of cell {rec['key']} are not in {path.parent} (give "
+                         "--runs where the sweep kept them, or run the sweep's command again "
+                         f"into a new --out with --runs {runs}: cells are deterministic)")
     arrays, cfg = read_adapter(path)
     scale = lora_scaling(cfg.r, cfg.lora_alpha, cfg.use_rslora)
     names = sorted(n[:-len(".lora_A")] for n in arrays if n.endswith(".lora_A"))
@@ -88,7 +128,9 @@ def full_weights(rec, runs=DEFAULT_RUNS) -> dict:
     """``{parameter: array}`` of a full fine-tuning cell's model, float64."""
     path = Path(runs) / rec["key"] / "model.safetensors"
     if not path.exists():
-        raise StudyError(f"weights of cell {rec['key']} missing ({path}); re-run the sweep")
+        raise StudyError(f"the weights of cell {rec['key']} are not in {path.parent} (give "
+                         "--runs where the sweep kept them, or run the sweep's command again "
+                         f"into a new --out with --runs {runs}: cells are deterministic)")
     return {n: np.asarray(p, np.float64) for n, p in load_checkpoint(path)[0].named_parameters()}
 
 

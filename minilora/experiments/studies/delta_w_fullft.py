@@ -26,9 +26,7 @@ from minilora.experiments.ablate_records import (
 )
 from minilora.experiments.paths import base_model_path
 from minilora.experiments.studies.delta_w_common import (
-    BUDGET_COMMAND,
     INTRUDER_MODULES,
-    SWEEP_COMMAND,
     Evaluator,
     StudyError,
     adapter_factors,
@@ -71,7 +69,7 @@ def _rank90(s):
 
 
 def truncation_study(records, runs=DEFAULT_RUNS, ranks=(1, 2, 4, 8, 16, 64), steps=None,
-                     ev: Evaluator | None = None) -> dict:
+                     ev: Evaluator | None = None, bar=None) -> dict:
     """Task loss and forgetting of the base with each block linear's full-FT ΔW replaced by its
     best rank-r approximation (other parameters at the base), for each full-FT seed, beside LoRA
     trained at rank r on all linears (records). Also: the full-FT ΔW untruncated on the linears
@@ -79,7 +77,7 @@ def truncation_study(records, runs=DEFAULT_RUNS, ranks=(1, 2, 4, 8, 16, 64), ste
     ev = ev or Evaluator()
     fulls = find_cells(records, method="full", steps=steps)
     if not fulls:
-        raise StudyError(f"no full fine-tuning cell in the sweep; run: {SWEEP_COMMAND}")
+        raise StudyError("the sweep has no full fine-tuning cell", add=dict(full=True))
     out = {"ranks": list(ranks), "full": [], "lora_all_linear": [], "lora_qv": []}
     for rec in fulls:
         W1 = full_weights(rec, runs)
@@ -93,6 +91,8 @@ def truncation_study(records, runs=DEFAULT_RUNS, ranks=(1, 2, 4, 8, 16, 64), ste
                 k = len(s) if r is None else r
                 weights[n] = ev.base[n + ".weight"] + (U[:, :k] * s[:k]) @ Vh[:k]
             rows.append({"r": r, **ev(weights)})
+            if bar is not None:
+                bar.update(1)
         out["full"].append({"seed": rec["config"]["seed"], "rows": rows,
                             "record_task_loss": rec["result"]["task_metric"],
                             "record_forgetting": rec["result"]["forgetting"],
@@ -124,7 +124,7 @@ def truncation_study(records, runs=DEFAULT_RUNS, ranks=(1, 2, 4, 8, 16, 64), ste
 
 
 def intruder_null(records, eps_grid=(0.3, 0.4, 0.5, 0.6, 0.7), k_max: int = 20,
-                  n_draws: int = 3, seed: int = 0, steps=None, base=None) -> dict:
+                  n_draws: int = 3, seed: int = 0, steps=None, base=None, bar=None) -> dict:
     """The null distribution of the intruder similarities: every W (of :data:`INTRUDER_MODULES`)
     against W + N, N Gaussian with ||N||_F / ||W||_F = the median relative size of full
     fine-tuning's ΔW (and half and twice that). Returns the similarities' quantiles per rank j,
@@ -134,14 +134,19 @@ def intruder_null(records, eps_grid=(0.3, 0.4, 0.5, 0.6, 0.7), k_max: int = 20,
     k_max = min(k_max, min(params[n + ".weight"].shape[0] for n in linear_names(model)))
     fulls = find_cells(records, method="full", steps=steps)
     if not fulls:
-        raise StudyError(f"no full fine-tuning cell in the sweep; run: {SWEEP_COMMAND}")
+        raise StudyError("the sweep has no full fine-tuning cell", add=dict(full=True))
     rel = float(np.median([v["fro"] / v["w_fro"] for x in fulls for v in x["delta_w"].values()]))
     rng = np.random.default_rng(seed)
     names = [n for n in linear_names(model) if n.split(".")[-1] in INTRUDER_MODULES]
     levels = {}
     for factor in (0.5, 1.0, 2.0):
-        sims = np.concatenate([perturbed_similarities(params[n + ".weight"], rel * factor, k_max,
-                                                      rng, n_draws) for n in names])  # (M, k)
+        sims = []
+        for n in names:
+            sims.append(perturbed_similarities(params[n + ".weight"], rel * factor, k_max, rng,
+                                               n_draws))
+            if bar is not None:
+                bar.update(1)
+        sims = np.concatenate(sims)                                            # (M, k)
         fp = {f"{eps:g}": [float(np.mean(np.any(sims[:, :k] < eps, axis=1)))
                            for k in range(1, k_max + 1)] for eps in eps_grid}
         levels[f"{factor:g}"] = {
@@ -204,7 +209,8 @@ def intruder_counts(records, eps: float, k: int, steps=None) -> list[dict]:
 
 
 def intruder_scaling(records, eps: float, k: int, runs=DEFAULT_RUNS, cells=None,
-                     lambdas=(0.5, 0.0), steps=None, ev: Evaluator | None = None) -> list[dict]:
+                     lambdas=(0.5, 0.0), steps=None, ev: Evaluator | None = None,
+                     bar=None) -> list[dict]:
     """For each chosen LoRA cell: scale the top intruder of every adapted matrix (of
     :data:`INTRUDER_MODULES`) by λ, W = W_t + (λ - 1) σ_j u_j v_jᵀ (all matrices at once), and
     measure task loss and forgetting; control: the same for the nearest-ranked non-intruder
@@ -244,6 +250,8 @@ def intruder_scaling(records, eps: float, k: int, runs=DEFAULT_RUNS, cells=None,
                 if ctrl is not None:
                     w_ctl[n] = scale_singular_directions(Wt[n], [ctrl], lam, dec)
             row["scaled"].append({"lambda": lam, "intruder": ev(w_int), "control": ev(w_ctl)})
+            if bar is not None:
+                bar.update(1)
         out.append(row)
     return out
 
@@ -266,8 +274,9 @@ def budget_table(records, budget_targets=("q",), budget_r: int = 8, tolerance: f
     of the task loss and forgetting, best first."""
     ref = find_cells(records, targets=",".join(budget_targets), r=budget_r)
     if not ref:
-        raise StudyError(f"no {','.join(budget_targets)} r={budget_r} cell for the budget; run: "
-                         f"{BUDGET_COMMAND}")
+        raise StudyError(f"the sweep has no {','.join(budget_targets)} r={budget_r} cell to set "
+                         "the budget", add=dict(pairs=f"{','.join(budget_targets)}:{budget_r};"
+                                                      "q,v:4;q,k,v,o:2"))
     budget = ref[0]["result"]["trainable_params"]
     groups = {}
     for rec in records:

@@ -1,7 +1,8 @@
 # Planted mistake: eps is hard-coded to 1e-5 instead of the argument, so only the test with
 # eps = 0.1 notices.
-# expect-fail: test_matches_library_3d: dx differs from the library's layernorm_backward (eps = 0.1)
-# expect-pass: test_dx_finite_differences
+# expect-fail: test_expected_values_3d: dx differs from the expected values (eps = 0.1)
+# expect-fail: test_dx_finite_differences: (hidden test: a (2, 3, 7) input, eps = 0.3)
+# expect-pass: test_shapes
 import numpy as np
 
 

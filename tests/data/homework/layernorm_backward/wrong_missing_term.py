@@ -1,6 +1,6 @@
 # Planted mistake: dx forgets that the variance depends on x (the norm * mean(dnorm * norm) term).
 # expect-fail: test_dx_finite_differences: dx differs from finite differences
-# expect-fail: test_matches_library_3d: dx differs from the library
+# expect-fail: test_expected_values_3d: dx differs from the expected values
 import numpy as np
 
 

@@ -1,5 +1,5 @@
 # Planted mistake: the scaling factor is left out of the adapter path (forward and dA, dB).
-# expect-fail: test_forward_matches_library: y differs from the library's LoRALinear.forward
+# expect-fail: test_forward_expected: y differs from the expected values (scaling 8 / 2)
 # expect-fail: test_dA_dB_finite_differences: dA differs from finite differences
 # expect-pass: test_forward_B_zero
 

@@ -1,7 +1,7 @@
 # Planted mistake: absmax = max(x) instead of max(|x|), so a block whose largest magnitude is
 # negative is scaled outside [-1, 1]; and the low nibble is packed first.
-# expect-fail: test_absmax: absmax differs from the library's absmax_per_block
-# expect-fail: test_pack: packed differs from the library's pack_nibbles
+# expect-fail: test_absmax: absmax differs from the expected absmax, 4 (max |x|, not max x)
+# expect-fail: test_pack: packed differs from the expected bytes (first code in the high nibble)
 import numpy as np
 
 

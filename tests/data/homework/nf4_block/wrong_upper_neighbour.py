@@ -1,6 +1,6 @@
 # Planted mistake: q is the first level >= the scaled value (searchsorted on the levels), not the
 # nearest level.
-# expect-fail: test_nearest_code: q differs from the library's quantize_blockwise
+# expect-fail: test_nearest_code: q differs from the expected codes
 # expect-pass: test_absmax
 import numpy as np
 

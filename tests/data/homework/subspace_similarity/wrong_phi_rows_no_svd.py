@@ -1,7 +1,7 @@
 # Planted mistake: phi uses the rows of A directly (normalised to unit length) instead of an
 # orthonormal basis from the SVD.
 # expect-fail: test_phi_same_and_orthogonal: phi(A, 5 A, 4, 4) differs from 1 (same subspace)
-# expect-fail: test_phi_principal_angles: differs from sum(cos^2 principal angles) / min(i, j)
+# expect-fail: test_phi_principal_angles: differs from the expected value (mean cos^2 of the principal angles)
 import numpy as np
 
 
