@@ -23,6 +23,7 @@ Chapter: chapters/05-lora-and-qlora.ipynb (the LoRA section: memory of full, LoR
 from __future__ import annotations
 
 import gc
+import os
 import tracemalloc
 
 from minilora import backend
@@ -156,3 +157,83 @@ def adam_training_bytes(n_params: int, n_trainable: int, weight_bytes: float = 4
         raise UsageError(f"need 0 <= n_trainable <= n_params and n_params > 0, got "
                          f"n_trainable={n_trainable}, n_params={n_params}")
     return n_params * weight_bytes + n_trainable * (grad_bytes + state_bytes + master_bytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# limits: what is asked checked against what fits, before anything is allocated
+# ----------------------------------------------------------------------------------------------
+GiB = 2 ** 30
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still take: Linux's ``MemAvailable`` (what can be allocated
+    without swapping), else free physical pages; None where neither can be read. On CuPy: the
+    device's free memory."""
+    if backend.is_cupy():
+        try:
+            return int(backend.xp.cuda.runtime.memGetInfo()[0])
+        except Exception:  # noqa: BLE001 - a stand-in or an old CuPy: no limit known
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= 0.1 * GiB else f"{n / 2**20:.0f} MiB"
+
+
+def check_fits(asked: str, nbytes: float, per_unit: float | None = None, unit: str = "",
+               fixed: float = 0.0, available: int | None = None) -> None:
+    """Refuse (:class:`UsageError`, one line) a request of ``nbytes`` that exceeds the memory
+    available, before it is allocated: ``asked`` names the request (``"max_new_tokens
+    99999999"``); with ``per_unit`` bytes per unit of it (after ``fixed`` bytes that do not
+    scale), the message also says how many units fit."""
+    avail = available_bytes() if available is None else available
+    if avail is None or nbytes <= avail:
+        return
+    fits = ""
+    if per_unit:
+        n = int(max(0.0, avail - fixed) // per_unit)
+        fits = f": at most about {n:,}{unit} fit" if n > 0 else ": not even one fits"
+    raise UsageError(f"{asked} needs about {_gib(nbytes)} of memory, {_gib(avail)} is "
+                     f"available{fits}")
+
+
+def training_step_bytes(model, batch_size: int, block_size: int) -> tuple[int, int]:
+    """(bytes that do not grow with the batch, bytes per sequence) of one AdamW training step:
+    weights + gradients + moments, and the activations of one sequence of ``block_size``
+    tokens measured from a forward pass of one (as :func:`memory_account` counts them; the
+    measured peak agrees within a few per cent) plus its logits and their gradient."""
+    params = [p for _, p in model.named_parameters()]
+    trainable = sum(int(p.nbytes) for _, p, _ in model.named_trainable())
+    x = backend.asarray(backend.cpu_module().zeros((1, block_size), dtype="int64"))
+    rngs = [g for _, m in model.named_modules()
+            for g in [getattr(m, "dropout_rng", None)] if g is not None]
+    states = [g.bit_generator.state for g in rngs]   # this probe draws no dropout mask of a run
+    try:
+        logits, cache = model.forward(x, check=False)
+        per_seq = tree_bytes(cache, exclude=params) + 2 * int(logits.nbytes)
+        del logits, cache
+    finally:
+        for g, st in zip(rngs, states):
+            g.bit_generator.state = st
+    return weight_bytes(model) + 3 * trainable, per_seq
+
+
+def check_training_fits(model, batch_size: int, block_size: int, flag: str = "batch_size") \
+        -> None:
+    """Refuse a training batch whose step would not fit in memory (what it needs, what is
+    available and the largest ``flag`` that fits), before any step runs."""
+    fixed, per_seq = training_step_bytes(model, batch_size, block_size)
+    check_fits(f"{flag} {batch_size}: a training step of {batch_size} x {block_size} tokens",
+               fixed + batch_size * per_seq, per_seq, " sequences per batch", fixed)
+

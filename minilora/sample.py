@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from minilora import backend, threads
 from minilora.backend import xp
 from minilora.errors import UsageError
+from minilora.memory import check_fits
 
 
 def _check_sampling(temperature, top_k) -> None:
@@ -99,6 +100,9 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
         raise UsageError("idx must be a (B, T) array of token ids with T >= 1")
     rng = backend.cpu_rng(rng)
     B, T0 = idx.shape
+    # the ids and, on the way out, the text: about 16 bytes per generated token and row
+    check_fits(f"max_new_tokens {max_new_tokens:,}", 16 * B * (T0 + max_new_tokens), 16 * B,
+               " new tokens", 16 * B * T0)
     out = xp.zeros((B, T0 + max_new_tokens), dtype=idx.dtype)
     out[:, :T0] = idx
     if max_new_tokens == 0:

@@ -35,7 +35,8 @@ from minilora.checkpoint import FORMAT as CKPT_FORMAT
 from minilora.checkpoint import save_checkpoint
 from minilora.config import TrainConfig
 from minilora.data import get_batch
-from minilora.errors import UsageError
+from minilora.errors import MiniloraError, UsageError
+from minilora.memory import check_training_fits
 from minilora.io import (
     CheckpointError,
     atomic_write_text,
@@ -48,6 +49,24 @@ from minilora.optim import AdamW, NonFiniteError, lr_at
 
 CKPT_NAME = "ckpt.safetensors"
 METRICS_NAME = "metrics.jsonl"
+#: divergence: the mean loss of the last WINDOW steps above max(FACTOR x, MARGIN + ) the first
+#: step's loss stops the run (a loss that only wobbles, or a slow start, never comes near it)
+DIVERGENCE_WINDOW, DIVERGENCE_FACTOR, DIVERGENCE_MARGIN = 10, 1.5, 1.0
+
+
+class DivergenceError(MiniloraError, ArithmeticError):
+    """The training loss ran far above where it started (see :data:`DIVERGENCE_FACTOR`): the
+    message says by how much, the likely cause, and where the last good checkpoint is."""
+
+
+def diverged(losses: list, start: float) -> float | None:
+    """The recent mean loss if it is far above ``start`` (the run diverged), else None."""
+    if len(losses) < 3 or not math.isfinite(start):
+        return None
+    recent = losses[-DIVERGENCE_WINDOW:]
+    mean = sum(recent) / len(recent)
+    limit = max(DIVERGENCE_FACTOR * start, start + DIVERGENCE_MARGIN)
+    return mean if mean > limit else None
 
 
 @dataclass
@@ -84,11 +103,23 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
             rec = json.loads(line)
-            if rec["step"] <= upto_step:
-                out.append(rec)
+            ok = isinstance(rec, dict) and isinstance(rec.get("step"), int)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            if i == len(lines) - 1:
+                break             # a line cut short by a crash mid-write: the tail is dropped
+            raise CheckpointError(f"{path} line {i + 1} is not a metrics record (JSON with an "
+                                  "integer 'step'); the run's metrics file is damaged: move it "
+                                  "away to resume without the earlier curve")
+        if rec["step"] <= upto_step:
+            out.append(rec)
     return out
 
 
@@ -173,6 +204,7 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
     if cfg.block_size > model.config.block_size:
         raise UsageError(f"TrainConfig.block_size {cfg.block_size} exceeds the model's block_size "
                          f"{model.config.block_size}")
+    check_training_fits(model, cfg.batch_size, cfg.block_size)  # before anything is allocated
     out = Path(out_dir) if out_dir is not None else None
     opt = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                 weight_decay=cfg.weight_decay, groups=groups)
@@ -223,14 +255,14 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
                             step=step_done, rng_state=rng.bit_generator.state, extra=extra)
             saved_step = step_done
 
-    def stopped(step, what, cause):
+    def stopped(step, what, cause, resumable=True):
         if out is None:
             where = "no checkpoint is kept (no out_dir)"
         elif saved_step is None:
             where = f"no checkpoint was saved yet (every {cfg.ckpt_every} steps into {out})"
         else:
-            where = (f"the last good checkpoint is {out / CKPT_NAME} (after {saved_step} steps; "
-                     "continue with resume=True)")
+            where = (f"the last good checkpoint is {out / CKPT_NAME} (after {saved_step} steps"
+                     + ("; continue with resume=True, or --resume)" if resumable else ")"))
         return NonFiniteError(f"{what} at step {step}: {cause}. Training stopped; {where}")
 
     bar = None
@@ -264,6 +296,15 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
                    "tok_per_s": tokens / dt}
             hist.train.append(rec)
             log(rec)
+            recent = diverged([r["loss"] for r in hist.train[-DIVERGENCE_WINDOW:]],
+                              hist.train[0]["loss"])
+            if recent is not None:
+                e = stopped(step, f"the loss diverged (mean {recent:.3f} over the last "
+                            f"{min(DIVERGENCE_WINDOW, len(hist.train))} steps, against "
+                            f"{hist.train[0]['loss']:.3f} at step {hist.train[0]['step']})",
+                            f"the steps at learning rate up to {lr:.3g} made it worse; try a "
+                            "lower learning rate", resumable=False)
+                raise DivergenceError(str(e))
             done = step + 1
             if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                 vrec = {"step": step, "val_loss": evaluate(model, val_batches)}

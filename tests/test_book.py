@@ -309,6 +309,40 @@ def test_a_page_reads_as_a_course_offline(name, book, chromium, tmp_path):
 
 
 @pytest.mark.slow
+def test_show_source_listings_are_collapsed_and_highlighted_in_the_book(chromium, tmp_path):
+    """A notebook that calls ``show_source`` twice, executed and built with the book's own
+    configuration: two closed ``<details>`` listings with Pygments' highlighting, whose summary
+    names the function, file and line."""
+    pytest.importorskip("jupyter_book", reason="pip install -e '.[book]' (jupyter-book<2)")
+    nbformat = pytest.importorskip("nbformat")
+    src = tmp_path / "src"
+    shutil.copytree(BOOK, src / "_book")
+    (src / "_book" / "_toc.yml").write_text("format: jb-book\nroot: README\n"
+                                            "chapters:\n  - file: listing\n")
+    (src / "README.md").write_text("# A listing\n")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Listings\n\n$y = x W^\\top$"),
+                nbformat.v4.new_code_cell("SMALL = False"),
+                nbformat.v4.new_code_cell("from minilora.experiments.notebooks import show_source\n"
+                                          "from minilora.nn import ops\n"
+                                          "show_source(ops.layernorm_forward)\n"
+                                          "show_source(ops.layernorm_backward)")]
+    nb.cells[1].metadata["tags"] = ["parameters"]
+    nbformat.write(nb, src / "listing.ipynb")
+    executed, _ = notebooks.execute_notebook(src / "listing.ipynb", quick_mode=False, timeout=120)
+    nbformat.write(executed, src / "listing.ipynb")
+    html_dir = notebooks.build_book(tmp_path / "out", source=src)
+    page = (html_dir / "listing.html").read_text()
+    assert page.count('<details class="minilora-source">') == 2 and "<details open" not in page
+    assert "Source of <code>minilora.nn.ops.layernorm_backward</code> (minilora/nn/ops.py, line" \
+        in page
+    assert '<span class="k">def</span>' in page                 # Pygments' highlighting
+    seen, requests = _read_in_chromium(chromium, html_dir / "listing.html", tmp_path)
+    assert seen["listings"] == 2 and seen["open_listings"] == 0 and requests == []
+    assert seen["math"] == seen["math_rendered"] == 1
+
+
+@pytest.mark.slow
 def test_a_chapter_figure_and_cjk_titles_render(book, chromium, tmp_path):
     fonts = subprocess.run(["fc-list", ":lang=zh"], capture_output=True, text=True).stdout
     assert fonts.strip(), "no CJK font: apt-get install -y fonts-noto-cjk (titles render as boxes)"

@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("minilora: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `minilora ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         close_outputs(ok)  # the outputs' locks released; what a refused command made, removed
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -80,6 +81,14 @@ def cmd_ablate(args):
         raise UsageError("nothing to run: give --ranks with --targets, --pairs, or --full")
     if args.serial and args.scheduler:
         raise UsageError("--serial and --scheduler exclude each other")
+    cores = os.cpu_count() or 1
+    if not args.scheduler and args.workers > 4 * cores:
+        raise UsageError(f"--workers {args.workers}: a LocalCluster of that many processes on "
+                         f"{cores} CPU core(s) only competes for them; give at most {4 * cores} "
+                         "(or --scheduler ADDRESS for a real cluster)")
+    if args.blas_threads > cores:
+        raise UsageError(f"--blas-threads {args.blas_threads} exceeds the {cores} CPU core(s) "
+                         "here")
     if args.base is not None:
         check_input_file(args.base, "--base")
     fields = dict(lr=args.lr, lora_alpha=args.alpha, eval_batches=args.eval_batches,

@@ -26,6 +26,7 @@ from minilora.experiments.paths import base_model_path
 from minilora.experiments.scoring import format_scores, score_adapters
 from minilora.experiments.studies.claim import run_claim
 from minilora.experiments.tasks import TASKS
+from minilora.memory import check_fits, training_step_bytes
 from minilora.methods.registry import method_of_file
 from minilora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
@@ -42,6 +43,14 @@ def cmd_score(args):
     _use_backend(args)
     model, tok, _ = _load(args.ckpt, args.allow_nonfinite)
     check_block_size(args.block_size, model)
+    n = len(args.adapter) + (0 if args.no_base else 1)    # one batch holds every adapter's rows
+    _, per_seq = training_step_bytes(model, args.batch_size, args.block_size)
+    check_fits(f"--batch-size {args.batch_size} x {n} adapter(s): one scoring batch of "
+               f"{n * args.batch_size} x {args.block_size} tokens", n * args.batch_size * per_seq,
+               n * per_seq, " windows per batch (--batch-size)")
+    check_fits(f"--eval-batches {args.eval_batches:,} of {args.batch_size} x {args.block_size} "
+               "windows", 16.0 * args.eval_batches * args.batch_size * args.block_size,
+               16.0 * args.batch_size * args.block_size, " batches")
     reg, labels = _adapter_registry(model, args.adapter or [])
     adapters = ([] if args.no_base else [None]) + labels
     res = score_adapters(reg, tok, args.task, adapters, args.eval_batches, args.batch_size,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -150,44 +149,8 @@ SEED = int_range(0)
 
 
 # ----------------------------------------------------------------------------------------------
-# paths: looked at, never written, before the work starts
+# outputs (the policy: minilora.experiments.paths) and inputs: checked before the work starts
 # ----------------------------------------------------------------------------------------------
-def _first_existing(path: Path) -> Path:
-    p = path if path.is_absolute() else Path.cwd() / path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def check_output_dir(path, flag: str) -> Path:
-    """Refuse, naming ``flag``, an output directory that cannot be made: an existing file, a
-    path under a regular file, or one whose nearest existing folder is not writable. Writes
-    nothing (the command creates the directory when it saves)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {str(path)!r} is an existing file, not a directory")
-    anchor = _first_existing(path)
-    if not anchor.is_dir():
-        raise UsageError(f"{flag} {str(path)!r} lies under {str(anchor)!r}, which is a file")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {str(path)!r}: cannot write in {str(anchor)!r} (permission "
-                         "denied)")
-    return path
-
-
-def check_output_file(path, flag: str) -> Path:
-    """Refuse, naming ``flag``, an output file path that is a directory or cannot be created
-    (see :func:`check_output_dir` for its folder). Writes nothing."""
-    path = Path(path)
-    if not path.name or path.is_dir():
-        raise UsageError(f"{flag} {str(path)!r} is a directory; give a file name")
-    anchor = _first_existing(path.parent)
-    if not anchor.is_dir():
-        raise UsageError(f"{flag} {str(path)!r} lies under {str(anchor)!r}, which is a file")
-    check_output_dir(path.parent, flag)
-    return path
-
-
 #: the outputs the running command opened; :func:`close_outputs` (called by ``cli.main``) closes them
 _OPEN: list[Output] = []
 

@@ -32,6 +32,7 @@ from minilora.data import CharTokenizer, encode_corpus, load_shakespeare
 from minilora.errors import UsageError
 from minilora.experiments.presets import PRESETS
 from minilora.experiments.tour import run_tour
+from minilora.memory import check_fits
 from minilora.model import GPT, set_recompute
 from minilora.sample import sample_text
 from minilora.train import CKPT_NAME, train
@@ -71,6 +72,10 @@ def cmd_pretrain(args):
     tok = CharTokenizer.default()
     model_cfg = GPTConfig(vocab_size=tok.vocab_size, **mcfg)
     train_cfg = TrainConfig(**tcfg)
+    C, L, V = model_cfg.n_embd, model_cfg.n_layer, model_cfg.vocab_size
+    n_params = 12 * L * C * C + (2 * V + model_cfg.block_size + 13 * L) * C
+    check_fits(f"--n-embd {C} --n-layer {L}: a model of about {n_params:,} parameters "
+               "(weights, gradients and AdamW's moments in float32)", 16.0 * n_params)
     splits = load_shakespeare(tuple(args.val_plays.split(",")))
     train_ids, val_ids = encode_corpus(splits["train"], tok), encode_corpus(splits["val"], tok)
     model = GPT(model_cfg, rng=train_cfg.seed)

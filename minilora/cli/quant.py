@@ -20,6 +20,7 @@ from minilora.cli.common import (
 from minilora.config import QuantConfig
 from minilora.data import encode_corpus, load_shakespeare
 from minilora.errors import UsageError
+from minilora.memory import check_fits
 from minilora.experiments.studies.loftq import loftq_residual_study
 from minilora.experiments.studies.paged_demo import paged_demo
 from minilora.experiments.studies.quant_compare import run_comparison
@@ -53,6 +54,8 @@ def cmd_quantize(args):
         written("comparison", Path(root) / "quant")
         return
     model, tok, _ = _load(args.ckpt)
+    check_fits(f"--eval-batches {args.eval_batches:,} of 8 x 128 windows",
+               16.0 * args.eval_batches * 8 * 128, 16.0 * 8 * 128, " batches")
     rep = save_quantized(out, model, tok, args.type, args.blocksize, not args.no_double_quant)
     print(f"quantised {rep['quantized_tensors']} weight matrices ({rep['quantized_params']:,} "
           f"parameters) to {args.type}, block {args.blocksize}, double quant "

@@ -43,7 +43,7 @@ from minilora.experiments.tasks import (
     task_splits,
 )
 from minilora.io import atomic_write_text, ensure_writable_dir
-from minilora.memory import memory_account
+from minilora.memory import check_fits, check_training_fits, memory_account
 from minilora.methods.registry import get_method
 from minilora.model import set_recompute
 from minilora.quant.linear import quantized_parameter_count
@@ -161,6 +161,10 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
         raise UsageError(f"block_size {T} (--block-size) exceeds the base model's context of "
                          f"{model.config.block_size} characters ({path}); give "
                          f"{model.config.block_size} or less")
+    # a step (and the evaluations, as large) must fit in memory: refused now, not by the OS
+    check_training_fits(model, B, T, "--batch-size")
+    check_fits(f"eval_batches {eval_batches:,} (--eval-batches) of {B} x {T} windows",
+               16.0 * eval_batches * B * T, 16.0 * B * T, " windows")
     run_config = train_config  # the same run, plus where and how often to save it
     if out_dir is not None:
         run_config = dataclasses.replace(

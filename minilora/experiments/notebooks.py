@@ -341,10 +341,10 @@ def freshness_problems(nb, name: str = "notebook", library: bool = True, root=No
     return problems
 
 
-def book_command(out=None) -> list[str]:
-    """The jupyter-book 1.x command that builds ``chapters/`` as configured in
-    ``chapters/_book/`` (warnings are errors); output in ``<out or chapters>/_build/html``."""
-    chapters = REPO / "chapters"
+def book_command(out=None, source=None) -> list[str]:
+    """The jupyter-book 1.x command that builds ``source`` (default ``chapters/``) as configured
+    in its ``_book/`` (warnings are errors); output in ``<out or source>/_build/html``."""
+    chapters = Path(source).resolve() if source is not None else REPO / "chapters"
     exe = shutil.which("jupyter-book") or str(Path(sys.executable).parent / "jupyter-book")
     # absolute --config/--toc: jupyter-book 1.0 resolves a relative --toc against the source folder
     cmd = [exe, "build", str(chapters), "--config", str(chapters / "_book" / "_config.yml"),
@@ -352,9 +352,9 @@ def book_command(out=None) -> list[str]:
     return cmd + (["--path-output", str(Path(out).resolve())] if out is not None else [])
 
 
-def build_book(out=None) -> Path:
+def build_book(out=None, source=None) -> Path:
     """Build the book (see :func:`book_command`); returns the folder with ``index.html``."""
-    cmd = book_command(out)
+    cmd = book_command(out, source)
     if not Path(cmd[0]).exists():
         raise UsageError("jupyter-book is not installed: pip install -e '.[book]' "
                          "(jupyter-book 1.x; 2.x needs the network to build)")
@@ -362,7 +362,8 @@ def build_book(out=None) -> Path:
     if done.returncode != 0:
         raise UsageError(f"the book did not build (exit {done.returncode}):\n"
                          f"{(done.stdout + done.stderr)[-4000:]}")
-    return Path(out if out is not None else REPO / "chapters").resolve() / "_build" / "html"
+    base = out if out is not None else (source if source is not None else REPO / "chapters")
+    return Path(base).resolve() / "_build" / "html"
 
 
 def main(argv=None) -> None:

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 from minilora.data import data_dir
-from minilora.io import CheckpointError, OutputError
+from minilora.io import CheckpointError, OutputError, atomic_write_text
 
 BASE_MODEL_FILE = "base_model/shakespeare_char.safetensors"
 RESULTS = Path("results")
@@ -387,8 +387,7 @@ class Output:
         if self.resume and old is not None:
             marker = {**old, "resumed": old.get("resumed", []) + [marker["started"]],
                       "command": marker["command"]}
-        (p / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")
-        self._marker_written = True
+        atomic_write_text(p / MARKER_NAME, json.dumps(marker, indent=1) + "\n")
 
     # -- the work is done (or failed) --------------------------------------------------------------
     def close(self, ok: bool = True) -> None:
@@ -406,7 +405,7 @@ class Output:
                     m = json.loads(marker.read_text())
                     m["finished" if ok else "stopped"] = datetime.datetime.now().strftime(
                         "%Y-%m-%d %H:%M:%S")
-                    marker.write_text(json.dumps(m, indent=1) + "\n")
+                    atomic_write_text(marker, json.dumps(m, indent=1) + "\n")
                 except (OSError, ValueError):
                     pass
         for d in reversed(self.created):

@@ -12,6 +12,7 @@ Shakespeare validation loss).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from minilora.errors import UsageError
@@ -29,12 +30,49 @@ def run_dir(root, task: str, method: str) -> Path:
     return Path(root) / f"{task}-{method}"
 
 
+class BadResult(UsageError):
+    """A ``result.json`` that is not what :func:`minilora.experiments.finetune.finetune` writes."""
+
+
+#: the fields the table reads: name -> (type, lowest allowed value or None)
+RESULT_FIELDS = {"method": (str, None), "task": (str, None), "trainable_params": (int, 0),
+                 "total_params": (int, 1), "median_step_ms": (float, 0.0),
+                 "forgetting": (float, None)}
+
+
+def read_result(path) -> dict:
+    """One run's ``result.json``, checked field by field (types, ranges, nulls): a damaged or
+    foreign file is one line naming it and the field, never a traceback or a wrong row."""
+    path = Path(path)
+    try:
+        r = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadResult(f"{path} is not readable JSON ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]})") from None
+    if not isinstance(r, dict):
+        raise BadResult(f"{path} holds a JSON {type(r).__name__}, not a run's result object")
+    metric = ("accuracy_base", "accuracy") if "accuracy" in r else ("task_loss_base", "task_loss")
+    fields = {**RESULT_FIELDS, **{k: (float, None) for k in metric}}
+    for k, (typ, lo) in fields.items():
+        v = r.get(k)
+        ok = (isinstance(v, str) if typ is str else
+              isinstance(v, int) and not isinstance(v, bool) if typ is int else
+              isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        if not ok:
+            raise BadResult(f"{path}: field {k!r} must be "
+                            f"{'a string' if typ is str else 'an integer' if typ is int else 'a finite number'}"
+                            f", got {json.dumps(v) if k in r else 'nothing (missing)'}")
+        if lo is not None and v < lo:
+            raise BadResult(f"{path}: field {k!r} must be >= {lo}, got {v}")
+    return r
+
+
 def load_results(root=DEFAULT_ROOT) -> list[dict]:
     """Every ``result.json`` directly under ``root/*/`` (sorted by task, then method)."""
 
     rows = []
     for path in sorted(Path(root).glob("*/result.json")):
-        r = json.loads(path.read_text())
+        r = read_result(path)
         r["method"] = RENAMED.get(r.get("method"), r.get("method"))  # runs made before a rename
         r["_dir"] = path.parent.name
         rows.append(r)

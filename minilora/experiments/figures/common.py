@@ -27,20 +27,49 @@ class MissingResults(MiniloraError, FileNotFoundError):
     """A figure's input is not in ``results/`` yet; the message says which command makes it."""
 
 
-def read_json(path: Path, made_by: str):
-    """Load a results JSON file, or raise :class:`MissingResults` naming ``made_by``."""
-    path = Path(path)
+def _parse(path: Path, text: str, made_by: str, line: int = 0):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MissingResults(f"{path} is not valid JSON (line {e.lineno + line}, column "
+                             f"{e.colno}: {e.msg}); make it again with: {made_by}") from None
+
+
+def _read_text(path: Path, made_by: str) -> str:
     if not path.exists():
         raise MissingResults(f"{path} not found; make it with: {made_by}")
-    return json.loads(path.read_text())
+    if not path.is_file():
+        raise MissingResults(f"{path} is not a file; make it with: {made_by}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MissingResults(f"{path} cannot be read ({type(e).__name__}); make it again with: "
+                             f"{made_by}") from None
+
+
+def read_json(path: Path, made_by: str) -> dict:
+    """Load a results JSON file (an object), or raise :class:`MissingResults` (missing,
+    unreadable, not JSON, not an object) naming ``made_by``."""
+    path = Path(path)
+    data = _parse(path, _read_text(path, made_by), made_by)
+    if not isinstance(data, dict):
+        raise MissingResults(f"{path} holds a JSON {type(data).__name__}, not the object its "
+                             f"figure reads; make it again with: {made_by}")
+    return data
 
 
 def read_jsonl(path: Path, made_by: str) -> list[dict]:
-    """Load a JSON-lines results file (one record a line)."""
+    """Load a JSON-lines results file (one object a line), or raise :class:`MissingResults`."""
     path = Path(path)
-    if not path.exists():
-        raise MissingResults(f"{path} not found; make it with: {made_by}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(_read_text(path, made_by).splitlines()):
+        if line.strip():
+            rec = _parse(path, line, made_by, i)
+            if not isinstance(rec, dict):
+                raise MissingResults(f"{path} line {i + 1} is not a JSON object; make it again "
+                                     f"with: {made_by}")
+            out.append(rec)
+    return out
 
 
 def pyplot():

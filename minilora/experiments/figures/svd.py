@@ -37,7 +37,13 @@ import numpy as np
 
 from minilora.analysis import module_type as path_type
 from minilora.analysis import type_labels
-from minilora.experiments.figures.common import MissingResults, pyplot, save_figure
+from minilora.experiments.figures.common import (
+    BOOK_WIDTH,
+    MIN_FONT,
+    MissingResults,
+    pyplot,
+    save_figure,
+)
 from minilora.experiments.svd_report import RECORDS_JSON
 from minilora.experiments.svd_tables import run_from_json
 
@@ -152,10 +158,11 @@ def _heat(ax, M, layers, types, vmax, cmap, annotate: bool, xlabels: bool = True
     im = ax.imshow(M, aspect="auto", cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
     shown = [(names or {}).get(t, t) for t in types]
     ax.set_xticks(range(len(types)), shown if xlabels else [], rotation=45, ha="right",
-                  fontsize=7)
+                  fontsize=MIN_FONT)
     step = max(1, len(layers) // 16)
     ax.set_yticks(range(0, len(layers), step), [_layer_label(layers[i])
-                                                for i in range(0, len(layers), step)], fontsize=7)
+                                                for i in range(0, len(layers), step)],
+                  fontsize=MIN_FONT)
     if xlabels:
         ax.set_xlabel("module", fontsize=8)
     ax.set_ylabel("layer", fontsize=8)
@@ -163,7 +170,7 @@ def _heat(ax, M, layers, types, vmax, cmap, annotate: bool, xlabels: bool = True
         for i in range(M.shape[0]):
             for j in range(M.shape[1]):
                 if np.isfinite(M[i, j]):
-                    ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=MIN_FONT,
                             color="white" if M[i, j] < 0.6 * vmax else "black")
     return im
 
@@ -171,12 +178,12 @@ def _heat(ax, M, layers, types, vmax, cmap, annotate: bool, xlabels: bool = True
 def fig_svd_phi(records, path, title: str = "") -> Path:
     """φ per layer (rows) and module type (columns): measured, the null, and their ratio.
 
-    Top row: φ(1, 1) (|cos|² of the two adapters' top directions); bottom row: φ(r, r') (the
-    whole subspaces). The first column is the measured φ, the second the 95th percentile of φ
+    Left column: φ(1, 1) (|cos|² of the two adapters' top directions); right column: φ(r, r')
+    (the whole subspaces). The first row is the measured φ, the second the 95th percentile of φ
     between random subspaces of the same width and ranks (the null: a pair of unrelated adapters
     exceeds it 5 % of the time), both on one colour scale, [0, 1]; the third is measured / null
     p95: above 1, more alike than 95 % of random pairs. It stays readable at large d, where both
-    φ values are small."""
+    φ values are small. Two columns keep it within the book's column (``BOOK_WIDTH``)."""
     plt = pyplot()
     recs = [r for r in records if r.phi_full is not None]
     pairs = [("phi_top1", "phi_null95_top1", "φ(1,1)"),
@@ -185,26 +192,26 @@ def fig_svd_phi(records, path, title: str = "") -> Path:
     names = _labels(recs)
     annotate = len(layers) * len(types) <= 48
     per_layer = 0.22 if len(layers) <= 16 else 0.12
-    fig, axes = plt.subplots(2, 3, figsize=(3 * (1.3 + 0.5 * len(types)) + 2.4,
-                                            2 * (1.1 + per_layer * len(layers)) + 1.2),
+    fig, axes = plt.subplots(3, 2, figsize=(min(BOOK_WIDTH, 2 * (1.1 + 0.45 * len(types)) + 2.2),
+                                            3 * (1.0 + per_layer * len(layers)) + 1.4),
                              squeeze=False, layout="constrained")
     ratios = [_matrix(recs, m)[0] / _matrix(recs, b)[0] for m, b, _ in pairs]
     rmax = max(2.0, float(np.nanmax([np.nanmax(x) for x in ratios])))
     im = im_ratio = None
-    for k, (row, (meas, base, name)) in enumerate(zip(axes, pairs)):
-        for ax, field, label in ((row[0], meas, f"{name}, measured"),
-                                 (row[1], base, f"{name}, random subspaces: 95th percentile")):
+    for k, (col, (meas, base, name)) in enumerate(zip(axes.T, pairs)):
+        for ax, field, label in ((col[0], meas, f"{name}, measured"),
+                                 (col[1], base, f"{name}, random: 95th percentile")):
             M, _, _ = _matrix(recs, field)
-            im = _heat(ax, M, layers, types, 1.0, "viridis", annotate, xlabels=k == 1,
+            im = _heat(ax, M, layers, types, 1.0, "viridis", annotate, xlabels=False,
                        names=names)
-            ax.set_title(label, fontsize=8)
-        im_ratio = _heat(row[2], ratios[k], layers, types, rmax, "magma", annotate,
-                         xlabels=k == 1, names=names)
-        row[2].set_title(f"{name}, measured / null p95", fontsize=8)
-    fig.colorbar(im, ax=axes[:, :2].ravel().tolist(), shrink=0.8,
+            ax.set_title(label, fontsize=MIN_FONT)
+        im_ratio = _heat(col[2], ratios[k], layers, types, rmax, "magma", annotate,
+                         xlabels=True, names=names)
+        col[2].set_title(f"{name}, measured / null p95", fontsize=MIN_FONT)
+    fig.colorbar(im, ax=axes[:2, :].ravel().tolist(), shrink=0.8,
                  label="φ (0: orthogonal, 1: same)")
-    fig.colorbar(im_ratio, ax=axes[:, 2].tolist(), shrink=0.8,
-                 label="φ / null p95 (> 1: beyond 95 % of random pairs)")
+    fig.colorbar(im_ratio, ax=axes[2, :].tolist(), shrink=0.8,
+                 label="φ / null p95 (> 1: beyond chance)")
     ranks = sorted({(r.r, r.other_r) for r in recs})
     rank_text = (f" (r={ranks[0][0]}, r'={ranks[0][1]})" if len(ranks) == 1 else "")
     fig.suptitle(f"{title + ': ' if title else ''}subspace similarity φ of the two adapters' "

@@ -13,7 +13,7 @@ from minilora.data import encode_corpus, get_batch, load_milton
 from minilora.errors import UsageError
 from minilora.experiments.paths import base_model_path
 from minilora.io import atomic_write_text
-from minilora.memory import tree_bytes, weight_bytes
+from minilora.memory import check_training_fits, tree_bytes, weight_bytes
 from minilora.nn import ops
 from minilora.paged import (
     PAGE_BYTES,
@@ -108,6 +108,7 @@ def paged_demo(out: str | Path | None = "results/paged/trace.json", steps: int =
     if not 1 <= block_size <= spike_block_size <= model.config.block_size:
         raise UsageError(f"need 1 <= block_size <= spike_block_size <= {model.config.block_size} "
                          f"(the model's context), got {block_size}, {spike_block_size}")
+    check_training_fits(model, batch_size, spike_block_size, "--batch-size")
     ids = encode_corpus(load_milton()["train"], tok)
     params = [p for _, p in model.named_parameters()]
 
