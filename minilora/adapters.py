@@ -410,17 +410,19 @@ class MixedBatchModel:
 # ----------------------------------------------------------------------------------------------
 def generate_mixed(registry: AdapterRegistry, tokenizer, prompt: str, adapters: list,
                    max_new_tokens: int = 200, temperature: float = 0.8, top_k=None,
-                   seed: int = 0, *, use_cache: bool = True, keep=None, progress=None) -> list:
+                   seed: int = 0, *, use_cache: bool = True, exact_window: bool = False,
+                   keep=None, progress=None) -> list:
     """Continue ``prompt`` once per entry of ``adapters`` (names or None for the base), all rows
     in one batch (one KV cache for the batch, unless ``use_cache=False``); returns the texts
-    (prompt + continuation) in the same order."""
+    (prompt + continuation) in the same order. ``exact_window``, ``keep``: as for
+    :func:`minilora.sample.generate`."""
 
     if not prompt:
         raise UsageError("prompt must contain at least one character (try '\\n')")
     ids = tokenizer.encode(prompt)
     idx = backend.asarray(np.repeat(ids[None, :].astype("int64"), len(adapters), axis=0))
     out = generate(registry.view(adapters), idx, max_new_tokens, temperature, top_k, rng=seed,
-                   use_cache=use_cache, keep=keep, progress=progress)
+                   use_cache=use_cache, exact_window=exact_window, keep=keep, progress=progress)
     return [tokenizer.decode(row) for row in backend.to_numpy(out)]
 
 

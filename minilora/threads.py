@@ -177,7 +177,8 @@ def choose(phase: str = "train", *, processes: int = 1, pool: int | None = None)
 # ----------------------------------------------------------------------------------------------
 # applying it
 # ----------------------------------------------------------------------------------------------
-_state: dict[str, Any] = {"phase": ("train", 1, None), "modules_seen": -1, "cache": (None, None)}
+_state: dict[str, Any] = {"phase": ("train", 1, None), "modules_seen": -1, "cache": (None, None),
+                          "blas_env": None}
 
 
 def _limit_blas(force: bool = False) -> None:
@@ -204,6 +205,7 @@ def phase(name: str, *, processes: int = 1, pool: int | None = None):
     setting = choose(name, processes=processes, pool=pool)
     saved = _state["phase"]
     _state["phase"] = (name, processes, pool)
+    refresh()
     _limit_blas(force=True)
     try:
         yield setting
@@ -224,16 +226,21 @@ def in_phase(name: str):
 
 
 def current() -> ThreadSetting:
-    """The setting in force: the innermost :func:`phase`, else "train" (the environment is read
-    again at each call, so a changed variable takes effect at once)."""
-    key = (_state["phase"], is_cupy(),
-           tuple(os.environ.get(v) for v in (POOL_VAR, *BLAS_VARS, *OTHER_VARS)))
+    """The setting in force: the innermost :func:`phase`, else "train". ``MINILORA_THREADS`` is
+    read again at each call (a changed value takes effect at once); the BLAS variables when a
+    phase starts (:func:`refresh`), as the BLAS itself reads them only when it loads."""
+    key = (_state["phase"], is_cupy(), os.environ.get(POOL_VAR), _state["blas_env"])
     cached_key, setting = _state["cache"]
     if key != cached_key:
         name, processes, pool = _state["phase"]
         setting = choose(name, processes=processes, pool=pool)
         _state["cache"] = (key, setting)
     return setting
+
+
+def refresh() -> None:
+    """Read the BLAS thread variables again (a phase's start does this)."""
+    _state["blas_env"] = tuple(os.environ.get(v) for v in (*BLAS_VARS, *OTHER_VARS))
 
 
 def cpu_threads() -> int:
@@ -296,8 +303,9 @@ def parallel_chunks(n: int, fn, threads: int | None = None, min_per_thread: int 
         min_per_thread: fewer threads when there are fewer items than this per thread (a thread
             costs a hand-off; small tensors are done in one call).
     """
-    t = min(cpu_threads() if threads is None else max(1, int(threads)),
-            n // max(1, int(min_per_thread)))
+    t = n // max(1, int(min_per_thread))
+    if t > 1:  # (a decoding step's one-row work never asks: ~1 us saved per call)
+        t = min(t, cpu_threads() if threads is None else max(1, int(threads)))
     if t <= 1:
         if n > 0:
             fn(0, n)
@@ -319,4 +327,5 @@ def parallel_chunks(n: int, fn, threads: int | None = None, min_per_thread: int 
             raise e
 
 
+refresh()
 _limit_blas(force=True)  # the process default, from the first import on

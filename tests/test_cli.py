@@ -42,12 +42,14 @@ def test_sample_prompt_outside_vocabulary_is_one_clear_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("minilora: error:") and "Traceback" not in r.stderr
     assert "'\u00e9'" in r.stderr
+    assert r.stdout == ""  # nothing streamed before the check
 
 
 @pytest.mark.parametrize("args, match", [
     (["sample", "--ckpt", "does/not/exist.safetensors"], "does not exist"),
     (["sample", "--temperature", "0", "--ckpt", "{ck}"], "temperature"),
     (["sample", "--top-k", "0", "--ckpt", "{ck}"], "--top-k must be >= 1"),
+    (["sample", "--keep", "3", "--exact-window", "--ckpt", "{ck}"], "--keep and --exact-window"),
     (["pretrain", "--preset", "tiny", "--n-embd", "30", "--n-head", "4", "--out", "{tmp}"],
      "divisible"),
     (["pretrain", "--preset", "tiny", "--val-plays", "nosuchplay", "--out", "{tmp}"],

@@ -200,14 +200,44 @@ def test_past_the_window_keeps_the_prefix_and_the_soft_prompt():
 # generation
 # ----------------------------------------------------------------------------------------------
 def test_generate_with_and_without_cache_draw_the_same_tokens(xpb):
-    """Past block_size too: the default cache computes the plain definition's logits, so the same
-    uniforms draw the same ids (float64: differences ~1e-15 cannot flip a draw here)."""
+    """The exact window past block_size too: the cache computes the plain definition's logits,
+    so the same uniforms draw the same ids (float64: differences ~1e-15 cannot flip a draw
+    here). It is what generation computed before the chunked window became the default."""
     model = tiny()
     idx = stream(B=2, n=3)
-    a = generate(model, idx, 20, temperature=1.0, rng=5)
+    a = generate(model, idx, 20, temperature=1.0, rng=5, exact_window=True)
     b = generate(model, idx, 20, temperature=1.0, rng=5, use_cache=False)
+    c = generate(model, idx, 20, temperature=1.0, rng=5, keep=TINY.block_size - 1)
     assert a.shape == (2, 23)
     np.testing.assert_array_equal(np_(a), np_(b))
+    np.testing.assert_array_equal(np_(a), np_(c))
+
+
+def test_chunked_window_is_the_exact_one_inside_the_context_and_its_own_definition_past_it():
+    """The default (chunked window): inside block_size the exact window's tokens; past it, each
+    token drawn from the model run on its chunked context (the last half window re-encoded
+    whenever the window is full), which differs from the exact window's."""
+    model = tiny()
+    idx = stream(B=2, n=3)
+    inside = TINY.block_size - 3
+    np.testing.assert_array_equal(np_(generate(model, idx, inside, temperature=1.0, rng=5)),
+                                  np_(generate(model, idx, inside, temperature=1.0, rng=5,
+                                               exact_window=True)))
+    got = np_(generate(model, idx, 30, temperature=1.0, rng=5))
+    exact = np_(generate(model, idx, 30, temperature=1.0, rng=5, exact_window=True))
+    assert (got != exact).any()  # an approximation past the window, as documented
+    ids = backend.asarray(got)
+    logits, kv = cached_logits(model, ids, 3, keep="half")
+    ref = recomputed_logits(full(model), ids, 3, 8, keep=4)
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=TOL)
+    assert kv.keep == 4 and kv.reencodings == len(range(8, 33, 4))
+
+
+def test_generate_streams_each_token_as_it_is_drawn():
+    model = tiny()
+    seen = []
+    out = generate(model, stream(B=2, n=3), 12, rng=2, on_token=lambda ids: seen.append(ids.copy()))
+    assert np.array_equal(np.stack(seen, axis=1), np_(out)[:, 3:])
 
 
 def test_generate_mixed_with_and_without_cache():
@@ -219,14 +249,14 @@ def test_generate_mixed_with_and_without_cache():
     reg = AdapterRegistry(GPT(cfg, 0, dtype="float64"))
     reg.add("a", {k: np_(v).copy() for k, v in lora_state_dict(m).items()}, lcfg)
     kw = dict(max_new_tokens=24, temperature=1.0, seed=3)  # crosses block_size 16
-    assert (generate_mixed(reg, tok, "ROMEO:", ["a", None], **kw)
+    assert (generate_mixed(reg, tok, "ROMEO:", ["a", None], exact_window=True, **kw)
             == generate_mixed(reg, tok, "ROMEO:", ["a", None], use_cache=False, **kw))
 
 
 def test_long_prompt_is_cropped_to_the_window():
     model = tiny()
     idx = stream(B=1, n=30)
-    a = generate(model, idx, 3, rng=1)
+    a = generate(model, idx, 3, rng=1, exact_window=True)
     b = generate(model, idx, 3, rng=1, use_cache=False)
     np.testing.assert_array_equal(np_(a), np_(b))
     assert np_(a)[0, :30].tolist() == np_(idx)[0].tolist()
@@ -242,7 +272,7 @@ def test_cache_misuse_is_a_clear_error():
         model.forward_incremental(stream(B=3, n=2), kv)
     with pytest.raises(KVCacheError, match="longer than the cache's window 8"):
         KVCache(2, 1, 8, 8, "float64").check_chunk(stream(B=1, n=9))
-    with pytest.raises(KVCacheError, match="keep .* integer in \\[0, 7\\]"):
+    with pytest.raises(KVCacheError, match="keep .* 'half' or an integer in \\[0, 7\\]"):
         model.kv_cache(1, keep=8)
     logits = model.forward_incremental(stream(B=2, n=3), kv)
     assert logits.shape == (2, 3, 11)

@@ -144,6 +144,12 @@ def test_small_inputs_take_the_plain_ops_and_the_switch_is_exact(rng):
     q = rng.standard_normal((1, 1, 8))  # a decoding step: the plain attention and its cache
     y, c = ops_fast.attention_forward_fast(q, q, q, 2)
     assert isinstance(c, ops.AttentionCache)
+    k = rng.standard_normal((2, 9, 8))  # one query over cached keys: the plain op's floats
+    y1, c1 = ops_fast.attention_forward_fast(k[:, -1:], k, k[::-1], 2)
+    y0, c0 = ops.attention_forward(k[:, -1:], k, k[::-1], 2)
+    np.testing.assert_array_equal(y1, y0)
+    for a, p in zip(c1, c0):
+        np.testing.assert_array_equal(a, p)
     np.testing.assert_array_equal(ops_fast.attention_backward_fast(q, c)[0],
                                   ops.attention_backward(q, c)[0])
     d = rng.standard_normal(x.shape)

@@ -69,10 +69,10 @@ def test_generate_keeps_the_prompt_and_is_seeded(model, rng):
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_top_k_1_is_greedy_decoding(model, use_cache):
     """The argmax path, computed here by full forward passes on the cropped context, past
-    block_size too."""
+    block_size too (the exact window)."""
     ids = list(TOK.encode("ROMEO:"))
     out = np_(generate(model, backend.asarray(np.array([ids])), 15, top_k=1,
-                       use_cache=use_cache))[0]
+                       use_cache=use_cache, exact_window=use_cache))[0]
     for _ in range(15):
         ctx = backend.asarray(np.array([ids[-12:]]))
         ids.append(int(np.argmax(np_(model.forward(ctx)[0])[0, -1])))
@@ -83,6 +83,12 @@ def test_sample_text_returns_prompt_and_continuation(model):
     text = sample_text(model, TOK, "KING:", max_new_tokens=7, seed=1)
     assert text.startswith("KING:") and len(text) == 5 + 7
     assert text == sample_text(model, TOK, "KING:", max_new_tokens=7, seed=1, use_cache=False)
+
+
+def test_sample_text_streams_each_character(model):
+    parts = []
+    text = sample_text(model, TOK, "KING:", max_new_tokens=20, seed=1, stream=parts.append)
+    assert len(parts) == 20 and "KING:" + "".join(parts) == text
 
 
 def test_progress_bar_on_stderr_only_when_asked(model, capsys):
@@ -103,7 +109,8 @@ def test_progress_bar_on_stderr_only_when_asked(model, capsys):
     (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
     (dict(max_new_tokens=True), "max_new_tokens must be an integer >= 0"),
     (dict(use_cache=False, keep=3), "keep sets how a KV cache slides"),
-    (dict(keep=12), "keep .* must be an integer in \\[0, 11\\]"),
+    (dict(keep=12), "keep .* must be 'half' or an integer in \\[0, 11\\]"),
+    (dict(keep=3, exact_window=True), "keep and exact_window both set"),
 ])
 def test_bad_arguments_are_clear_errors(model, kw, match):
     args = {"max_new_tokens": 3, **kw}

@@ -475,7 +475,8 @@ def analyze_module(name: str, adapters: list, base, other=None, opts: dict | Non
                 continue
             out["pairs"].append(compare_modules(name, a, b, factors[a], factors[b],
                                                 subspace=opts.get("subspace", "A")))
-    out["cache"] = (cache.hits, cache.misses, cache.seconds_computing)
+    out["cache"] = (cache.hits, cache.misses, cache.seconds_computing,
+                    cache.cpu_seconds_computing)
     return out
 
 
@@ -501,6 +502,10 @@ class _Once:
     @property
     def seconds_computing(self):
         return self.cache.seconds_computing
+
+    @property
+    def cpu_seconds_computing(self):
+        return self.cache.cpu_seconds_computing
 
 
 def run_analysis(inputs: list[AdapterInput], base_source=None, other=None, *,
@@ -582,7 +587,9 @@ def assemble(inputs, results: dict, names: list, problems: dict, seconds: float,
     hits = sum(r["cache"][0] for r in results.values() if r["cache"])
     misses = sum(r["cache"][1] for r in results.values() if r["cache"])
     secs = sum(r["cache"][2] for r in results.values() if r["cache"])
-    cache = {"hits": hits, "misses": misses, "seconds_computing": secs}
+    cpu = sum(r["cache"][3] for r in results.values() if r["cache"])
+    cache = {"hits": hits, "misses": misses, "seconds_computing": secs,
+             "cpu_seconds_computing": cpu}
     if cache_dir is not None:
         cache.update(BaseSvdCache(cache_dir).report())
     return SvdRun(adapters, pairs, [], cache, seconds, execution)

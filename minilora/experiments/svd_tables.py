@@ -16,8 +16,9 @@ What one run writes into its output directory:
   suggests;
 * ``records.json``: everything (format ``minilora-svd-records-v2``, schema version, minilora's
   version, each adapter's path, kind and full config, the base, the options, every record with
-  its arrays as lists, what was not analysed, the pairs, the warnings, the cache's counters);
-  a non-finite float is ``null`` (JSON has no NaN), and reading it back restores NaN.
+  its arrays as lists, what was not analysed, the pairs, the warnings);
+  a non-finite float is ``null`` (JSON has no NaN), and reading it back restores NaN. The same
+  inputs write the same bytes, whatever the execution (serial or Dask, cached or not).
 """
 from __future__ import annotations
 
@@ -315,6 +316,24 @@ def phi_matrix(run: SvdRun, field: str = "phi_full") -> dict:
     return out
 
 
+def phi_matrix_rows(run: SvdRun) -> dict:
+    """{module type: N rows of N cells}: the median over layers of φ(r, r') / null p95 for every
+    pair of adapters ("" on the diagonal)."""
+    n = len(run.adapters)
+    ratios: dict = {}
+    for p in run.pairs:
+        if p.phi_null95_full:
+            ratios.setdefault(p.module_type, {}).setdefault((p.a, p.b), []).append(
+                p.phi_full / p.phi_null95_full)
+    out = {}
+    for t, by_pair in ratios.items():
+        rows = [["" for _ in range(n)] for _ in range(n)]
+        for (a, b), vals in by_pair.items():
+            rows[a][b] = rows[b][a] = format_value(float(np.median(vals)))
+        out[t] = rows
+    return out
+
+
 def verdict_counts(run: SvdRun) -> list[str]:
     labels = [a.label for a in run.adapters]
     counts: dict = {}
@@ -360,6 +379,15 @@ def run_text(run: SvdRun, markdown: bool = False, title: str = "") -> str:
         headers, rows = side_by_side(run)
         out += (["## Side by side", ""] if markdown else ["side by side:"]) + table(headers, rows)
         out += [""]
+    if run.pairs and len(run.adapters) > 2:
+        out += (["## φ matrix per module type", ""] if markdown else
+                ["φ(r,r') / null p95 between every pair, median over layers (> 1: more alike "
+                 "than 95 % of random pairs):"])
+        labels = [a.label for a in run.adapters]
+        for t, rows in phi_matrix_rows(run).items():
+            out += ([f"`{t}`", ""] if markdown else [f"{t}:"])
+            out += table(["adapter"] + labels, [[lab] + row for lab, row in zip(labels, rows)])
+            out += [""]
     if run.pairs:
         headers, rows = pair_cells(run)
         out += (["## Pairs: φ against its null, merge triage", ""] if markdown else
@@ -444,7 +472,9 @@ def _record_json(r) -> dict:
 def records_json(run: SvdRun, meta: dict | None = None) -> dict:
     """The whole run as JSON (module docstring): ``format``, ``schema_version``,
     ``minilora_version``, ``meta`` (inputs and options), ``adapters`` (label, path, kind, config,
-    summary, records, not_analysed), ``pairs``, ``warnings``, ``cache``."""
+    summary, rank suggestions, records, not_analysed), ``pairs``, ``warnings``. Nothing that
+    depends on how the run went (time, cache, serial or Dask): the same inputs give the same
+    bytes."""
     return {
         "format": RECORDS_FORMAT, "schema_version": SCHEMA_VERSION,
         "minilora_version": minilora.__version__, **(meta or {}),
@@ -455,8 +485,7 @@ def records_json(run: SvdRun, meta: dict | None = None) -> dict:
                       "records": [_record_json(r) for r in a.records],
                       "not_analysed": _jsonable(a.not_analysed)} for a in run.adapters],
         "pairs": [_record_json(p) for p in run.pairs],
-        "warnings": list(run.warnings), "cache": _jsonable(run.cache),
-        "execution": run.execution, "seconds": run.seconds,
+        "warnings": list(run.warnings),
     }
 
 
@@ -503,8 +532,7 @@ def run_from_json(path) -> SvdRun:
     data = read_run(path)
     adapters = [AdapterResult(a["label"], a["path"], a["kind"], a["config"], a["records"],
                               a["not_analysed"]) for a in data["adapters"]]
-    return SvdRun(adapters, data["pairs"], data.get("warnings", []), data.get("cache"),
-                  data.get("seconds", 0.0), data.get("execution", "serial"))
+    return SvdRun(adapters, data["pairs"], data.get("warnings", []))
 
 
 def write_report(out_dir, run: SvdRun, meta: dict | None = None, title: str = "") -> list[Path]:
@@ -533,6 +561,6 @@ def write_report(out_dir, run: SvdRun, meta: dict | None = None, title: str = ""
 
 __all__ = ["CSV_COLUMNS", "NOT_ANALYSED_CSV", "PAIRS_CSV", "RANK_PATTERN_JSON",
            "SUMMARY_COLUMNS", "csv_columns", "csv_text", "format_value", "markdown_table",
-           "phi_matrix", "read_records", "read_run", "records_json", "run_from_json",
+           "phi_matrix", "phi_matrix_rows", "read_records", "read_run", "records_json", "run_from_json",
            "run_text", "side_by_side", "summary_columns", "summary_lines", "summary_table",
            "write_report"]

@@ -18,6 +18,10 @@ from minilora.errors import MiniloraError
 from minilora.nn.layers import PastKV
 
 
+#: ``keep`` for the chunked window: re-encode half the window when it is full (see :class:`KVCache`)
+CHUNKED = "half"
+
+
 class KVCacheError(MiniloraError, ValueError):
     """A KV cache is used in a way it cannot serve (batch size, chunk length, gradients)."""
 
@@ -66,13 +70,18 @@ class KVCache:
     the model run on its *context*: the tokens fed since the last re-encoding (the fixed entries
     first), where a re-encoding starts the context again from the last ``keep`` tokens.
 
-    * ``keep = window - 1`` (the default): every token is predicted from exactly the last
-      ``window`` tokens, which is what running the model on the context cropped to
-      ``block_size`` (generation without a cache) computes; past the window each new token then
-      costs a forward pass over the whole window, as without a cache.
-    * a smaller ``keep`` (e.g. ``window // 2``): one re-encoding every ``window - keep`` tokens,
-      each token seeing between ``keep + 1`` and ``window`` tokens: long generations stay cheap,
-      with shorter contexts just after each re-encoding.
+    * ``keep = window - 1`` (the default here, the *exact sliding window*): every token is
+      predicted from exactly the last ``window`` tokens, which is what running the model on the
+      context cropped to ``block_size`` (generation without a cache) computes; past the window
+      each new token then costs a forward pass over the whole window, as without a cache.
+    * ``keep = "half"`` (``window // 2``, what :func:`minilora.sample.generate` uses unless
+      asked for the exact window: the *chunked window*): the window shifts by half its length
+      at a time, one re-encoding of ``window // 2`` tokens every ``window - window // 2`` new
+      ones, and the cache serves every token in between; each token sees between
+      ``window // 2 + 1`` and ``window`` tokens, an approximation of the exact window (a
+      token just after a shift sees half the context the exact window would give it) at a
+      cost per token close to that of a step inside the window.
+    * any other ``keep`` in ``[0, window - 1]``: one re-encoding every ``window - keep`` tokens.
 
     Built by ``model.kv_cache(batch_size)`` (:meth:`minilora.model.GPT.kv_cache` and the PEFT
     wrappers' own, which fill the fixed slots); used by ``model.forward_incremental(idx, kv)``.
@@ -84,11 +93,11 @@ class KVCache:
                             ("n_fixed", n_fixed, 0), ("first_position", first_position, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise KVCacheError(f"{name} must be an integer >= {lo}, got {v!r}")
-        keep = window - 1 if keep is None else keep
+        keep = window - 1 if keep is None else window // 2 if keep == CHUNKED else keep
         if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep < window:
-            raise KVCacheError(f"keep (tokens re-encoded when the cache is full) must be an "
-                               f"integer in [0, {window - 1}] for a window of {window}, "
-                               f"got {keep!r}")
+            raise KVCacheError(f"keep (tokens re-encoded when the cache is full) must be "
+                               f"{CHUNKED!r} or an integer in [0, {window - 1}] for a window "
+                               f"of {window}, got {keep!r}")
         S = n_fixed + window
         self.keys = xp.zeros((n_layer, batch_size, S, n_embd), dtype=dtype)
         self.values = xp.zeros((n_layer, batch_size, S, n_embd), dtype=dtype)

@@ -99,7 +99,7 @@ def layernorm_forward_fast(x, w, b, eps=1e-5):
     (:func:`_row_mean`), fewer temporaries, and the rows in cache-sized blocks shared over the
     CPU threads (:func:`_row_blocks`); same cache. Small inputs take the plain op."""
     if x.size <= SMALL_FLOATS:
-        return layernorm_forward(x, w, b, eps)
+        return layernorm_forward(x, w, b, eps) if is_cupy() else _layernorm_small(x, w, b, eps)
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # (N, C)
     N = x2.shape[0]
@@ -120,6 +120,24 @@ def layernorm_forward_fast(x, w, b, eps=1e-5):
         o += b
     _row_blocks(N, C, block)
     return out.reshape(x.shape), (norm.reshape(x.shape), w, rstd.reshape(*x.shape[:-1], 1))
+
+
+def _layernorm_small(x, w, b, eps):
+    """:func:`~minilora.nn.ops.layernorm_forward`'s arithmetic call for call, the same floats
+    and cache, without ``mean``'s Python layer (a decoding step's rows: there, the calls' own
+    overhead is the cost). NumPy only."""
+    C = xp.intp(x.shape[-1])  # as np.mean divides: by the count as an intp
+    mean = xp.add.reduce(x, axis=-1, keepdims=True)
+    xp.true_divide(mean, C, out=mean, casting="unsafe")
+    xc = x - mean
+    var = xp.add.reduce(xc * xc, axis=-1, keepdims=True)
+    xp.true_divide(var, C, out=var, casting="unsafe")
+    var += eps
+    rstd = xp.true_divide(1.0, xp.sqrt(var, out=var), out=var)
+    xc *= rstd  # norm
+    out = xc * w
+    out += b
+    return out, (xc, w, rstd)
 
 
 def layernorm_backward_fast(dout, cache, need_dx=True, need_dw=True):
@@ -258,7 +276,9 @@ def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
     """
     B, T, C = q.shape
     Tk = k.shape[1]
-    if B * n_head * T * Tk <= SMALL_FLOATS:  # a decoding step: the plain op (its own cache)
+    if T == 1 and not is_cupy():  # a decoding step: one query attends to every key
+        return _attention_one_query(q, k, v, n_head)
+    if B * n_head * T * Tk <= SMALL_FLOATS:  # small: the plain op (its own cache)
         return attention_forward(q, k, v, n_head)
     P, hs = Tk - T, C // n_head
     tile = tile or attention_tile(T)
@@ -291,6 +311,25 @@ def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
             yh[b0:b1, :, t0:t1] = yt
     parallel_chunks(B, run)
     return y.reshape(B, T, C), TiledAttentionCache(qh, kh, vh, tiles, z)
+
+
+def _attention_one_query(q, k, v, n_head):
+    """:func:`~minilora.nn.ops.attention_forward` for one query per sequence (T = 1, no mask),
+    keys-major: the scores as a column per head (k q^T), so no transposed operand and no copy
+    of the heads; the same floats and cache as the plain op. NumPy only."""
+    B, _, C = q.shape
+    Tk, hs = k.shape[1], C // n_head
+    kh = k.reshape(B, Tk, n_head, hs).transpose(0, 2, 1, 3)  # (B, NH, Tk, hs) views
+    vh = v.reshape(B, Tk, n_head, hs).transpose(0, 2, 1, 3)
+    s = xp.matmul(kh, q.reshape(B, n_head, hs, 1))  # (B, NH, Tk, 1)
+    s *= 1.0 / math.sqrt(hs)
+    s -= s.max(axis=-2, keepdims=True)
+    xp.exp(s, out=s)
+    s /= s.sum(axis=-2, keepdims=True)
+    att = s.reshape(B, n_head, 1, Tk)
+    y = xp.matmul(att, vh)  # (B, NH, 1, hs)
+    qh = q.reshape(B, 1, n_head, hs).transpose(0, 2, 1, 3)
+    return y.reshape(B, 1, C), AttentionCache(qh, kh, vh, att)
 
 
 def attention_backward_fast(dout, cache: TiledAttentionCache):
@@ -389,7 +428,13 @@ def linear_forward_fast(x, w, b=None, keep_x: bool = True):
     if x.dtype != w.dtype:  # mixed precision: the plain op (NumPy's promotion rules)
         return linear_forward(x, w, b, keep_x)
     d_out, d_in = w.shape
-    out = matmul_rows(x.reshape(-1, d_in), w.T, bias=b)
+    x2 = x.reshape(-1, d_in)
+    if x2.shape[0] < 2 * MIN_ROWS_PER_THREAD:  # one BLAS call either way (a decoding step)
+        out = xp.matmul(x2, w.T)
+        if b is not None:
+            out += b
+    else:
+        out = matmul_rows(x2, w.T, bias=b)
     return out.reshape(*x.shape[:-1], d_out), (x if keep_x else None, w, b is not None)
 
 
