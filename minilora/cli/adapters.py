@@ -97,7 +97,8 @@ def cmd_adapter_export_peft(args):
     method = method_of_file(args.adapter)
     if method.peft_type is None:   # before any output or work: one line naming why
         method.export_peft(args.out, None)
-    out = output(args.out, "--out", command="export-peft", name=_stem(args.adapter), args=args)
+    out = output(args.out, "--out", command="export-peft", name=_stem(args.adapter),
+                 kind="collection", args=args)   # always the same two files: no run marker
     _use_backend(args)
     model, _, _ = _load(args.base)
     tuned = method.load(args.adapter, model)
