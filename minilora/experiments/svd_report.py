@@ -349,6 +349,7 @@ class SvdRun:
     cache: dict | None = None                           # hits, misses, seconds, path, bytes
     seconds: float = 0.0
     execution: str = "serial"
+    module_seconds: dict = field(default_factory=dict)  # wall seconds of each module's task
 
 
 def unique_labels(paths) -> list[str]:
@@ -431,8 +432,10 @@ def analyze_module(name: str, adapters: list, base, other=None, opts: dict | Non
     function, so that Dask workers can run it.
     """
     opts = dict(opts or {})
+    t0 = time.perf_counter()
     cache = _Once(BaseSvdCache(cache_dir) if use_cache else MemoryCache())
-    out = {"module": name, "records": {}, "failed": {}, "pairs": [], "cache": None}
+    out = {"module": name, "records": {}, "failed": {}, "pairs": [], "cache": None,
+           "seconds": 0.0}
     factors = {}
     W = None
     try:
@@ -477,6 +480,7 @@ def analyze_module(name: str, adapters: list, base, other=None, opts: dict | Non
                                                 subspace=opts.get("subspace", "A")))
     out["cache"] = (cache.hits, cache.misses, cache.seconds_computing,
                     cache.cpu_seconds_computing)
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -592,7 +596,8 @@ def assemble(inputs, results: dict, names: list, problems: dict, seconds: float,
              "cpu_seconds_computing": cpu}
     if cache_dir is not None:
         cache.update(BaseSvdCache(cache_dir).report())
-    return SvdRun(adapters, pairs, [], cache, seconds, execution)
+    return SvdRun(adapters, pairs, [], cache, seconds, execution,
+                  {n: results[n].get("seconds", 0.0) for n in names})
 
 
 __all__ = ["RECORDS_FORMAT", "RESIDUAL_INITS", "SCHEMA_VERSION", "AdapterInput", "AdapterResult",
