@@ -87,6 +87,22 @@ def test_outputs_carry_no_progress_bars_or_errors(path):
                 f"{path.name} code cell {i + 1}: a warning in the output: {text[:200]}"
 
 
+#: the book's code column holds 91 monospace columns at a 1280 px window (chapters/_book/_static/
+#: minilora.css: 744 px at ~8.1 px a character; tests/test_book.py measures the rendered pages)
+MAX_CODE_COLUMNS = 90
+HOMEWORK = sorted((ROOT / "chapters" / "homework" / "student").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", CHAPTERS + HOMEWORK, ids=lambda p: p.name)
+def test_code_lines_fit_the_books_column(path):
+    """Code cells are not wrapped in the book (outputs are), so a longer line scrolls sideways."""
+    nb = nbformat.read(path, as_version=4)
+    long = [(i + 1, len(line)) for i, c in enumerate(c for c in nb.cells if c.cell_type == "code")
+            for line in c.source.splitlines() if len(line) > MAX_CODE_COLUMNS]
+    assert not long, f"{path.name}: code lines over {MAX_CODE_COLUMNS} columns " \
+                     f"(code cell, length): {long[:10]}"
+
+
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
 def test_no_references_outside_the_repository(path):
     text = path.read_text()

@@ -218,3 +218,25 @@ def test_two_ablate_processes_share_the_cells(tmp_path):
     assert all(len(r["done"]) + len(r["shared"]) + len(r["skipped"]) == 6 for r in res)
     assert len(load_records(out)) == 6
     assert not list((out / "cells").glob(".*.lock"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.parametrize("argv", [
+    ["delta-w", "--out", "ro/x"], ["figures", "--figures", "ro/x"],
+    ["adapter", "merge", "a.safetensors", "--out", "ro/m.safetensors"],
+    ["quantize", "--out", "ro/q.safetensors"], ["finetune", "--out", "ro/run"],
+])
+def test_a_read_only_folder_is_refused_before_any_work(argv, tmp_path, monkeypatch, capsys):
+    """The issue: unwritable outputs gave tracebacks (delta-w after 7 s of work)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        t = time.perf_counter()
+        assert cli.main(argv) == 2
+        assert time.perf_counter() - t < 5
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "(permission denied)" in err, err
+    finally:
+        (tmp_path / "ro").chmod(0o700)

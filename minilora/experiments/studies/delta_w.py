@@ -306,6 +306,7 @@ def run_delta_w_study(sweep="results/ablate", out=OUT, runs=DEFAULT_RUNS, only=N
                     data["truncation"] = truncation_study(records, runs, st["ranks"], ev=ev,
                                                           bar=bar)
                 except StudyError as e:
+                    bar.clear()
                     data["truncation"] = None
                     data["skipped"]["truncation"] = _why(e, sweep, st["steps"], st["cell"])
                     log(f"{name}: truncation skipped: {data['skipped']['truncation']}")
@@ -328,6 +329,7 @@ def run_delta_w_study(sweep="results/ablate", out=OUT, runs=DEFAULT_RUNS, only=N
                                                     bar=bar)}
                 path = out / "intruders.json"
         except StudyError as e:
+            bar.close()                  # before the line, so the two do not share a row
             skipped[name] = _why(e, sweep, st["steps"], st["cell"])
             log(f"{name}: skipped: {skipped[name]}")
             continue
