@@ -55,7 +55,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-import threadpoolctl
+try:  # a dependency; absent only on a bare machine (the GPU check's: numpy, scipy, cupy)
+    import threadpoolctl
+except ImportError:
+    threadpoolctl = None
 
 from minilora.backend import is_cupy
 from minilora.errors import UsageError
@@ -193,7 +196,7 @@ def _limit_blas(force: bool = False) -> None:
         env = env_overrides()
     except ThreadsError:  # reported by check_env / choose; the BLAS is left as it is
         return
-    if env["blas"] is None:
+    if env["blas"] is None and threadpoolctl is not None:
         threadpoolctl.threadpool_limits(limits=1, user_api="blas")
 
 
@@ -258,10 +261,14 @@ def describe() -> str:
         return f"thread variables invalid: {e}"
     _limit_blas()
     setting = current()
-    info = [d for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"]
-    blas = ", ".join(f"{d.get('internal_api')} {d.get('num_threads')}" for d in info) or "none"
-    who = f"set by {env['blas_var']}" if env["blas"] is not None else "set by minilora"
-    return (f"BLAS threads: {blas} ({who}); minilora's pool: {setting.pool} "
+    if threadpoolctl is None:
+        blas = "as the environment started them (threadpoolctl is not installed)"
+    else:
+        info = [d for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"]
+        blas = ", ".join(f"{d.get('internal_api')} {d.get('num_threads')}" for d in info) or "none"
+    who = (f"set by {env['blas_var']}" if env["blas"] is not None
+           else "set by minilora" if threadpoolctl is not None else "")
+    return (f"BLAS threads: {blas}{f' ({who})' if who else ''}; minilora's pool: {setting.pool} "
             f"(phase {setting.phase}: {setting.why})")
 
 

@@ -57,3 +57,13 @@ def _numpy_by_default():
     backend.set_backend("numpy")
     yield
     backend.set_backend("numpy")
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that runs on the real CuPy (a ``"cupy"`` parameter: ``xpb``, the strict
+    files' ``STRICT``) ``gpu``, beside the tests marked so by hand: ``pytest -m gpu`` is the
+    GPU check's selection (minilora.bench.gpu_check)."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(isinstance(v, str) and v == "cupy" for v in params.values()):
+            item.add_marker(pytest.mark.gpu)

@@ -48,7 +48,7 @@ ROWS = [
      "holds files that no minilora run recorded"),
     (["pretrain", "--out", "results/finetune/milton-lora"], RUN_HINT),
     (["adapter", "export-peft", "{ad}", "--out", "results/svd/milton-lora"],
-     "already holds an earlier run; --overwrite replaces it"),
+     "file(s); --overwrite replaces it, or choose a new directory"),
     (["adapter", "merge", "{ad}", "--out", "data/base_model/shakespeare_char.safetensors"],
      "already exists"),
     (["adapter", "import-peft", PEFT, "--out", "data/base_model/shakespeare_char.safetensors"],
@@ -68,7 +68,7 @@ ROWS = [
     # -- an earlier run, or the user's own files ----------------------------------------------
     (["finetune", "--out", "{fx}/run"], RUN_HINT),
     (["pretrain", "--out", "{fx}/run"], RUN_HINT),
-    (["adapter", "export-peft", "{ad}", "--out", "{fx}/run"], "already holds an earlier run; "
+    (["adapter", "export-peft", "{ad}", "--out", "{fx}/run"], "already holds 1 file(s); "
                                                                "--overwrite replaces it"),
     (["svd", PEFT, "--out", "{fx}/run"], "already holds an earlier run"),
     (["finetune", "--out", "{fx}/mine", "--overwrite"], "no minilora run recorded"),

@@ -79,7 +79,8 @@ def cmd_adapter_merge(args):
 
 def cmd_adapter_export_peft(args):
     check_input_file(args.adapter, "adapter")
-    out = output(args.out, "--out", command="export-peft", name=_stem(args.adapter), args=args)
+    out = output(args.out, "--out", command="export-peft", name=_stem(args.adapter),
+                 kind="collection", args=args)   # always the same two files: no run marker
     _use_backend(args)
     model, _, _ = _load(args.base)
     _, _, saved = split_saved_modules(read_adapter(args.adapter)[0])

@@ -1,9 +1,13 @@
-"""``minilora bench``: speed and memory measured side by side."""
+"""``minilora bench``: speed and memory measured side by side; ``minilora gpu-check``: the CuPy
+path proven on a CUDA machine."""
 from __future__ import annotations
 
+import sys
 import textwrap
+import time
 
 from minilora.bench import MEASUREMENTS, run_bench
+from minilora.bench.gpu_check import run_check
 from minilora.cli.common import (
     POSITIVE,
     _add_backend,
@@ -11,6 +15,7 @@ from minilora.cli.common import (
     _use_backend,
     add_overwrite,
     output,
+    written,
 )
 
 DEFAULT_CONFIGS, DEFAULT_STEPS = "small,medium", 10
@@ -30,6 +35,18 @@ def cmd_bench(args):
     run_bench(configs=configs.split(","), steps=steps, threads=args.threads,
               torch_compare=not args.no_torch, out=out,
               only=args.only.split(",") if args.only else None, **extra)
+
+
+def cmd_gpu_check(args):
+    out = output(args.out, "--out", command="gpu-check", name=time.strftime("%Y%m%d-%H%M%S"),
+                 args=args)
+    result = run_check(out, quick=args.quick, standin=args.standin, tests=not args.no_tests)
+    failed = [n for n, p in result["parts"].items() if p["status"] == "failed"]
+    written("the GPU check (gpu_check.json, gpu_check.md)", out)
+    if failed:
+        print(f"minilora gpu-check: {len(failed)} part(s) failed: {', '.join(failed)}",
+              file=sys.stderr)
+        raise SystemExit(1)
 
 
 def add_parsers(sub):
@@ -58,4 +75,27 @@ def add_parsers(sub):
     add_overwrite(s, "the --out file")
     _add_backend(s)
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("gpu-check", help="prove the CuPy path on a CUDA machine: GPU tests, "
+                                         "gradcheck, the NF4 kernel byte for byte, the bench "
+                                         "(~8 minutes)",
+                       formatter_class=_formatter, epilog=textwrap.dedent("""\
+            examples:
+              minilora gpu-check                     # on a machine with CuPy and a GPU
+              minilora gpu-check --quick             # a smoke run (a minute)
+              .ci/gpu-check                          # the same on a bare CUDA machine
+            The parts (device, tests, gradcheck, nf4, bench) are in
+            minilora/bench/gpu_check.py; results: OUT/gpu_check.json and OUT/gpu_check.md.
+            """))
+    s.add_argument("--out", default=None,
+                   help="run directory (default: runs/gpu-check/<date-time>)")
+    s.add_argument("--quick", action="store_true",
+                   help="a smoke run: small tensors, the micro bench config, 2 steps")
+    s.add_argument("--standin", action="store_true",
+                   help="run on the strict CuPy stand-in of the tests (MINILORA_CUPY_STANDIN "
+                        "names tests/fake_cupy): what CI does; no GPU needed, figures "
+                        "meaningless")
+    s.add_argument("--no-tests", action="store_true", help="skip the pytest part")
+    add_overwrite(s, "the run directory")
+    s.set_defaults(func=cmd_gpu_check)
 

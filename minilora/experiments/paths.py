@@ -289,9 +289,9 @@ class Output:
             raise OutputError(f"{what} already holds {kind}; {hint}--overwrite replaces it, "
                               "or choose a new directory")
         if self.kind == "run" and _read_marker(p) is None:
-            raise OutputError(f"{what} holds files that no minilora run recorded, so --overwrite "
-                              "cannot tell which to replace; move them away or choose a new "
-                              "directory")
+            raise OutputError(f"{what} holds files that no minilora run recorded (yours, or a "
+                              "run from before runs were recorded), so --overwrite cannot tell "
+                              "which to replace; move or remove them, or choose a new directory")
 
     # -- the work starts -------------------------------------------------------------------------
     def open(self, log=None) -> Path:
