@@ -117,20 +117,21 @@ def test_prefix_attention_layer_gradcheck(xpb, rng):
     assert all(r["ok"] for r in rows), format_table(rows)
 
 
-def test_prompt_input_embeds_gradcheck(xpb, rng):
-    """The prompt's own layer: GPT.forward(input_embeds) and the returned d(input_embeds)."""
+def test_the_stacks_input_gradcheck(xpb, rng):
+    """What prompt tuning composes from outside: GPT.add_positions then GPT.stack, and
+    stack_backward's gradient of the stack's input (with every weight frozen)."""
     model = tiny_model()
     model.freeze()
-    idx, _ = batch(T=4)
-    emb = randn(rng, 2, 3, 8)
+    x = randn(rng, 2, 7, 8)
     dout = randn(rng, 2, 7, 11)
 
     def f():
-        return xp.sum(model.forward(idx, input_embeds=emb)[0] * dout)
+        return xp.sum(model.stack(model.add_positions(x)[0])[0] * dout)
 
-    logits, cache = model.forward(idx, input_embeds=emb)
-    demb = model.backward(dout, cache)["input_embeds"]
-    row = check("dinput_embeds", demb, f, emb)
+    xp_, _ = model.add_positions(x)
+    logits, cache = model.stack(xp_)
+    dx = model.stack_backward(dout, cache, need_dx=True)
+    row = check("dx (stack input)", dx, f, x)
     assert row["ok"], format_table([row])
 
 

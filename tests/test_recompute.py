@@ -10,7 +10,7 @@ from minilora.methods.lora.config import LoraConfig
 from minilora.errors import MiniloraError
 from minilora.methods.adalora import ADALORA, AdaLoraConfig
 from minilora.methods.lora import inject_lora
-from minilora.model import GPT, RecomputeCache, set_recompute
+from minilora.model import GPT, RecomputeCache, Recomputed, set_recompute
 from minilora.nn.layers import Module
 from minilora.methods.prefix import PrefixConfig
 from minilora.methods.prompt import PromptConfig
@@ -68,11 +68,14 @@ def test_forward_keeps_block_inputs_only():
     x, _ = batch(0, B=2, T=6, V=11)
     set_recompute(model)
     _, cache = model.forward(x)
-    assert all(isinstance(c, RecomputeCache) for c in cache.blocks)
-    assert all(c.x.shape == (2, 6, TINY.n_embd) for c in cache.blocks)
+    assert all(isinstance(c, RecomputeCache) for c in cache.stack.blocks)
+    assert all(c.x.shape == (2, 6, TINY.n_embd) for c in cache.stack.blocks)
+    assert all(isinstance(b, Recomputed) for b in model.blocks)   # a wrapper: the GPT knows none
+    names = [n for n, _ in model.named_parameters()]
     set_recompute(model, False)
+    assert [n for n, _ in model.named_parameters()] == names      # the same names either way
     _, cache = model.forward(x)
-    assert not any(isinstance(c, RecomputeCache) for c in cache.blocks)
+    assert not any(isinstance(c, RecomputeCache) for c in cache.stack.blocks)
 
 
 def test_recomputation_needs_a_gpt():

@@ -56,7 +56,7 @@ import numpy as np
 from minilora import backend
 from minilora.backend import xp
 from minilora.config import ConfigError, JsonConfig, check_float, check_int, option
-from minilora.methods.lora.layers import LoRAError, _finite
+from minilora.methods.lora.layers import LoRAError, all_finite
 from minilora.methods.base import Method, Tuned, unwrap_linears
 from minilora.nn import ops
 from minilora.nn.layers import Linear, Module
@@ -205,7 +205,7 @@ class AdaLoRALinear(Module):
         if self.merged:
             raise LoRAError("this AdaLoRA layer is already merged; unmerge() first")
         merged_w = self.params["weight"] + self.delta_weight()
-        if not _finite(merged_w):
+        if not all_finite(merged_w):
             raise LoRAError("refusing to merge: W0 + ΔW holds NaN or inf")
         self.params["weight"][...] = merged_w
         self.merged = True

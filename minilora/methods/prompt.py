@@ -100,27 +100,36 @@ class PromptTuningModel(GPTWrapper):
         GPT.check_input(self, idx)  # against block_size - P: the message names the real limit
 
     def forward(self, idx, check: bool = True):
-        """idx (B, T) with P + T <= block_size -> logits (B, T, V), cache."""
+        """idx (B, T) with P + T <= block_size -> logits (B, T, V), cache: the GPT's parts
+        composed from outside (token embeddings, the prompt in front, the positions of all
+        P + T inputs, the stack), the logits of the T real tokens kept."""
         if check:
             self.check_input(idx)
-        B = idx.shape[0]
+        gpt, P = self.gpt, self.prompt_len
         w = self.children["prompt"].params["weight"]
-        logits, cache = self.gpt.forward(idx, input_embeds=xp.broadcast_to(w, (B, *w.shape)),
-                                         check=False)
-        return logits[:, self.prompt_len:], cache
+        tok, c_tok = gpt.wte.forward(idx)  # (B, T, C)
+        x = xp.concatenate([xp.broadcast_to(w, (idx.shape[0], *w.shape)).astype(tok.dtype),
+                            tok], axis=1)  # (B, P + T, C)
+        x, c_pos = gpt.add_positions(x)
+        logits, c_stack = gpt.stack(x)
+        return logits[:, P:], (c_tok, c_pos, c_stack)
 
     def backward(self, dlogits, cache):
         """forward: logits = full[:, P:]  ->  dfull = [0; dlogits];
-        forward: emb[:, :P] = broadcast(prompt, B)  ->  dprompt = sum over b of demb[b, :P]."""
+        forward: x[:, :P] = broadcast(prompt, B)  ->  dprompt = sum over b of dx[b, :P]."""
+        c_tok, c_pos, c_stack = cache
         B, T, V = dlogits.shape
         P = self.prompt_len
         dfull = xp.zeros((B, P + T, V), dtype=dlogits.dtype)
         dfull[:, P:] = dlogits
-        extra = self.gpt.backward(dfull, cache)
+        dx = self.gpt.stack_backward(dfull, c_stack, need_dx=True)
+        self.gpt.add_positions_backward(dx, c_pos)
         prompt = self.children["prompt"]
         if prompt.needs_grad("weight"):
-            prompt._accumulate("weight", extra["input_embeds"].sum(axis=0))
-        return extra
+            prompt._accumulate("weight", dx[:, :P].sum(axis=0))
+        if self.gpt.wte.trainable:
+            self.gpt.wte.backward(dx[:, P:], c_tok)
+        return {}
 
     def kv_cache(self, batch_size: int, keep: int | None = None) -> KVCache:
         """A generation cache whose first P slots (never re-encoded) hold the keys and values

@@ -56,7 +56,7 @@ from minilora.methods.lora import (
     lora_state_dict,
     mark_only_lora_as_trainable,
 )
-from minilora.methods.lora.layers import _check_rank
+from minilora.methods.lora.layers import check_rank
 from minilora.nn.layers import Linear, Module
 from minilora.nn.modules_to_save import (
     check_saved_modules,
@@ -151,7 +151,7 @@ class QLoRALinear(LoRALinear):
 # ----------------------------------------------------------------------------------------------
 # whole model
 # ----------------------------------------------------------------------------------------------
-def _block_linears(model: Module) -> list:
+def block_linears(model: Module) -> list:
     """Names of the block linears a 4-bit base quantises (tree order)."""
     return [n for n, m in model.named_modules()
             if n.startswith("blocks.") and n.rsplit(".", 1)[-1] in QUANT_TARGETS
@@ -212,7 +212,7 @@ def inject_qlora(model: Module, config: LoraConfig, quant: QuantConfig | None = 
         raise LoRAError("init_lora_weights='pissa' is not available for QLoRA (use 'loftq', "
                         "the quantisation-aware split of W0)")
     modules = dict(model.named_modules())
-    names = _block_linears(model)
+    names = block_linears(model)
     if not names:
         raise LoRAError("the model has no block linears (blocks.*.attn.q/k/v/o, mlp.up/down) "
                         "to quantise")
@@ -221,7 +221,7 @@ def inject_qlora(model: Module, config: LoraConfig, quant: QuantConfig | None = 
         w = modules[name].params["weight"]
         check_finite_weight(w, f"{name}.weight")
         if name in targets:
-            _check_rank(config.r, w.shape[1], w.shape[0], f"{name!r} (weight shape "
+            check_rank(config.r, w.shape[1], w.shape[0], f"{name!r} (weight shape "
                         f"{tuple(w.shape)})")
     base_digest = _digest(modules[n].params["weight"] for n in names)
     rng = backend.cpu_rng(config.seed)

@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from minilora.backend import xp
-from minilora.methods.lora.layers import LoRAError, LoRALinear, _finite
+from minilora.methods.lora.layers import LoRAError, LoRALinear, all_finite
 from minilora.nn import ops
 
 
@@ -110,7 +110,7 @@ class DoRALinear(LoRALinear):
                             "merging again would rescale twice. Call unmerge() first")
         norm = self.weight_norm()
         merged_w = self.params["weight"] + self.delta_weight()
-        if safe_merge and not _finite(merged_w):
+        if safe_merge and not all_finite(merged_w):
             raise LoRAError("refusing to merge: the DoRA weight m / ||V|| · V holds NaN or inf; "
                             "the base weight is unchanged")
         self.params["weight"][...] = merged_w

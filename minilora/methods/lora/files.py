@@ -13,7 +13,7 @@ from __future__ import annotations
 from minilora import backend
 from minilora.methods.lora.config import LoraConfig
 from minilora.io import check_same_base, config_from_meta, read_typed, write_typed
-from minilora.methods.lora.inject import _bias_predicate, lora_layers, prepare_for_adapter
+from minilora.methods.lora.inject import bias_names, lora_layers, prepare_for_adapter
 from minilora.methods.lora.layers import LoRAError
 from minilora.nn.layers import Module
 from minilora.nn.modules_to_save import (
@@ -33,7 +33,7 @@ def lora_state_dict(model: Module, bias: str = "none") -> dict:
 
     Chapter: chapters/04-lora-notes.ipynb
     """
-    biases = _bias_predicate(model, bias)
+    biases = bias_names(model, bias)
     return {n: p for n, p in model.named_parameters()
             if n.rsplit(".", 1)[-1].startswith("lora_") or n in biases}
 

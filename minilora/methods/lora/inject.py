@@ -19,8 +19,8 @@ from minilora.methods.lora.layers import (
     LoRAEmbedding,
     LoRAError,
     LoRALinear,
-    _check_rank,
-    _finite,
+    check_rank,
+    all_finite,
 )
 from minilora.nn.layers import Embedding, Linear, Module
 
@@ -33,7 +33,7 @@ def lora_layers(model: Module) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
-def _bias_predicate(model: Module, bias: str):
+def bias_names(model: Module, bias: str):
     """The names of biases that ``bias`` ('none' | 'all' | 'lora_only') makes trainable."""
     if bias == "none":
         return set()
@@ -56,7 +56,7 @@ def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
 
     Chapter: chapters/04-lora-notes.ipynb
     """
-    biases = _bias_predicate(model, bias)
+    biases = bias_names(model, bias)
     model.set_trainable(lambda name: name.rsplit(".", 1)[-1].startswith("lora_") or name in biases)
 
 
@@ -104,7 +104,7 @@ def inject_lora(model: Module, config: LoraConfig) -> dict:
                         f"{', '.join(adaptable) or '(none)'}")
     for name in targets:  # check every rank before changing anything
         shape = tuple(modules[name].params["weight"].shape)
-        _check_rank(config.r, *(shape[::-1] if isinstance(modules[name], Linear) else shape),
+        check_rank(config.r, *(shape[::-1] if isinstance(modules[name], Linear) else shape),
                     f"{name!r} (weight shape {shape})")
     rng = backend.cpu_rng(config.seed)
     for name in targets:
@@ -150,7 +150,7 @@ def merge_lora(model: Module, safe_merge: bool = False) -> list:
         if "weight" not in m.params:  # no float W0 to merge into (a 4-bit base): its own error
             m.merge()
     if safe_merge:
-        bad = [n for n, m in layers.items() if not _finite(m.params["weight"] + m.delta_weight())]
+        bad = [n for n, m in layers.items() if not all_finite(m.params["weight"] + m.delta_weight())]
         if bad:
             raise LoRAError(f"refusing to merge: W0 + ΔW is not finite in {bad}; no weight changed")
     for m in layers.values():

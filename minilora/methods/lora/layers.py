@@ -47,7 +47,7 @@ class LoRAError(MiniloraError, ValueError):
 # ----------------------------------------------------------------------------------------------
 # shared pieces
 # ----------------------------------------------------------------------------------------------
-def _check_rank(r, d_in: int, d_out: int, what: str) -> None:
+def check_rank(r, d_in: int, d_out: int, what: str) -> None:
     check_int("r", r)
     if r > min(d_in, d_out):
         raise ConfigError(f"r={r} is larger than min(d_in, d_out) = min({d_in}, {d_out}) of "
@@ -62,7 +62,7 @@ def _check_init(init) -> None:
                           f"{', '.join(repr(v) for v in LORA_INITS)}; got {init!r}")
 
 
-def _finite(a) -> bool:
+def all_finite(a) -> bool:
     return bool(xp.isfinite(a).all())
 
 
@@ -98,10 +98,10 @@ class _LoRABase(Module):
                             "merging again would add ΔW twice. Call unmerge() first")
         w = self.params["weight"]
         merged_w = w + self.delta_weight()
-        if safe_merge and not _finite(merged_w):
+        if safe_merge and not all_finite(merged_w):
             raise LoRAError(f"refusing to merge: W0 + ΔW holds NaN or inf (lora_A finite: "
-                            f"{_finite(self.params['lora_A'])}, lora_B finite: "
-                            f"{_finite(self.params['lora_B'])}); the base weight is unchanged")
+                            f"{all_finite(self.params['lora_A'])}, lora_B finite: "
+                            f"{all_finite(self.params['lora_B'])}); the base weight is unchanged")
         w[...] = merged_w  # in place: the same array object stays in params
         self.merged = True
 
@@ -167,7 +167,7 @@ class LoRALinear(_LoRABase):
             raise TypeError(f"LoRALinear wraps a minilora Linear, got {type(base).__name__}")
         w = base.params["weight"]
         d_out, d_in = w.shape
-        _check_rank(r, d_in, d_out, f"a Linear of shape (d_out, d_in) = ({d_out}, {d_in})")
+        check_rank(r, d_in, d_out, f"a Linear of shape (d_out, d_in) = ({d_out}, {d_in})")
         _check_init(init_lora_weights)
         check_float("lora_dropout", lora_dropout, lo=0.0)
         if lora_dropout >= 1.0:
@@ -309,7 +309,7 @@ class LoRAEmbedding(_LoRABase):
             raise TypeError(f"LoRAEmbedding wraps a minilora Embedding, got {type(base).__name__}")
         w = base.params["weight"]
         V, C = w.shape
-        _check_rank(r, V, C, f"an Embedding of shape (V, C) = ({V}, {C})")
+        check_rank(r, V, C, f"an Embedding of shape (V, C) = ({V}, {C})")
         _check_init(init_lora_weights)
         self._setup(r, lora_alpha, use_rslora)
         rng = backend.cpu_rng(rng)
