@@ -21,13 +21,13 @@ from minilora.cli.common import (
     output,
     written,
 )
-from minilora.errors import UsageError
+from minilora.errors import MiniloraError, UsageError
 from minilora.experiments.paths import base_model_path
 from minilora.experiments.scoring import format_scores, score_adapters
 from minilora.experiments.studies.claim import run_claim
 from minilora.experiments.tasks import TASKS
 from minilora.memory import check_fits, training_step_bytes
-from minilora.methods.registry import method_of_file
+from minilora.methods.registry import METHODS, method_of_file
 from minilora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -96,7 +96,11 @@ def cmd_adapter_export_peft(args):
     check_input_file(args.adapter, "adapter")
     method = method_of_file(args.adapter)
     if method.peft_type is None:   # before any output or work: one line naming why
-        method.export_peft(args.out, None)
+        try:
+            method.export_peft(args.out, None)
+        except MiniloraError as e:
+            have = ", ".join(n for n, m in METHODS.items() if m.peft_type)
+            raise UsageError(f"{args.adapter}: {e}; those that do: {have}") from None
     out = output(args.out, "--out", command="export-peft", name=_stem(args.adapter),
                  kind="collection", args=args)   # always the same two files: no run marker
     _use_backend(args)

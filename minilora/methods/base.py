@@ -164,8 +164,8 @@ class Method:
 
     def export_peft(self, path_dir, tuned: Tuned, base_model_name_or_path=None):
         """Write Hugging Face PEFT's adapter directory (only where PEFT has the method)."""
-        raise PeftError(f"Hugging Face PEFT has no {self.name} method; only "
-                        "lora, dora, adalora and ia3 adapters export to its format")
+        raise PeftError(f"Hugging Face PEFT has no {self.name} method, so its adapters do not "
+                        "export to PEFT's format (the methods with a peft_type do)")
 
     def import_peft(self, path_dir, model) -> Tuned:
         """Read Hugging Face PEFT's adapter directory into a fresh base GPT."""
