@@ -77,3 +77,29 @@ def test_a_closed_pipe_is_not_a_traceback():
                        capture_output=True, text=True, timeout=120, check=False,
                        cwd=Path(__file__).resolve().parents[1])
     assert r.stdout.startswith("| run |") and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda r: r["result"].update(task_metric=None), "result.task_metric = None"),
+    (lambda r: r["result"].update(trainable_params=-3), "result.trainable_params = -3"),
+    (lambda r: r["config"].update(steps="many"), "an invalid configuration"),
+    (lambda r: next(iter(r["delta_w"].values())).update(singular_values=[1, "x"]),
+     "singular_values is not a list of finite numbers"),
+])
+def test_a_damaged_sweep_record_is_refused_field_by_field(tmp_path, change, why):
+    """A record is read by one reader (types, ranges, nulls); a damaged one is re-run by ablate
+    and left out of the table, the figures and the ΔW studies, never half-used."""
+    from pathlib import Path
+
+    from minilora.experiments.ablate_records import cell_key, read_record
+    src = sorted((Path(__file__).resolve().parents[1] / "results/ablate/cells").glob("*.json"))
+    if not src:
+        pytest.skip("no committed sweep")
+    rec = json.loads(src[0].read_text())
+    assert read_record(src[0])[0] is not None
+    change(rec)
+    rec["key"] = cell_key(rec["config"])
+    p = tmp_path / f"{rec['key']}.json"
+    p.write_text(json.dumps(rec))
+    got, reason = read_record(p)
+    assert got is None and why in reason, reason

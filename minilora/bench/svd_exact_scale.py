@@ -166,6 +166,7 @@ def one_pass(adapter_dir, base, cache_dir, workers: int) -> dict:
             "cache_hits": run.cache["hits"], "cache_misses": run.cache["misses"],
             "cache_bytes": BaseSvdCache(cache_dir).report()["bytes"],
             "peak_rss_tree_mib": tree, "peak_rss_main_mib": peak_rss_mib(),
+            "module_seconds": run.module_seconds,
             "intruders": [r.intruder_count for r in recs],
             "methods": sorted({r.intruder_method for r in recs}),
             "sims": [r.intruder_similarities.tolist() for r in recs]}

@@ -173,7 +173,48 @@ def read_record(path) -> tuple[dict | None, str | None]:
     res = rec["result"]
     if not isinstance(res, dict) or not all(k in res for k in ("task_metric", "forgetting")):
         return None, "partial result"
-    return rec, None
+    why = _bad_fields(rec)
+    return (None, why) if why else (rec, None)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _bad_fields(rec: dict) -> str | None:
+    """What is wrong with a record's fields (types, ranges, nulls), or None: the configuration
+    must be one :func:`make_cell` makes, and every number the table, the figures and the ΔW
+    studies read must be there and finite."""
+    c = rec["config"]
+    try:
+        fields = {k: v for k, v in c.items() if k not in ("method", "base")}
+        fields["targets"] = tuple(c["targets"]) if c.get("targets") else None
+        again = make_cell(**fields, method=c.get("method"),
+                          base=None if c.get("base") == "shipped" else c.get("base"))
+    except (MiniloraError, TypeError, KeyError) as e:
+        return f"an invalid configuration ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if again != c:
+        return "a configuration make_cell would not make"
+    res = rec["result"]
+    for k in ("task_metric", "task_metric_base", "forgetting"):
+        if not _number(res.get(k)):
+            return f"result.{k} = {res.get(k)!r} (a finite number is needed)"
+    n = res.get("trainable_params")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        return f"result.trainable_params = {n!r} (an integer >= 0 is needed)"
+    if not isinstance(rec["delta_w"], dict):
+        return "delta_w is not an object"
+    for name, m in rec["delta_w"].items():
+        if not isinstance(m, dict):
+            return f"delta_w[{name!r}] is not an object"
+        for k in ("effective_rank", "stable_rank", "fro", "w_fro"):
+            if not _number(m.get(k)):
+                return f"delta_w[{name!r}].{k} = {m.get(k)!r} (a finite number is needed)"
+        for k in ("singular_values", "intruder_similarities"):
+            v = m.get(k)
+            if not isinstance(v, list) or not all(_number(x) for x in v):
+                return f"delta_w[{name!r}].{k} is not a list of finite numbers"
+    return None
 
 
 def load_records(out) -> list[dict]:

@@ -1,5 +1,5 @@
-"""The report of ``minilora svd``: open a LoRA adapter of either kind, analyse it module by module,
-and write its tables.
+"""The run of ``minilora svd``: open LoRA adapters of either kind, check them, and analyse them module
+by module, serially or on Dask.
 
 Two kinds of adapter are read, each with its own kind of base weights:
 
@@ -10,18 +10,23 @@ a PEFT LoRA directory (anyone's        a ``.safetensors`` file or a (sharded) di
 model: ``adapter_model.safetensors``   matched by module name (:class:`BaseWeights`); none by
 + ``adapter_config.json``)             default
 a minilora adapter file                a minilora checkpoint (:func:`load_checkpoint`); the
-(:func:`minilora.lora.save_adapter`,   shipped base model by default
+(:func:`minilora.methods.lora.save_adapter`,   shipped base model by default
 ``minilora-adapter-v1``)
 =====================================  ========================================================
 
-Every module gives one :class:`~minilora.analysis.ModuleRecord` (ΔW = s · B A: its spectrum from
-the r × r core; φ against ``other``; amplification and intruder dimensions against the base).
-The tables built here from the records:
-
-* :func:`summary_table`: a fixed-width table for the terminal (the columns that apply);
-* :func:`markdown_table`: the same columns as Markdown, with a heading naming the inputs;
-* :func:`csv_text`: every scalar field of every record (one row per module);
-* :func:`records_json`: everything, arrays as lists, readable back with :func:`read_records`.
+A run (:func:`run_analysis`) takes one or many adapters (:class:`AdapterInput`, a directory of
+PEFT adapters expanded by :func:`expand_adapter_paths`) and one base. Everything that can be
+checked is checked first (:func:`prepare`: every factor finite, every base weight present and
+fitting, with the file, module and tensor named; ``keep_going`` turns a refusal into a "not
+analysed" entry). Then one task per module (:func:`analyze_module`), for every adapter that
+holds it: W_0 read once, its SVD had once (computed, or read from the
+:class:`~minilora.analysis.BaseSvdCache`), one :class:`~minilora.analysis.ModuleRecord` per
+adapter (ΔW's spectrum from the r × r core; φ against ``other``; with the base, ‖ΔW‖₂/‖W‖₂,
+amplification and the exact intruder count), and a :class:`~minilora.analysis.decisions.PairRecord`
+per pair of adapters. The tasks run in this process or on Dask (a LocalCluster, or a scheduler
+whose workers see the same files and cache directory); :func:`assemble` puts them back in natural
+module order, so both give the same :class:`SvdRun`. Tables and files:
+:mod:`minilora.experiments.svd_tables`.
 
 How to read φ: two random r-dimensional subspaces of R^d already have E φ(i, j) = max(i, j) / d
 (1/d for the top directions), so a measured φ means something only against that baseline, which
@@ -59,7 +64,7 @@ from minilora.analysis.peft_files import WEIGHTS_NAME, LoraModule, SkippedTensor
 from minilora.checkpoint import load_checkpoint
 from minilora.errors import MiniloraError
 from minilora.experiments.ablate import _dask, start_cluster
-from minilora.lora import read_adapter
+from minilora.methods.lora import read_adapter
 from minilora.nn.layers import Embedding, Linear
 
 RECORDS_FORMAT = "minilora-svd-records-v2"
@@ -252,14 +257,6 @@ def check_pair(adapter, other, names: list[str]) -> None:
                                 f"{other.path}: not the same model")
 
 
-def open_base(adapter, base):
-    """The base weights for ``adapter``: a :class:`BaseWeights` (PEFT) or {name: W0} (minilora);
-    None when ``base`` is None."""
-    if base is None:
-        return None
-    return BaseWeights(base) if is_peft(adapter) else adapter.base_weights(base)
-
-
 # ----------------------------------------------------------------------------------------------
 # the base weights of either kind of adapter, read one module at a time
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +346,7 @@ class SvdRun:
     cache: dict | None = None                           # hits, misses, seconds, path, bytes
     seconds: float = 0.0
     execution: str = "serial"
+    module_seconds: dict = field(default_factory=dict)  # wall seconds of each module's task
 
 
 def unique_labels(paths) -> list[str]:
@@ -431,8 +429,10 @@ def analyze_module(name: str, adapters: list, base, other=None, opts: dict | Non
     function, so that Dask workers can run it.
     """
     opts = dict(opts or {})
+    t0 = time.perf_counter()
     cache = _Once(BaseSvdCache(cache_dir) if use_cache else MemoryCache())
-    out = {"module": name, "records": {}, "failed": {}, "pairs": [], "cache": None}
+    out = {"module": name, "records": {}, "failed": {}, "pairs": [], "cache": None,
+           "seconds": 0.0}
     factors = {}
     W = None
     try:
@@ -477,6 +477,7 @@ def analyze_module(name: str, adapters: list, base, other=None, opts: dict | Non
                                                 subspace=opts.get("subspace", "A")))
     out["cache"] = (cache.hits, cache.misses, cache.seconds_computing,
                     cache.cpu_seconds_computing)
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 
@@ -592,7 +593,8 @@ def assemble(inputs, results: dict, names: list, problems: dict, seconds: float,
              "cpu_seconds_computing": cpu}
     if cache_dir is not None:
         cache.update(BaseSvdCache(cache_dir).report())
-    return SvdRun(adapters, pairs, [], cache, seconds, execution)
+    return SvdRun(adapters, pairs, [], cache, seconds, execution,
+                  {n: results[n].get("seconds", 0.0) for n in names})
 
 
 __all__ = ["RECORDS_FORMAT", "RESIDUAL_INITS", "SCHEMA_VERSION", "AdapterInput", "AdapterResult",

@@ -407,8 +407,9 @@ def fig_svd_pairs(run, path, title: str = "") -> Path:
                 M[pairs.index((p.a, p.b)), layers.index(p.layer)] = p.phi_full / p.phi_null95_full
         im = ax.imshow(M, aspect="auto", cmap="magma", vmin=0, vmax=vmax,
                        interpolation="nearest")
-        ax.set_yticks(range(len(pairs)), [f"{labels[a]} / {labels[b]}" for a, b in pairs],
-                      fontsize=6)
+        first = ax.get_subplotspec().is_first_col()
+        ax.set_yticks(range(len(pairs)), [f"{labels[a]} / {labels[b]}" for a, b in pairs]
+                      if first else [], fontsize=6)
         step = max(1, len(layers) // 12)
         ax.set_xticks(range(0, len(layers), step),
                       [_layer_label(layers[i]) for i in range(0, len(layers), step)], fontsize=6)
