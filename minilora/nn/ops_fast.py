@@ -304,8 +304,8 @@ def attention_forward_fast(q, k, v, n_head, tile: int | None = None):
                 s[:, :, t0 + P:kend] += masks[t1 - t0]
             s -= s.max(axis=-2, keepdims=True)
             xp.exp(s, out=s)
-            zt = z[b0:b1, :, :, t0:t1]
-            s.sum(axis=-2, keepdims=True, out=zt)
+            zt = s.sum(axis=-2, keepdims=True)  # (b, NH, 1, tq)
+            z[b0:b1, :, :, t0:t1] = zt
             yt = xp.matmul(s.transpose(0, 1, 3, 2), vh[b0:b1, :, :kend])  # (b, NH, tq, hs)
             yt /= zt.transpose(0, 1, 3, 2)
             yh[b0:b1, :, t0:t1] = yt
