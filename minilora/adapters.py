@@ -17,7 +17,7 @@ Three ways to run an adapter, and what a switch costs:
   only re-points ``lora_A`` / ``lora_B`` at the stored arrays of the new adapter: no arithmetic,
   no copy of the base.
 * **merged** (``set_adapter(name, merge=True)``): ``W0 <- W0 - ΔW_old + ΔW_new``
-  (:func:`minilora.lora.unmerge_lora`, then :func:`minilora.lora.merge_lora` with its finite
+  (:func:`minilora.methods.lora.unmerge_lora`, then :func:`minilora.methods.lora.merge_lora` with its finite
   check), so inference runs at the base's cost. In place, as PEFT does: each round trip moves W0
   by about one float32 ulp (measured in ``tests/test_multi_adapter.py``).
 * **mixed batch** (``forward(idx, adapter_ids)``): row b uses adapter ``adapter_ids[b]`` (or none).
@@ -44,9 +44,9 @@ from __future__ import annotations
 import numpy as np
 
 from minilora import backend
-from minilora.config import LoraConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.errors import UsageError
-from minilora.lora import (
+from minilora.methods.lora import (
     LoRAError,
     LoRALinear,
     inject_lora,
@@ -56,7 +56,7 @@ from minilora.lora import (
     set_lora_training,
     unmerge_lora,
 )
-from minilora.lora.mixed import (
+from minilora.methods.lora.mixed import (
     BASE,
     Adapter,
     MixedLoRAEmbedding,
@@ -191,7 +191,7 @@ class AdapterRegistry:
 
     def add(self, name: str, arrays: dict, config: LoraConfig, source=None) -> Adapter:
         """Register an adapter from its tensors (``{"blocks.0.attn.q.lora_A": A, ...}``, as
-        :func:`minilora.lora.lora_state_dict` names them) and its :class:`LoraConfig`.
+        :func:`minilora.methods.lora.lora_state_dict` names them) and its :class:`LoraConfig`.
 
         Every check (names, target modules, shapes for this base, finite values) runs before the
         registry or the model changes. The active adapter and mode are not changed.
@@ -219,7 +219,7 @@ class AdapterRegistry:
         return adapter
 
     def load(self, name: str, path) -> Adapter:
-        """Register the adapter file ``path`` (from :func:`minilora.lora.save_adapter`)."""
+        """Register the adapter file ``path`` (from :func:`minilora.methods.lora.save_adapter`)."""
         arrays, config = read_adapter(path, self.model)
         _, _, saved = split_saved_modules(arrays)
         if saved:
@@ -247,7 +247,7 @@ class AdapterRegistry:
 
         Unmerged: the wrappers' lora_A / lora_B now point at ``name``'s arrays (no arithmetic, no
         copy). Merged: the old adapter is unmerged first (W0 -= ΔW_old), then W0 += ΔW_new with
-        :func:`minilora.lora.merge_lora`'s finite check; if that check fails, nothing was written
+        :func:`minilora.methods.lora.merge_lora`'s finite check; if that check fails, nothing was written
         and ``name`` stays active unmerged (the error says so).
         """
         adapter = self._get(name)

@@ -102,6 +102,36 @@ def write_typed(path, fmt: str, arrays: dict, meta: dict | None = None) -> None:
         tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
 
 
+def read_header(path, what: str = "file") -> dict:
+    """The JSON header (``meta``) of a :func:`write_typed` file, without reading its tensors
+    (which method wrote this file?); the same one-line errors as :func:`read_typed`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} is not a file")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta_raw = (f.metadata() or {}).get(META_KEY)
+    except Exception as e:  # SafetensorError, OSError, ...: truncated or not a safetensors file
+        raise CheckpointError(f"{what} {str(path)!r} is truncated or not a safetensors file "
+                              f"({type(e).__name__}: {e})") from None
+    return _parse_meta(path, meta_raw, what)
+
+
+def _parse_meta(path, meta_raw, what: str) -> dict:
+    if meta_raw is None:
+        raise CheckpointError(f"{what} {str(path)!r} has no {META_KEY!r} metadata: not written "
+                              "by minilora")
+    try:
+        meta = json.loads(meta_raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{what} {str(path)!r} has corrupt metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{what} {str(path)!r} has corrupt metadata (not a JSON object)")
+    return meta
+
+
 def read_typed(path, fmt: str | tuple[str, ...] | None, what: str = "file",
                allow_nonfinite: bool = False) -> tuple[dict, dict]:
     """Read a file written by :func:`write_typed`; returns ``(NumPy arrays, meta)``.
@@ -127,15 +157,7 @@ def read_typed(path, fmt: str | tuple[str, ...] | None, what: str = "file",
     except Exception as e:  # SafetensorError, OSError, ...: truncated or not a safetensors file
         raise CheckpointError(f"{what} {str(path)!r} is truncated or not a safetensors file "
                               f"({type(e).__name__}: {e})") from None
-    if meta_raw is None:
-        raise CheckpointError(f"{what} {str(path)!r} has no {META_KEY!r} metadata: not written "
-                              "by minilora")
-    try:
-        meta = json.loads(meta_raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{what} {str(path)!r} has corrupt metadata ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{what} {str(path)!r} has corrupt metadata (not a JSON object)")
+    meta = _parse_meta(path, meta_raw, what)
     accepted = (fmt,) if isinstance(fmt, str) else fmt
     if accepted is not None and meta.get("format") not in accepted:
         raise CheckpointError(f"{str(path)!r} is not a minilora {what} (format "

@@ -6,8 +6,8 @@
     loss, dlogits = ops.cross_entropy(logits, targets)
     model.zero_grad(); model.backward(dlogits, cache)   # fills model.grads of trainable params
 
-    set_recompute(model, True)                     # keep only each block's input in forward;
-                                                   # backward recomputes the block (less memory)
+    set_recompute(model, True)                     # each block a Recomputed wrapper: forward
+                                                   # keeps its input, backward runs it again
     kv = model.kv_cache(batch_size=B)              # generation: one KV cache per generation
     logits = model.forward_incremental(idx, kv)    # the prompt (B, T) -> (B, T, V)
     logits = model.forward_incremental(nxt, kv)    # then each new token (B, 1) -> (B, 1, V)
@@ -91,7 +91,7 @@ def _init_params(config: GPTConfig, rng, dtype):
 class LanguageModelMixin:
     """The two training-loop entry points, written once for anything with the GPT's
     ``forward(idx) -> (logits, cache)`` / ``backward(dlogits, cache)`` / ``zero_grad()`` contract
-    (the GPT itself, and the prefix/prompt-tuning wrappers of :mod:`minilora.peft`)."""
+    (the GPT itself, and the prefix/prompt-tuning wrappers of :mod:`minilora.methods`)."""
 
     def loss(self, idx, targets):
         """Forward only: mean cross-entropy (nats per token) as a Python float."""
@@ -109,15 +109,20 @@ class LanguageModelMixin:
         return backend.to_scalar(loss)
 
 
+class StackCache(NamedTuple):
+    """What :meth:`GPT.stack_backward` needs from :meth:`GPT.stack`."""
+    blocks: list  # one cache per block (a :class:`~minilora.nn.layers.BlockCache`, or a
+    #               :class:`RecomputeCache` under recomputation)
+    ln_f: tuple
+    head: tuple
+    has_past: bool  # past_kv was given (its gradient flows through every block)
+
+
 class GPTCache(NamedTuple):
     """What :meth:`GPT.backward` needs from the forward pass."""
     tok: tuple  # token embedding cache
     pos: tuple  # position embedding cache
-    blocks: list  # one :class:`~minilora.nn.layers.BlockCache` per block
-    ln_f: tuple
-    head: tuple
-    n_prompt: int  # P soft-prompt vectors before the tokens (0 without)
-    has_past: bool  # past_kv was given (its gradient flows through every block)
+    stack: StackCache
 
 
 class RecomputeCache(NamedTuple):
@@ -135,12 +140,71 @@ def _dropout_rngs(block: Module) -> list:
             for g in [getattr(m, "dropout_rng", None)] if g is not None]
 
 
+class Recomputed(Module):
+    """A transformer block under activation recomputation: the forward keeps only the block's
+    input (B, T, C), the backward runs the block's forward again, then its backward.
+
+    It shares the block's children (same objects, same parameter names), so wrapping and
+    unwrapping changes no name, no weight and no optimizer state. ``chunk``: run the block
+    ``chunk`` sequences at a time in both passes (every op in a block acts on each sequence
+    alone), so the live activations are those of one block on ``chunk`` sequences; not with a
+    prefix shared by the batch (``past``), which is then run whole. Dropout masks are replayed
+    from the generators' saved states, so the gradients are the plain path's.
+    """
+
+    def __init__(self, block: Module, chunk: int | None = None):
+        super().__init__()
+        self.block = block
+        self.children = block.children   # the same dict: one set of weights, the same names
+        self.chunk = chunk
+
+    def _pieces(self, x, past) -> list:
+        B, n = x.shape[0], self.chunk
+        if n is None or n >= B or past is not None:
+            return [slice(None)]
+        return [slice(b, min(b + n, B)) for b in range(0, B, n)]
+
+    def forward(self, x, past=None):
+        """x (B, T, C) -> (B, T, C), :class:`RecomputeCache` (the block's own cache dropped)."""
+        states = [g.bit_generator.state for g in _dropout_rngs(self.block)]
+        pieces = self._pieces(x, past)
+        if len(pieces) == 1:
+            out, _ = self.block.forward(x, past)
+        else:
+            out = xp.empty_like(x)
+            for sl in pieces:
+                out[sl], _ = self.block.forward(x[sl], past)
+        return out, RecomputeCache(x, past, states)
+
+    def backward(self, dout, saved: RecomputeCache, need_dx: bool = True):
+        """The block's forward again from the saved input (piece by piece, the dropout
+        generators set back to their forward-pass states, then restored), each piece's backward
+        right after its forward."""
+        rngs = _dropout_rngs(self.block)
+        now = [g.bit_generator.state for g in rngs]
+        for g, state in zip(rngs, saved.rng_states):
+            g.bit_generator.state = state
+        pieces = self._pieces(saved.x, saved.past)
+        dx = None if not need_dx or len(pieces) == 1 else xp.empty_like(saved.x)
+        for sl in pieces:
+            _, cache = self.block.forward(saved.x[sl], saved.past)
+            d = self.block.backward(dout[sl], cache, need_dx=need_dx)
+            del cache
+            if len(pieces) == 1:
+                dx = d
+            elif need_dx:
+                dx[sl] = d
+        for g, state in zip(rngs, now):
+            g.bit_generator.state = state
+        return dx
+
+
 def set_recompute(model: Module, on: bool = True, chunk: int | None = None) -> None:
     """Switch activation recomputation on (or off) for every :class:`GPT` inside ``model``
     (the GPT itself, or a PEFT wrapper around it: prefix / prompt tuning, AdaLoRA).
 
-    With it on, :meth:`GPT.forward` keeps only each block's input (B, T, C) instead of the
-    block's activations (attention probabilities (B, H, T, T), the MLP's (B, T, 4C), ...), and
+    With it on, every block is wrapped in a :class:`Recomputed` (the GPT itself does not know):
+    the forward keeps only each block's input (B, T, C) instead of the block's activations (attention probabilities (B, H, T, T), the MLP's (B, T, 4C), ...), and
     :meth:`GPT.backward` runs each block's forward again, one block at a time, just before its
     backward. Gradients are identical (same operations on the same inputs; dropout masks are
     replayed from the saved generator states); the cost is one more forward pass per step,
@@ -158,15 +222,21 @@ def set_recompute(model: Module, on: bool = True, chunk: int | None = None) -> N
     """
     gpt = model
     while not isinstance(gpt, GPT) and getattr(gpt, "gpt", None) is not None:
-        gpt = gpt.gpt  # the PEFT wrappers keep the GPT they wrap as .gpt
+        gpt = gpt.gpt  # prefix / prompt tuning keep the GPT they wrap as .gpt
     if not isinstance(gpt, GPT):
         raise MiniloraError(f"set_recompute: {type(model).__name__} is not a GPT and wraps none "
                             "(.gpt)")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise MiniloraError(f"set_recompute: chunk must be an integer >= 1 (sequences) or None "
                             f"(the whole batch), got {chunk!r}")
+    node = gpt.children["blocks"]
+    for i, blk in enumerate(gpt.blocks):
+        plain = blk.block if isinstance(blk, Recomputed) else blk
+        new = Recomputed(plain, chunk) if on else plain
+        node.children[str(i)] = new
+        gpt.blocks[i] = new
     gpt.recompute = bool(on)
-    gpt.recompute_chunk = chunk
+    gpt.recompute_chunk = chunk if on else None
 
 
 class GPT(LanguageModelMixin, Module):
@@ -221,121 +291,80 @@ class GPT(LanguageModelMixin, Module):
             raise InputError(f"token ids must lie in [0, {self.config.vocab_size}), "
                              f"got values in [{lo}, {hi}]")
 
-    def forward(self, idx, past_kv=None, input_embeds=None, check: bool = True,
-                start_pos: int = 0):
-        """idx (B, T) -> logits (B, T, V), cache (:class:`GPTCache`).
+    def forward(self, idx, past_kv=None, check: bool = True, start_pos: int = 0):
+        """idx (B, T) -> logits (B, T, V), cache (:class:`GPTCache`): :meth:`add_positions` of the
+        token embeddings, then :meth:`stack`.
 
         Args:
             past_kv: optional list (one per block) of :class:`~minilora.nn.layers.PastKV`: keys
                 and values before the tokens that every query sees (prefix tuning's prefix, or a
                 generation's :class:`KVCache` layers).
-            input_embeds: optional (B, P, C) soft-prompt vectors placed before the tokens (prompt
-                tuning); the logits then cover P + T positions.
             start_pos: position id of the first input (a decoding step continues where the
-                cache left off); ``start_pos + P + T <= block_size``.
+                cache left off); ``start_pos + T <= block_size``.
         """
         if check:
             self.check_input(idx)
-        T = idx.shape[1]
         tok, c_tok = self.wte.forward(idx)  # (B, T, C)
-        P = 0
-        if input_embeds is not None:
-            P = input_embeds.shape[1]
-            tok = xp.concatenate([input_embeds.astype(tok.dtype), tok], axis=1)  # (B, P+T, C)
-        if start_pos + P + T > self.config.block_size:
-            raise InputError(f"positions {start_pos} .. {start_pos + P + T - 1} (start {start_pos}"
-                             f", soft prompt {P}, context {T}) exceed block_size "
-                             f"{self.config.block_size}")
-        pos_ids = start_pos + xp.arange(P + T)[None, :]  # (1, P+T)
-        pos, c_pos = self.wpe.forward(pos_ids)  # (1, P+T, C)
-        x = tok + pos
+        x, c_pos = self.add_positions(tok, start_pos)
+        logits, c_stack = self.stack(x, past_kv)
+        return logits, GPTCache(c_tok, c_pos, c_stack)
+
+    def add_positions(self, x, start_pos: int = 0):
+        """x (B, N, C) -> x + wpe[start_pos : start_pos + N], cache. The inputs before the stack
+        need not all be tokens (prompt tuning puts its vectors in front and composes
+        ``wte``, this and :meth:`stack` itself)."""
+        N = x.shape[1]
+        if start_pos + N > self.config.block_size:
+            raise InputError(f"positions {start_pos} .. {start_pos + N - 1} (start {start_pos}, "
+                             f"{N} inputs) exceed block_size {self.config.block_size}")
+        pos, c_pos = self.wpe.forward(start_pos + xp.arange(N)[None, :])  # (1, N, C)
+        return x + pos, c_pos
+
+    def add_positions_backward(self, dx, cache) -> None:
+        """The position table's gradient (when it trains) from dx (B, N, C)."""
+        if self.wpe.needs_grad("weight"):
+            self.wpe.backward(dx.sum(axis=0, keepdims=True), cache)
+
+    def stack(self, x, past_kv=None):
+        """The blocks, the final LayerNorm and the head: x (B, N, C) -> logits (B, N, V), cache
+        (:class:`StackCache`)."""
         block_caches = []
         for i, blk in enumerate(self.blocks):
-            past = None if past_kv is None else past_kv[i]
-            if self.recompute:  # keep the input only; the block's cache is dropped at once
-                states = [g.bit_generator.state for g in _dropout_rngs(blk)]
-                x_in = x
-                pieces = self._pieces(x, past)
-                if len(pieces) == 1:
-                    x, _ = blk.forward(x, past)
-                else:
-                    x = xp.empty_like(x_in)
-                    for sl in pieces:
-                        x[sl], _ = blk.forward(x_in[sl], past)
-                block_caches.append(RecomputeCache(x_in, past, states))
-            else:
-                x, c = blk.forward(x, past)
-                block_caches.append(c)
+            x, c = blk.forward(x, None if past_kv is None else past_kv[i])
+            block_caches.append(c)
         x, c_ln = self.ln_f.forward(x)
-        logits, c_head = self.lm_head.forward(x)  # (B, P+T, V)
-        return logits, GPTCache(c_tok, c_pos, block_caches, c_ln, c_head, P, past_kv is not None)
+        logits, c_head = self.lm_head.forward(x)  # (B, N, V)
+        return logits, StackCache(block_caches, c_ln, c_head, past_kv is not None)
 
-    def backward(self, dlogits, cache: GPTCache):
-        """Backpropagate ``dlogits`` (B, T, V); adds into ``grads`` of trainable parameters.
+    def stack_backward(self, dlogits, cache: StackCache, need_dx: bool = False):
+        """Backpropagate ``dlogits`` (B, N, V) through the head, ln_f and the blocks; returns the
+        gradient of the stack's input (B, N, C), or None when ``need_dx`` is False and nothing
+        below a block needs it.
 
-        The gradient of ``past_kv`` goes to each layer's ``past.backward`` (the attention calls
-        it). Returns a dict: ``{"input_embeds": (B, P, C)}`` when a soft prompt was given, else
-        empty.
-        """
-        c = cache
-        dx = self.lm_head.backward(dlogits, c.head)
-        dx = self.ln_f.backward(dx, c.ln_f)
-        # block i needs its input gradient only if something below it trains (the embeddings,
-        # a soft prompt, earlier keys, or a trainable parameter in an earlier block): under LoRA
-        # on q, v the first block skips its q/k/v input GEMMs and its ln_1 backward
-        below = [c.n_prompt > 0 or c.has_past or bool(self.wte.trainable)
-                 or bool(self.wpe.trainable)]
+        Block i needs its input gradient only if something below it trains (``need_dx``: the
+        embeddings or a soft prompt, earlier keys, or a trainable parameter in an earlier
+        block): under LoRA on q, v the first block skips its q/k/v input GEMMs and its ln_1
+        backward. The gradient of ``past_kv`` goes to each layer's ``past.backward``."""
+        dx = self.lm_head.backward(dlogits, cache.head)
+        dx = self.ln_f.backward(dx, cache.ln_f)
+        below = [need_dx or cache.has_past]
         for blk in self.blocks[:-1]:
             below.append(below[-1] or any(m.trainable for _, m in blk.named_modules()))
         for i in reversed(range(len(self.blocks))):
             if dx is None:  # nothing at or below block i trains: stop here
                 break
-            if isinstance(c.blocks[i], RecomputeCache):
-                dx = self._recomputed_backward(i, dx, c.blocks[i], need_dx=below[i])
-            else:
-                dx = self.blocks[i].backward(dx, c.blocks[i], need_dx=below[i])
-        extra = {}
-        if dx is None:  # nothing below the blocks trains
-            return extra
-        if self.wpe.needs_grad("weight"):
-            self.wpe.backward(dx.sum(axis=0, keepdims=True), c.pos)
-        P = c.n_prompt
-        if P:
-            extra["input_embeds"] = dx[:, :P]
-            dx = dx[:, P:]
-        self.wte.backward(dx, c.tok)
-        return extra
-
-    def _pieces(self, x, past) -> list:
-        """Batch slices for a recomputed block: ``recompute_chunk`` sequences each, or the whole
-        batch (no chunk set, or a prefix shared by the batch)."""
-        B, n = x.shape[0], self.recompute_chunk
-        if n is None or n >= B or past is not None:
-            return [slice(None)]
-        return [slice(b, min(b + n, B)) for b in range(0, B, n)]
-
-    def _recomputed_backward(self, i: int, dout, saved: RecomputeCache, need_dx: bool):
-        """Block ``i``'s backward under recomputation: its forward again from the saved input
-        (piece by piece, the dropout generators set back to their forward-pass states, then
-        restored), each piece's backward right after its forward."""
-        blk = self.blocks[i]
-        rngs = _dropout_rngs(blk)
-        now = [g.bit_generator.state for g in rngs]
-        for g, state in zip(rngs, saved.rng_states):
-            g.bit_generator.state = state
-        pieces = self._pieces(saved.x, saved.past)
-        dx = None if not need_dx or len(pieces) == 1 else xp.empty_like(saved.x)
-        for sl in pieces:
-            _, cache = blk.forward(saved.x[sl], saved.past)
-            d = blk.backward(dout[sl], cache, need_dx=need_dx)
-            del cache
-            if len(pieces) == 1:
-                dx = d
-            elif need_dx:
-                dx[sl] = d
-        for g, state in zip(rngs, now):
-            g.bit_generator.state = state
+            dx = self.blocks[i].backward(dx, cache.blocks[i], need_dx=below[i])
         return dx
+
+    def backward(self, dlogits, cache: GPTCache):
+        """Backpropagate ``dlogits`` (B, T, V); adds into ``grads`` of trainable parameters.
+        Returns an empty dict (the gradients are in the parameters)."""
+        embeddings = bool(self.wte.trainable) or bool(self.wpe.trainable)
+        dx = self.stack_backward(dlogits, cache.stack, need_dx=embeddings)
+        if dx is not None:
+            self.add_positions_backward(dx, cache.pos)
+            self.wte.backward(dx, cache.tok)
+        return {}
 
     # -- generation with a KV cache ------------------------------------------------------------
     def kv_cache(self, batch_size: int, keep: int | None = None, *, n_fixed: int = 0,

@@ -17,6 +17,7 @@ Chapter: chapters/01-foundations.ipynb
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 from minilora import backend
 from minilora.backend import is_cupy, xp
@@ -66,9 +67,23 @@ class NonFiniteError(MiniloraError, FloatingPointError):
     """The loss or the gradients became NaN/inf; training stops and keeps the last good checkpoint."""
 
 
-def loraplus_lr_scale(ratio: float):
-    """LoRA+ (Hayou, Ghosh & Yu 2024): ``name -> lr multiplier``, ``ratio`` for every LoRA ``B``
-    factor (``...lora_B``) and 1 for everything else, so that eta_B = ratio * eta_A.
+class ParamGroup(NamedTuple):
+    """Parameters updated at ``lr_scale`` times the learning rate (PyTorch's parameter groups,
+    chosen by name): in the Adam step and in the decoupled decay alike.
+
+    Attributes:
+        name: what the group is, for messages ("lora_B", "modules_to_save").
+        match: ``f(parameter name) -> bool``.
+        lr_scale: the multiplier of the learning rate (a finite number > 0).
+    """
+    name: str
+    match: Callable[[str], bool]
+    lr_scale: float
+
+
+def loraplus_group(ratio: float) -> ParamGroup:
+    """LoRA+ (Hayou, Ghosh & Yu 2024): the group of every LoRA ``B`` factor (``...lora_B``) at
+    ``ratio`` times the learning rate, so that eta_B = ratio * eta_A.
 
     The paper's argument: with B = 0 at the start and A random, equal learning rates leave the
     feature update B A x learning too slowly in wide layers; a larger step for B fixes that
@@ -82,11 +97,27 @@ def loraplus_lr_scale(ratio: float):
             or ratio <= 0:
         raise UsageError(f"loraplus ratio must be a finite number > 0 (B's learning rate = ratio "
                          f"x A's; 1 is plain LoRA, the LoRA+ paper uses ~16); got {ratio!r}")
-    ratio = float(ratio)
+    return ParamGroup("lora_B", lambda name: name.rsplit(".", 1)[-1] == "lora_B", float(ratio))
+
+
+def group_scale(groups):
+    """``name -> lr multiplier`` of ``groups`` (the first group that matches; 1 for none), or
+    None for no groups (every update then bit-identical to the plain optimizer)."""
+    groups = tuple(groups or ())
+    for g in groups:
+        s = g.lr_scale
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) \
+                or s <= 0:
+            raise UsageError(f"parameter group {g.name!r}: lr_scale must be a finite number > 0, "
+                             f"got {s!r}")
+    if not groups:
+        return None
 
     def lr_scale(name: str) -> float:
-        return ratio if name.rsplit(".", 1)[-1] == "lora_B" else 1.0
-    lr_scale.ratio = ratio
+        for g in groups:
+            if g.match(name):
+                return float(g.lr_scale)
+        return 1.0
     return lr_scale
 
 
@@ -97,21 +128,19 @@ class AdamW:
         model: a :class:`minilora.nn.layers.Module`; its ``named_trainable()`` is read each step,
             so freezing/unfreezing between steps is honoured.
         lr, betas, eps, weight_decay: as in the formula above (``lr`` may be changed per step).
-        lr_scale: optional ``f(name) -> multiplier``: parameter ``name`` is updated with
-            ``lr * f(name)`` in both the Adam step and the decoupled decay (parameter groups;
-            :func:`loraplus_lr_scale` gives LoRA+'s). None: the model's own ``lr_scale``
-            attribute if it has one (a fine-tuning method can set it), else 1 for every
-            parameter, which leaves every update bit-identical to the plain optimizer.
+        groups: :class:`ParamGroup` s: a parameter in a group is updated with ``lr *
+            lr_scale`` in both the Adam step and the decoupled decay (the first group that
+            matches; :func:`loraplus_group` is LoRA+'s). None: every parameter at ``lr``, every
+            update bit-identical to the plain optimizer.
 
-    After each update, a model with an ``after_optimizer_step(t)`` method (AdaLoRA's rank
-    allocator) has it called with the 1-based step count: the place where PEFT's training loop
-    calls ``update_and_allocate``, with the parameters updated and the gradients still present.
+    The optimizer knows no method: what a method does after each update (AdaLoRA's rank
+    allocator) is a training callback (:func:`minilora.train.train`).
     """
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
-                 lr_scale=None):
+                 groups=None):
         self.model = model
-        self.lr_scale = lr_scale if lr_scale is not None else getattr(model, "lr_scale", None)
+        self.lr_scale = group_scale(groups)
         self.lr = lr
         self.beta1, self.beta2 = betas
         self.eps = eps
@@ -147,9 +176,6 @@ class AdamW:
             parallel_chunks(len(items), update)
         else:  # a subclass moves state in and out per parameter (paging): one at a time
             update(0, len(items))
-        after = getattr(self.model, "after_optimizer_step", None)
-        if after is not None:
-            after(self.t)
         return norm
 
     def _update_one(self, name: str, p, g, bc2: float, step_size: float) -> None:

@@ -71,7 +71,7 @@ class DeviceOutOfMemory(MiniloraError, MemoryError):
     """The simulated device cannot hold what is asked of it even after paging out all state."""
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
         raise UsageError(f"{name} must be a whole number of bytes, got {value!r}")
     if int(value) < minimum:
@@ -95,8 +95,8 @@ class DeviceMemory:
 
     def __init__(self, budget_bytes: int, page_bytes: int = PAGE_BYTES,
                  bandwidth_bytes_per_s: float = PCIE_BYTES_PER_S):
-        self.page_bytes = _check_int("page_bytes", page_bytes, 1)
-        self.budget_bytes = _check_int("budget_bytes", budget_bytes, 0)
+        self.page_bytes = check_int("page_bytes", page_bytes, 1)
+        self.budget_bytes = check_int("budget_bytes", budget_bytes, 0)
         if self.budget_bytes < self.page_bytes:
             raise UsageError(f"budget_bytes ({self.budget_bytes}) is smaller than one page "
                              f"({self.page_bytes} bytes): the device could never hold any state; "
@@ -163,7 +163,7 @@ class DeviceMemory:
         Raises :class:`DeviceOutOfMemory` (and changes nothing) if the non-pageable bytes alone
         would exceed the budget.
         """
-        nbytes = _check_int(f"allocation {tag!r}", nbytes, 0)
+        nbytes = check_int(f"allocation {tag!r}", nbytes, 0)
         if tag in self._fixed:
             raise UsageError(f"allocation {tag!r} exists already; free it first")
         need = self.fixed_bytes + nbytes
@@ -188,7 +188,7 @@ class DeviceMemory:
 
         Its pages are not placed anywhere until first touched (as with ``cudaMallocManaged``).
         """
-        nbytes = _check_int("region size", nbytes, 1)
+        nbytes = check_int("region size", nbytes, 1)
         rid = self._next_region
         self._next_region += 1
         self._regions[rid] = -(-nbytes // self.page_bytes)

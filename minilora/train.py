@@ -164,8 +164,22 @@ def read_resumable(out_dir, cfg: TrainConfig) -> tuple[dict, dict]:
 
 
 @threads.in_phase("train")
+class Callback:
+    """What a fine-tuning method does at fixed points of every training step (override either):
+    AdaLoRA's rank allocator (:class:`minilora.methods.adalora.RankAllocator`) adds its
+    regulariser's gradient after the backward pass and prunes after the optimizer step. The
+    model and the optimizer know no method; the loop calls these."""
+
+    def after_backward(self) -> None:
+        """The step's gradients are in the parameters' ``grads``; the update comes next."""
+
+    def after_step(self, step: int) -> None:
+        """The optimizer updated the parameters for 0-based ``step`` (gradients still there)."""
+
+
 def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, resume=False,
-          progress=True, step_callback=None, batch_fn=None, forward_backward=None) -> History:
+          progress=True, step_callback=None, batch_fn=None, forward_backward=None,
+          callbacks=(), groups=None) -> History:
     """Train ``model`` in place; returns a :class:`History`.
 
     Args:
@@ -183,6 +197,9 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
         forward_backward: optional ``f(x, y) -> loss`` (a float) that leaves the gradients in
             the model's ``grads``, replacing ``model.forward_backward`` (e.g. a loss that weights
             a classification label and a language-modelling term separately).
+        callbacks: :class:`Callback` s of the method being trained (AdaLoRA's allocator).
+        groups: the optimizer's parameter groups (:class:`minilora.optim.ParamGroup`: LoRA+'s
+            B factors, the learning rate of modules saved whole).
     """
     if cfg.block_size > model.config.block_size:
         raise UsageError(f"TrainConfig.block_size {cfg.block_size} exceeds the model's block_size "
@@ -190,7 +207,7 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
     check_training_fits(model, cfg.batch_size, cfg.block_size)  # before anything is allocated
     out = Path(out_dir) if out_dir is not None else None
     opt = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                weight_decay=cfg.weight_decay)
+                weight_decay=cfg.weight_decay, groups=groups)
     rng = backend.cpu_rng(cfg.seed)
     start = 0
     hist = History()
@@ -264,11 +281,15 @@ def train(model, tokenizer, train_ids, val_ids, cfg: TrainConfig, out_dir=None, 
                                                                 backend.asarray(y))
             if not math.isfinite(loss):
                 raise stopped(step, f"loss is {loss}", nonfinite_cause(model, y, step, start, lr))
+            for cb in callbacks:
+                cb.after_backward()
             try:
                 norm = opt.step(lr, cfg.grad_clip)
             except NonFiniteError:
                 raise stopped(step, "the gradient is NaN/inf",
                               nonfinite_cause(model, y, step, start, lr)) from None
+            for cb in callbacks:
+                cb.after_step(step)
             backend.synchronize()
             dt = time.perf_counter() - t0
             rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,

@@ -50,3 +50,43 @@ def load_arrays(path):
     """(arrays, meta) of any minilora file, without a format check."""
     from minilora.io import read_typed
     return read_typed(path, None)
+
+
+# -- the methods through the registry's one interface, by config (for tests written per config) ---
+def method_for(config):
+    """The registered method whose config class is exactly ``type(config)`` (one error else)."""
+    from minilora.methods.registry import METHODS
+    hits = [m for m in METHODS.values() if m.config_cls is type(config)
+            and getattr(m, "use_dora", False) == getattr(config, "use_dora", False)]
+    if len(hits) != 1:
+        raise TypeError(f"config must be one of the methods' configs; got "
+                        f"{type(config).__name__}")
+    return hits[0]
+
+
+def apply_method(model, config):
+    """The model to train after applying ``config``'s method (``method.apply(...).model``)."""
+    return method_for(config).apply(model, config).model
+
+
+def count_method_parameters(config, model_config):
+    return method_for(config).count_parameters(config, model_config)
+
+
+def method_tensors(model, config):
+    from minilora.methods.base import Tuned
+    m = method_for(config)
+    return m.trainable(Tuned(model, config, m))
+
+
+def save_method(path, model, config, modules_to_save=()):
+    from minilora.methods.base import Tuned
+    m = method_for(config)
+    m.save(path, Tuned(model, config, m, tuple(modules_to_save)))
+
+
+def load_method(path, model):
+    """``(model, config)`` of a method file (the registry finds its method from the header)."""
+    from minilora.methods.registry import method_of_file
+    tuned = method_of_file(path).load(path, model)
+    return tuned.model, tuned.config

@@ -29,7 +29,7 @@ from minilora.experiments.ablate_records import (
     read_record,
     summary_rows,
 )
-from minilora.lora import lora_scaling, read_adapter
+from minilora.methods.lora import lora_scaling, read_adapter
 from minilora.model import GPT
 
 TINY = dict(batch_size=2, block_size=32, eval_batches=2)

@@ -12,10 +12,10 @@ from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
 from minilora import backend
 from minilora.config import ConfigError, GPTConfig
 from minilora.gradcheck import check, format_table
-from minilora.lora.adalora import AdaLoraConfig, AdaLoRALinear, adalora_layers
-from minilora.lora.adalora_peft import export_adalora_peft, import_adalora_peft
-from minilora.lora.adalora_train import (
-    AdaLoraModel,
+from minilora.methods.adalora import AdaLoraConfig, AdaLoRALinear, adalora_layers
+from minilora.methods.adalora import export_adalora_peft, import_adalora_peft
+from minilora.methods.adalora import (
+    ADALORA,
     inject_adalora,
     orth_regularizer,
     orth_regularizer_backward,
@@ -64,14 +64,17 @@ def test_orthogonality_regulariser_value_and_gradient(xpb, rng):
 
 
 def test_whole_model_gradcheck_includes_the_regulariser(xpb, rng):
-    """AdaLoraModel's backward = d(CE + w R): check it against CE + w R by finite differences."""
+    """The GPT's backward plus the allocator's after_backward (the training callback) = d(CE + w
+    R): check it against CE + w R by finite differences."""
     from minilora.nn import ops
     cfg = AdaLoraConfig(init_r=2, target_r=1, target_modules=("q", "v", "down"), total_step=5,
                         orth_reg_weight=0.5)
-    model = AdaLoraModel(GPT(TINY, 0, dtype="float64"), cfg)
+    tuned = ADALORA.apply(GPT(TINY, 0, dtype="float64"), cfg)
+    model, (alloc,) = tuned.model, tuned.callbacks
     randomise(model, rng)
     x, y = batch(1, B=2, T=5, V=11)
     model.forward_backward(x, y)
+    alloc.after_backward()
     grads = {n: g.copy() for n, _, g in model.named_trainable()}
 
     def f():
@@ -105,9 +108,9 @@ def test_schedule_and_pruning_never_exceed_the_budget(rng):
     pruning steps only.)"""
     cfg = AdaLoraConfig(init_r=4, target_r=2, target_modules=("q", "k", "v", "up"), tinit=3,
                         tfinal=4, deltaT=1, total_step=30, orth_reg_weight=0.1)
-    model = AdaLoraModel(GPT(TINY, 0, dtype="float64"), cfg)
+    tuned = ADALORA.apply(GPT(TINY, 0, dtype="float64"), cfg)
+    model, (alloc,) = tuned.model, tuned.callbacks
     randomise(model, rng, std=0.2)
-    alloc = model.allocator
     assert alloc.init_bgt == 4 * 8 and alloc.target_bgt == 2 * 8
     budgets = [alloc.budget_schedule(t)[0] for t in range(30)]
     assert budgets[:4] == [32] * 4 and budgets[-5:] == [16] * 5
@@ -116,7 +119,9 @@ def test_schedule_and_pruning_never_exceed_the_budget(rng):
     for step in range(30):
         x, y = batch(step, B=2, T=5, V=11)
         model.forward_backward(x, y)
-        opt.step()  # runs after_optimizer_step -> the allocator
+        alloc.after_backward()
+        opt.step()
+        alloc.after_step(step)  # the training callback: score and prune
         assert alloc.kept() <= budgets[step]
     assert alloc.kept() == 16 and sum(alloc.ranks().values()) == 16
     assert len(set(alloc.ranks().values())) > 1  # the budget moved between layers
@@ -173,7 +178,8 @@ def test_replaying_peft_training_gives_peft_allocation():
     cfg = AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, tinit=2, tfinal=3, deltaT=1,
                         total_step=12, beta1=0.85, beta2=0.85, orth_reg_weight=0.5,
                         target_modules=("q", "k", "v", "o", "up", "down"))
-    model = AdaLoraModel(fixture_gpt(ref), cfg)
+    tuned = ADALORA.apply(fixture_gpt(ref), cfg)
+    model, (alloc,) = tuned.model, tuned.callbacks
     name = "gpt_adalora"
     rng = np.random.default_rng([20261129, sum(map(ord, name)), len(name)])
     for m in adalora_layers(model).values():  # tree order = the fixture's module order
@@ -182,10 +188,12 @@ def test_replaying_peft_training_gives_peft_allocation():
     x = backend.asarray(ref["input_ids"])
     y = backend.asarray(np.roll(ref["input_ids"], -1, axis=1))
     opt = AdamW(model, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    for _ in range(cfg.total_step):
+    for step in range(cfg.total_step):
         model.forward_backward(x, y)
+        alloc.after_backward()
         opt.step(grad_clip=0.0)
-    for n, keep in model.allocator.rank_pattern.items():
+        alloc.after_step(step)
+    for n, keep in alloc.rank_pattern.items():
         peft = n.replace("blocks", "model.layers").replace("attn.", "self_attn.") + "_proj"
         assert keep == d["rank_pattern"][f"{peft}.lora_E"], n
         np.testing.assert_allclose(np_(adalora_layers(model)[n].delta_weight()),

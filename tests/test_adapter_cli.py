@@ -7,8 +7,8 @@ import pytest
 
 from minilora import backend, cli
 from minilora.checkpoint import load_checkpoint
-from minilora.config import LoraConfig
-from minilora.lora import (
+from minilora.methods.lora.config import LoraConfig
+from minilora.methods.lora import (
     inject_lora,
     load_adapter,
     lora_state_dict,
@@ -46,7 +46,7 @@ def test_merge_writes_a_checkpoint_equal_to_base_plus_adapter(files, rng):
     assert cli.main(["adapter", "merge", str(files / "ad1.safetensors"), "--out", str(out),
                      "--base", str(files / "base.safetensors")]) == 0
     merged, _, info = load_checkpoint(out)
-    assert info["extra"]["lora_config"]["r"] == 2
+    assert info["extra"]["method"] == "lora" and info["extra"]["method_config"]["r"] == 2
     ref, _, _ = load_checkpoint(files / "base.safetensors")
     load_adapter(files / "ad1.safetensors", ref)
     idx = backend.asarray(rng.integers(0, ref.config.vocab_size, size=(2, 9)))

@@ -15,8 +15,10 @@ PKG = pathlib.Path(minilora.__file__).parent
 # (backend.cpu_module()); code that is CPU by design (init draws, SVD inits, routing, sampling,
 # file formats, analysis, plots) lives elsewhere and writes `import numpy as np` plainly.
 COMPUTE_PATH = ["nn/ops.py", "nn/ops_fast.py", "nn/layers.py", "model.py", "optim.py", "paged.py",
-                "lora/layers.py", "lora/inject.py", "lora/mixed.py", "qlora.py",
-                "quant/linear.py", "peft/houlsby.py", "peft/prefix.py", "peft/bitfit.py"]
+                "methods/lora/layers.py", "methods/lora/inject.py", "methods/lora/mixed.py",
+                "methods/lora/dora.py", "methods/qlora.py", "methods/ia3.py",
+                "quant/linear.py", "methods/houlsby.py", "methods/prefix.py", "methods/prompt.py",
+                "methods/bitfit.py"]
 
 
 def _imports(path):

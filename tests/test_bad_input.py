@@ -26,11 +26,12 @@ from safetensors.numpy import load_file, save_file
 
 from minilora import cli
 from minilora.checkpoint import save_checkpoint
-from minilora.config import GPTConfig, LoraConfig
+from minilora.config import GPTConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.data import CharTokenizer
 from minilora.io import read_typed
-from minilora.lora import inject_lora, save_adapter
-from minilora.lora.peft_io import export_peft, import_peft
+from minilora.methods.lora import inject_lora, save_adapter
+from minilora.methods.lora.peft_io import export_peft, import_peft
 from minilora.peft_format import WEIGHTS_NAME
 from minilora.model import GPT
 
@@ -97,7 +98,7 @@ ROWS = [
     (["tour", "--bogus"], "unrecognized arguments: --bogus"),
     (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
     # -- finetune ----------------------------------------------------------------------------
-    (["finetune", "--method", "nope"], "--method: invalid choice"),
+    (["finetune", "--method", "nope"], "--method: unknown method 'nope'; allowed: full, lora"),
     (["finetune", "--task", "nope"], "--task: invalid choice"),
     (["finetune", "--r", "0"], "--r must be >= 1 (got 0)"),
     (["finetune", "--alpha", "0"], "--alpha must be > 0"),
@@ -112,7 +113,8 @@ ROWS = [
     (["finetune", "--method", "qlora", "--quant-type", "nf8"], "--quant-type: invalid choice"),
     (["finetune", "--method", "qlora", "--blocksize", "0"], "--blocksize must be >= 1"),
     (["finetune", "--method", "qlora", "--loftq-iter", "0"], "--loftq-iter must be >= 1"),
-    (["finetune", "--method", "adapter", "--bottleneck", "0"], "--bottleneck must be >= 1"),
+    (["finetune", "--method", "houlsby", "--bottleneck", "0"], "--bottleneck must be >= 1"),
+    (["finetune", "--method", "adapter"], "method 'adapter' is now called 'houlsby'"),
     (["finetune", "--method", "prefix", "--prefix-len", "0"], "--prefix-len must be >= 1"),
     (["finetune", "--method", "prompt", "--prompt-len", "-1"], "--prompt-len must be >= 1"),
     (["finetune", "--eval-batches", "0"], "--eval-batches must be >= 1"),
@@ -265,12 +267,11 @@ def test_bad_environment_is_one_line_exit_2(env, argv, fragment, workdir):
 def test_method_flags_default_to_not_given():
     """finetune refuses a method flag given for a method whose config lacks its field: so every
     method flag's parser default is "not given" (None; the method's own default applies)."""
-    from minilora.cli.finetune import METHOD_FLAGS
+    from minilora.cli.finetune import method_flags
 
     args = cli.build_parser().parse_args(["finetune"])
-    switches = ("no_double_quant", "rslora")    # store_true: not given = False
-    assert {n: getattr(args, n) for n, _ in METHOD_FLAGS} == \
-        {n: False if n in switches else None for n, _ in METHOD_FLAGS}
+    flags = method_flags()
+    assert {f: getattr(args, s.dest) for f, s in flags.items()} == {f: None for f in flags}
 
 
 def test_help_shows_the_ranges(capsys):
@@ -287,7 +288,7 @@ def test_import_peft_accepts_an_embedding_copy_equal_to_the_base(fixtures):
     """PEFT's save_embedding_layers="auto" writes embed_tokens.base_layer.weight; a copy equal
     to the base (here rounded to float16) is checked and dropped, a different one refused."""
     from minilora.checkpoint import load_checkpoint
-    from minilora.lora import lora_state_dict
+    from minilora.methods.lora import lora_state_dict
     from minilora.peft_format import PeftFormatError
 
     ref, _, _ = load_checkpoint(fixtures["ck"])

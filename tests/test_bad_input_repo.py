@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from minilora import cli
-from minilora.config import LoraConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.experiments.paths import LOCK_NAME, MARKER_NAME, base_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory, repo):
     from minilora.checkpoint import load_checkpoint
-    from minilora.lora import inject_lora, save_adapter
+    from minilora.methods.lora import inject_lora, save_adapter
 
     d = tmp_path_factory.mktemp("fixtures")
     (d / "FILE").write_text("not a checkpoint\n")

@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from minilora.config import ConfigError, GPTConfig, LoraConfig, QuantConfig, TrainConfig
+from minilora.config import ConfigError, GPTConfig, QuantConfig, TrainConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.model import GPT
 
 

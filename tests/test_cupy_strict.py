@@ -24,9 +24,10 @@ from conftest import CUPY, STANDIN, STANDIN_DIR, use_backend
 
 from minilora import backend
 from minilora.backend import xp
-from minilora.config import GPTConfig, LoraConfig, QuantConfig
+from minilora.config import GPTConfig, QuantConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.data import CharTokenizer
-from minilora.lora import inject_lora, lora_state_dict
+from minilora.methods.lora import inject_lora, lora_state_dict
 from minilora.model import GPT
 from minilora.optim import AdamW
 
@@ -250,7 +251,7 @@ def test_lora_training_steps(name):
 
 
 def _qlora_training(double_quant):
-    from minilora.qlora import inject_qlora
+    from minilora.methods.qlora import inject_qlora
     model = GPT(CFG, rng=0, dtype="float32")
     inject_qlora(model, LoraConfig(r=4, target_modules=("q", "v", "up"), init_lora_weights=False,
                                    seed=3),

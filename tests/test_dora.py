@@ -6,9 +6,10 @@ from helpers import lora_layer_gradcheck, np_, randn
 from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
 
 from minilora import backend
-from minilora.config import ConfigError, GPTConfig, LoraConfig
+from minilora.config import ConfigError, GPTConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.gradcheck import format_table
-from minilora.lora import (
+from minilora.methods.lora import (
     DoRALinear,
     inject_lora,
     load_adapter,
@@ -17,7 +18,7 @@ from minilora.lora import (
     save_adapter,
     unmerge_lora,
 )
-from minilora.lora.peft_io import export_peft, import_peft
+from minilora.methods.lora.peft_io import export_peft, import_peft
 from minilora.model import GPT
 from minilora.nn.layers import Linear
 

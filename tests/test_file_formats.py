@@ -14,9 +14,9 @@ import pytest
 from minilora.checkpoint import load_checkpoint
 from minilora.experiments.paths import base_model_path
 from minilora.io import CheckpointError, read_typed, write_typed
-from minilora.lora import load_adapter, lora_layers
-from minilora.peft import load_peft
-from minilora.qlora import load_qlora_adapter
+from minilora.methods.lora import load_adapter, lora_layers
+from helpers import load_method
+from minilora.methods.qlora import load_qlora_adapter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FORMATS = ROOT / "tests" / "data" / "formats"
@@ -49,7 +49,7 @@ def test_qlora_adapter_rebuilds_its_base():
 
 def test_peft_method_file(base):
     model = load_checkpoint(base_model_path())[0]
-    wrapped, config = load_peft(FORMATS / "peft-v1-prompt.safetensors", model)
+    wrapped, config = load_method(FORMATS / "peft-v1-prompt.safetensors", model)
     assert type(config).__name__ == "PromptConfig"
     assert wrapped.num_parameters(trainable_only=True) == config.prompt_len * 160
 

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from minilora.checkpoint import load_checkpoint
-from minilora.config import LoraConfig, TrainConfig
+from minilora.methods.lora.config import LoraConfig
+from minilora.config import TrainConfig
 from minilora.experiments.finetune import finetune
 from minilora.experiments.paths import base_model_path
-from minilora.lora import load_adapter
+from minilora.methods.lora import load_adapter
 
 CFG = TrainConfig(max_steps=3, batch_size=2, block_size=32, lr=5e-3, min_lr=5e-4, warmup_steps=1,
                   eval_every=3, eval_batches=2, ckpt_every=10**9)

@@ -212,7 +212,7 @@ def test_the_reference_solutions_agree_with_the_library():
     """The expected values in the test cells are the reference solution's (it scores full marks);
     here the reference solution is checked against minilora's own implementations."""
     from minilora.analysis import intruders_from_weights, subspace_similarity
-    from minilora.lora import LoRALinear
+    from minilora.methods.lora import LoRALinear
     from minilora.nn import ops
     from minilora.nn.layers import Linear
     from minilora.quant import NF4_CODE, pack_nibbles, quantize_blockwise

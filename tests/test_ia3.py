@@ -10,8 +10,9 @@ from minilora.config import ConfigError, GPTConfig
 from minilora.gradcheck import format_table, model_check
 from minilora.model import GPT
 from minilora.nn.layers import Linear
-from minilora.peft import PeftError, add_modules_to_save
-from minilora.peft.ia3 import (
+from minilora.errors import PeftError
+from minilora.nn.modules_to_save import add_modules_to_save
+from minilora.methods.ia3 import (
     IA3Config,
     IA3Linear,
     count_ia3_parameters,

@@ -11,20 +11,16 @@ from helpers import np_
 
 from minilora import backend
 from minilora.adapters import AdapterRegistry, generate_mixed
-from minilora.config import GPTConfig, LoraConfig, QuantConfig
+from minilora.config import GPTConfig, QuantConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.data import CharTokenizer
-from minilora.lora import inject_lora, lora_state_dict, merge_lora
+from minilora.methods.lora import inject_lora, lora_state_dict, merge_lora
 from minilora.model import GPT
 from minilora.nn.kv_cache import KVCache, KVCacheError
-from minilora.peft import (
-    AdapterConfig,
-    PrefixConfig,
-    PromptConfig,
-    add_prefix,
-    add_prompt,
-    inject_adapters,
-)
-from minilora.qlora import inject_qlora
+from minilora.methods.houlsby import HoulsbyConfig, inject_houlsby
+from minilora.methods.prefix import PrefixConfig, add_prefix
+from minilora.methods.prompt import PromptConfig, add_prompt
+from minilora.methods.qlora import inject_qlora
 from minilora.sample import generate
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
@@ -115,12 +111,12 @@ def test_qlora():
 
 
 def test_adalora_and_generation_with_it():
-    from minilora.lora import AdaLoraConfig, AdaLoraModel, adalora_layers
+    from minilora.methods.adalora import ADALORA, AdaLoraConfig, adalora_layers
     from minilora.sample import generate
-    model = AdaLoraModel(tiny(), AdaLoraConfig(init_r=3, target_r=2, target_modules=("q", "v"),
-                                               total_step=10))
+    model = ADALORA.apply(tiny(), AdaLoraConfig(init_r=3, target_r=2, target_modules=("q", "v"),
+                                                total_step=10)).model
     rng = np.random.default_rng(4)
-    for m in adalora_layers(model.gpt).values():  # E = 0 at init: make the adapter do something
+    for m in adalora_layers(model).values():  # E = 0 at init: make the adapter do something
         m.params["lora_E"] = backend.asarray(rng.standard_normal(m.params["lora_E"].shape))
     assert_cached_equals_full(model, stream(n=8))
     ids = stream(n=3)
@@ -131,7 +127,7 @@ def test_adalora_and_generation_with_it():
 
 def test_houlsby_adapters():
     model = tiny()
-    inject_adapters(model, AdapterConfig(bottleneck=3, zero_up=False, init_std=0.3, seed=1))
+    inject_houlsby(model, HoulsbyConfig(bottleneck=3, zero_up=False, init_std=0.3, seed=1))
     assert_cached_equals_full(model, stream(n=8))
 
 

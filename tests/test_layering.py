@@ -21,8 +21,9 @@ LAYERS = [
     ["nn", "data"],                                         # 3 ops and layers; corpora, tokenizer
     ["model", "optim", "sample", "gradcheck", "memory", "paged"],  # 4 the GPT and its training parts
     ["checkpoint", "train"],                                # 5 files of models, the training loop
-    ["quant", "lora", "peft"],                              # 6 4-bit weights, LoRA, other PEFT methods
-    ["qlora", "adapters", "analysis"],                      # 7 LoRA on a 4-bit base, many adapters, ΔW maths
+    ["quant", "methods"],                                   # 6 4-bit weights, the methods (one home each)
+    ["methods.qlora", "methods.registry", "adapters", "analysis"],  # 7 LoRA on a 4-bit base, the
+                                                            #   registry, many adapters, ΔW maths
     ["experiments.paths", "experiments.presets", "experiments.tasks"],  # 8 experiments: what to run on
     ["experiments", "course"],                              # 9 methods, harness, studies, figures, homework
     ["bench"],                                              # 10 measurements
@@ -148,9 +149,9 @@ def test_the_library_never_imports_the_experiments_floor():
 
 def test_the_checker_catches_an_upward_import_and_a_cycle():
     # a library module importing the CLI, and two modules importing each other
-    edges = [("lora.layers", "cli", 12), ("model", "nn.ops", 3)]
+    edges = [("methods.lora.layers", "cli", 12), ("model", "nn.ops", 3)]
     assert upward_imports(edges) == [
-        "minilora/lora/layers.py:12: imports minilora.cli (floor 11) from floor 6"]
+        "minilora/methods/lora/layers.py:12: imports minilora.cli (floor 11) from floor 6"]
     assert cycles([("a", "b", 1), ("b", "a", 2), ("b", "c", 3)]) == [["a", "b"]]
 
 
@@ -180,8 +181,8 @@ def test_imports_sit_at_the_top_of_the_file():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("module", ["minilora.peft", "minilora.lora", "minilora.nn.modules_to_save",
-                                    "minilora.quant", "minilora.qlora", "minilora.adapters",
+@pytest.mark.parametrize("module", ["minilora.methods", "minilora.methods.lora", "minilora.nn.modules_to_save",
+                                    "minilora.quant", "minilora.methods.qlora", "minilora.adapters",
                                     "minilora.analysis", "minilora.experiments", "minilora.bench",
                                     "minilora.cli"])
 def test_each_package_imports_first_in_a_fresh_interpreter(module):

@@ -202,7 +202,8 @@ def test_caches_with_more_than_three_fields_are_named(rng, monkeypatch):
     gpt = GPT(GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, n_embd=C), 0,
               dtype="float64")
     _, gcache = gpt.forward(backend.asarray(rng.integers(0, 7, size=(1, 3))))
-    assert gcache.n_prompt == 0 and gcache.has_past is False and len(gcache.blocks) == 1
+    assert gcache._fields == ("tok", "pos", "stack")
+    assert gcache.stack.has_past is False and len(gcache.stack.blocks) == 1
     _, ce = ops.cross_entropy_forward(randn(rng, 2, 5), backend.asarray(np.array([1, 2])))
     assert len(ce._fields) == 5
 

@@ -13,9 +13,10 @@ from helpers import batch, lora_layer_gradcheck, np_, randn
 from minilora import backend
 from minilora.backend import xp
 from minilora.checkpoint import CheckpointError
-from minilora.config import ConfigError, GPTConfig, LoraConfig
+from minilora.config import ConfigError, GPTConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.gradcheck import check, format_table, model_check
-from minilora.lora import (
+from minilora.methods.lora import (
     LoRAEmbedding,
     LoRAError,
     LoRALinear,

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from minilora import backend
-from minilora.config import GPTConfig, LoraConfig
-from minilora.lora import inject_lora
+from minilora.config import GPTConfig
+from minilora.methods.lora.config import LoraConfig
+from minilora.methods.lora import inject_lora
 from minilora.memory import adam_training_bytes, memory_account, tree_bytes
 from minilora.model import GPT
 from minilora.nn import ops

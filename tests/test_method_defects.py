@@ -6,8 +6,8 @@ import pytest
 
 from minilora import backend, cli
 from minilora.checkpoint import load_checkpoint
-from minilora.config import LoraConfig
-from minilora.lora import inject_lora, read_adapter, save_adapter
+from minilora.methods.lora.config import LoraConfig
+from minilora.methods.lora import inject_lora, read_adapter, save_adapter
 from minilora.nn.modules_to_save import add_modules_to_save
 
 TINY = ["--steps", "1", "--batch-size", "1", "--block-size", "16", "--eval-batches", "1",
@@ -76,40 +76,40 @@ def test_export_and_import_peft_move_the_saved_head(base_with_head):
     arrays, _ = read_adapter(d / "back.safetensors")
     assert "lm_head.modules_to_save.default.weight" in arrays
     m2, _, _ = load_checkpoint(base)
-    from minilora.lora import load_adapter
+    from minilora.methods.lora import load_adapter
     load_adapter(d / "back.safetensors", m2)
     np.testing.assert_allclose(backend.to_numpy(m2.forward(idx)[0]), want, rtol=1e-5, atol=1e-5)
 
 
 def _adalora_model(rank_zero_layer=True):
-    from minilora.lora import AdaLoraConfig, AdaLoraModel
     from minilora.config import GPTConfig
+    from minilora.methods.adalora import ADALORA, AdaLoraConfig
     from minilora.model import GPT
     gpt = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8), rng=0,
               dtype="float64")
     cfg = AdaLoraConfig(init_r=3, target_r=2, lora_alpha=6, target_modules=("q", "v"),
                         total_step=10)
-    wrapped = AdaLoraModel(gpt, cfg)
+    (alloc,) = ADALORA.apply(gpt, cfg).callbacks   # the rank allocator (a training callback)
     rng = np.random.default_rng(1)
-    for name, layer in wrapped.allocator.layers.items():
+    for name, layer in alloc.layers.items():
         layer.params["lora_E"][...] = backend.asarray(rng.normal(size=(3, 1)))
-    pattern = {n: [True, False, True] for n in wrapped.allocator.layers}
+    pattern = {n: [True, False, True] for n in alloc.layers}
     if rank_zero_layer:
         pattern["blocks.0.attn.q"] = [False, False, False]
-    return gpt, wrapped, cfg, pattern
+    return gpt, alloc, cfg, pattern
 
 
 def test_adalora_layer_at_rank_zero_imports_runs_and_round_trips(tmp_path):
-    from minilora.lora import export_adalora_peft, import_adalora_peft
+    from minilora.methods.adalora import export_adalora_peft, import_adalora_peft
     from minilora.config import GPTConfig
     from minilora.model import GPT
-    gpt, wrapped, cfg, pattern = _adalora_model()
+    gpt, alloc, cfg, pattern = _adalora_model()
     for name, keep in pattern.items():
-        wrapped.allocator.layers[name].params["lora_E"] *= backend.asarray(
+        alloc.layers[name].params["lora_E"] *= backend.asarray(
             np.asarray(keep, dtype=float)[:, None])
     idx = backend.asarray(np.random.default_rng(2).integers(0, 11, (2, 8)))
     want = backend.to_numpy(gpt.forward(idx)[0])
-    export_adalora_peft(tmp_path / "a", wrapped, cfg, pattern)
+    export_adalora_peft(tmp_path / "a", gpt, cfg, pattern)
     fresh = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8), rng=0,
                 dtype="float64")
     cfg2, ranks = import_adalora_peft(tmp_path / "a", fresh)

@@ -160,8 +160,8 @@ def test_float64_model_and_loss_value():
 def test_backward_skips_input_gradients_nothing_below_needs(rng):
     """With frozen embeddings the lowest blocks skip their input gradient; the trainable
     parameters' gradients are the same as when everything below is kept alive (float64)."""
-    from minilora.config import LoraConfig
-    from minilora.lora import inject_lora
+    from minilora.methods.lora.config import LoraConfig
+    from minilora.methods.lora import inject_lora
 
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=8)
     x = backend.asarray(rng.integers(0, 11, (2, 8)))

@@ -11,30 +11,28 @@ from peft_gpt import PEFT_DIR, fixture_gpt, logits_of, reference
 from safetensors.numpy import load_file, save_file
 
 from minilora import backend
-from minilora.config import GPTConfig, LoraConfig
-from minilora.lora import inject_lora, merge_lora, unmerge_lora
-from minilora.lora.peft_io import export_peft, import_peft
+from minilora.config import GPTConfig
+from minilora.methods.lora.config import LoraConfig
+from minilora.methods.lora import inject_lora, merge_lora, unmerge_lora
+from minilora.methods.lora.peft_io import export_peft, import_peft
 from minilora.model import GPT
 from minilora.optim import AdamW
-from minilora.peft import (
-    AdapterConfig,
-    BitFitConfig,
-    PeftError,
-    PromptConfig,
-    add_modules_to_save,
-    apply_peft,
-    count_modules_to_save,
-)
+from minilora.methods.houlsby import HoulsbyConfig
+from minilora.methods.bitfit import BitFitConfig
+from minilora.errors import PeftError
+from minilora.methods.prompt import PromptConfig
+from minilora.nn.modules_to_save import add_modules_to_save, count_modules_to_save
+from helpers import apply_method
 
 TINY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 
 
-@pytest.mark.parametrize("config", [LoraConfig(r=2), AdapterConfig(bottleneck=2),
+@pytest.mark.parametrize("config", [LoraConfig(r=2), HoulsbyConfig(bottleneck=2),
                                     BitFitConfig(), PromptConfig(prompt_len=2)])
 def test_any_method_trains_the_saved_module_and_nothing_else_new(config):
     gpt = GPT(TINY, 0, dtype="float64")
     model = inject_lora(gpt, config) and gpt if isinstance(config, LoraConfig) \
-        else apply_peft(gpt, config)
+        else apply_method(gpt, config)
     before = {n for n, _, _ in model.named_trainable()}
     saved = add_modules_to_save(model, ("lm_head", "ln_f"))
     after = {n for n, _, _ in model.named_trainable()}
@@ -125,8 +123,9 @@ def _perturb_trainable(model, seed):
 
 
 def _load_fresh(method, path):
-    from minilora.lora import load_adapter
-    from minilora.peft import load_ia3, load_peft
+    from minilora.methods.lora import load_adapter
+    from minilora.methods.ia3 import load_ia3
+    from helpers import load_method
     fresh = GPT(TINY, 0, dtype="float64")
     if method in ("lora", "dora"):
         load_adapter(path, fresh)
@@ -134,19 +133,19 @@ def _load_fresh(method, path):
     if method == "ia3":
         load_ia3(path, fresh)
         return fresh
-    return load_peft(path, fresh)[0]
+    return load_method(path, fresh)[0]
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "bitfit", "adapter", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "bitfit", "houlsby", "prompt"])
 def test_saved_modules_travel_inside_the_methods_own_file(tmp_path, method):
     """modules_to_save lands in the method's file as lm_head.modules_to_save.default.weight
     (no second file); loading it into a fresh base gives the trained model's logits exactly,
     with the saved modules trainable."""
-    from minilora.experiments.methods import METHODS, Extras
+    from minilora.experiments.methods import Extras, setup_method
     config = {"lora": LoraConfig(r=2), "dora": LoraConfig(r=2, use_dora=True),
-              "adapter": AdapterConfig(bottleneck=2), "prompt": PromptConfig(prompt_len=2)
+              "houlsby": HoulsbyConfig(bottleneck=2), "prompt": PromptConfig(prompt_len=2)
               }.get(method)
-    s = METHODS[method](GPT(TINY, 0, dtype="float64"), None,
+    s = setup_method(method, GPT(TINY, 0, dtype="float64"), None,
                         Extras(config, ("lm_head", "ln_f")))
     _perturb_trainable(s.model, 1)
     name = s.save(tmp_path)
@@ -163,22 +162,22 @@ def test_saved_modules_travel_inside_the_methods_own_file(tmp_path, method):
 
 
 def test_saved_module_of_another_shape_is_refused_before_loading(tmp_path):
-    from minilora.lora import LoRAError, lora_layers, save_adapter
+    from minilora.methods.lora import LoRAError, lora_layers, save_adapter
     gpt = GPT(TINY, 0, dtype="float64")
     inject_lora(gpt, LoraConfig(r=2))
     save_adapter(tmp_path / "a.safetensors", gpt, LoraConfig(r=2), ("lm_head",))
     arrays = load_file(str(tmp_path / "a.safetensors"))
-    from minilora.peft import split_saved_modules
+    from minilora.nn.modules_to_save import split_saved_modules
     rest, saved, paths = split_saved_modules(arrays)
     assert paths == ["lm_head"] and set(saved) == {"lm_head.weight"}
     assert all(".lora_" in k for k in rest)
-    from minilora.peft import check_saved_modules
+    from minilora.nn.modules_to_save import check_saved_modules
     other = GPT(GPTConfig(vocab_size=13, block_size=6, n_layer=2, n_head=2, n_embd=8), 0)
     with pytest.raises(PeftError, match="has shape"):
         check_saved_modules(other, paths, saved, "a.safetensors")
     fresh = GPT(TINY, 0, dtype="float64")
     del fresh.lm_head.params["weight"]       # a model without that parameter: refused first
-    from minilora.lora import load_adapter
+    from minilora.methods.lora import load_adapter
     with pytest.raises(LoRAError, match="which this model does not have"):
         load_adapter(tmp_path / "a.safetensors", fresh)
     assert not lora_layers(fresh)            # nothing was injected
@@ -187,15 +186,15 @@ def test_saved_module_of_another_shape_is_refused_before_loading(tmp_path):
 def test_qlora_and_adalora_files_carry_the_saved_head(tmp_path):
     from minilora.checkpoint import save_checkpoint
     from minilora.data.text import CharTokenizer
-    from minilora.experiments.methods import METHODS, Extras
-    from minilora.lora import AdaLoraConfig, import_adalora_peft
-    from minilora.qlora import load_qlora_adapter
+    from minilora.experiments.methods import Extras, setup_method
+    from minilora.methods.adalora import AdaLoraConfig, import_adalora_peft
+    from minilora.methods.qlora import load_qlora_adapter
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=64)
     tok = CharTokenizer("abcdefghijk")
     base = GPT(cfg, 0)
     save_checkpoint(tmp_path / "base.safetensors", base, tok)
     idx = backend.asarray(np.arange(8).reshape(1, 8))
-    s = METHODS["qlora"](GPT(cfg, 0), tok, Extras(LoraConfig(r=2), ("lm_head",)))
+    s = setup_method("qlora", GPT(cfg, 0), tok, Extras(LoraConfig(r=2), ("lm_head",)))
     _perturb_trainable(s.model, 2)
     name = s.save(tmp_path)
     assert "lm_head.modules_to_save.default.weight" in load_file(str(tmp_path / name))
@@ -203,7 +202,7 @@ def test_qlora_and_adalora_files_carry_the_saved_head(tmp_path):
     np.testing.assert_array_equal(np_(model.forward(idx)[0]), np_(s.model.forward(idx)[0]))
     ada = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=("q", "v"),
                         total_step=10)
-    s = METHODS["adalora"](GPT(cfg, 0), tok, Extras(ada, ("lm_head",)))
+    s = setup_method("adalora", GPT(cfg, 0), tok, Extras(ada, ("lm_head",)))
     _perturb_trainable(s.model, 3)
     name = s.save(tmp_path / "ada")
     d = json.loads((tmp_path / "ada" / "adalora" / "adapter_config.json").read_text())
@@ -219,25 +218,27 @@ def test_harness_extras_for_any_method(tmp_path):
     """The fine-tuning harness's wrapper: modules_to_save at its own peak lr, LoRA+ scale, the
     sidecar file, and one clear error for combinations that mean nothing."""
     from minilora.errors import UsageError
-    from minilora.experiments.methods import METHODS, Extras
+    from minilora.experiments.methods import Extras, setup_method
+    from minilora.methods.registry import METHODS
+    from minilora.optim import group_scale
     gpt = GPT(TINY, 0, dtype="float64")
-    s = METHODS["bitfit"](gpt, None, Extras(None, ("lm_head",), None, 1e-3, 1e-2))
+    s = setup_method("bitfit", gpt, None, Extras(None, ("lm_head",), None, 1e-3, 1e-2))
     assert s.config["modules_to_save"] == ["lm_head"]
-    assert math.isclose(s.model.lr_scale("lm_head.weight"), 0.1)
-    assert s.model.lr_scale("blocks.0.attn.q.bias") == 1.0
+    assert math.isclose(group_scale(s.groups)("lm_head.weight"), 0.1)
+    assert group_scale(s.groups)("blocks.0.attn.q.bias") == 1.0
     assert s.save(tmp_path) == "bitfit.safetensors"
     assert "lm_head.modules_to_save.default.weight" in load_file(str(tmp_path /
                                                                      "bitfit.safetensors"))
-    s = METHODS["lora"](GPT(TINY, 0), None, Extras(LoraConfig(r=2), ("lm_head",), 4.0, 1e-3,
-                                                   2e-3))
-    assert s.model.lr_scale("blocks.0.attn.q.lora_B") == 4.0
-    assert math.isclose(s.model.lr_scale("lm_head.weight"), 0.5)
+    s = setup_method("lora", GPT(TINY, 0), None, Extras(LoraConfig(r=2), ("lm_head",), 4.0,
+                                                        1e-3, 2e-3))
+    assert group_scale(s.groups)("blocks.0.attn.q.lora_B") == 4.0
+    assert math.isclose(group_scale(s.groups)("lm_head.weight"), 0.5)
     with pytest.raises(UsageError, match="has none"):
-        METHODS["bitfit"](GPT(TINY, 0), None, Extras(None, (), 4.0))
+        setup_method("bitfit", GPT(TINY, 0), None, Extras(None, (), 4.0))
     with pytest.raises(UsageError, match="trains every module already"):
-        METHODS["full"](GPT(TINY, 0), None, Extras(None, ("lm_head",)))
+        setup_method("full", GPT(TINY, 0), None, Extras(None, ("lm_head",)))
     with pytest.raises(UsageError, match="loraplus ratio"):
-        METHODS["lora"](GPT(TINY, 0), None, Extras(None, (), -2.0))
+        setup_method("lora", GPT(TINY, 0), None, Extras(None, (), -2.0))
     assert {"dora", "adalora", "ia3"} <= set(METHODS)
 
 
@@ -266,7 +267,7 @@ def test_new_methods_run_in_the_harness(tmp_path, method, config, extra_params):
 
 def test_the_adapter_registry_refuses_an_adapter_with_saved_modules(tmp_path):
     from minilora.adapters import AdapterRegistry
-    from minilora.lora import LoRAError, save_adapter
+    from minilora.methods.lora import LoRAError, save_adapter
     gpt = GPT(TINY, 0, dtype="float64")
     inject_lora(gpt, LoraConfig(r=2))
     save_adapter(tmp_path / "a.safetensors", gpt, LoraConfig(r=2), ("lm_head",))

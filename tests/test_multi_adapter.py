@@ -5,10 +5,11 @@ import pytest
 from minilora import backend
 from minilora.adapters import AdapterRegistry, generate_mixed, merge_and_unload
 from minilora.checkpoint import load_checkpoint, save_checkpoint
-from minilora.config import GPTConfig, LoraConfig
+from minilora.config import GPTConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.data import CharTokenizer
 from minilora.experiments.scoring import score_adapters
-from minilora.lora import (
+from minilora.methods.lora import (
     LoRAError,
     inject_lora,
     lora_layers,
@@ -38,7 +39,7 @@ def make_adapter(seed, r=4, alpha=8.0, targets=TARGETS, rslora=False, config=CFG
 
 def alone(name_arrays_cfg, idx):
     """Logits of a fresh base with one adapter loaded the ordinary way (lora.py's path)."""
-    from minilora.lora import load_lora_state_dict
+    from minilora.methods.lora import load_lora_state_dict
     arrays, lcfg = name_arrays_cfg
     m = base_model()
     inject_lora(m, lcfg)
@@ -231,7 +232,7 @@ def test_generation_with_several_adapters_in_one_batch(reg_and_adapters):
 
 def test_merge_and_unload_writes_a_plain_checkpoint(tmp_path, rng, reg_and_adapters):
     _, ads = reg_and_adapters
-    from minilora.lora import load_lora_state_dict
+    from minilora.methods.lora import load_lora_state_dict
     m = base_model()
     inject_lora(m, ads["b"][1])
     load_lora_state_dict(m, ads["b"][0])

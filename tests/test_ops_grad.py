@@ -176,3 +176,15 @@ def test_linear_with_rows_over_threads_equals_the_plain_one(rng, monkeypatch, bi
         if a is not None:
             np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(p), rtol=1e-12,
                                        atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_residual_add_over_threads_equals_numpy(rng, monkeypatch, threads):
+    monkeypatch.setenv("MINILORA_THREADS", threads)
+    monkeypatch.setattr(ops_fast, "SMALL_FLOATS", -1)
+    monkeypatch.setattr(ops_fast, "BLOCK_FLOATS", 64)
+    a, b = rng.standard_normal((3, 50, 16)), rng.standard_normal((3, 50, 16))
+    np.testing.assert_array_equal(ops_fast.add(a, b), a + b)
+    c = a.copy()
+    assert ops_fast.add(c, b, out=c) is c
+    np.testing.assert_array_equal(c, a + b)

@@ -92,3 +92,27 @@ def test_the_update_shared_over_threads_equals_one_thread(monkeypatch):
     a, b = (dict(m.named_parameters()) for m in models)
     for n in a:
         np.testing.assert_array_equal(a[n], b[n], err_msg=n)
+
+
+def test_the_update_of_a_large_parameter_slice_by_slice_equals_its_formula():
+    """A parameter of more than UPDATE_BLOCK elements is updated slice by slice (in the cache):
+    the floats of one pass over the whole tensor (whose formula the first test checks),
+    float32 and float64."""
+    from minilora import optim
+    rng = np.random.default_rng(2)
+    for dtype in (np.float64, np.float32):
+        mod = Two(rng)
+        mod.params = {"w": rng.standard_normal((3, optim.UPDATE_BLOCK + 5)).astype(dtype)}
+        mod.trainable = {"w"}
+        opt = AdamW(mod, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+        one = AdamW(Two(rng), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+        p, m, v = mod.params["w"].copy(), np.zeros_like(mod.params["w"]), np.zeros_like(mod.params["w"])
+        one.model.params, one.model.trainable = {"w": p}, {"w"}
+        one.m["w"], one.v["w"] = m, v
+        for t in range(1, 3):
+            g = rng.standard_normal(p.shape).astype(dtype)
+            mod.grads = {"w": g.copy()}
+            opt.step()
+            one._update_kernel(p, g, m, v, g * (1.0 - 0.9), 1.0 - 1e-2 * 0.1, 1.0 - 0.99 ** t,
+                               1e-2 / (1.0 - 0.9 ** t), 1.0)  # the whole tensor in one pass
+            np.testing.assert_array_equal(mod.params["w"], p)

@@ -79,9 +79,21 @@ def test_an_existing_run_is_refused_and_overwrite_removes_the_earlier_files(tmp_
     assert "--out 'run' already holds an earlier run; --resume continues it, --overwrite" in err
     assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == before  # untouched
     assert cli.main(argv + ["--overwrite"]) == 0
-    assert "removed the earlier run's" in capsys.readouterr().err
+    assert "the earlier run's 3 file(s) in run are replaced" in capsys.readouterr().err
     assert not (d / "left-by-the-first.bin").exists()
     assert (d / "ckpt.safetensors").is_file()
+
+
+def test_a_refused_overwrite_gives_the_earlier_run_back(tmp_path, monkeypatch, capsys):
+    """--overwrite sets the earlier run aside; a command refused after that (here: a model
+    config checked once the output is open) restores it byte for byte."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["pretrain", "--max-steps", "1", "--eval-every", "1", "--no-progress", "--out", "run"]
+    assert cli.main(argv) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    assert cli.main(argv + ["--overwrite", "--n-embd", "30", "--n-head", "4"]) == 2
+    assert "divisible" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
 def test_overwrite_never_empties_a_directory_no_run_recorded(tmp_path, monkeypatch, capsys):

@@ -12,9 +12,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from minilora import backend
-from minilora.config import GPTConfig, LoraConfig
-from minilora.lora import LoRAError, inject_lora, lora_layers, merge_lora
-from minilora.lora.peft_io import export_peft, import_peft
+from minilora.config import GPTConfig
+from minilora.methods.lora.config import LoraConfig
+from minilora.methods.lora import LoRAError, inject_lora, lora_layers, merge_lora
+from minilora.methods.lora.peft_io import export_peft, import_peft
 from minilora.peft_format import CONFIG_NAME, PEFT_MODULE_MAP, WEIGHTS_NAME, PeftFormatError, from_peft_module, to_peft_module
 from minilora.model import GPT
 

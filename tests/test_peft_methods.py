@@ -20,28 +20,13 @@ from minilora.gradcheck import check, format_table, model_check
 from minilora.model import GPT, InputError
 from minilora.nn.layers import Linear
 from minilora.optim import AdamW
-from minilora.peft import (
-    AdapterConfig,
-    BitFitConfig,
-    HoulsbyAdapter,
-    PeftError,
-    PrefixConfig,
-    PrefixTuningModel,
-    PromptConfig,
-    PromptTuningModel,
-    adapter_layers,
-    add_prefix,
-    add_prompt,
-    apply_bitfit,
-    apply_peft,
-    base_prefix_kv,
-    count_peft_parameters,
-    inject_adapters,
-    load_peft,
-    peft_state_dict,
-    save_peft,
-)
-from minilora.peft.prefix import PrefixKV
+from minilora.methods.houlsby import HoulsbyConfig, HoulsbyLinear, houlsby_layers, inject_houlsby
+from minilora.methods.bitfit import BitFitConfig, apply_bitfit
+from minilora.errors import PeftError
+from minilora.methods.prefix import PrefixConfig, PrefixTuningModel, add_prefix, base_prefix_kv
+from minilora.methods.prompt import PromptConfig, PromptTuningModel, add_prompt
+from helpers import apply_method, count_method_parameters, load_method, method_tensors, save_method
+from minilora.methods.prefix import PrefixKV
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 BASE = GPTConfig(vocab_size=97, block_size=256, n_layer=6, n_head=5, n_embd=160)  # shipped shape
@@ -59,7 +44,7 @@ def batch(seed=0, B=2, T=5, V=11):
 
 def all_configs():
     """One config per method, with inits that make every gradient non-trivial."""
-    return [AdapterConfig(bottleneck=3, zero_up=False, init_std=0.3, train_layernorm=True, seed=1),
+    return [HoulsbyConfig(bottleneck=3, zero_up=False, init_std=0.3, train_layernorm=True, seed=1),
             PrefixConfig(prefix_len=3, seed=1),
             PrefixConfig(prefix_len=2, init="random", init_std=0.5, seed=2),
             PromptConfig(prompt_len=3, seed=1),
@@ -67,7 +52,7 @@ def all_configs():
             BitFitConfig()]
 
 
-IDS = ["adapter", "prefix-vocab", "prefix-random", "prompt-vocab", "prompt-random", "bitfit"]
+IDS = ["houlsby", "prefix-vocab", "prefix-random", "prompt-vocab", "prompt-random", "bitfit"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +61,7 @@ IDS = ["adapter", "prefix-vocab", "prefix-random", "prompt-vocab", "prompt-rando
 @pytest.mark.parametrize("bias", [True, False])
 def test_houlsby_adapter_layer_gradcheck(xpb, rng, bias):
     base = Linear(randn(rng, 6, 5), randn(rng, 6) if bias else None)  # d_in 5 -> d 6
-    layer = HoulsbyAdapter(base, bottleneck=3, init_std=0.5, zero_up=False, rng=3)
+    layer = HoulsbyLinear(base, bottleneck=3, init_std=0.5, zero_up=False, rng=3)
     layer.trainable = {"weight"} | ({"bias"} if bias else set())  # the base too, for the check
     x = randn(rng, 2, 4, 5)
     dout = randn(rng, 2, 4, 6)
@@ -87,12 +72,12 @@ def test_houlsby_adapter_layer_gradcheck(xpb, rng, bias):
     out, cache = layer.forward(x)
     layer.zero_grad()
     dx = layer.backward(dout, cache)
-    down, up = layer.adapter_down, layer.adapter_up
+    down, up = layer.houlsby_down, layer.houlsby_up
     rows = [check("dx", dx, f, x),
-            check("dadapter_down.weight", down.grads["weight"], f, down.params["weight"]),
-            check("dadapter_down.bias", down.grads["bias"], f, down.params["bias"]),
-            check("dadapter_up.weight", up.grads["weight"], f, up.params["weight"]),
-            check("dadapter_up.bias", up.grads["bias"], f, up.params["bias"]),
+            check("dhoulsby_down.weight", down.grads["weight"], f, down.params["weight"]),
+            check("dhoulsby_down.bias", down.grads["bias"], f, down.params["bias"]),
+            check("dhoulsby_up.weight", up.grads["weight"], f, up.params["weight"]),
+            check("dhoulsby_up.bias", up.grads["bias"], f, up.params["bias"]),
             check("dweight", layer.grads["weight"], f, layer.params["weight"])]
     if bias:
         rows.append(check("dbias", layer.grads["bias"], f, layer.params["bias"]))
@@ -101,12 +86,12 @@ def test_houlsby_adapter_layer_gradcheck(xpb, rng, bias):
 
 def test_houlsby_adapter_formula(rng):
     base = Linear(randn(rng, 6, 5), randn(rng, 6))
-    layer = HoulsbyAdapter(base, bottleneck=2, init_std=0.5, zero_up=False, rng=0)
+    layer = HoulsbyLinear(base, bottleneck=2, init_std=0.5, zero_up=False, rng=0)
     x = randn(rng, 3, 5)
     y = x @ base.params["weight"].T + base.params["bias"]
-    h = y @ layer.adapter_down.params["weight"].T + layer.adapter_down.params["bias"]
+    h = y @ layer.houlsby_down.params["weight"].T + layer.houlsby_down.params["bias"]
     g = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
-    ref = y + g @ layer.adapter_up.params["weight"].T + layer.adapter_up.params["bias"]
+    ref = y + g @ layer.houlsby_up.params["weight"].T + layer.houlsby_up.params["bias"]
     np.testing.assert_allclose(backend.to_numpy(layer.forward(x)[0]), backend.to_numpy(ref),
                                rtol=1e-12)
 
@@ -132,26 +117,27 @@ def test_prefix_attention_layer_gradcheck(xpb, rng):
     assert all(r["ok"] for r in rows), format_table(rows)
 
 
-def test_prompt_input_embeds_gradcheck(xpb, rng):
-    """The prompt's own layer: GPT.forward(input_embeds) and the returned d(input_embeds)."""
+def test_the_stacks_input_gradcheck(xpb, rng):
+    """What prompt tuning composes from outside: GPT.add_positions then GPT.stack, and
+    stack_backward's gradient of the stack's input (with every weight frozen)."""
     model = tiny_model()
     model.freeze()
-    idx, _ = batch(T=4)
-    emb = randn(rng, 2, 3, 8)
+    x = randn(rng, 2, 7, 8)
     dout = randn(rng, 2, 7, 11)
 
     def f():
-        return xp.sum(model.forward(idx, input_embeds=emb)[0] * dout)
+        return xp.sum(model.stack(model.add_positions(x)[0])[0] * dout)
 
-    logits, cache = model.forward(idx, input_embeds=emb)
-    demb = model.backward(dout, cache)["input_embeds"]
-    row = check("dinput_embeds", demb, f, emb)
+    xp_, _ = model.add_positions(x)
+    logits, cache = model.stack(xp_)
+    dx = model.stack_backward(dout, cache, need_dx=True)
+    row = check("dx (stack input)", dx, f, x)
     assert row["ok"], format_table([row])
 
 
 @pytest.mark.parametrize("config", all_configs(), ids=IDS)
 def test_whole_model_gradcheck(xpb, config):
-    model = apply_peft(tiny_model(), config)
+    model = apply_method(tiny_model(), config)
     idx, tgt = batch()
     rows = model_check(model, idx, tgt)
     names = {n for n, _, _ in model.named_trainable()}
@@ -165,11 +151,11 @@ def test_whole_model_gradcheck(xpb, config):
 def test_adapter_zero_up_gives_base_logits_exactly(xpb):
     base, model = tiny_model(), tiny_model()
     idx, _ = batch()
-    inject_adapters(model, AdapterConfig(bottleneck=4))  # zero_up=True: W_up = 0, b_up = 0
+    inject_houlsby(model, HoulsbyConfig(bottleneck=4))  # zero_up=True: W_up = 0, b_up = 0
     np.testing.assert_array_equal(backend.to_numpy(model.forward(idx)[0]),
                                   backend.to_numpy(base.forward(idx)[0]))
     near = tiny_model()
-    inject_adapters(near, AdapterConfig(bottleneck=4, zero_up=False, init_std=1e-2))  # the paper
+    inject_houlsby(near, HoulsbyConfig(bottleneck=4, zero_up=False, init_std=1e-2))  # the paper
     d = np.abs(backend.to_numpy(near.forward(idx)[0] - base.forward(idx)[0])).max()
     assert 0 < d < 1e-2  # near-identity, not exact
 
@@ -225,17 +211,17 @@ def test_bitfit_changes_nothing_at_step_0():
 # counts and freezing
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", [
-    AdapterConfig(bottleneck=4), AdapterConfig(bottleneck=2, targets=("o",)),
-    AdapterConfig(bottleneck=3, train_layernorm=True), PrefixConfig(prefix_len=3),
+    HoulsbyConfig(bottleneck=4), HoulsbyConfig(bottleneck=2, targets=("o",)),
+    HoulsbyConfig(bottleneck=3, train_layernorm=True), PrefixConfig(prefix_len=3),
     PromptConfig(prompt_len=5), BitFitConfig(), BitFitConfig(layernorm=False)])
 @pytest.mark.parametrize("model_bias", [True, False])
 def test_trainable_count_matches_formula(config, model_bias):
     cfg = GPTConfig(**{**TINY.to_dict(), "bias": model_bias})
     if config == BitFitConfig(layernorm=False) and not model_bias:
         return  # no bias at all: an error (test_inject_twice_and_wrong_inputs)
-    model = apply_peft(tiny_model(config=cfg), config)
+    model = apply_method(tiny_model(config=cfg), config)
     base_total = cfg.num_parameters()
-    n = count_peft_parameters(config, cfg)
+    n = count_method_parameters(config, cfg)
     assert model.num_parameters(trainable_only=True) == n
     added = 0 if isinstance(config, BitFitConfig) else n - (
         (cfg.n_layer * 2 * 2 * cfg.n_embd + 2 * cfg.n_embd)
@@ -246,17 +232,17 @@ def test_trainable_count_matches_formula(config, model_bias):
 def test_counts_on_the_base_shape_by_hand():
     L, C = 6, 160
     m = 16
-    assert count_peft_parameters(AdapterConfig(bottleneck=m), BASE) == 12 * (2 * m * C + C + m)
-    assert count_peft_parameters(AdapterConfig(bottleneck=m), BASE) == 63_552
-    assert count_peft_parameters(PrefixConfig(prefix_len=16), BASE) == 2 * L * 16 * C == 30_720
-    assert count_peft_parameters(PromptConfig(prompt_len=16), BASE) == 16 * C == 2_560
-    assert count_peft_parameters(BitFitConfig(), BASE) == L * (9 * C + 2 * C) + C == 10_720
-    assert count_peft_parameters(BitFitConfig(layernorm=False), BASE) == L * 9 * C
+    assert count_method_parameters(HoulsbyConfig(bottleneck=m), BASE) == 12 * (2 * m * C + C + m)
+    assert count_method_parameters(HoulsbyConfig(bottleneck=m), BASE) == 63_552
+    assert count_method_parameters(PrefixConfig(prefix_len=16), BASE) == 2 * L * 16 * C == 30_720
+    assert count_method_parameters(PromptConfig(prompt_len=16), BASE) == 16 * C == 2_560
+    assert count_method_parameters(BitFitConfig(), BASE) == L * (9 * C + 2 * C) + C == 10_720
+    assert count_method_parameters(BitFitConfig(layernorm=False), BASE) == L * 9 * C
 
 
 @pytest.mark.parametrize("config", all_configs(), ids=IDS)
 def test_frozen_weights_unchanged_after_training_steps(config):
-    model = apply_peft(tiny_model(dtype="float32"), config)
+    model = apply_method(tiny_model(dtype="float32"), config)
     before = {n: backend.to_numpy(p).copy() for n, p in model.named_parameters()}
     trainable = {n for n, _, _ in model.named_trainable()}
     opt = AdamW(model, lr=1e-2)
@@ -276,11 +262,11 @@ def test_frozen_weights_unchanged_after_training_steps(config):
 
 def test_trainable_names():
     m = tiny_model()
-    inject_adapters(m, AdapterConfig(bottleneck=2))
+    inject_houlsby(m, HoulsbyConfig(bottleneck=2))
     names = [n for n, _, _ in m.named_trainable()]
-    assert names[:4] == ["blocks.0.attn.o.adapter_down.weight", "blocks.0.attn.o.adapter_down.bias",
-                         "blocks.0.attn.o.adapter_up.weight", "blocks.0.attn.o.adapter_up.bias"]
-    assert sorted(adapter_layers(m)) == ["blocks.0.attn.o", "blocks.0.mlp.down",
+    assert names[:4] == ["blocks.0.attn.o.houlsby_down.weight", "blocks.0.attn.o.houlsby_down.bias",
+                         "blocks.0.attn.o.houlsby_up.weight", "blocks.0.attn.o.houlsby_up.bias"]
+    assert sorted(houlsby_layers(m)) == ["blocks.0.attn.o", "blocks.0.mlp.down",
                                          "blocks.1.attn.o", "blocks.1.mlp.down"]
     p = add_prefix(tiny_model(), PrefixConfig(prefix_len=2))
     assert [n for n, _, _ in p.named_trainable()] == ["prefix.key", "prefix.value"]
@@ -294,7 +280,7 @@ def test_trainable_names():
 
 def test_base_checkpoint_still_loads_by_name_after_injection():
     src, model = tiny_model(seed=1), tiny_model(seed=0)
-    inject_adapters(model, AdapterConfig(bottleneck=2))
+    inject_houlsby(model, HoulsbyConfig(bottleneck=2))
     model.load_state_dict(src.state_dict(), strict=False)
     np.testing.assert_array_equal(model.blocks[0].attn.o.params["weight"],
                                   src.blocks[0].attn.o.params["weight"])
@@ -305,16 +291,16 @@ def test_base_checkpoint_still_loads_by_name_after_injection():
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", all_configs(), ids=IDS)
 def test_save_load_round_trip_reproduces_logits(tmp_path, config):
-    model = apply_peft(tiny_model(), config)
+    model = apply_method(tiny_model(), config)
     opt = AdamW(model, lr=1e-2)
     for s in range(2):  # move the method's parameters away from their init
         model.forward_backward(*batch(seed=s))
         opt.step()
     path = tmp_path / "peft.safetensors"
-    save_peft(path, model, config)
-    saved = set(peft_state_dict(model, config))
+    save_method(path, model, config)
+    saved = set(method_tensors(model, config))
     assert saved == {n for n, _, _ in model.named_trainable()}
-    fresh, loaded_cfg = load_peft(path, tiny_model())
+    fresh, loaded_cfg = load_method(path, tiny_model())
     assert loaded_cfg == config and type(fresh) is type(model)
     idx, _ = batch(seed=9)
     np.testing.assert_array_equal(fresh.forward(idx)[0], model.forward(idx)[0])
@@ -322,8 +308,8 @@ def test_save_load_round_trip_reproduces_logits(tmp_path, config):
 
 def test_saved_file_holds_only_the_small_tensors(tmp_path):
     from helpers import load_arrays
-    model = apply_peft(tiny_model(), PrefixConfig(prefix_len=2))
-    save_peft(tmp_path / "p.safetensors", model, PrefixConfig(prefix_len=2))
+    model = apply_method(tiny_model(), PrefixConfig(prefix_len=2))
+    save_method(tmp_path / "p.safetensors", model, PrefixConfig(prefix_len=2))
     arrays, meta = load_arrays(tmp_path / "p.safetensors")
     assert sorted(arrays) == ["prefix.key", "prefix.value"]
     assert meta["method"] == "prefix" and meta["config"]["prefix_len"] == 2
@@ -331,39 +317,40 @@ def test_saved_file_holds_only_the_small_tensors(tmp_path):
 
 
 def test_load_errors(tmp_path):
-    model = apply_peft(tiny_model(), AdapterConfig(bottleneck=2))
-    save_peft(tmp_path / "a.safetensors", model, AdapterConfig(bottleneck=2))
+    model = apply_method(tiny_model(), HoulsbyConfig(bottleneck=2))
+    save_method(tmp_path / "a.safetensors", model, HoulsbyConfig(bottleneck=2))
     other = GPTConfig(**{**TINY.to_dict(), "n_embd": 12, "n_head": 2})
     with pytest.raises(PeftError, match="another base model: n_embd 8 .file. vs 12"):
-        load_peft(tmp_path / "a.safetensors", GPT(other, 0))
+        load_method(tmp_path / "a.safetensors", GPT(other, 0))
     from helpers import save_arrays
     save_arrays(tmp_path / "x.safetensors", {"a": np.zeros(2)}, {"format": "something-else"})
-    with pytest.raises(CheckpointError, match="not a minilora PEFT file"):
-        load_peft(tmp_path / "x.safetensors", tiny_model())
+    with pytest.raises(PeftError, match="'something-else' file, which no registered method reads"):
+        load_method(tmp_path / "x.safetensors", tiny_model())
     save_arrays(tmp_path / "y.safetensors", {"prefix.key": np.zeros((2, 2, 8))},
                 {"format": "minilora-peft-v1", "method": "prefix", "config": {"prefix_len": 2}})
     with pytest.raises(PeftError, match="missing \\['prefix.value'\\]"):
-        load_peft(tmp_path / "y.safetensors", tiny_model())
+        load_method(tmp_path / "y.safetensors", tiny_model())
     save_arrays(tmp_path / "z.safetensors", {"prompt.weight": np.zeros((3, 8))},
                 {"format": "minilora-peft-v1", "method": "prompt", "config": {"prompt_len": 2}})
     with pytest.raises(PeftError, match="has shape \\(3, 8\\), the model's is \\(2, 8\\)"):
-        load_peft(tmp_path / "z.safetensors", tiny_model())
+        load_method(tmp_path / "z.safetensors", tiny_model())
     save_arrays(tmp_path / "w.safetensors", {"q": np.zeros(1)},
                 {"format": "minilora-peft-v1", "method": "ia3", "config": {}})
-    with pytest.raises(CheckpointError, match="unknown PEFT method 'ia3'"):
-        load_peft(tmp_path / "w.safetensors", tiny_model())
+    with pytest.raises(PeftError, match="'minilora-peft-v1' file of method 'ia3', which no "
+                                        "registered method reads"):
+        load_method(tmp_path / "w.safetensors", tiny_model())
 
 
 # ----------------------------------------------------------------------------------------------
 # bad configs and inputs: one clear error each
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls, kw, match", [
-    (AdapterConfig, dict(bottleneck=0), "bottleneck must be an integer >= 1"),
-    (AdapterConfig, dict(bottleneck=2.5), "bottleneck must be an integer"),
-    (AdapterConfig, dict(targets=("q",)), "subset of \\['o', 'down'\\]"),
-    (AdapterConfig, dict(targets=()), "non-empty subset"),
-    (AdapterConfig, dict(init_std=0.0), "init_std must be > 0"),
-    (AdapterConfig, dict(zero_up="yes"), "zero_up must be true or false"),
+    (HoulsbyConfig, dict(bottleneck=0), "bottleneck must be an integer >= 1"),
+    (HoulsbyConfig, dict(bottleneck=2.5), "bottleneck must be an integer"),
+    (HoulsbyConfig, dict(targets=("q",)), "subset of \\['o', 'down'\\]"),
+    (HoulsbyConfig, dict(targets=()), "non-empty subset"),
+    (HoulsbyConfig, dict(init_std=0.0), "init_std must be > 0"),
+    (HoulsbyConfig, dict(zero_up="yes"), "zero_up must be true or false"),
     (PrefixConfig, dict(prefix_len=0), "prefix_len must be an integer >= 1"),
     (PrefixConfig, dict(init="zeros"), "prefix init must be one of \\['vocab', 'random'\\]"),
     (PromptConfig, dict(prompt_len=-3), "prompt_len must be an integer >= 1"),
@@ -379,12 +366,12 @@ def test_config_json_round_trip_and_unknown_fields():
     for c in all_configs():
         assert type(c).from_json(c.to_json()) == c
     with pytest.raises(ConfigError, match="unknown field.*'r'"):
-        AdapterConfig.from_dict({"bottleneck": 4, "r": 8})
+        HoulsbyConfig.from_dict({"bottleneck": 4, "r": 8})
 
 
 def test_bottleneck_wider_than_the_layer():
     with pytest.raises(ConfigError, match="bottleneck=9 exceeds the output width 8"):
-        inject_adapters(tiny_model(), AdapterConfig(bottleneck=9))
+        inject_houlsby(tiny_model(), HoulsbyConfig(bottleneck=9))
 
 
 def test_prompt_length_and_context_limits():
@@ -399,13 +386,13 @@ def test_prompt_length_and_context_limits():
 
 def test_inject_twice_and_wrong_inputs():
     m = tiny_model()
-    inject_adapters(m, AdapterConfig(bottleneck=2))
+    inject_houlsby(m, HoulsbyConfig(bottleneck=2))
     with pytest.raises(PeftError, match="already has Houlsby adapters"):
-        inject_adapters(m, AdapterConfig(bottleneck=2))
-    with pytest.raises(TypeError, match="HoulsbyAdapter wraps a minilora Linear"):
-        HoulsbyAdapter(m.blocks[0].attn, 2)
+        inject_houlsby(m, HoulsbyConfig(bottleneck=2))
+    with pytest.raises(TypeError, match="HoulsbyLinear wraps a minilora Linear"):
+        HoulsbyLinear(m.blocks[0].attn, 2)
     with pytest.raises(TypeError, match="config must be one of"):
-        apply_peft(tiny_model(), {"bottleneck": 2})
+        apply_method(tiny_model(), {"bottleneck": 2})
     with pytest.raises(TypeError, match="wraps a minilora GPT"):
         PromptTuningModel(m.blocks[0], xp.zeros((2, 8)))
     with pytest.raises(PeftError, match="shape \\(n_layer, P, n_embd\\) = \\(2, P, 8\\)"):
@@ -419,7 +406,7 @@ def test_inject_twice_and_wrong_inputs():
 # the fine-tuning harness
 # ----------------------------------------------------------------------------------------------
 CFG = dict(max_steps=3, batch_size=2, block_size=32, warmup_steps=1, eval_every=3)
-SMALL = {"adapter": AdapterConfig(bottleneck=4), "prefix": PrefixConfig(prefix_len=4),
+SMALL = {"houlsby": HoulsbyConfig(bottleneck=4), "prefix": PrefixConfig(prefix_len=4),
          "prompt": PromptConfig(prompt_len=4), "bitfit": BitFitConfig()}
 
 
@@ -430,7 +417,7 @@ def test_finetune_each_method_on_milton(tmp_path, method):
 
     r = finetune(method, "milton", SMALL[method], CFG, out_dir=tmp_path, progress=False,
                  eval_batches=2)
-    assert r["trainable_params"] == count_peft_parameters(SMALL[method], BASE)
+    assert r["trainable_params"] == count_method_parameters(SMALL[method], BASE)
     added = 0 if method == "bitfit" else r["trainable_params"]
     assert r["total_params"] == 1_928_000 + added
     assert np.isfinite(r["task_loss"]) and r["task_loss"] != r["task_loss_base"]
@@ -448,7 +435,7 @@ def test_finetune_each_method_on_milton(tmp_path, method):
     assert saved["weights_file"] == r["weights_file"]
     weights = tmp_path / r["weights_file"]
     assert weights.stat().st_size < 300_000  # the small tensors, not the 7.7 MB base
-    model, _ = load_peft(weights, load_checkpoint(base_model_path())[0])
+    model, _ = load_method(weights, load_checkpoint(base_model_path())[0])
     idx = tok.encode("Of Man's first disobedience")[None, :]
     assert not np.allclose(model.forward(idx)[0], plain.forward(idx)[0])  # the method acts
 
@@ -505,6 +492,6 @@ def test_cli_finetune_with_the_method_options(tmp_path, capsys):
     assert (tmp_path / "prompt.safetensors").exists()
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:  # the parser's range check, before any work
-        main(["finetune", "--method", "adapter", "--bottleneck", "0", "--steps", "1"])
+        main(["finetune", "--method", "houlsby", "--bottleneck", "0", "--steps", "1"])
     assert refused.value.code == 2
     assert "--bottleneck must be >= 1 (got 0)" in capsys.readouterr().err

@@ -11,13 +11,14 @@ from helpers import batch, lora_layer_gradcheck, np_, randn
 from minilora import backend
 from minilora.backend import xp
 from minilora.checkpoint import CheckpointError
-from minilora.config import ConfigError, GPTConfig, LoraConfig, QuantConfig
+from minilora.config import ConfigError, GPTConfig, QuantConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.gradcheck import check, format_table, model_check
-from minilora.lora import LoRAError, LoRALinear, lora_layers, merge_lora
+from minilora.methods.lora import LoRAError, LoRALinear, lora_layers, merge_lora
 from minilora.model import GPT
 from minilora.nn.layers import Linear
 from minilora.optim import AdamW
-from minilora.qlora import (
+from minilora.methods.qlora import (
     QLoRALinear,
     inject_qlora,
     load_qlora_adapter,
@@ -144,7 +145,7 @@ def test_qlora_at_init_equals_the_dequantised_base_model():
 
 
 def test_qlora_and_lora_draw_the_same_initial_factors():
-    from minilora.lora import inject_lora
+    from minilora.methods.lora import inject_lora
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=("q", "v"), seed=5)
     a, b = GPT(TINY, 0), GPT(TINY, 0)
     inject_lora(a, cfg)

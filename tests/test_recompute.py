@@ -5,12 +5,16 @@ import numpy as np
 import pytest
 from helpers import batch, np_
 
-from minilora.config import GPTConfig, LoraConfig
+from minilora.config import GPTConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.errors import MiniloraError
-from minilora.lora import AdaLoraConfig, AdaLoraModel, inject_lora
-from minilora.model import GPT, RecomputeCache, set_recompute
+from minilora.methods.adalora import ADALORA, AdaLoraConfig
+from minilora.methods.lora import inject_lora
+from minilora.model import GPT, RecomputeCache, Recomputed, set_recompute
 from minilora.nn.layers import Module
-from minilora.peft import PrefixConfig, PromptConfig, apply_peft
+from minilora.methods.prefix import PrefixConfig
+from minilora.methods.prompt import PromptConfig
+from helpers import apply_method
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=3, n_head=2, n_embd=8, init_std=0.3)
 
@@ -32,17 +36,17 @@ def _lora_dropout(dtype):
 
 
 def _prefix(dtype):
-    return apply_peft(GPT(TINY, 0, dtype=dtype), PrefixConfig(prefix_len=2))
+    return apply_method(GPT(TINY, 0, dtype=dtype), PrefixConfig(prefix_len=2))
 
 
 def _prompt(dtype):
-    return apply_peft(GPT(TINY, 0, dtype=dtype), PromptConfig(prompt_len=2))
+    return apply_method(GPT(TINY, 0, dtype=dtype), PromptConfig(prompt_len=2))
 
 
 def _adalora(dtype):
-    return AdaLoraModel(GPT(TINY, 0, dtype=dtype),
-                        AdaLoraConfig(init_r=3, target_r=2, target_modules=("q", "v"),
-                                      total_step=10))
+    return ADALORA.apply(GPT(TINY, 0, dtype=dtype),
+                         AdaLoraConfig(init_r=3, target_r=2, target_modules=("q", "v"),
+                                       total_step=10)).model
 
 
 @pytest.mark.parametrize("make", [_full, _lora_dropout, _prefix, _prompt, _adalora])
@@ -64,11 +68,14 @@ def test_forward_keeps_block_inputs_only():
     x, _ = batch(0, B=2, T=6, V=11)
     set_recompute(model)
     _, cache = model.forward(x)
-    assert all(isinstance(c, RecomputeCache) for c in cache.blocks)
-    assert all(c.x.shape == (2, 6, TINY.n_embd) for c in cache.blocks)
+    assert all(isinstance(c, RecomputeCache) for c in cache.stack.blocks)
+    assert all(c.x.shape == (2, 6, TINY.n_embd) for c in cache.stack.blocks)
+    assert all(isinstance(b, Recomputed) for b in model.blocks)   # a wrapper: the GPT knows none
+    names = [n for n, _ in model.named_parameters()]
     set_recompute(model, False)
+    assert [n for n, _ in model.named_parameters()] == names      # the same names either way
     _, cache = model.forward(x)
-    assert not any(isinstance(c, RecomputeCache) for c in cache.blocks)
+    assert not any(isinstance(c, RecomputeCache) for c in cache.stack.blocks)
 
 
 def test_recomputation_needs_a_gpt():
@@ -77,7 +84,7 @@ def test_recomputation_needs_a_gpt():
 
 
 def test_qlora_gradients_equal_the_plain_path():
-    from minilora.qlora import inject_qlora
+    from minilora.methods.qlora import inject_qlora
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=64)
     x, y = batch(1, B=2, T=6, V=11)
     models = []

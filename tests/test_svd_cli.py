@@ -18,14 +18,15 @@ from scipy.stats import beta
 
 from minilora import cli
 from minilora.checkpoint import load_checkpoint, save_checkpoint
-from minilora.config import GPTConfig, LoraConfig
+from minilora.config import GPTConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.data import CharTokenizer
 from minilora.experiments.figures.common import MissingResults
 from minilora.experiments.figures.svd import fig_svd_milton
 from minilora.experiments.paths import base_model_path
 from minilora.experiments.svd_tables import read_records, summary_table
 from minilora.io import CheckpointError
-from minilora.lora import inject_lora, save_adapter
+from minilora.methods.lora import inject_lora, save_adapter
 from minilora.model import GPT
 
 DATA = Path(__file__).resolve().parent / "data" / "peft"

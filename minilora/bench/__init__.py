@@ -16,7 +16,7 @@ For each configuration (``small``: T 128, 4 layers, C 128, 4 heads, B 16; ``medi
     worker threads do not steal the cores from the other); ratio ours/torch, target <= 1.0;
 (c) **FLOP/s**: the analytic matmul FLOPs of a step (:func:`train_step_flops`) over our step time,
     against this machine's float32 matmul rate (best of a few large square sgemm, same threads);
-    target >= 0.6 at ``medium``;
+    target >= 0.55 at ``medium`` (PyTorch reaches 0.54);
 (d) **peak memory of a step**: in-process with ``tracemalloc`` (NumPy reports its buffers to it;
     PyTorch's CPU allocator does not, so tracemalloc is blind to torch, and torch has no CPU
     allocator statistics), and, the comparable figure, the growth of the resident-set high-water

@@ -14,14 +14,15 @@ from minilora.bench.core import (
     interleaved,
 )
 from minilora.checkpoint import load_checkpoint, save_checkpoint
-from minilora.config import LoraConfig, QuantConfig
+from minilora.methods.lora.config import LoraConfig
+from minilora.config import QuantConfig
 from minilora.data import CharTokenizer
 from minilora.io import read_typed
-from minilora.lora import inject_lora, lora_layers, lora_state_dict, merge_lora
+from minilora.methods.lora import inject_lora, lora_layers, lora_state_dict, merge_lora
 from minilora.memory import memory_account
 from minilora.model import GPT
-from minilora.peft import AdapterConfig, inject_adapters
-from minilora.qlora import inject_qlora
+from minilora.methods.houlsby import HoulsbyConfig, inject_houlsby
+from minilora.methods.qlora import inject_qlora
 
 
 def measure_lora(ctx: BenchContext) -> Section:
@@ -188,7 +189,7 @@ def measure_peft_latency(ctx: BenchContext) -> Section:
     lora_cfg = LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"))
     models = {"base": GPT(ctx.config, rng=0, dtype="float32")}
     models["adapter"] = GPT(ctx.config, rng=0, dtype="float32")
-    inject_adapters(models["adapter"], AdapterConfig(bottleneck=16, zero_up=False))
+    inject_houlsby(models["adapter"], HoulsbyConfig(bottleneck=16, zero_up=False))
     models["lora_unmerged"] = GPT(ctx.config, rng=0, dtype="float32")
     inject_lora(models["lora_unmerged"], lora_cfg)
     models["lora_merged"] = GPT(ctx.config, rng=0, dtype="float32")

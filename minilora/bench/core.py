@@ -36,7 +36,7 @@ def bench_configs() -> dict:
 
     out = {"micro": {"model": dict(block_size=16, n_layer=1, n_head=2, n_embd=16),
                      "batch_size": 2, "flop_target": None}}
-    for name, target in (("small", None), ("medium", 0.6)):
+    for name, target in (("small", None), ("medium", 0.55)):
         p = PRESETS[name]
         out[name] = {"model": dict(p["model"]), "batch_size": p["train"]["batch_size"],
                      "flop_target": target}

@@ -18,7 +18,8 @@ Five parts, each timed, each with its own status; a part that fails never stops 
 4. **nf4**: the ``ElementwiseKernel`` of :mod:`minilora.quant.kernel` compiled; its codes,
    scales, packed bytes and dequantised floats compared byte for byte with NumPy's on the CPU
    (random tensors with a ragged tail, tiny and huge scales, an all-zero block, values on the
-   midpoints; double quantisation too), and with CuPy's path without the kernel; then
+   midpoints; double quantisation too, whose second level may differ by the rounding of a
+   mean summed in another order), and with CuPy's path without the kernel; then
    quantise + dequantise against a device copy of the same tensor (target >= 0.5 of the copy's
    bandwidth).
 5. **bench**: ``minilora bench`` on CuPy for the training step (small, medium), LoRA, QLoRA and
@@ -213,11 +214,26 @@ def _nf4_bytes(x_np, double_quant: bool) -> dict:
     return {k: backend.to_numpy(v) for k, v in out.items()}
 
 
+def _close_after_mean(ref: dict, got: dict, key: str) -> bool:
+    """Double quantisation's offset is a mean of the scales, whose summation order differs on
+    a GPU: it may differ from NumPy's in its last bit, and the second level with it. Within
+    that rounding: the offset to float32 precision, the 8-bit codes to one step in 0.1 % of
+    the blocks, the floats to 1e-5 of the block's scale."""
+    a, b = ref[key], got[key]
+    if a.shape != b.shape:
+        return False
+    if key == "absmax":  # the 8-bit codes of the scales
+        diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        return diff.max() <= 1 and (diff > 0).mean() <= 1e-3
+    scale = float(np.abs(a).max()) or 1.0
+    return bool(np.abs(a.astype(np.float64) - b).max() <= 1e-5 * scale)
+
+
 def run_nf4(standin: bool, quick: bool) -> dict:
     n = 4096 if quick else 1 << 20
     backend.set_backend(_backend_name(standin))
     compiled = kernel._nearest_kernel() is not None
-    rec = {"kernel_compiled": compiled, "cases": {}, "mismatches": []}
+    rec = {"kernel_compiled": compiled, "cases": {}, "mismatches": [], "rounding_only": []}
     if not compiled and not standin:
         rec["mismatches"].append("the NF4 ElementwiseKernel did not compile")
     for name, x in nf4_cases(n):
@@ -237,7 +253,13 @@ def run_nf4(standin: bool, quick: bool) -> dict:
                 same = {k: bool(ref[k].dtype == got[k].dtype and ref[k].shape == got[k].shape
                                 and ref[k].tobytes() == got[k].tobytes()) for k in ref}
                 rec["cases"][f"{label} [{path}]"] = same
-                rec["mismatches"] += [f"{label} [{path}]: {k}" for k, ok in same.items() if not ok]
+                for k, ok in same.items():
+                    if ok:
+                        continue
+                    if dq and k != "packed" and _close_after_mean(ref, got, k):
+                        rec["rounding_only"].append(f"{label} [{path}]: {k}")
+                    else:
+                        rec["mismatches"].append(f"{label} [{path}]: {k}")
     r = bench_quant(1 << 16 if quick else 1 << 26, repeats=3 if quick else 10)
     rec["throughput"] = {k: r[k] for k in ("n", "copy_gbps", "quantize_gbps", "dequantize_gbps",
                                            "roundtrip_gbps", "ratio")}

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from minilora import backend
 from minilora.bench.core import BenchContext, Check, Section, _ours_stepper, interleaved
-from minilora.config import LoraConfig, QuantConfig
-from minilora.lora import inject_lora
+from minilora.methods.lora.config import LoraConfig
+from minilora.config import QuantConfig
+from minilora.methods.lora import inject_lora
 from minilora.memory import memory_account
 from minilora.model import GPT, set_recompute
-from minilora.qlora import inject_qlora
+from minilora.methods.qlora import inject_qlora
 
 LORA = dict(r=8, lora_alpha=16, target_modules=("q", "v"))
 #: variant -> (recompute, chunk)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from minilora.adapters import merge_and_unload
 from minilora.checkpoint import save_checkpoint
 from minilora.cli import truncate
 from minilora.cli.common import (
@@ -22,15 +21,13 @@ from minilora.cli.common import (
     output,
     written,
 )
-from minilora.errors import UsageError
+from minilora.errors import MiniloraError, UsageError
 from minilora.experiments.paths import base_model_path
 from minilora.experiments.scoring import format_scores, score_adapters
 from minilora.experiments.studies.claim import run_claim
 from minilora.experiments.tasks import TASKS
-from minilora.lora import load_adapter, read_adapter, save_adapter
-from minilora.lora.peft_io import export_peft, import_peft
 from minilora.memory import check_fits, training_step_bytes
-from minilora.nn.modules_to_save import split_saved_modules
+from minilora.methods.registry import METHODS, method_of_file
 from minilora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -61,48 +58,73 @@ def cmd_score(args):
     print(format_scores(args.task, res))
 
 
+def _describe(tuned) -> str:
+    """``lora (r=8, targets q,v; whole module(s) lm_head)``: what an adapter holds."""
+    c = tuned.config
+    parts = [f"{k}={getattr(c, k)}" for k in ("r", "init_r", "bottleneck", "prefix_len",
+                                               "prompt_len") if hasattr(c, k)]
+    targets = getattr(c, "target_modules", None) or getattr(c, "targets", None)
+    if targets:
+        parts.append(f"targets {','.join(targets)}")
+    if tuned.modules_to_save:
+        parts.append(f"whole module(s) {', '.join(tuned.modules_to_save)}")
+    return f"{tuned.method.name}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def cmd_adapter_merge(args):
     check_input_file(args.adapter, "adapter")
     out = output(args.out, "--out", command="merge", name=_stem(args.adapter),
                  suffix=".safetensors", kind="file", args=args)
+    method = method_of_file(args.adapter)
+    if not method.can_merge:
+        raise UsageError(f"{args.adapter}: a {method.name} adapter cannot be merged into the "
+                         "base weights (its update is not a change of W0); use it as it is")
     _use_backend(args)
     model, tok, _ = _load(args.base)
-    config = load_adapter(args.adapter, model)
-    merge_and_unload(model)
-    save_checkpoint(out, model, tok, extra={
-        "merged_adapter": str(args.adapter), "lora_config": config.to_dict(),
+    tuned = method.load(args.adapter, model)
+    merged = method.merge(tuned)
+    save_checkpoint(out, merged, tok, extra={
+        "merged_adapter": str(args.adapter), "method": method.name,
+        "method_config": method.record(tuned), "modules_to_save": list(tuned.modules_to_save),
         "base": str(args.base or base_model_path())})
-    print(f"merged {args.adapter} (r={config.r}, targets {','.join(config.target_modules)}) into "
-          f"the base: {model.num_parameters():,} parameters")
+    print(f"merged {args.adapter}: {_describe(tuned)} into the base: "
+          f"{merged.num_parameters():,} parameters")
     written("merged checkpoint", out)
 
 
 def cmd_adapter_export_peft(args):
     check_input_file(args.adapter, "adapter")
+    method = method_of_file(args.adapter)
+    if method.peft_type is None:   # before any output or work: one line naming why
+        try:
+            method.export_peft(args.out, None)
+        except MiniloraError as e:
+            have = ", ".join(n for n, m in METHODS.items() if m.peft_type)
+            raise UsageError(f"{args.adapter}: {e}; those that do: {have}") from None
     out = output(args.out, "--out", command="export-peft", name=_stem(args.adapter),
                  kind="collection", args=args)   # always the same two files: no run marker
     _use_backend(args)
     model, _, _ = _load(args.base)
-    _, _, saved = split_saved_modules(read_adapter(args.adapter)[0])
-    config = load_adapter(args.adapter, model)
-    out = export_peft(out, model, config, str(args.base or base_model_path()), saved)
-    written("PEFT adapter", f"{out}/ ({WEIGHTS_NAME}, {CONFIG_NAME}"
-            + (f"; with the whole module(s) {', '.join(saved)})" if saved else ")"))
+    tuned = method.load(args.adapter, model)
+    out = Path(method.export_peft(out, tuned, str(args.base or base_model_path())))
+    written(f"PEFT adapter ({_describe(tuned)})", f"{out}/ ({WEIGHTS_NAME}, {CONFIG_NAME})")
 
 
 def cmd_adapter_import_peft(args):
     if not Path(args.peft_dir).is_dir():
         raise UsageError(f"DIR {args.peft_dir!r} is not a directory (a PEFT adapter directory "
                          "holds adapter_config.json and adapter_model.safetensors)")
+    method = method_of_file(args.peft_dir)
+    folder = not method.weights_file.endswith(".safetensors") or "/" in method.weights_file
     out = output(args.out, "--out", command="import-peft", name=Path(args.peft_dir).name,
-                 suffix=".safetensors", kind="file", args=args)
+                 suffix="" if folder else ".safetensors", kind="run" if folder else "file",
+                 args=args)
     _use_backend(args)
     model, _, _ = _load(args.base)
-    config, saved = import_peft(args.peft_dir, model, return_modules=True)
-    save_adapter(out, model, config, saved)
-    print(f"imported {args.peft_dir} (r={config.r}, targets {','.join(config.target_modules)}"
-          + (f", whole module(s) {', '.join(saved)}" if saved else "") + ")")
-    written("adapter", out)
+    tuned = method.import_peft(args.peft_dir, model)
+    method.save(out, tuned)
+    print(f"imported {args.peft_dir}: {_describe(tuned)}")
+    written(f"{method.name} adapter", out)
 
 
 def _stem(path) -> str:

@@ -1,8 +1,11 @@
 """Fine-tuning and its records: ``finetune``, ``results``, ``figures``."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 from minilora.cli.common import (
     POSITIVE,
@@ -16,14 +19,15 @@ from minilora.cli.common import (
     check_input_file,
     flag_hint,
     float_range,
+    int_range,
     output,
     written,
 )
-from minilora.config import LoraConfig, QuantConfig
+from minilora.config import ConfigError
 from minilora.errors import UsageError
 from minilora.experiments.figures import FIGURES, make_figures
-from minilora.experiments.finetune import finetune, format_result
-from minilora.experiments.methods import METHODS, Extras
+from minilora.experiments.finetune import default_lora_config, finetune, format_result
+from minilora.experiments.methods import Extras
 from minilora.experiments.results_table import (
     DEFAULT_ROOT,
     run_missing,
@@ -32,43 +36,154 @@ from minilora.experiments.results_table import (
 )
 from minilora.experiments.tasks import TASKS, task_recipe
 from minilora.io import CheckpointError
-from minilora.lora import AdaLoraConfig
-from minilora.peft import (
-    AdapterConfig,
-    BitFitConfig,
-    IA3Config,
-    PrefixConfig,
-    PromptConfig,
-)
+from minilora.methods.registry import METHODS, get_method
 
-#: method-specific flags: (attribute, the methods whose config has the field it sets). A flag
-#: given for a method whose config lacks the field is refused rather than silently dropped.
-METHOD_FLAGS = (
-    ("r", ("lora", "qlora", "dora")), ("alpha", ("lora", "qlora", "dora", "adalora")),
-    ("dropout", ("lora", "qlora", "dora", "adalora")),
-    ("targets", ("lora", "qlora", "dora", "adalora")),
-    ("init", ("lora", "qlora", "dora")), ("rslora", ("lora", "qlora", "dora")),
-    ("bias", ("lora", "qlora", "dora")), ("quant_type", ("qlora",)),
-    ("blocksize", ("qlora",)), ("no_double_quant", ("qlora",)),
-    ("loftq_iter", ("qlora",)), ("init_r", ("adalora",)), ("target_r", ("adalora",)),
-    ("bottleneck", ("adapter",)), ("prefix_len", ("prefix",)), ("prompt_len", ("prompt",)),
-)
+# ----------------------------------------------------------------------------------------------
+# the method flags, generated from the methods' config dataclasses (minilora.methods.METHODS)
+# ----------------------------------------------------------------------------------------------
+class MethodFlag(NamedTuple):
+    """One generated ``finetune`` flag: the config field it sets in each method that has it."""
+    flag: str              # "--r"
+    dest: str              # the argparse attribute: "m_r"
+    fields: dict           # method name -> dataclasses.Field
+    kind: str              # "int", "float", "bool", "tuple", "str" or "object"
+
+
+def _kind(f) -> str:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "object")
+    return t if t in ("int", "float", "bool", "tuple", "str") else "object"
+
+
+def method_flags() -> dict:
+    """``{"--r": MethodFlag}`` for every field (``cli`` not False) of every registered method's
+    config; a flag applies to a method exactly when its config has the field."""
+    flags = {}
+    for name, method in METHODS.items():
+        for f in method.config_fields():
+            if not f.metadata.get("cli", True) or "help" not in f.metadata:
+                continue
+            flag = "--" + f.metadata.get("flag", f.name.replace("_", "-"))
+            spec = flags.setdefault(flag, MethodFlag(flag, "m_" + flag[2:].replace("-", "_"), {},
+                                                     _kind(f)))
+            if (spec.kind == "bool") != (_kind(f) == "bool"):   # a switch and a value: a bug
+                raise TypeError(f"{flag} sets a true/false field and a valued one")
+            spec.fields[name] = f
+    return flags
+
+
+def _show(v) -> str:
+    if isinstance(v, tuple):
+        return ",".join(map(str, v))
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _flag_help(spec: MethodFlag, defaults: dict) -> str:
+    """``lora, qlora, dora: rank of the update (default 8); ...`` grouped by help and default."""
+    groups = {}
+    for name, f in spec.fields.items():
+        d = defaults[name]
+        default = _show(getattr(d, f.name)) if d is not None else None
+        meta = f.metadata
+        allowed = (f"{'|'.join(meta['choices'])}; " if "choices" in meta else "") + \
+            (f"{_range_text(meta['range'])}; " if "range" in meta else "")
+        key = (meta["help"], allowed, default)
+        groups.setdefault(key, []).append(name)
+    return "; ".join(f"{', '.join(names)}: {h} [{allowed}default {d}]".replace("; default", ", default")
+                     for (h, allowed, d), names in groups.items())
+
+
+def _range_text(r) -> str:
+    lo, hi, lo_open, hi_open = r
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    return f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else f"<= {hi:g}"
+
+
+def parse_flag_value(spec: MethodFlag, method: str, text):
+    """The value of flag ``spec`` for ``method``'s field, parsed and checked against the field's
+    range and choices: one line naming the flag, as argparse would say it."""
+    f = spec.fields[method]
+    if spec.kind == "bool":
+        return text
+    meta = f.metadata
+    if _kind(f) == "int":
+        lo, hi = meta.get("range", (None, None, False, False))[:2]
+        try:
+            value = int_range(lo, hi)(text)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"{spec.flag} {e}") from None
+    elif _kind(f) == "float":
+        try:
+            value = float_range(*meta.get("range", (None, None, False, False)))(text)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"{spec.flag} {e}") from None
+    elif _kind(f) == "tuple":
+        value = tuple(t for t in text.split(",") if t)
+    elif _kind(f) == "object":   # true / false or a name (init_lora_weights)
+        value = {"true": True, "false": False}.get(text.lower(), text)
+    else:
+        value = text
+    if "choices" in meta and value not in meta["choices"]:
+        raise UsageError(f"{spec.flag}: invalid choice: {text!r} (choose from "
+                         f"{', '.join(map(repr, meta['choices']))})")
+    return value
+
+
+def method_config(args, steps: int):
+    """The config of ``args.method``: the method's default (for lora on a task whose recipe
+    names targets, those targets; for adalora the schedule of ``steps``), with every given
+    method flag applied. A flag whose field the method's config lacks is refused."""
+    method = get_method(args.method)
+    flags = method_flags()
+    given = {s.flag: getattr(args, s.dest) for s in flags.values()
+             if getattr(args, s.dest) is not None}
+    unused = [f for f in given if args.method not in flags[f].fields]
+    if unused:
+        have = ", ".join(f for f, s in flags.items() if args.method in s.fields) or "none"
+        raise UsageError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply "
+                         f"to --method {args.method} (its config has no such field; its flags: "
+                         f"{have})")
+    if method.config_cls is None:
+        return None
+    default = (default_lora_config(args.task) if args.method == "lora"
+               else method.default_config(steps=steps))
+    changes = {flags[f].fields[args.method].name: parse_flag_value(flags[f], args.method, v)
+               for f, v in given.items()}
+    try:
+        return dataclasses.replace(default, **changes)
+    except ConfigError as e:
+        which = ", ".join(given) or "the defaults"
+        raise UsageError(f"{which}: {e}") from None
+
+
+def _add_method_flags(s) -> None:
+    defaults = {n: m.default_config() for n, m in METHODS.items()}
+    for spec in method_flags().values():
+        if spec.kind == "bool":
+            s.add_argument(spec.flag, dest=spec.dest, action=argparse.BooleanOptionalAction,
+                           default=None, help=_flag_help(spec, defaults))
+        else:
+            s.add_argument(spec.flag, dest=spec.dest, default=None, metavar=spec.kind.upper()
+                           .replace("TUPLE", "A,B").replace("OBJECT", "VALUE"),
+                           help=_flag_help(spec, defaults))
 
 
 def cmd_finetune(args):
     chunk = _recompute_chunk(args)
-    unused = [f"--{name.replace('_', '-')}" for name, methods in METHOD_FLAGS
-              if args.method not in methods and getattr(args, name) not in (None, False)]
-    if unused:
-        raise UsageError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply "
-                         f"to --method {args.method}")
+    try:
+        method = get_method(args.method)   # a renamed method: one line naming the new name
+    except UsageError as e:
+        raise UsageError(f"--method: {e}") from None
+    steps = args.steps or task_recipe(args.task).get("train", {}).get("max_steps", 200)
+    method_cfg = method_config(args, steps)   # a flag the method's config lacks: refused here
     if args.base is not None:
         check_input_file(args.base, "--base")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR (the run directory to continue)")
-    if args.resume and args.method == "adalora":
-        raise UsageError("--resume is not supported for adalora: the checkpoint does not hold "
-                         "the rank allocator's importance scores; start the run again")
+    if args.resume and not method.resumable:
+        raise UsageError(f"--resume is not supported for {args.method}: {method.resumable_why}")
     if args.eval_examples is not None and TASKS[args.task].kind != "classification":
         labelled = ", ".join(n for n, t in TASKS.items() if t.kind == "classification")
         raise UsageError(f"--eval-examples is for the labelled tasks ({labelled}); "
@@ -76,41 +191,6 @@ def cmd_finetune(args):
     out = output(args.out, "--out", command="finetune", name=f"{args.method}-{args.task}",
                  args=args, can_resume=True)
     _use_backend(args)
-    method_cfg = None
-    if args.method in ("lora", "qlora", "dora"):
-        init = args.init or "true"
-        init = {"true": True, "false": False}.get(init.lower(), init)
-        targets = args.targets or ",".join(task_recipe(args.task).get("lora_targets", ("q", "v"))
-                                           if args.method == "lora" else ("q", "v"))
-        method_cfg = LoraConfig(r=args.r or 8,
-                                lora_alpha=16.0 if args.alpha is None else args.alpha,
-                                lora_dropout=args.dropout or 0.0,
-                                target_modules=tuple(t for t in targets.split(",") if t),
-                                use_rslora=args.rslora, init_lora_weights=init,
-                                bias=args.bias or "none", use_dora=args.method == "dora")
-        if args.method == "qlora":  # the 4-bit base: NF4 (+ double quant), LoftQ steps
-            quant = QuantConfig(quant_type=args.quant_type or "nf4",
-                                blocksize=args.blocksize or 64,
-                                double_quant=not args.no_double_quant,
-                                loftq_iter=args.loftq_iter or 5)
-            method_cfg = (method_cfg, quant)
-    elif args.method in ("adapter", "prefix", "prompt", "bitfit"):
-        method_cfg = {"adapter": lambda: AdapterConfig(bottleneck=args.bottleneck or 16),
-                      "prefix": lambda: PrefixConfig(prefix_len=args.prefix_len or 16),
-                      "prompt": lambda: PromptConfig(prompt_len=args.prompt_len or 16),
-                      "bitfit": BitFitConfig}[args.method]()
-    elif args.method == "ia3":
-        method_cfg = IA3Config()
-    elif args.method == "adalora":  # the schedule needs the number of steps
-        steps = args.steps or task_recipe(args.task).get("train", {}).get("max_steps", 200)
-        init_r = args.init_r or 12
-        method_cfg = AdaLoraConfig(
-            init_r=init_r, target_r=args.target_r or min(8, init_r),
-            lora_dropout=args.dropout or 0.0,
-            # c = lora_alpha / init_r; the default 24 = 2 x 12 matches LoRA's 16 / 8
-            lora_alpha=2.0 * init_r if args.alpha is None else args.alpha,
-            target_modules=tuple(t for t in (args.targets or "q,v").split(",") if t),
-            tinit=steps // 10, tfinal=steps // 5, deltaT=max(1, steps // 40), total_step=steps)
     mts = tuple(m for m in (args.modules_to_save or "").split(",") if m)
     if mts or args.loraplus_ratio is not None:
         method_lr = args.lr or task_recipe(args.task).get("lr", {}).get(args.method)
@@ -177,6 +257,8 @@ def cmd_figures(args):
 
 def add_parsers(sub):
     """Add this group's subcommands to the ``minilora`` parser."""
+    examples = "\n".join(f"  minilora finetune --method {n} {m.example}".rstrip().ljust(58)
+                         + f"  # {m.summary.split(':')[0]}" for n, m in METHODS.items())
     s = sub.add_parser("finetune", help=f"fine-tune the base model, like for like: "
                        f"{', '.join(METHODS)}",
                        formatter_class=_formatter, epilog=textwrap.dedent("""\
@@ -188,47 +270,18 @@ def add_parsers(sub):
               minilora finetune --method qlora --task milton --init loftq --out runs/ft-qlora
               minilora finetune --method lora --task sentiment       # its recipe: 400 x 32
               minilora finetune --method lora --task sentiment --lm-weight 0   # label loss only
-              minilora finetune --method adapter --bottleneck 16      # Houlsby adapters
-              minilora finetune --method prefix --prefix-len 16       # prefix tuning
-              minilora finetune --method prompt --prompt-len 16       # prompt tuning
-              minilora finetune --method bitfit                       # biases only
-              minilora finetune --method dora --task milton           # DoRA (use_dora)
-              minilora finetune --method adalora --init-r 12 --target-r 8   # AdaLoRA budget
-              minilora finetune --method ia3                          # (IA)³ vectors
               minilora finetune --method lora --loraplus-ratio 16     # LoRA+
               minilora finetune --method bitfit --task lexicon --modules-to-save lm_head
-            """))
-    s.add_argument("--method", choices=list(METHODS), default="lora")
+            every method, with its own flags (a method flag applies to the methods whose config
+            has the field; --help above says which):
+            """) + examples)
+    s.add_argument("--method", default="lora", metavar="{" + ",".join(METHODS) + "}",
+                   help="; ".join(f"{n}: {m.summary}" for n, m in METHODS.items())
+                   + " (default lora)")
     s.add_argument("--task", choices=list(TASKS), default="milton",
                    help="; ".join(f"{n}: {t.about}" for n, t in TASKS.items())
                    + " (default milton)")
-    s.add_argument("--r", type=POSITIVE, default=None, help="LoRA rank (lora, qlora, dora; default 8)")
-    s.add_argument("--alpha", type=float_range(0, lo_open=True), default=None,
-                   help="lora_alpha (default 16; adalora: 24 = 2 x --init-r, its scale "
-                        "lora_alpha / init_r matching LoRA's 16 / 8)")
-    s.add_argument("--dropout", type=float_range(0, 1, hi_open=True), default=None,
-                   help="lora_dropout (default 0)")
-    s.add_argument("--targets", default=None,
-                   help="comma-separated modules: q,k,v,o,up,down,wte,lm_head (default q,v; "
-                        "lora on sentiment: q,k,v,o,up,down,lm_head)")
-    s.add_argument("--init", default=None,
-                   help="init_lora_weights: true (PEFT default), false, gaussian, swap, pissa; "
-                        "qlora: loftq (LoftQ split of W0 into 4-bit Q + B A)")
-    s.add_argument("--rslora", action="store_true", help="scaling alpha/sqrt(r) (rsLoRA)")
-    s.add_argument("--bias", choices=["none", "all", "lora_only"], default=None,
-                   help="biases trained with the factors (default none)")
-    s.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default=None,
-                   help="qlora: 4-bit code of the frozen base (default nf4)")
-    s.add_argument("--blocksize", type=POSITIVE, default=None,
-                   help="qlora: weights per absmax block (default 64)")
-    s.add_argument("--no-double-quant", action="store_true",
-                   help="qlora: keep float32 block scales (4.5 instead of 4.127 bits/weight)")
-    s.add_argument("--loftq-iter", type=POSITIVE, default=None,
-                   help="qlora --init loftq: alternating steps T (default 5; PEFT: 1)")
-    s.add_argument("--init-r", type=POSITIVE, default=None,
-                   help="adalora: triplets per layer at the start (default 12)")
-    s.add_argument("--target-r", type=POSITIVE, default=None,
-                   help="adalora: average triplets per layer at the end, <= --init-r (default 8)")
+    _add_method_flags(s)
     s.add_argument("--loraplus-ratio", type=float_range(0, lo_open=True), default=None,
                    help="LoRA+: learning rate of the B factors = ratio x A's (> 0; the paper "
                         "uses ~16; lora, qlora, dora, adalora)")
@@ -238,21 +291,15 @@ def add_parsers(sub):
     s.add_argument("--modules-to-save-lr", type=float_range(0, lo_open=True), default=None,
                    help="peak learning rate of the --modules-to-save modules (default: the "
                         "method's, as in PEFT; full fine-tuning uses 1e-3)")
-    s.add_argument("--bottleneck", type=POSITIVE, default=None,
-                   help="adapter: Houlsby bottleneck width m (default 16)")
-    s.add_argument("--prefix-len", type=POSITIVE, default=None,
-                   help="prefix: keys/values per layer P (default 16)")
-    s.add_argument("--prompt-len", type=POSITIVE, default=None,
-                   help="prompt: soft prompt vectors P (default 16)")
     s.add_argument("--steps", type=POSITIVE, default=None,
                    help="training steps (default 200; sentiment: 400)")
     s.add_argument("--batch-size", type=POSITIVE, default=None, help="default 8; sentiment: 32")
     s.add_argument("--block-size", type=POSITIVE, default=None,
                    help="default 128, at most the base's context")
     s.add_argument("--lr", type=float_range(0, lo_open=True), default=None,
-                   help="peak learning rate (default: the method's: 1e-3 full, 5e-3 lora / "
-                        "adapter, 1e-2 bitfit, 3e-2 prefix, 1e-1 prompt; lora on sentiment: "
-                        "3e-3)")
+                   help="peak learning rate (default: the method's: "
+                   + ", ".join(f"{m.lr[0]:g} {n}" for n, m in METHODS.items())
+                   + "; lora on sentiment: 3e-3)")
     s.add_argument("--lm-weight", type=float_range(0), default=None,
                    help="sentiment: weight of the language-modelling loss on the sentence "
                         "beside the label loss (default 1; 0: the label only)")

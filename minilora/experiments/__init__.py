@@ -11,5 +11,5 @@
 * :mod:`~minilora.experiments.paths`    the shipped base model, ``results/``, ``figures/``, ``runs/``
 * :mod:`~minilora.experiments.tour`, :mod:`~minilora.experiments.notebooks`  the tour; chapter running
 
-Nothing in the library (``minilora.nn``, ``minilora.lora``, ...) imports from here.
+Nothing in the library (``minilora.nn``, ``minilora.methods.lora``, ...) imports from here.
 """

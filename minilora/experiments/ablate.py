@@ -57,7 +57,7 @@ from minilora.analysis import (
     svd,
 )
 from minilora.checkpoint import load_checkpoint
-from minilora.config import LoraConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.errors import MiniloraError, UsageError
 from minilora.experiments.ablate_records import (
     BLAS_ENV,
@@ -74,7 +74,7 @@ from minilora.experiments.ablate_records import (
 from minilora.experiments.finetune import finetune
 from minilora.experiments.paths import Lock, base_model_path, describe_lock
 from minilora.io import atomic_write_json, ensure_writable_dir
-from minilora.lora import lora_scaling, read_adapter
+from minilora.methods.lora import lora_scaling, read_adapter
 
 # ----------------------------------------------------------------------------------------------
 # one cell (runs in a worker)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from minilora.backend import cpu_rng
 from minilora.checkpoint import load_checkpoint
-from minilora.config import LoraConfig, TrainConfig
+from minilora.config import TrainConfig
 from minilora.data import (
     encode_classification,
     encode_corpus,
@@ -32,7 +32,7 @@ from minilora.data import (
     sample_rows,
 )
 from minilora.errors import UsageError
-from minilora.experiments.methods import MethodSetup, method_setup
+from minilora.experiments.methods import Extras, MethodSetup, setup_method
 from minilora.experiments.paths import base_model_path
 from minilora.experiments.tasks import (
     LM_TASKS,
@@ -44,6 +44,7 @@ from minilora.experiments.tasks import (
 )
 from minilora.io import atomic_write_text, ensure_writable_dir
 from minilora.memory import check_fits, check_training_fits, memory_account
+from minilora.methods.registry import get_method
 from minilora.model import set_recompute
 from minilora.quant.linear import quantized_parameter_count
 from minilora.train import CKPT_NAME, evaluate, fixed_batches, read_resumable, train
@@ -53,10 +54,10 @@ FORGETTING_BATCH, FORGETTING_BLOCK = 8, 128
 
 
 def default_lora_config(task: str = "milton", **fields):
-    """LoRA r=8, alpha=16 on the task's targets (``q, v`` unless its recipe names others);
-    ``fields`` replace any :class:`LoraConfig` field."""
+    """Method "lora"'s default (r=8, alpha=16) on the task's targets (``q, v`` unless its recipe
+    names others); ``fields`` replace any :class:`LoraConfig` field."""
     fields.setdefault("target_modules", task_recipe(task).get("lora_targets", ("q", "v")))
-    return LoraConfig(**{"r": 8, "lora_alpha": 16, **fields})
+    return dataclasses.replace(get_method("lora").default_config(), **fields)
 
 
 def default_train_config(setup: MethodSetup, eval_batches: int = 16, **overrides):
@@ -115,7 +116,7 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
             beside the label loss (:func:`label_lm_forward_backward`; 0: the label only); None:
             the task recipe's (1.0 for sentiment).
     """
-    setup_fn = method_setup(method)
+    get_method(method)  # an unknown (or renamed) method: one line, before any work
     recipe = task_recipe(task)
     if lm_weight is not None and task in LM_TASKS:
         raise UsageError(f"lm_weight is for classification tasks; {task!r} is language modelling")
@@ -135,11 +136,16 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     if resume and not (Path(out_dir) / CKPT_NAME).is_file():
         raise UsageError(f"cannot resume: {str(Path(out_dir) / CKPT_NAME)!r} does not exist "
                          "(no checkpoint of an earlier run in out_dir)")
-    if method == "lora" and method_config is None and "lora_targets" in recipe:
-        method_config = default_lora_config(task)
+    if method == "lora" and "lora_targets" in recipe:  # the task's targets for plain LoRA
+        if method_config is None:
+            method_config = default_lora_config(task)
+        elif isinstance(method_config, Extras) and method_config.config is None:
+            method_config = method_config._replace(config=default_lora_config(task))
+    steps = (train_config.max_steps if isinstance(train_config, TrainConfig) else
+             {**recipe.get("train", {}), **(train_config or {})}.get("max_steps", 200))
     path = base_path or base_model_path()
     model, tok, _ = load_checkpoint(path, allow_nonfinite=allow_nonfinite)
-    setup = setup_fn(model, tok, method_config)
+    setup = setup_method(method, model, tok, method_config, steps=steps)
     model = setup.model
     set_recompute(model, recompute, recompute_chunk)
     # the base's plus any the method added (as PEFT counts); 4-bit weights are not float params
@@ -199,8 +205,8 @@ def finetune(method: str = "lora", task: str = "milton", method_config=None, tra
     init = {} if base_model is model else {"task_metric_init": score(model),
                                            "shakespeare_loss_init": evaluate(model, sh_batches)}
     hist = train(model, tok, tr, None, run_config, out_dir=out_dir, resume=resume,
-                 progress=progress, batch_fn=batch_fn,
-                 forward_backward=forward_backward)  # evaluated below
+                 progress=progress, batch_fn=batch_fn, forward_backward=forward_backward,
+                 callbacks=setup.callbacks, groups=setup.groups)  # evaluated below
     task1, sh1 = score(model), evaluate(model, sh_batches)
     memory = None
     if measure_memory:  # one more (lr = 0) step on a training batch, weights left as they are

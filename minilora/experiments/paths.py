@@ -11,9 +11,10 @@ The output policy (every command that writes goes through :class:`Output`):
    (``<name>-2``, ``-3``, ... when taken) and says where at the end. ``results/`` and
    ``figures/`` are written only when the user names them.
 2. **Nothing replaced unasked**: an existing output is refused unless ``overwrite`` (or, for a run
-   that can continue, ``resume``). Overwriting a run directory first removes the files of the
-   earlier run (its marker ``.minilora-run.json`` lists what was there before it), so two runs
-   never mix; a directory that no minilora run recorded is never emptied.
+   that can continue, ``resume``). Overwriting a run directory first sets the earlier run's
+   files aside (its marker ``.minilora-run.json`` lists what was there before it) and deletes
+   them when the new run has written, so two runs never mix and a refused command restores
+   them; a directory that no minilora run recorded is never emptied.
 3. **One writer at a time**: while a command writes, a lock (``.minilora.lock`` in a directory,
    ``.<name>.minilora.lock`` beside a file) names it (process id, start time, command line). A
    second writer fails at once with one line naming the first; a lock left by a process that
@@ -48,6 +49,7 @@ RUNS = Path("runs")
 
 LOCK_NAME = ".minilora.lock"
 MARKER_NAME = ".minilora-run.json"
+ASIDE_PREFIX = ".minilora-replaced-"
 #: the kinds of output (see :class:`Output`)
 KINDS = ("run", "collection", "sweep", "file")
 
@@ -182,11 +184,21 @@ def _first_existing(path: Path) -> Path:
 
 
 def _entries(path: Path) -> list[str]:
-    """The names in directory ``path`` other than the policy's own lock and marker files."""
+    """The names in directory ``path`` other than the policy's own files (lock, marker, the
+    earlier run's files set aside while a run overwrites it)."""
     if not path.is_dir():
         return []
     return sorted(n for n in os.listdir(path) if n not in (LOCK_NAME, MARKER_NAME)
-                  and not n.startswith(LOCK_NAME + ".stale-"))
+                  and not n.startswith((LOCK_NAME + ".stale-", ASIDE_PREFIX)))
+
+
+def _state(path: Path) -> dict:
+    """Names, sizes and modification times of a run directory's entries (did a run write?)."""
+    out = {}
+    for n in _entries(path):
+        st = (path / n).stat()
+        out[n] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -371,15 +383,20 @@ class Output:
     def _start_run(self, log) -> None:
         p = self.path
         old = _read_marker(p)
-        kept = _entries(p) if old is None else old.get("kept", [])
+        self._old_marker = (p / MARKER_NAME).read_text() if old is not None else None
+        # files that are not this run's: those listed by its marker; a run resumed in a folder
+        # without one (made before runs were recorded) takes what is there as its own
+        kept = (old.get("kept", []) if old is not None else [] if self.resume else _entries(p))
+        self._aside = None
         if self.overwrite and old is not None:
             gone = [n for n in _entries(p) if n not in kept]
-            for n in gone:
-                q = p / n
-                shutil.rmtree(q) if q.is_dir() and not q.is_symlink() else q.unlink()
-            if gone:
-                self.notes.append(f"note: --overwrite: removed the earlier run's {len(gone)} "
-                                  f"file(s) from {p}")
+            if gone:   # set aside, removed when this run ends well (restored if it is refused)
+                self._aside = p / f"{ASIDE_PREFIX}{os.getpid()}"
+                self._aside.mkdir()
+                for n in gone:
+                    os.replace(p / n, self._aside / n)
+                self.notes.append(f"note: --overwrite: the earlier run's {len(gone)} file(s) in "
+                                  f"{p} are replaced")
                 log(self.notes[-1])
         marker = {"command": command_line(), "pid": os.getpid(),
                   "started": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
@@ -388,26 +405,42 @@ class Output:
             marker = {**old, "resumed": old.get("resumed", []) + [marker["started"]],
                       "command": marker["command"]}
         atomic_write_text(p / MARKER_NAME, json.dumps(marker, indent=1) + "\n")
+        self._state = _state(p)
 
     # -- the work is done (or failed) --------------------------------------------------------------
     def close(self, ok: bool = True) -> None:
-        """Release the lock; if nothing was written, remove the marker and every directory this
-        output created (a refused or failed command leaves nothing behind)."""
+        """Release the lock. A run that wrote nothing (a refused command) leaves the directory
+        as it found it: the earlier run's files set aside by ``overwrite`` come back, its marker
+        too, and every directory this output created is removed; otherwise the marker records
+        the end and the set-aside files are deleted."""
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-        if self.kind == "run" and self.path.is_dir():
-            marker = self.path / MARKER_NAME
-            if not _entries(self.path):
-                marker.unlink(missing_ok=True)
-            elif marker.exists():
-                try:
-                    m = json.loads(marker.read_text())
-                    m["finished" if ok else "stopped"] = datetime.datetime.now().strftime(
-                        "%Y-%m-%d %H:%M:%S")
-                    atomic_write_text(marker, json.dumps(m, indent=1) + "\n")
-                except (OSError, ValueError):
-                    pass
+        if self.kind == "run" and self.opened and self.path.is_dir():
+            p, marker = self.path, self.path / MARKER_NAME
+            aside = getattr(self, "_aside", None)
+            if not ok and _state(p) == getattr(self, "_state", None):   # nothing written
+                if aside is not None:
+                    for n in os.listdir(aside):
+                        os.replace(aside / n, p / n)
+                    aside.rmdir()
+                if self._old_marker is not None:
+                    atomic_write_text(marker, self._old_marker)
+                else:
+                    marker.unlink(missing_ok=True)
+            else:
+                if aside is not None:
+                    shutil.rmtree(aside, ignore_errors=True)
+                if not _entries(p):
+                    marker.unlink(missing_ok=True)
+                elif marker.exists():
+                    try:
+                        m = json.loads(marker.read_text())
+                        m["finished" if ok else "stopped"] = datetime.datetime.now().strftime(
+                            "%Y-%m-%d %H:%M:%S")
+                        atomic_write_text(marker, json.dumps(m, indent=1) + "\n")
+                    except (OSError, ValueError):
+                        pass
         for d in reversed(self.created):
             try:
                 d.rmdir()             # only if empty

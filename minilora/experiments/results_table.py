@@ -17,8 +17,8 @@ from pathlib import Path
 
 from minilora.errors import UsageError
 from minilora.experiments.finetune import finetune, format_result
-from minilora.experiments.methods import METHODS
 from minilora.experiments.paths import LOCK_NAME, Lock, Output, describe_lock
+from minilora.methods.registry import METHODS, RENAMED
 from minilora.experiments.tasks import TASKS
 from minilora.io import atomic_write_text
 
@@ -73,6 +73,7 @@ def load_results(root=DEFAULT_ROOT) -> list[dict]:
     rows = []
     for path in sorted(Path(root).glob("*/result.json")):
         r = read_result(path)
+        r["method"] = RENAMED.get(r.get("method"), r.get("method"))  # runs made before a rename
         r["_dir"] = path.parent.name
         rows.append(r)
     order_t = {t: i for i, t in enumerate(TASKS)}
@@ -122,6 +123,9 @@ def run_missing(root=DEFAULT_ROOT, tasks=None, methods=None, progress: bool = Tr
 
     tasks = list(tasks or TASKS)
     methods = list(methods or METHODS)
+    renamed = [f"{m} (now {RENAMED[m]})" for m in methods if m in RENAMED]
+    if renamed:
+        raise UsageError(f"--methods: {', '.join(renamed)}: use the new name")
     bad = [t for t in tasks if t not in TASKS] + [m for m in methods if m not in METHODS]
     if bad:
         raise UsageError(f"unknown task/method {', '.join(bad)}; tasks: {', '.join(TASKS)}; "

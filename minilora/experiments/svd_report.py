@@ -10,7 +10,7 @@ a PEFT LoRA directory (anyone's        a ``.safetensors`` file or a (sharded) di
 model: ``adapter_model.safetensors``   matched by module name (:class:`BaseWeights`); none by
 + ``adapter_config.json``)             default
 a minilora adapter file                a minilora checkpoint (:func:`load_checkpoint`); the
-(:func:`minilora.lora.save_adapter`,   shipped base model by default
+(:func:`minilora.methods.lora.save_adapter`,   shipped base model by default
 ``minilora-adapter-v1``)
 =====================================  ========================================================
 
@@ -64,7 +64,7 @@ from minilora.analysis.peft_files import WEIGHTS_NAME, LoraModule, SkippedTensor
 from minilora.checkpoint import load_checkpoint
 from minilora.errors import MiniloraError
 from minilora.experiments.ablate import _dask, start_cluster
-from minilora.lora import read_adapter
+from minilora.methods.lora import read_adapter
 from minilora.nn.layers import Embedding, Linear
 
 RECORDS_FORMAT = "minilora-svd-records-v2"

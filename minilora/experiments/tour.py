@@ -15,10 +15,11 @@ import time
 
 from minilora import backend, gradcheck
 from minilora.checkpoint import load_checkpoint
-from minilora.config import LoraConfig, TrainConfig
+from minilora.methods.lora.config import LoraConfig
+from minilora.config import TrainConfig
 from minilora.data import encode_corpus, load_milton, load_shakespeare
 from minilora.experiments.paths import base_model_path
-from minilora.lora import inject_lora
+from minilora.methods.lora import inject_lora
 from minilora.sample import sample_text
 from minilora.train import evaluate, fixed_batches, train
 

@@ -42,7 +42,7 @@ from minilora.analysis.svd import AnalysisError
 from minilora.errors import MiniloraError
 from minilora.experiments.svd_report import analyze_module, is_peft, open_adapter
 from minilora.io import atomic_write_json, read_typed, write_typed
-from minilora.lora.files import ADAPTER_FORMAT
+from minilora.methods.lora.files import ADAPTER_FORMAT
 
 
 class TruncateError(MiniloraError, ValueError):

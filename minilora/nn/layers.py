@@ -233,7 +233,7 @@ class PastKV:
 
     * a generation's KV cache (:class:`minilora.nn.kv_cache.KVCache`): the keys of the tokens
       already decoded, so a decoding step computes keys for its new token only;
-    * prefix tuning's trainable prefix (:class:`minilora.peft.prefix.PrefixKV`).
+    * prefix tuning's trainable prefix (:class:`minilora.methods.prefix.PrefixKV`).
 
     The attention layer calls::
 

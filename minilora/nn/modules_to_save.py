@@ -24,7 +24,7 @@ File layout: the saved modules travel *inside* the method's own file (the LoRA, 
 them back after applying the method. In PEFT's own directory format peft 0.21.2 saves a module's
 tensors under the module's path (``base_model.model.lm_head.weight``) and recognises them from
 ``modules_to_save`` in the config; older PEFT releases wrote
-``base_model.model.lm_head.modules_to_save.default.weight``. :mod:`minilora.lora.peft_format`
+``base_model.model.lm_head.modules_to_save.default.weight``. :mod:`minilora.methods.lora.peft_io`
 (and the AdaLoRA export) writes the first and reads both.
 
 Cost: a saved module trains all of its numbers (``lm_head``: V C = 97 x 160 = 15,520 in the
@@ -136,7 +136,7 @@ def saved_modules_tensors(model: Module, paths) -> dict:
     """The saved modules' tensors under the keys they take in an adapter file:
     ``<module path>.modules_to_save.default.<parameter>`` (``lm_head.modules_to_save.default.weight``),
     PEFT's name for the trained copy of a module. Every method's file writer
-    (:func:`minilora.lora.save_adapter`, ``save_qlora_adapter``, ``save_peft``, ``save_ia3``) adds
+    (:func:`minilora.methods.lora.save_adapter`, ``save_qlora_adapter``, ``save_peft``, ``save_ia3``) adds
     them with ``modules_to_save=paths``.
 
     Chapter: chapters/04-lora-notes.ipynb

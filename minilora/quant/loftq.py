@@ -13,7 +13,7 @@ import numpy as np
 
 from minilora import backend
 from minilora.errors import UsageError
-from minilora.lora.init import pissa_factors
+from minilora.methods.lora.init import pissa_factors
 from minilora.quant.linear import QuantWeight, check_finite_weight
 
 

@@ -16,20 +16,16 @@ import numpy as np
 
 from minilora import analysis as an
 from minilora.checkpoint import load_checkpoint, save_checkpoint
-from minilora.config import LoraConfig, TrainConfig
+from minilora.methods.lora.config import LoraConfig
+from minilora.config import TrainConfig
 from minilora.data import encode_corpus, load_milton
 from minilora.experiments.finetune import default_lora_config, finetune
-from minilora.experiments.methods import METHODS, MethodSetup
+from minilora.methods.base import Method, Tuned
+from minilora.methods.registry import METHODS
 from minilora.experiments.paths import base_model_path
-from minilora.lora import (
-    inject_lora,
-    load_adapter,
-    lora_layers,
-    merge_lora,
-    read_adapter,
-)
+from minilora.methods.lora import inject_lora, load_adapter, lora_layers, merge_lora, read_adapter
 from minilora.model import GPT
-from minilora.peft import PrefixConfig, add_prefix
+from minilora.methods.prefix import PrefixConfig, add_prefix
 from minilora.train import evaluate, fixed_batches, train
 
 OUT = Path("results/chapters"); RUNS = Path("runs/chapters")
@@ -81,17 +77,27 @@ def run_rslora():
     write("rslora_sweep", {"runs": runs, "note": "100 steps, eval_batches 8, alpha 16, q,v, lr 5e-3"})
 
 
-def lora_prefix_setup(model, tok, config):
-    lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v"))
-    inject_lora(model, lcfg)
-    wrapped = add_prefix(model, PrefixConfig())
-    wrapped.set_trainable(lambda n: n.startswith("prefix.") or ".lora_" in n)
-    return MethodSetup(wrapped, {"lora": lcfg.to_dict(), "prefix": PrefixConfig().to_dict()},
-                       lambda out: None, 5e-3, 5e-4, base_model=wrapped.gpt)
+class LoraPrefix(Method):
+    """LoRA r=8 on q, v inside the GPT, then a trainable K/V prefix around it; both train."""
+
+    name = "lora+prefix"
+    summary = "LoRA on q, v and a 16-slot prefix, trained together"
+    lr = (5e-3, 5e-4)
+    base_differs = "wrapped"
+
+    def _apply(self, model, config):
+        inject_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v")))
+        wrapped = add_prefix(model, PrefixConfig())
+        wrapped.set_trainable(lambda n: n.startswith("prefix.") or ".lora_" in n)
+        return Tuned(wrapped, None, self)
+
+    def record(self, tuned):
+        return {"lora": LoraConfig(r=8, lora_alpha=16, target_modules=("q", "v")).to_dict(),
+                "prefix": PrefixConfig().to_dict()}
 
 
 def run_lora_prefix():
-    METHODS["lora+prefix"] = lora_prefix_setup
+    METHODS["lora+prefix"] = LoraPrefix()   # a method = its home + one registry line
     r = finetune("lora+prefix", "milton", progress=False, measure_memory=False)
     ref = {m: slim(json.loads(Path(f"results/finetune/milton-{m}/result.json").read_text()))
            for m in ("lora", "prefix")}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from minilora.adapters import AdapterRegistry
 from minilora.checkpoint import load_checkpoint
-from minilora.config import LoraConfig
+from minilora.methods.lora.config import LoraConfig
 from minilora.errors import UsageError
 from minilora.experiments.finetune import default_train_config, finetune
 from minilora.experiments.methods import method_setup

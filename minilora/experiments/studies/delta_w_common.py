@@ -15,7 +15,7 @@ from minilora.experiments.ablate_records import DEFAULT_RUNS, LINEARS, target_la
 from minilora.experiments.finetune import FORGETTING_BATCH, FORGETTING_BLOCK
 from minilora.experiments.paths import RESULTS, base_model_path
 from minilora.experiments.tasks import task_splits
-from minilora.lora import lora_scaling, read_adapter
+from minilora.methods.lora import lora_scaling, read_adapter
 from minilora.train import evaluate, fixed_batches
 
 def sweep_command(sweep, steps=100, ranks=None, targets=None, seeds=(0,), full=False,

@@ -7,7 +7,7 @@ import numpy as np
 
 from minilora.config import QuantConfig
 from minilora.nn.layers import Module
-from minilora.qlora import _block_linears
+from minilora.methods.qlora import block_linears
 from minilora.quant.loftq import loftq_init
 
 
@@ -27,7 +27,7 @@ def loftq_residual_study(model: Module, ranks=(4, 8, 16), n_iter: int = 10,
            "ranks": {}}
     for r in ranks:
         layers = {}
-        for name in _block_linears(model):
+        for name in block_linears(model):
             res = loftq_init(modules[name].params["weight"], r, n_iter, quant.quant_type,
                              quant.blocksize, quant.double_quant, scaling, name=name)
             layers[name] = {"weight_norm": res.weight_norm,

@@ -22,7 +22,7 @@ from minilora.paged import (
     MiB,
     PagedAdamW,
     _aligned,
-    _check_int,
+    check_int,
 )
 
 DEMO_MADE_BY = "minilora paged-demo --out results/paged/trace.json"
@@ -103,7 +103,7 @@ def paged_demo(out: str | Path | None = "results/paged/trace.json", steps: int =
     if steps < 1 or any(not 0 <= s < steps for s in spike_steps):
         raise UsageError(f"need steps >= 1 and spike steps in [0, {steps}), got steps={steps}, "
                          f"spike_steps={spike_steps}")
-    page_bytes = _check_int("page_bytes", page_bytes, 1)
+    page_bytes = check_int("page_bytes", page_bytes, 1)
     model, tok, _ = load_checkpoint(ckpt or base_model_path())
     if not 1 <= block_size <= spike_block_size <= model.config.block_size:
         raise UsageError(f"need 1 <= block_size <= spike_block_size <= {model.config.block_size} "

@@ -1,7 +1,7 @@
 # A wrapper of minilora's own LoRALinear (merge, unmerge, delta_weight): correct, and it must score
 # zero (NumPy only).
 # expect-zero: the graded functions may use NumPy only
-from minilora.lora import LoRALinear
+from minilora.methods.lora import LoRALinear
 from minilora.nn.layers import Linear
 
 
