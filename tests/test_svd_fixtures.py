@@ -378,3 +378,20 @@ def test_truncate_a_minilora_adapter_file(tmp_path, capsys):
         Bk, Ak = b.factors(m)
         np.testing.assert_allclose(b.scale * Bk @ Ak, want, atol=1e-5 * np.abs(want).max())
     assert b.config.r == 2
+
+
+def test_a_running_scheduler_gives_the_same_records(tmp_path, capsys):
+    distributed = pytest.importorskip("distributed")
+    argv = ["svd", str(DATA / "gpt2_conv1d_true"), "--base", str(GPT2_BASE), "--no-figures",
+            "--cache-dir", str(tmp_path / "cache")]
+    rc, _, stderr = run(argv + ["--serial", "--out", str(tmp_path / "serial")], capsys)
+    assert rc == 0, stderr
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        rc, stdout, stderr = run(argv + ["--scheduler", cluster.scheduler_address, "--out",
+                                         str(tmp_path / "remote")], capsys)
+    assert rc == 0, stderr
+    assert f"dask ({cluster.scheduler_address})" in stdout
+    a = json.loads((tmp_path / "serial" / "records.json").read_text())
+    b = json.loads((tmp_path / "remote" / "records.json").read_text())
+    assert a["adapters"] == b["adapters"]
