@@ -33,6 +33,7 @@ import math
 from typing import NamedTuple
 
 from minilora import backend
+from minilora import threads as _threads
 from minilora.backend import xp
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
@@ -46,6 +47,8 @@ from minilora.nn.layers import (
     LayerNorm,
     Linear,
     Module,
+    add_shadow_grads,
+    shadow_grads,
 )
 
 
@@ -100,13 +103,73 @@ class LanguageModelMixin:
         return backend.to_scalar(loss)
 
     def forward_backward(self, idx, targets):
-        """One training pass: loss (float), gradients left in ``grads`` (zeroed first)."""
-        logits, cache = self.forward(idx)
-        loss, dlogits = ops.cross_entropy(logits, targets)
-        del logits
+        """One training pass: loss (float), gradients left in ``grads`` (zeroed first).
+
+        On the CPU a batch of at least :data:`MIN_DATA_PARALLEL_TOKENS` tokens is split into
+        :data:`MICRO_BATCHES` micro-batches of whole sequences, each one's forward and backward
+        run whole on a thread of its own (data parallelism: one parallel region per step instead
+        of one per op; :func:`data_parallel_pieces`). Each micro-batch's mean loss is weighted by
+        its share of the scored tokens, so the loss and gradients are the one-pass ones up to
+        float rounding; the split is fixed, so the floats are the same on any number of threads.
+        One pass otherwise (CuPy, a small batch, or dropout in the model: its masks are drawn in
+        one pass so their order stays fixed)."""
+        pieces = data_parallel_pieces(self, idx, targets)
+        if pieces is None:
+            logits, cache = self.forward(idx)
+            loss, dlogits = ops.cross_entropy(logits, targets)
+            del logits
+            self.zero_grad()
+            self.backward(dlogits, cache)
+            return backend.to_scalar(loss)
+        n_total = sum(n for _, n in pieces)
+        stores = [None] + [{} for _ in pieces[1:]]  # piece 0 into the model's own gradients
+        losses = [0.0] * len(pieces)
         self.zero_grad()
-        self.backward(dlogits, cache)
-        return backend.to_scalar(loss)
+
+        def run(k0, k1):
+            for k in range(k0, k1):
+                sl, n = pieces[k]
+                with _threads.serial(), shadow_grads(stores[k]):
+                    logits, cache = self.forward(idx[sl])
+                    loss, ce = ops.cross_entropy_forward(logits, targets[sl])
+                    del logits
+                    dlogits = ops.cross_entropy_backward(n / n_total, ce)
+                    del ce
+                    self.backward(dlogits, cache)
+                    losses[k] = backend.to_scalar(loss) * (n / n_total)
+        _threads.parallel_chunks(len(pieces), run)
+        for store in stores[1:]:  # in a fixed order, whichever thread ran which piece
+            add_shadow_grads(self, store)
+        return float(sum(losses))
+
+
+#: micro-batches of the data-parallel training step (fixed, whatever the thread count: the
+#: floats then do not depend on it)
+MICRO_BATCHES = 2
+#: fewer tokens than this in a batch: one pass (the threads' hand-off costs more than it saves)
+MIN_DATA_PARALLEL_TOKENS = 256
+
+
+def data_parallel_pieces(model, idx, targets):
+    """How :meth:`LanguageModelMixin.forward_backward` splits a batch: a list of
+    ``(slice of whole sequences, scored tokens in it)``, one per micro-batch, or None for one
+    pass (CuPy, fewer than 2 sequences or :data:`MIN_DATA_PARALLEL_TOKENS` tokens, a micro-batch
+    with no scored token, or a module whose forward draws random numbers: dropout)."""
+    B = idx.shape[0] if getattr(idx, "ndim", 0) == 2 else 0
+    m = min(MICRO_BATCHES, B)
+    if (m < 2 or idx.size < MIN_DATA_PARALLEL_TOKENS or backend.is_cupy()
+            or getattr(targets, "shape", None) != idx.shape):
+        return None
+    if any(mod.draws_random() for _, mod in model.named_modules()):
+        return None
+    bounds = [B * k // m for k in range(m + 1)]
+    pieces = []
+    for b0, b1 in zip(bounds, bounds[1:]):
+        n = int((targets[b0:b1] != ops.IGNORE_INDEX).sum())
+        if n == 0:
+            return None
+        pieces.append((slice(b0, b1), n))
+    return pieces
 
 
 class StackCache(NamedTuple):

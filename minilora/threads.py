@@ -52,6 +52,7 @@ import contextlib
 import functools
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,9 +247,29 @@ def refresh() -> None:
     _state["blas_env"] = tuple(os.environ.get(v) for v in (*BLAS_VARS, *OTHER_VARS))
 
 
+_local = threading.local()  # per thread: .serial (inside :func:`serial`)
+
+
+@contextlib.contextmanager
+def serial():
+    """In the calling thread, within the block, minilora's own work is not split over threads
+    (:func:`cpu_threads` is 1 there; other threads are not affected). A thread that runs a
+    whole micro-batch of a data-parallel step (:meth:`minilora.model.LanguageModelMixin.
+    forward_backward`) runs it so: one parallel region per step instead of one per op."""
+    saved = getattr(_local, "serial", False)
+    _local.serial = True
+    try:
+        yield
+    finally:
+        _local.serial = saved
+
+
 def cpu_threads() -> int:
-    """How many threads minilora's own CPU work is split over now (1 on CuPy): the pool of
-    :func:`current`. Also limits a BLAS loaded since the last call to one thread."""
+    """How many threads minilora's own CPU work is split over now (1 on CuPy, and inside
+    :func:`serial`): the pool of :func:`current`. Also limits a BLAS loaded since the last call
+    to one thread."""
+    if getattr(_local, "serial", False):
+        return 1
     _limit_blas()
     return current().pool
 

@@ -218,6 +218,10 @@ class AdaLoRALinear(Module):
         self.params["weight"] -= self.delta_weight()
         self.merged = False
 
+    def draws_random(self) -> bool:
+        """The forward draws dropout masks (training with ``lora_dropout`` > 0)."""
+        return bool(self.training) and self.lora_dropout > 0
+
     def forward(self, x):
         """x (..., d_in) -> out (..., d_out), cache."""
         out, c_base = ops.linear_forward(x, self.params["weight"], self.params.get("bias"),

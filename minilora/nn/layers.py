@@ -10,17 +10,57 @@ backward) and ``trainable`` (a set of local names). A frozen parameter gets no g
 costs no weight-gradient matmul: this is where LoRA's savings in step time and memory come from.
 
 Gradients are *accumulated*: the first backward after :meth:`Module.zero_grad` stores the fresh
-gradient array (no zero-fill, no extra add), later ones add into it.
+gradient array (no zero-fill, no extra add), later ones add into it. Inside
+:func:`shadow_grads` a thread's backward passes put them into a store of its own instead (the
+data-parallel step: each micro-batch's thread its own gradients, summed afterwards).
 
 Chapter: chapters/01-foundations.ipynb
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Iterator, NamedTuple
 
 from minilora.backend import xp
 from minilora.errors import UsageError
 from minilora.nn import ops, ops_fast
+
+
+_shadow = threading.local()  # per thread: .store (inside shadow_grads) or absent
+
+
+@contextlib.contextmanager
+def shadow_grads(store: dict | None):
+    """Within the block, in the calling thread only, every :attr:`Module.grads` is the module's
+    dict in ``store`` (``id(module) -> {name: array}``, filled as the backward passes add to
+    them) instead of the module's own; ``None``: the modules' own. Other threads are not
+    affected, so two threads can run backward passes of one model at once, each into its own
+    gradients. Add a store into the modules' own gradients with :func:`add_shadow_grads`."""
+    saved = getattr(_shadow, "store", None)
+    _shadow.store = store
+    try:
+        yield store
+    finally:
+        _shadow.store = saved
+
+
+def add_shadow_grads(model: "Module", store: dict) -> None:
+    """Add the gradients of a :func:`shadow_grads` ``store`` into ``model``'s own, module by
+    module in the tree's order (a fixed order: the same floats every time); a gradient a
+    module does not have yet is taken over as it is."""
+    done = set()
+    for _, m in model.named_modules():
+        extra = store.get(id(m))
+        if not extra or id(m) in done:  # (a module reached twice in the tree counts once)
+            continue
+        done.add(id(m))
+        own = m._grads
+        for k, g in extra.items():
+            if k in own:
+                own[k] += g
+            else:
+                own[k] = g
 
 
 class Module:
@@ -32,9 +72,25 @@ class Module:
 
     def __init__(self):
         self.params: dict = {}
-        self.grads: dict = {}
+        self._grads: dict = {}
         self.trainable: set[str] = set()
         self.children: dict[str, Module] = {}
+
+    @property
+    def grads(self) -> dict:
+        """Gradients (local name -> array) of trainable parameters: this module's own dict, or,
+        inside :func:`shadow_grads` in this thread, this module's dict in that store."""
+        store = getattr(_shadow, "store", None)
+        if store is None:
+            return self._grads
+        mine = store.get(id(self))
+        if mine is None:
+            mine = store[id(self)] = {}
+        return mine
+
+    @grads.setter
+    def grads(self, value: dict) -> None:
+        self._grads = value
 
     # -- tree walking ---------------------------------------------------------------------------
     def add(self, name: str, module: "Module") -> "Module":
@@ -155,6 +211,13 @@ class Module:
 
     def needs_grad(self, name: str) -> bool:
         return name in self.trainable
+
+    def draws_random(self) -> bool:
+        """True when this module's own forward draws random numbers now (dropout masks). The
+        data-parallel step runs such a model in one pass, so the draws keep their order. The
+        default assumes so for a module that keeps a ``dropout_rng``; a layer that knows
+        better (dropout off, or not training) says so."""
+        return getattr(self, "dropout_rng", None) is not None
 
 
 class Linear(Module):

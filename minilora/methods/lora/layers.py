@@ -227,6 +227,10 @@ class LoRALinear(_LoRABase):
         self._accumulate("bias", db)
         return dx
 
+    def draws_random(self) -> bool:
+        """The forward draws dropout masks (training with ``lora_dropout`` > 0)."""
+        return bool(self.training) and self.lora_dropout > 0
+
     def forward(self, x):
         """x (..., d_in) -> out (..., d_out), cache (:class:`LoRALinearCache`).
 
