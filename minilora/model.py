@@ -5,6 +5,10 @@
     logits, cache = model.forward(idx)            # idx (B, T) int -> logits (B, T, V)
     loss, dlogits = ops.cross_entropy(logits, targets)
     model.zero_grad(); model.backward(dlogits, cache)   # fills model.grads of trainable params
+    loss = model.forward_backward(idx, targets)    # the same in one call; on the CPU a batch of
+                                                   # 2+ sequences runs as 2 micro-batches, one
+                                                   # thread each (data parallelism, the same floats
+                                                   # on any thread count)
 
     set_recompute(model, True)                     # each block a Recomputed wrapper: forward
                                                    # keeps its input, backward runs it again

@@ -12,7 +12,11 @@ minilora chooses, for every phase, one BLAS thread and its own pool on the usabl
 ==========  ============  =========================================================================
 phase       BLAS threads  minilora's pool
 ==========  ============  =========================================================================
-train       1             every usable core: one GEMM's rows shared as minilora does run at the
+train       1             every usable core: a training step's batch as 2 micro-batches, each one's
+                          whole forward + backward on a thread of its own (one parallel region a
+                          step, :meth:`minilora.model.LanguageModelMixin.forward_backward`; inside
+                          it :func:`serial`); otherwise (one sequence, dropout) and in AdamW each
+                          op's rows shared, one GEMM's rows as minilora does run at the
                           machine's full sgemm rate, OpenBLAS's own split at 40 % of it
 decode      1             every usable core: a batch-1 step's GEMMs have one row (one core either
                           way); the prompt and a re-encoded window share their rows

@@ -47,19 +47,28 @@ def measure_train_step(ctx: BenchContext) -> Section:
         for _ in range(ctx.warmup):
             steppers[name]()
     times = {n: [] for n in names}
+    first = {n: [] for n in names}  # the step right after a switch (and its pause)
     with _bar(ctx.steps, f"{ctx.name}: train step ({', '.join(names)})", ctx.progress) as bar:
         for r in range(ctx.steps):
             order = names if r % 2 == 0 else names[::-1]  # ABBA: neither always goes first
             for n in order:
                 if len(names) > 1:
+                    # the pause lets the other framework's spinning threads sleep; the step
+                    # right after it is not a training loop's (on this 2-core VM our two
+                    # threads' first step after 0.25 s idle took 25-30 ms longer, one thread's
+                    # not), so it settles the framework in, untimed for the ratio, and the
+                    # next step, back to back as in training, is the one timed
                     time.sleep(ctx.pause_s)
+                    first[n].append(_timed(steppers[n]))
                 times[n].append(_timed(steppers[n]))
             bar.update(1)
     med = {n: statistics.median(t) for n, t in times.items()}
+    med_first = {n: statistics.median(t) for n, t in first.items() if t}
     flops = ctx.flops["total"]
     tokens = ctx.batch_size * ctx.config.block_size
     data = {"median_s": med, "min_s": {n: min(t) for n, t in times.items()},
             "times_s": times, "tokens_per_s": {n: tokens / s for n, s in med.items()},
+            "first_after_switch_median_s": med_first,
             "flops_per_step": flops,
             "achieved_flops_per_s": {n: flops / s for n, s in med.items()}}
     data["flop_utilisation"] = data["achieved_flops_per_s"]["ours"] / ctx.peak_flops
@@ -77,6 +86,10 @@ def measure_train_step(ctx: BenchContext) -> Section:
         checks.append(c)
         rows += [("ratio ours/torch", f"{ratio:.2f}", f"<= 1.0  {c.status()}"),
                  ("ratio ours/torch-SDPA (info)", f"{ratio_sdpa:.2f}", "")]
+        if med_first:
+            rows.append(("first step after a switch, ours / torch (info)",
+                         f"{med_first['ours'] * 1e3:.1f} / {med_first['torch'] * 1e3:.1f} ms",
+                         ""))
     else:
         rows.append(("ratio ours/torch", "skipped", ctx.torch_note))
     util = data["flop_utilisation"]
