@@ -395,3 +395,17 @@ def test_a_running_scheduler_gives_the_same_records(tmp_path, capsys):
     a = json.loads((tmp_path / "serial" / "records.json").read_text())
     b = json.loads((tmp_path / "remote" / "records.json").read_text())
     assert a["adapters"] == b["adapters"]
+
+
+def test_every_csv_column_is_documented_and_gpt2_types_stay_apart(tmp_path, capsys):
+    from minilora.experiments.svd_tables import CSV_COLUMNS, csv_columns
+    assert sorted(csv_columns()) == sorted(CSV_COLUMNS)
+    readme = (Path(__file__).resolve().parent.parent / "results" / "svd" / "README.md")
+    text = readme.read_text()
+    assert all(f"`{c}`" in text for c in CSV_COLUMNS)
+    rc, _, stderr = run(["svd", str(DATA / "gpt2_conv1d_true"), "--serial", "--out",
+                         str(tmp_path / "o")], capsys)
+    assert rc == 0, stderr
+    recs = read_run(tmp_path / "o" / "records.json")["adapters"][0]["records"]
+    labels = type_labels({r.module_type for r in recs})
+    assert sorted(labels.values()) == ["attn.c_proj", "c_attn", "c_fc", "mlp.c_proj"]
