@@ -186,6 +186,10 @@ def cmd_svd(args):
     finally:
         bar.close()
     run.warnings = warnings + run.warnings
+    if not any(a.records for a in run.adapters):
+        first = next((t["reason"] for a in run.adapters for t in a.not_analysed
+                      if t["tensor"] is None), "nothing was selected")
+        raise UsageError(f"no module could be analysed; the first: {first}")
     # -- the report -----------------------------------------------------------------------------
     title = " vs ".join([inp.label for inp in inputs]
                         + ([Path(args.other).name] if args.other else []))
