@@ -409,3 +409,16 @@ def test_every_csv_column_is_documented_and_gpt2_types_stay_apart(tmp_path, caps
     recs = read_run(tmp_path / "o" / "records.json")["adapters"][0]["records"]
     labels = type_labels({r.module_type for r in recs})
     assert sorted(labels.values()) == ["attn.c_proj", "c_attn", "c_fc", "mlp.c_proj"]
+
+
+def test_the_7b_bench_runs_small(tmp_path, capsys):
+    """`python -m minilora.bench.svd_exact_scale` on tiny shapes: both passes, identical records,
+    the cache filled once and read back."""
+    from minilora.bench import svd_exact_scale
+    out = tmp_path / "bench.jsonl"
+    assert svd_exact_scale.main(["--layers", "2", "--d", "24", "--ff", "40", "--modules",
+                                 "q,gate,down", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["identical"] and res["cold"]["cache_misses"] == 6
+    assert res["cached"]["cache_hits"] == 6 and res["cached"]["cache_misses"] == 0
+    assert res["cold"]["cache_bytes"] > 0 and "records identical" in capsys.readouterr().out
