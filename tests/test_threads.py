@@ -28,13 +28,32 @@ def test_chunks_cover_each_item_once_in_order(n, nthreads):
     items = sorted(i for i0, i1 in seen for i in range(i0, i1))
     assert items == list(range(n))                        # every item exactly once
     assert all(i1 > i0 for i0, i1 in seen)                # no empty chunks
-    assert len(seen) == (min(nthreads, n) if n else 0)
+    # t = min(threads, n) threads take min(n, CHUNKS_PER_THREAD t) chunks (one when t = 1)
+    t = min(nthreads, n)
+    assert len(seen) == (0 if n == 0 else 1 if t <= 1 else min(n, threads.CHUNKS_PER_THREAD * t))
 
 
 def test_min_per_thread_limits_the_split():
     calls = []
     threads.parallel_chunks(10, lambda i0, i1: calls.append((i0, i1)), threads=8, min_per_thread=4)
-    assert sorted(calls) == [(0, 5), (5, 10)]             # 10 // 4 = 2 threads
+    assert sorted(calls) == [(0, 5), (5, 10)]             # 10 // 4 = 2 threads, 2 chunks
+
+
+def test_the_caller_takes_every_chunk_a_worker_does_not_start(monkeypatch):
+    """Threads take the next free chunk: a worker that never gets a core (here: one that
+    never runs) leaves its chunks to the caller, who covers them all."""
+    import concurrent.futures
+
+    class NeverRuns:
+        def submit(self, fn):
+            f = concurrent.futures.Future()
+            f.set_result(None)
+            return f
+    monkeypatch.setitem(threads._pool, "executor", NeverRuns())
+    monkeypatch.setitem(threads._pool, "size", 8)
+    seen = []
+    threads.parallel_chunks(10, lambda i0, i1: seen.append((i0, i1)), threads=2)
+    assert seen == [(0, 5), (5, 10)]  # both chunks, by the caller
 
 
 def test_an_error_in_any_chunk_is_raised_after_all_finish():
