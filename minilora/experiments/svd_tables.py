@@ -101,7 +101,8 @@ CSV_COLUMNS = {
     "phi_null975_full": "--other: 97.5th percentile of φ(r, r')",
     "base_key": "--base: the base weight's name",
     "base_orientation": "--base: same, or transposed (stored (d_in, d_out))",
-    "orientation_source": "--base: shape, adapter (square modules follow the others), flag, "
+    "orientation_source": "--base: shape, adapter (square modules follow the others), "
+                          "base config (model_type in config.json beside the base), flag, "
                           "embedding, checkpoint",
     "base_note": "--base: e.g. a tied weight shared with the embedding",
     "w_fro": "--base: ‖W‖_F", "w_spectral": "--base: ‖W‖_2",
