@@ -4,6 +4,7 @@
 CuPy's refusals of implicit host/device conversion on top) and, where CuPy and a GPU are usable,
 on the real CuPy. ``python -m pytest -q -k cupy_strict`` runs only the stand-in cases.
 """
+import os
 import pathlib
 
 import numpy as np
@@ -67,3 +68,15 @@ def pytest_collection_modifyitems(items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if any(isinstance(v, str) and v == "cupy" for v in params.values()):
             item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _svd_cache_in_a_temporary_folder(tmp_path_factory):
+    """`minilora svd` keeps base SVDs in ~/.cache by default: the tests keep theirs apart."""
+    old = os.environ.get("MINILORA_SVD_CACHE")
+    os.environ["MINILORA_SVD_CACHE"] = str(tmp_path_factory.mktemp("svd-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MINILORA_SVD_CACHE", None)
+    else:
+        os.environ["MINILORA_SVD_CACHE"] = old

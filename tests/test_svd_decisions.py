@@ -102,7 +102,9 @@ def test_many_adapters_and_a_directory_of_them(tmp_path, capsys):
     assert rc == 0, stderr
     data = json.loads((out / "records.json").read_text())
     assert [a["label"] for a in data["adapters"]] == ["llama_lora", "llama_lora_b"]
-    assert len(data["pairs"]) == 6 and "side by side" in stdout and "verdicts:" in stdout
+    assert len(data["pairs"]) == 6 and "verdicts" in stdout and "pairs.csv" in stdout
+    md = (out / "summary.md").read_text()
+    assert "## Side by side" in md and "## Pairs" in md and "## llama_lora_b" in md
     # llama_lora_b copies the first two rows of each lora_A: their input spaces share 2 directions
     assert all(p["verdict"] != "independent" for p in data["pairs"])
     assert all(p["overlap_in"] > p["overlap_in_null95"] for p in data["pairs"])

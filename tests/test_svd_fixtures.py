@@ -395,3 +395,67 @@ def test_a_running_scheduler_gives_the_same_records(tmp_path, capsys):
     a = json.loads((tmp_path / "serial" / "records.json").read_text())
     b = json.loads((tmp_path / "remote" / "records.json").read_text())
     assert a["adapters"] == b["adapters"]
+
+
+def test_every_csv_column_is_documented_and_gpt2_types_stay_apart(tmp_path, capsys):
+    from minilora.experiments.svd_tables import CSV_COLUMNS, csv_columns
+    assert sorted(csv_columns()) == sorted(CSV_COLUMNS)
+    readme = (Path(__file__).resolve().parent.parent / "results" / "svd" / "README.md")
+    text = readme.read_text()
+    assert all(f"`{c}`" in text for c in CSV_COLUMNS)
+    rc, _, stderr = run(["svd", str(DATA / "gpt2_conv1d_true"), "--serial", "--out",
+                         str(tmp_path / "o")], capsys)
+    assert rc == 0, stderr
+    recs = read_run(tmp_path / "o" / "records.json")["adapters"][0]["records"]
+    labels = type_labels({r.module_type for r in recs})
+    assert sorted(labels.values()) == ["attn.c_proj", "c_attn", "c_fc", "mlp.c_proj"]
+
+
+def test_the_7b_bench_runs_small(tmp_path, capsys):
+    """`python -m minilora.bench.svd_exact_scale` on tiny shapes: both passes, identical records,
+    the cache filled once and read back."""
+    from minilora.bench import svd_exact_scale
+    out = tmp_path / "bench.jsonl"
+    assert svd_exact_scale.main(["--layers", "2", "--d", "24", "--ff", "40", "--modules",
+                                 "q,gate,down", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["identical"] and res["cold"]["cache_misses"] == 6
+    assert res["cached"]["cache_hits"] == 6 and res["cached"]["cache_misses"] == 0
+    assert res["cold"]["cache_bytes"] > 0 and "records identical" in capsys.readouterr().out
+
+
+def test_square_modules_alone_take_the_base_config_or_warn(tmp_path, capsys):
+    """An adapter on GPT-2's attn.c_proj alone (square: its shape says nothing) with the wrong
+    flag: the base's config.json (model_type gpt2: Conv1D) decides and the flag is named;
+    without a config.json the flag decides, with a warning that nothing confirms it."""
+    from safetensors.numpy import load_file, save_file
+    ad = tmp_path / "cproj"
+    ad.mkdir()
+    t = load_file(str(DATA / "gpt2_conv1d_false" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in t.items() if ".attn.c_proj." in k},
+              str(ad / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((DATA / "gpt2_conv1d_false" / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["c_proj"]}))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes((GPT2_BASE / "model.safetensors").read_bytes())
+    rc, stdout, stderr = run(["svd", str(ad), "--base", str(base), "--serial", "--no-figures",
+                              "--out", str(tmp_path / "noconfig")], capsys)
+    assert rc == 0, stderr
+    assert "on the word of fan_in_fan_out=false alone" in stdout
+    assert csv_rows(tmp_path / "noconfig")["transformer.h.0.attn.c_proj"][
+        "orientation_source"] == "flag"
+    (base / "config.json").write_text('{"model_type": "gpt2"}')
+    rc, stdout, stderr = run(["svd", str(ad), "--base", str(base), "--serial", "--no-figures",
+                              "--out", str(tmp_path / "config")], capsys)
+    assert rc == 0, stderr
+    assert "model_type 'gpt2'" in stdout and "fan_in_fan_out=false" in stdout
+    rows = csv_rows(tmp_path / "config")
+    ref = reference("gpt2_conv1d_true")
+    for m in ("transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"):
+        assert (rows[m]["base_orientation"], rows[m]["orientation_source"]) == (
+            "transposed", "base config")
+        want = dense(*ref[m])
+        np.testing.assert_allclose(float(rows[m]["amplification"]), want["amplification"],
+                                   rtol=1e-9)
+        assert int(rows[m]["intruder_count"]) == want["intruder_count"]

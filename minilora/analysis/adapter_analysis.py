@@ -28,9 +28,10 @@ agree); "off" skips them. DoRA modules use the merged DoRA weight m · (W_0 + Δ
 
 How the base weight is laid out (``base_orientation``): y = W x needs W (d_out, d_in); GPT-2's
 Conv1D and embeddings store the transpose. A non-square weight shows its layout by its shape; a
-square one cannot, and follows the adapter's non-square modules when they all agree (the
-``fan_in_fan_out`` flag only when there are none, or they disagree), with a warning when the
-flag says otherwise (real GPT-2 adapters carry ``fan_in_fan_out: false``). A module whose
+square one cannot, and follows the adapter's non-square modules when they all agree, else the
+``model_type`` of a ``config.json`` beside the base (GPT-2's linears are Conv1D), else the
+``fan_in_fan_out`` flag, with a warning whenever the flag disagrees with the evidence or stands
+alone (real GPT-2 adapters carry ``fan_in_fan_out: false``). A module whose
 weight the base does not hold under its own name may share a tied one (``lm_head`` and the
 token embedding): ``base_note`` says so.
 
@@ -38,8 +39,10 @@ Chapter: chapters/08-delta-w-analysis.ipynb
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -382,6 +385,23 @@ def _layout(shape, mod) -> str | None:
     return "transposed" if shape == want[::-1] else None
 
 
+#: Hugging Face model types whose linear layers are ``Conv1D`` (weights stored (d_in, d_out))
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt")
+
+
+def base_model_type(base) -> str | None:
+    """``model_type`` from a ``config.json`` beside the base weights (in their directory), or
+    None when there is none or it does not say."""
+    path = Path(getattr(base, "path", "") or "")
+    folder = path if path.is_dir() else path.parent
+    cfg = folder / "config.json"
+    try:
+        value = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def plan_base(adapter: PeftAdapter, base: BaseWeights, names) -> tuple[dict, list, dict]:
     """Where each module's base weight is and how it is laid out (module docstring).
 
@@ -420,19 +440,31 @@ def plan_base(adapter: PeftAdapter, base: BaseWeights, names) -> tuple[dict, lis
     evidence = {p.how for n, p in plan.items()
                 if adapter.modules[n].kind == "linear" and p.source == "shape"}
     if square:
+        shown = ", ".join(n for n, _, _ in square[:3]) + (" ..." if len(square) > 3 else "")
+        model_type = base_model_type(base)
         if len(evidence) == 1:
-            how = evidence.pop()
-            source = "adapter"
-            if (how == "transposed") != flag:
-                shown = ", ".join(n for n, _, _ in square[:3]) + (" ..." if len(square) > 3
-                                                                  else "")
-                warnings.append(
-                    f"{adapter.path}: adapter_config.json says fan_in_fan_out="
-                    f"{str(flag).lower()}, but the base stores every non-square adapted weight "
-                    f"{'transposed (d_in, d_out), as GPT-2 Conv1D does' if how == 'transposed' else 'as (d_out, d_in)'}; "
-                    f"the square modules ({shown}) are read the same way")
+            how, source = evidence.pop(), "adapter"
+            why = ("the base stores every non-square adapted weight "
+                   + ("transposed (d_in, d_out), as GPT-2 Conv1D does" if how == "transposed"
+                      else "as (d_out, d_in)"))
+        elif model_type is not None:
+            how = "transposed" if model_type in CONV1D_MODEL_TYPES else "same"
+            source = "base config"
+            why = (f"the base's config.json says model_type {model_type!r}, whose linear layers "
+                   + ("are Conv1D, stored (d_in, d_out)" if how == "transposed"
+                      else "are stored (d_out, d_in)"))
         else:
-            how, source = ("transposed" if flag else "same"), "flag"
+            how, source, why = ("transposed" if flag else "same"), "flag", None
+            warnings.append(
+                f"{adapter.path}: the square modules ({shown}) are read as "
+                f"{'(d_in, d_out)' if flag else '(d_out, d_in)'} on the word of "
+                f"fan_in_fan_out={str(flag).lower()} alone: no non-square module and no "
+                f"config.json beside the base confirm it (real GPT-2 adapters often carry a "
+                f"wrong flag)")
+        if why is not None and (how == "transposed") != flag:
+            warnings.append(f"{adapter.path}: adapter_config.json says fan_in_fan_out="
+                            f"{str(flag).lower()}, but {why}; the square modules ({shown}) are "
+                            f"read the same way")
         for n, key, note in square:
             plan[n] = BasePlan(key, how, source, note)
     return {n: plan[n] for n in names if n in plan}, warnings, problems

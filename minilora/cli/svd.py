@@ -186,6 +186,10 @@ def cmd_svd(args):
     finally:
         bar.close()
     run.warnings = warnings + run.warnings
+    if not any(a.records for a in run.adapters):
+        first = next((t["reason"] for a in run.adapters for t in a.not_analysed
+                      if t["tensor"] is None), "nothing was selected")
+        raise UsageError(f"no module could be analysed; the first: {first}")
     # -- the report -----------------------------------------------------------------------------
     title = " vs ".join([inp.label for inp in inputs]
                         + ([Path(args.other).name] if args.other else []))
@@ -200,7 +204,8 @@ def cmd_svd(args):
     if figures:
         paths += svd_figures(run, out, title)
     failed = sum(1 for a in run.adapters for t in a.not_analysed if t["tensor"] is None)
-    if run.cache is not None and run.cache.get("path"):
+    if run.cache is not None and run.cache.get("path") and (run.cache["hits"]
+                                                             or run.cache["misses"]):
         print(f"{cache_report_text(run.cache)} (this run: {run.cache['hits']} read, "
               f"{run.cache['misses']} computed in {run.cache['seconds_computing']:.1f} s)")
     print(f"{run.execution}, {run.seconds:.1f} s; written: {', '.join(str(p) for p in paths)}")

@@ -101,7 +101,8 @@ CSV_COLUMNS = {
     "phi_null975_full": "--other: 97.5th percentile of φ(r, r')",
     "base_key": "--base: the base weight's name",
     "base_orientation": "--base: same, or transposed (stored (d_in, d_out))",
-    "orientation_source": "--base: shape, adapter (square modules follow the others), flag, "
+    "orientation_source": "--base: shape, adapter (square modules follow the others), "
+                          "base config (model_type in config.json beside the base), flag, "
                           "embedding, checkpoint",
     "base_note": "--base: e.g. a tied weight shared with the embedding",
     "w_fro": "--base: ‖W‖_F", "w_spectral": "--base: ‖W‖_2",
@@ -346,21 +347,37 @@ def verdict_counts(run: SvdRun) -> list[str]:
             for (a, b), c in counts.items()]
 
 
+#: the terminal lists at most this many skipped tensors per adapter (summary.md has them all)
+TERMINAL_SKIPPED = 12
+
+
 def run_text(run: SvdRun, markdown: bool = False, title: str = "") -> str:
-    """The whole report of a run, for the terminal (fixed width) or as Markdown."""
+    """The report of a run, as Markdown (everything: ``summary.md``) or for the terminal. The
+    terminal gets the same for one adapter (the skipped tensors cut at
+    :data:`TERMINAL_SKIPPED`); with several adapters it gets each adapter's summary, the φ
+    matrix, the verdict counts and the warnings, and names the files that hold the per-module
+    tables, the side-by-side table and every pair."""
     out = [f"# {title}", ""] if markdown and title else []
 
     def table(headers, rows):
         return markdown_rows(headers, rows) if markdown else _fixed(headers, rows)
 
     many = len(run.adapters) > 1
+    brief = many and not markdown
     for res in run.adapters:
         if markdown:
             out += [f"## {res.label}", ""] if many else []
             out += ["**Summary.** " + summary_lines(res)[0], ""]
             out += [f"- {x.strip()}" for x in summary_lines(res)[1:]] + [""]
         else:
-            out += summary_lines(res) + [""]
+            out += summary_lines(res)
+            skipped = [t for t in res.not_analysed if t["tensor"] is not None]
+            failed = [t for t in res.not_analysed if t["tensor"] is None]
+            if brief:
+                out += [f"  not analysed: {len(skipped)} tensor(s) left out, {len(failed)} "
+                        f"module(s) failed (summary.md lists each with its reason)", ""]
+                continue
+            out += [""]
         if res.records:
             headers, rows = _cells(res.records)
             out += table(headers, rows) + [""]
@@ -374,8 +391,16 @@ def run_text(run: SvdRun, markdown: bool = False, title: str = "") -> str:
                 out += ["Nothing: every tensor is a LoRA factor."]
             out += [""]
         else:
-            out += not_analysed_lines(res) + [""]
-    if many:
+            lines = not_analysed_lines(res)
+            if len(lines) > TERMINAL_SKIPPED + 1:
+                lines = lines[:TERMINAL_SKIPPED + 1] + [
+                    f"  ... and {len(lines) - 1 - TERMINAL_SKIPPED} more (summary.md, "
+                    f"not_analysed.csv)"]
+            out += lines + [""]
+    if brief:
+        out += ["per-module tables, side by side: summary.md and summary.csv; every pair: "
+                "summary.md and pairs.csv", ""]
+    if many and not brief:
         headers, rows = side_by_side(run)
         out += (["## Side by side", ""] if markdown else ["side by side:"]) + table(headers, rows)
         out += [""]
@@ -389,11 +414,12 @@ def run_text(run: SvdRun, markdown: bool = False, title: str = "") -> str:
             out += table(["adapter"] + labels, [[lab] + row for lab, row in zip(labels, rows)])
             out += [""]
     if run.pairs:
-        headers, rows = pair_cells(run)
-        out += (["## Pairs: φ against its null, merge triage", ""] if markdown else
-                ["pairs (φ against the null's 95th percentile; merge triage):"])
-        out += table(headers, rows) + [""]
-        out += ["verdicts:"] + verdict_counts(run) + [""]
+        if not brief:
+            headers, rows = pair_cells(run)
+            out += (["## Pairs: φ against its null, merge triage", ""] if markdown else
+                    ["pairs (φ against the null's 95th percentile; merge triage):"])
+            out += table(headers, rows) + [""]
+        out += ["verdicts (merge triage per module):"] + verdict_counts(run) + [""]
     if run.warnings:
         out += (["## Warnings", ""] if markdown else []) + [f"warning: {w}" for w in run.warnings]
     return "\n".join(out).rstrip() + "\n"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import statistics
 
 import numpy as np
-from scipy import stats
 
 from minilora.analysis import (
     intruder_dimensions,
@@ -260,7 +259,8 @@ def spearman(xs, ys) -> dict:
     """Spearman's ρ and its p-value (scipy), or nan when a variable is constant."""
     if len(set(xs)) < 2 or len(set(ys)) < 2:
         return {"rho": float("nan"), "p": float("nan"), "n": len(xs)}
-    res = stats.spearmanr(xs, ys)
+    from scipy.stats import spearmanr  # lazy: scipy.stats takes ~0.4 s to import (every CLI start paid it)
+    res = spearmanr(xs, ys)
     return {"rho": float(res.statistic), "p": float(res.pvalue), "n": len(xs)}
 
 
