@@ -3,7 +3,9 @@
 Ours: every leaf op of :mod:`minilora.nn.ops` that a step calls (linear, attention, layer norm,
 GELU, embedding, cross-entropy; forward and backward separately) and the optimizer step are
 wrapped with a timer for a few steps (the wrappers are removed after); what is left of the step
-is "other" (residual adds, gradient clipping, Python). PyTorch's step is run under
+is "other" (residual adds, gradient clipping, Python). An op run on several threads at once
+(the data-parallel step's two micro-batches) counts its time summed over them divided by their
+number: its share of the step's wall clock. PyTorch's step is run under
 ``torch.profiler`` and its operators' *self* CPU time is grouped into the same categories
 (matmuls: ``mm`` / ``addmm`` / ``bmm``; ``softmax``; ``layer_norm``; ``gelu``; ...).
 
@@ -13,6 +15,7 @@ to be profiled before anything is optimised.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections import defaultdict
 
@@ -54,6 +57,8 @@ def profile_ours(ctx: BenchContext, steps: int = 3) -> dict:
     for _ in range(max(1, ctx.warmup)):
         step()
     spent = defaultdict(float)
+    ran_on = defaultdict(set)  # op -> the threads that ran it
+    lock = threading.Lock()
     originals = {(mod, name): getattr(mod, name)
                  for mod, names in ((ops, OPS), (ops_fast, FAST_OPS)) for name in names}
     original_step = AdamW.step
@@ -64,7 +69,10 @@ def profile_ours(ctx: BenchContext, steps: int = 3) -> dict:
             try:
                 return fn(*args, **kw)
             finally:
-                spent[name] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                with lock:  # the data-parallel step runs ops on two threads at once
+                    spent[name] += dt
+                    ran_on[name].add(threading.get_ident())
         return wrapper
     try:
         for (mod, name), fn in originals.items():
@@ -76,7 +84,9 @@ def profile_ours(ctx: BenchContext, steps: int = 3) -> dict:
             setattr(mod, name, fn)
         AdamW.step = original_step
     total = sum(totals) / steps
-    per_step = {k: v / steps for k, v in spent.items()}
+    # an op that ran on k threads at once (the data-parallel step's micro-batches) took about
+    # 1/k of its summed time out of the step's wall clock
+    per_step = {k: v / steps / len(ran_on[k]) for k, v in spent.items()}
     # cross_entropy_forward/backward run inside ops.cross_entropy, whose own calls go through
     # the module's globals: they are timed. A wrapped op that calls another wrapped op would be
     # counted twice; none of OPS / FAST_OPS does.
