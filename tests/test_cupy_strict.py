@@ -503,4 +503,16 @@ def test_cli_finetune_and_sample_on_the_standin_equal_numpy(tmp_path):
         got.append(_cli(["sample", "--adapter", str(out / "adapter.safetensors"), "--prompt",
                          "ROMEO:", "--max-new-tokens", "40", "--seed", "3"], tmp_path, strict))
         results[strict] = got
-    assert results[True] == results[False]   # the stand-in computes with NumPy: identical
+    # The stand-in computes with NumPy, but a CuPy step runs the batch in one pass where the
+    # NumPy step runs it as two micro-batches on threads (minilora.model.data_parallel_pieces):
+    # the same sums in another order, so the losses agree to float32 rounding, not bit for bit.
+    for got, want in zip(results[True], results[False]):
+        if isinstance(got, dict):
+            assert got.keys() == want.keys()
+            for k in got:
+                if isinstance(want[k], float):
+                    assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
+                else:
+                    assert got[k] == want[k], k
+        else:
+            assert got == want   # the sampled text

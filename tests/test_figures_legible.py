@@ -66,10 +66,9 @@ def test_book_axes_puts_at_most_two_panels_side_by_side():
         plt.close(fig)
 
 
-@pytest.mark.slow
-def test_every_figure_is_legible_at_1x_in_the_book(monkeypatch, tmp_path):
-    """Draw every registered figure from the repository's results; measure the saved width and
-    every visible text's size on the screen."""
+def _measure_every_save(monkeypatch):
+    """Patch every figure module's ``save_figure`` to measure the figure first: returns
+    ``(seen, bad)``, the names saved and what a reader could not read at 1x."""
     from matplotlib.text import Text  # lazy: matplotlib is optional (the test extra has it)
 
     from minilora.experiments.figures import common
@@ -96,6 +95,14 @@ def test_every_figure_is_legible_at_1x_in_the_book(monkeypatch, tmp_path):
         module = importlib.import_module(f"{figures_pkg.__name__}.{mod.name}")
         if getattr(module, "save_figure", None) is real_save:
             monkeypatch.setattr(module, "save_figure", measuring_save)
+    return seen, bad
+
+
+@pytest.mark.slow
+def test_every_figure_is_legible_at_1x_in_the_book(monkeypatch, tmp_path):
+    """Draw every registered figure from the repository's results; measure the saved width and
+    every visible text's size on the screen."""
+    seen, bad = _measure_every_save(monkeypatch)
     drawn = 0
     for name, fn in FIGURES.items():
         try:
@@ -104,4 +111,21 @@ def test_every_figure_is_legible_at_1x_in_the_book(monkeypatch, tmp_path):
         except MissingResults:
             continue
     assert drawn >= len(FIGURES) - 2 and len(seen) >= drawn, (drawn, seen)
+    assert not bad, "figures a reader cannot read at 1x:\n" + "\n".join(bad)
+
+
+@pytest.mark.slow  # ~6 s: three adapters analysed against a base
+def test_the_many_adapter_svd_figures_are_legible_at_1x(monkeypatch, tmp_path, capsys):
+    """`minilora svd A B` draws a figure per module type and the pairs' φ (chapter 08 shows
+    them): within the column, no text too small, with three adapters, every module type and
+    the base (four panels a type)."""
+    from minilora import cli
+
+    peft = ROOT / "tests" / "data" / "peft"
+    seen, bad = _measure_every_save(monkeypatch)
+    adapters = [str(peft / n) for n in ("llama_lora", "llama_lora_b", "llama_lora_rs")]
+    rc = cli.main(["svd", *adapters, "--base", str(peft / "base.safetensors"), "--serial",
+                   "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o")])
+    assert rc == 0, capsys.readouterr().err
+    assert "svd_pairs.png" in seen and sum(n.startswith("svd_layers_") for n in seen) >= 2, seen
     assert not bad, "figures a reader cannot read at 1x:\n" + "\n".join(bad)

@@ -17,8 +17,9 @@
 """
 import ast
 import json
-import warnings
+import os
 import re
+import warnings
 import shutil
 import subprocess
 import sys
@@ -512,13 +513,16 @@ def test_nbgrader_generate_and_autograde_agree_with_the_grader(tmp_path):
     from nbgrader.api import Gradebook
 
     nbgrader = [sys.executable, "-m", "nbgrader"]
+    # nbgrader runs `alembic` from PATH: the interpreter's own bin first, activated or not
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent),
+                                                 os.environ.get("PATH", "")]))
     course = tmp_path / "course"
     shutil.copytree(SOURCE_DIR, course / "source")
     shutil.copy(SOURCE_DIR.parent / "nbgrader_config.py", course / "nbgrader_config.py")
     students = {}
     for name in ASSIGNMENTS:
         proc = subprocess.run(nbgrader + ["generate_assignment", name, "--force"], cwd=course,
-                              capture_output=True, text=True, timeout=300, check=False)
+                              env=env, capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr[-2000:]
         released = json.loads((course / "release" / name / f"{name}.ipynb").read_text())
         text = json.dumps(released)
@@ -531,7 +535,7 @@ def test_nbgrader_generate_and_autograde_agree_with_the_grader(tmp_path):
             students[(name, student)] = sub
     for name in ASSIGNMENTS:
         proc = subprocess.run(nbgrader + ["autograde", name, "--create"], cwd=course,
-                              capture_output=True, text=True, timeout=300, check=False)
+                              env=env, capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "cannot be converted to" not in proc.stderr  # no test cell leaves a value
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:

@@ -41,6 +41,7 @@ from minilora.experiments.figures.common import (
     BOOK_WIDTH,
     MIN_FONT,
     MissingResults,
+    book_axes,
     pyplot,
     save_figure,
 )
@@ -347,10 +348,9 @@ def fig_svd_layers(run, mtype: str, path, title: str = "") -> Path:
     panels = [("delta_fro", "‖ΔW‖F"), ("effective_rank", "effective rank")]
     if with_base:
         panels += [("amplification", "amplification"), ("intruder_count", "intruders")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels) + 1.6, 3.0),
-                             squeeze=False)
+    fig, axes = book_axes(plt, len(panels), 2.5)   # two panels a row, the book's width
     cmap = plt.get_cmap("tab10")
-    for ax, (field, name) in zip(axes[0], panels):
+    for ax, (field, name) in zip(axes, panels):
         for k, (lab, rs) in enumerate(groups):
             x = [layers.index(r.layer) for r in rs]
             if field == "intruder_count":
@@ -369,20 +369,25 @@ def fig_svd_layers(run, mtype: str, path, title: str = "") -> Path:
             ax.yaxis.get_major_locator().set_params(integer=True)
         if field == "effective_rank":
             ranks = sorted({r.r for r in allrecs})
-            ax.set_title(f"{name} (r = {'/'.join(map(str, ranks))})", fontsize=8)
+            ax.set_title(f"{name} (r = {'/'.join(map(str, ranks))})", fontsize=MIN_FONT + 1)
         else:
-            ax.set_title(name, fontsize=8)
-        step = max(1, len(layers) // 12)
+            ax.set_title(name, fontsize=MIN_FONT + 1)
+        step = max(1, math.ceil(len(layers) / 10))
         ax.set_xticks(range(0, len(layers), step),
-                      [_layer_label(layers[i]) for i in range(0, len(layers), step)], fontsize=7)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.tick_params(labelsize=7)
+                      [_layer_label(layers[i]) for i in range(0, len(layers), step)])
+        ax.set_xlabel("layer", fontsize=MIN_FONT)
+        ax.tick_params(labelsize=MIN_FONT)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, title="adapter", title_fontsize=7, loc="upper left",
-                       bbox_to_anchor=(1.02, 1.0))
+    handles, names = axes[0].get_legend_handles_labels()
+    ncol = min(len(names), 4)
+    rows = math.ceil(len(names) / ncol) if ncol else 0
+    fig.legend(handles, names, loc="lower center", ncol=max(ncol, 1), fontsize=MIN_FONT,
+               title="adapter", title_fontsize=MIN_FONT, frameon=False)
     label = type_labels(_types([r for a in run.adapters for r in a.records])).get(mtype, mtype)
-    fig.suptitle(f"{title + ': ' if title else ''}{label} ({mtype}) across layers", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"{title + ': ' if title else ''}{label} ({mtype}) across layers",
+                 fontsize=MIN_FONT + 1)
+    # room at the bottom for the legend: its title and rows, ~0.22 in each
+    fig.tight_layout(rect=(0, min(0.4, 0.22 * (rows + 1) / fig.get_size_inches()[1]), 1, 1))
     return save_figure(fig, Path(path))
 
 
@@ -395,8 +400,15 @@ def fig_svd_pairs(run, path, title: str = "") -> Path:
     names = type_labels(types)
     pairs = list(dict.fromkeys((p.a, p.b) for p in run.pairs))
     layers = _layers(run.pairs)
-    fig, axes = _grid(plt, len(types), size=(max(2.6, 0.25 * len(layers) + 1.2),
-                                             0.35 * len(pairs) + 1.2), layout="constrained")
+    # the book's width, two panels a row; the pairs' names on the first column only
+    ncols = 1 if len(types) == 1 else 2
+    nrows = math.ceil(len(types) / ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(BOOK_WIDTH, nrows * (0.3 * len(pairs) + 1.2)
+                                                    + 0.6), squeeze=False, layout="constrained")
+    flat = list(grid.ravel())
+    for ax in flat[len(types):]:
+        ax.set_visible(False)
+    axes = flat[:len(types)]
     vals = [p.phi_full / p.phi_null95_full for p in run.pairs if p.phi_null95_full]
     vmax = max(2.0, float(np.nanmax(vals))) if vals else 2.0
     im = None
@@ -409,15 +421,18 @@ def fig_svd_pairs(run, path, title: str = "") -> Path:
                        interpolation="nearest")
         first = ax.get_subplotspec().is_first_col()
         ax.set_yticks(range(len(pairs)), [f"{labels[a]} / {labels[b]}" for a, b in pairs]
-                      if first else [], fontsize=6)
-        step = max(1, len(layers) // 12)
+                      if first else [], fontsize=MIN_FONT)
+        step = max(1, math.ceil(len(layers) / 8))
         ax.set_xticks(range(0, len(layers), step),
-                      [_layer_label(layers[i]) for i in range(0, len(layers), step)], fontsize=6)
-        ax.set_xlabel("layer", fontsize=7)
-        ax.set_title(names[t], fontsize=8)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="φ(r,r') / null p95")
+                      [_layer_label(layers[i]) for i in range(0, len(layers), step)],
+                      fontsize=MIN_FONT)
+        ax.set_xlabel("layer", fontsize=MIN_FONT)
+        ax.set_title(names[t], fontsize=MIN_FONT + 1)
+    bar = fig.colorbar(im, ax=axes, shrink=0.8)
+    bar.set_label("φ(r,r') / null p95", fontsize=MIN_FONT)
+    bar.ax.tick_params(labelsize=MIN_FONT)
     fig.suptitle(f"{title + ': ' if title else ''}φ between adapters against the random null",
-                 fontsize=9)
+                 fontsize=MIN_FONT + 1)
     return save_figure(fig, Path(path))
 
 
