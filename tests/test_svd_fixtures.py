@@ -304,6 +304,40 @@ def test_certified_lanczos_equals_the_dense_count(shape):
             assert got.max_error < np.min(np.abs(sims - 0.5))
 
 
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)])
+def test_the_base_decomposition_is_the_svd_to_rounding(shape):
+    """:func:`base_svd` (the Gram matrix's eigenpairs): Q orthonormal, σ equal to the SVD's,
+    and Q the singular vectors of its side: Qᵀ G Q = diag(σ²) to n·eps·σ_1²."""
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal(shape) / np.sqrt(shape[1])
+    dec = base_svd(W)
+    n = min(shape)
+    assert dec.side == ("left" if shape[0] <= shape[1] else "right") and dec.Q.shape == (n, n)
+    s_ref = np.linalg.svd(W, compute_uv=False)
+    np.testing.assert_allclose(dec.s, s_ref, rtol=1e-12)
+    np.testing.assert_allclose(dec.Q.T @ dec.Q, np.eye(n), atol=1e-13)
+    G = W @ W.T if dec.side == "left" else W.T @ W
+    off = dec.Q.T @ G @ dec.Q - np.diag(dec.s ** 2)
+    assert np.abs(off).max() <= 10 * n * np.finfo(float).eps * s_ref[0] ** 2
+
+
+def test_a_nearly_singular_tall_base_falls_back_to_full_svds():
+    """On the "right" side a σ_0i below ~sqrt(n eps) σ_01 is not resolved by the Gram matrix:
+    the count then comes from two full SVDs, and equals them."""
+    rng = np.random.default_rng(5)
+    d_out, d_in = 240, 160
+    U, _ = np.linalg.qr(rng.standard_normal((d_out, d_in)))
+    V, _ = np.linalg.qr(rng.standard_normal((d_in, d_in)))
+    W0 = (U * np.logspace(0, -10, d_in)) @ V.T                 # σ from 1 down to 1e-10
+    B, A = rng.standard_normal((d_out, 4)), rng.standard_normal((4, d_in))
+    got = intruders_lowrank(W0, base_svd(W0), lowrank_svd(B, A, 0.3), 10, 0.5, dense_max=0)
+    U0 = np.linalg.svd(W0, full_matrices=False)[0]
+    Ut = np.linalg.svd(W0 + 0.3 * B @ A, full_matrices=False)[0][:, :10]
+    sims = np.abs(U0.T @ Ut).max(axis=0)
+    assert got.method == "dense (full SVDs)"
+    assert got.found.count == int(np.sum(sims < 0.5))
+
+
 # ---------------------------------------------------------------------------------------------
 # truncation
 # ---------------------------------------------------------------------------------------------
