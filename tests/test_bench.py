@@ -14,6 +14,7 @@ def _positive_finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # ~8 s: every bench section on the micro config; CI runs -m slow
 def test_run_bench_micro_smoke(tmp_path):
     lines = []
     out = tmp_path / "bench.json"

@@ -116,6 +116,7 @@ def _same_as_committed(tmp_path, seeds, only=None):
         assert not changed, f"PYTHONHASHSEED={seed} redrew {changed}"
 
 
+@pytest.mark.slow  # ~5 s: the sweep figures drawn under several hash seeds; CI runs -m slow
 def test_the_sweep_figures_do_not_depend_on_the_hash_seed(tmp_path):
     """The issue: figures/ablate_pareto.png changed with each process's hash seed (a set's
     order decided the drawing order)."""

@@ -22,6 +22,7 @@ def standin(monkeypatch):
     monkeypatch.setenv("MINILORA_CUPY_STANDIN", str(STANDIN_DIR))
 
 
+@pytest.mark.slow  # ~5 s: the whole GPU check on the stand-in; CI runs -m slow
 def test_the_check_runs_on_the_standin_and_writes_json_and_table(tmp_path, standin):
     lines = []
     result = gpu_check.run_check(tmp_path, quick=True, standin=True, tests=False,
