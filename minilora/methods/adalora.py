@@ -57,7 +57,7 @@ from minilora import backend
 from minilora.backend import xp
 from minilora.config import ConfigError, JsonConfig, check_float, check_int, option
 from minilora.methods.lora.layers import LoRAError, all_finite
-from minilora.methods.base import Method, Tuned, unwrap_linears
+from minilora.methods.base import Method, Tuned, target_linears, unwrap_linears
 from minilora.nn import ops
 from minilora.nn.layers import Linear, Module
 from minilora.nn.modules_to_save import (
@@ -463,11 +463,7 @@ def inject_adalora(model: Module, config: AdaLoraConfig) -> dict:
     if adalora_layers(model):
         raise LoRAError("the model already has AdaLoRA layers; inject once per model")
     modules = dict(model.named_modules())
-    targets = [n for n, m in modules.items()
-               if n and n.rsplit(".", 1)[-1] in config.target_modules and isinstance(m, Linear)]
-    if not targets:
-        raise LoRAError(f"no Linear of the model matches target_modules "
-                        f"{list(config.target_modules)}")
+    targets = target_linears(modules, config.target_modules, LoRAError)
     for n in targets:
         d_out, d_in = modules[n].params["weight"].shape
         if config.init_r > min(d_in, d_out):

@@ -297,6 +297,17 @@ def layer_keys_values(gpt, x):
     return xp.stack(keys), xp.stack(values)
 
 
+def target_linears(modules: dict, target_modules, error=PeftError) -> list[str]:
+    """The names in ``modules`` (``dict(model.named_modules())``) of every
+    :class:`~minilora.nn.layers.Linear` whose last path component is in ``target_modules``, in
+    model order; ``error`` (one line) when none is."""
+    targets = [n for n, m in modules.items()
+               if n and n.rsplit(".", 1)[-1] in target_modules and isinstance(m, Linear)]
+    if not targets:
+        raise error(f"no Linear of the model matches target_modules {list(target_modules)}")
+    return targets
+
+
 def unwrap_linears(model, layers: dict):
     """Put a plain :class:`~minilora.nn.layers.Linear` holding each wrapper's (merged) ``weight``
     and ``bias`` in place of every layer in ``layers`` (``{name: wrapper}``); returns ``model``."""

@@ -65,7 +65,7 @@ from minilora.peft_format import (
     take_saved_modules,
     write_peft_dir,
 )
-from minilora.methods.base import Method, Tuned, unwrap_linears
+from minilora.methods.base import Method, Tuned, target_linears, unwrap_linears
 
 IA3_TARGETS = ("q", "k", "v", "o", "up", "down")
 IA3_FORMAT = "minilora-ia3-v1"
@@ -239,11 +239,7 @@ def inject_ia3(model: Module, config: IA3Config) -> dict:
     if ia3_layers(model):
         raise PeftError("the model already has (IA)³ layers; inject once per model")
     modules = dict(model.named_modules())
-    targets = [n for n, m in modules.items()
-               if n and n.rsplit(".", 1)[-1] in config.target_modules and isinstance(m, Linear)]
-    if not targets:
-        raise PeftError(f"no Linear of the model matches target_modules "
-                        f"{list(config.target_modules)}")
+    targets = target_linears(modules, config.target_modules)
     rng = backend.cpu_rng(config.seed)
     for name in targets:
         old = modules[name]
