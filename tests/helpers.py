@@ -90,3 +90,28 @@ def load_method(path, model):
     from minilora.methods.registry import method_of_file
     tuned = method_of_file(path).load(path, model)
     return tuned.model, tuned.config
+
+
+#: each method's small fields for a tiny GPT (C = 16, 2 layers); full fine-tuning and BitFit
+#: have none (their default config, or None)
+SMALL_METHOD_FIELDS = {
+    "lora": dict(r=2, lora_alpha=4, target_modules=("q", "v")),
+    "dora": dict(r=2, lora_alpha=4, target_modules=("q", "v")),
+    "qlora": dict(r=2, lora_alpha=4, target_modules=("q", "v"), blocksize=16),
+    "adalora": dict(init_r=3, target_r=2, lora_alpha=6, target_modules=("q", "v", "o"),
+                    tinit=0, tfinal=1, deltaT=1, total_step=3),
+    "houlsby": dict(bottleneck=4), "prefix": dict(prefix_len=2), "prompt": dict(prompt_len=2)}
+
+
+def small_method_config(name, **fields):
+    """A small config of the registered method ``name`` (3 steps), with ``fields`` on top; None
+    for a method without small fields."""
+    import dataclasses
+
+    from minilora.methods.registry import METHODS
+
+    small = SMALL_METHOD_FIELDS.get(name)
+    if small is None:
+        return None
+    return dataclasses.replace(METHODS[name].default_config(steps=3), **small, **fields)
+

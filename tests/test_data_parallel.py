@@ -1,10 +1,9 @@
 """The data-parallel training step (``forward_backward`` on micro-batches, one thread each):
 its gradients are the serial micro-batches' exactly, the one-pass ones to float32 rounding,
 the same floats on 1 or 2 threads, for the GPT and every method; dropout keeps one pass."""
-import dataclasses
-
 import numpy as np
 import pytest
+from helpers import small_method_config
 
 from minilora import backend, threads
 from minilora import model as model_mod
@@ -116,14 +115,7 @@ def test_one_pass_for_one_sequence_a_small_batch_and_cupy_free_paths(monkeypatch
 
 def _method_model(name, dropout=0.0):
     m = METHODS[name]
-    small = {"lora": dict(r=2, lora_alpha=4, target_modules=("q", "v"), lora_dropout=dropout),
-             "dora": dict(r=2, lora_alpha=4, target_modules=("q", "v")),
-             "qlora": dict(r=2, lora_alpha=4, target_modules=("q", "v"), blocksize=16),
-             "adalora": dict(init_r=3, target_r=2, lora_alpha=6, target_modules=("q", "v", "o"),
-                             tinit=0, tfinal=1, deltaT=1, total_step=3),
-             "houlsby": dict(bottleneck=4), "prefix": dict(prefix_len=2),
-             "prompt": dict(prompt_len=2)}.get(name)
-    config = None if small is None else dataclasses.replace(m.default_config(steps=3), **small)
+    config = small_method_config(name, **({"lora_dropout": dropout} if name == "lora" else {}))
     saved = () if name == "full" else ("lm_head",)
     return m.apply(GPT(CFG, rng=3), config, saved)
 

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import small_method_config
 from peft_gpt import FIXTURE_GPT, PEFT_DIR, fixture_gpt, logits_of, reference
 
 from minilora import backend, cli
@@ -27,17 +28,7 @@ def _base():
 
 def _config(name):
     """A small config of each method on the fixture GPT (C = 16, 2 layers)."""
-    m = METHODS[name]
-    small = {"lora": dict(r=2, lora_alpha=4, target_modules=("q", "v")),
-             "dora": dict(r=2, lora_alpha=4, target_modules=("q", "v")),
-             "qlora": dict(r=2, lora_alpha=4, target_modules=("q", "v"), blocksize=16),
-             "adalora": dict(init_r=3, target_r=2, lora_alpha=6, target_modules=("q", "v", "o"),
-                             tinit=0, tfinal=1, deltaT=1, total_step=3),
-             "houlsby": dict(bottleneck=4), "prefix": dict(prefix_len=2),
-             "prompt": dict(prompt_len=2)}.get(name)
-    if small is None:
-        return None
-    return dataclasses.replace(m.default_config(steps=3), **small)
+    return small_method_config(name)
 
 
 def _train3(tuned, rng):
